@@ -1,0 +1,845 @@
+//! Documents: named CRDT fields under one version vector.
+//!
+//! A [`Document`] maps keys to CRDT [`Field`]s. Every local mutation mints exactly one
+//! [`Dot`] and yields a [`Delta`] `{ dot, key, payload }`; remote deltas are applied when
+//! they are next in their replica's sequence and buffered until then, so the version
+//! vector always means "every delta up to here is applied". A bounded delta log answers
+//! "what happened since version vector X?" (or says it cannot reach back that far, and the
+//! caller falls back to Merkle catch-up).
+//!
+//! All OR-Sets of a document share the document's causal context, as fields of Riak's
+//! map share one clock: deltas stay small and no per-key context has to be kept.
+//!
+//! A key's type is fixed by its first write; writing another type locally is a
+//! [`DocError::TypeMismatch`]. Two replicas that concurrently create one key with two
+//! types both keep their data: the field of the smaller [`Kind`] is the key's value and
+//! the other is kept beside it (as Riak maps key fields by name *and* type), so nothing
+//! acknowledged is dropped and every replica reads the same thing.
+
+use crate::codec::{self, tag, DecodeError};
+use crate::gcounter::GCounter;
+use crate::hash::{stable_hash, stable_hash_seeded};
+use crate::hlc::{Hlc, Timestamp};
+use crate::id::{Dot, ReplicaId};
+use crate::lww::LwwRegister;
+use crate::merkle::{KeyTree, NodeId};
+use crate::orset::{join_entries, validate_entries, Dots, OrSet};
+use crate::pncounter::PnCounter;
+use crate::traits::{Crdt, InvalidState};
+use crate::value::Value;
+use crate::vv::{CausalContext, VersionVector};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// The CRDT type of a field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// [`GCounter`].
+    Counter,
+    /// [`PnCounter`].
+    PnCounter,
+    /// [`LwwRegister`] of [`Value`].
+    Register,
+    /// [`OrSet`] of [`Value`].
+    Set,
+}
+
+impl Kind {
+    /// The name users see in errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::PnCounter => "pn-counter",
+            Kind::Register => "register",
+            Kind::Set => "set",
+        }
+    }
+}
+
+/// One CRDT value of a document (or a delta of one).
+///
+/// Sets stored in a document keep an empty context (the document's is used); a set inside
+/// a [`Delta`] carries the delta's context.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Field {
+    /// A grow-only counter.
+    Counter(GCounter),
+    /// An up/down counter.
+    PnCounter(PnCounter),
+    /// A last-writer-wins register.
+    Register(LwwRegister<Value>),
+    /// An add-wins set.
+    Set(OrSet<Value>),
+}
+
+impl Field {
+    /// Its type.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Field::Counter(_) => Kind::Counter,
+            Field::PnCounter(_) => Kind::PnCounter,
+            Field::Register(_) => Kind::Register,
+            Field::Set(_) => Kind::Set,
+        }
+    }
+
+    /// The bottom element of `kind`.
+    pub fn empty(kind: Kind) -> Field {
+        match kind {
+            Kind::Counter => Field::Counter(GCounter::default()),
+            Kind::PnCounter => Field::PnCounter(PnCounter::default()),
+            Kind::Register => Field::Register(LwwRegister::default()),
+            Kind::Set => Field::Set(OrSet::default()),
+        }
+    }
+
+    /// Joins `theirs` into `self`; sets are judged against the given contexts. Fields of
+    /// different kinds are never joined (the caller keeps them apart).
+    fn join(&mut self, my_ctx: &CausalContext, theirs: &Field, their_ctx: &CausalContext) {
+        match (self, theirs) {
+            (Field::Counter(a), Field::Counter(b)) => a.merge(b),
+            (Field::PnCounter(a), Field::PnCounter(b)) => a.merge(b),
+            (Field::Register(a), Field::Register(b)) => a.merge(b),
+            (Field::Set(a), Field::Set(b)) => join_entries(a.entries_mut(), my_ctx, b.entries(), their_ctx),
+            _ => {}
+        }
+    }
+
+    fn validate(&self) -> Result<(), InvalidState> {
+        match self {
+            Field::Counter(c) => c.validate(),
+            Field::PnCounter(c) => c.validate(),
+            Field::Register(r) => r.validate(),
+            Field::Set(s) => s.validate(),
+        }
+    }
+
+    /// The value as JSON-like data: counters as numbers, sets as sorted arrays.
+    pub fn to_value(&self) -> Value {
+        match self {
+            Field::Counter(c) => Value::Int(i64::try_from(c.value()).unwrap_or(i64::MAX)),
+            Field::PnCounter(c) => Value::Int(c.value()),
+            Field::Register(r) => r.get().cloned().unwrap_or(Value::Null),
+            Field::Set(s) => Value::Array(s.value()),
+        }
+    }
+}
+
+/// One mutation: the dot that names it, the key it changed, and the CRDT delta.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    /// Unique name of this mutation.
+    pub dot: Dot,
+    /// The key it changed.
+    pub key: String,
+    /// The delta-state of the key's CRDT.
+    pub payload: Field,
+}
+
+impl Delta {
+    /// Checks a delta that came from outside: its payload's invariants, and for sets that
+    /// it adds with its own dot only and its context covers that dot.
+    pub fn validate(&self) -> Result<(), InvalidState> {
+        if self.dot.seq == 0 {
+            return Err(InvalidState("delta dot has sequence 0"));
+        }
+        if let Field::Set(s) = &self.payload {
+            s.context().validate().map_err(InvalidState)?;
+            validate_entries(s.entries(), s.context())?;
+            if s.entries().values().flat_map(Dots::as_slice).any(|d| *d != self.dot) {
+                return Err(InvalidState("set delta adds with a dot other than its own"));
+            }
+        }
+        self.payload.validate()
+    }
+
+    /// Encodes with tag and version.
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode(tag::DELTA, self)
+    }
+
+    /// Decodes and validates.
+    pub fn decode(bytes: &[u8]) -> Result<Delta, DecodeError> {
+        let d: Delta = codec::decode(tag::DELTA, bytes)?;
+        d.validate()?;
+        Ok(d)
+    }
+}
+
+/// Why a document refused an operation.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DocError {
+    /// The key already holds another type.
+    #[error("key {key:?} holds a {}, not a {}; use another key", .holds.name(), .wanted.name())]
+    TypeMismatch {
+        /// The key.
+        key: String,
+        /// Its type.
+        holds: Kind,
+        /// The type the write wanted.
+        wanted: Kind,
+    },
+    /// Another replica has seen more of this replica's own events than this replica has:
+    /// this replica lost state (restored from an old backup, a wiped store) and would
+    /// reuse dots. Draw a new replica id and call [`Document::reidentify`] (Riak kv679).
+    #[error("replica {replica} has lost data: a peer has seen its event {remote}, but it only knows up to {local}; draw a new replica id and call reidentify")]
+    Amnesia {
+        /// The replica that lost data (this one).
+        replica: ReplicaId,
+        /// What this replica knows of itself.
+        local: u64,
+        /// What a peer has seen of it.
+        remote: u64,
+    },
+    /// A delta or state from outside breaks an invariant; nothing was applied.
+    #[error("rejected input: {0}")]
+    Invalid(#[from] InvalidState),
+    /// A counter value out of range.
+    #[error("{0}")]
+    Range(&'static str),
+}
+
+/// What [`Document::apply`] did with a delta.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied, together with this many buffered deltas it unblocked.
+    Applied(usize),
+    /// Already applied before: ignored (applying twice is a no-op).
+    Duplicate,
+    /// Ahead of its replica's sequence: held until the gap is filled.
+    Buffered,
+    /// Ahead of its sequence and the buffer is full: dropped (a later sync resends it).
+    Dropped,
+}
+
+/// Bounds of a document's in-memory bookkeeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DocConfig {
+    /// Deltas kept in the log for delta sync. Older ones are answered by Merkle catch-up.
+    pub log_capacity: usize,
+    /// Out-of-order deltas held while waiting for a gap to fill.
+    pub pending_capacity: usize,
+}
+
+impl Default for DocConfig {
+    fn default() -> Self {
+        Self { log_capacity: 4096, pending_capacity: 16_384 }
+    }
+}
+
+/// A key in the document's ordered map: hash first, so Merkle buckets are ranges.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FieldKey {
+    /// [`stable_hash`] of the name.
+    pub hash: u64,
+    /// The key as users write it.
+    pub name: Box<str>,
+}
+
+impl FieldKey {
+    /// The key for `name`.
+    pub fn new(name: &str) -> FieldKey {
+        FieldKey { hash: stable_hash(name.as_bytes()), name: name.into() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Slot {
+    /// The key's value: the field of the smallest kind written to this key.
+    field: Field,
+    /// Fields of other kinds written concurrently by other replicas, by kind.
+    others: Vec<Field>,
+    /// Hash of all of the above, as last folded into the Merkle tree (0 = not yet).
+    leaf: u64,
+}
+
+impl Slot {
+    fn get_mut(&mut self, kind: Kind) -> Option<&mut Field> {
+        if self.field.kind() == kind {
+            return Some(&mut self.field);
+        }
+        self.others.iter_mut().find(|f| f.kind() == kind)
+    }
+
+    /// Adds a field of a kind this slot lacks, keeping the smallest kind primary.
+    fn insert(&mut self, f: Field) {
+        if f.kind() < self.field.kind() {
+            let old = std::mem::replace(&mut self.field, f);
+            self.others.push(old);
+        } else {
+            self.others.push(f);
+        }
+        self.others.sort_by_key(Field::kind);
+    }
+
+    fn fields(&self) -> impl Iterator<Item = &Field> {
+        std::iter::once(&self.field).chain(self.others.iter())
+    }
+}
+
+/// The delta log: recent deltas by dot, evicted oldest first.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct DeltaLog {
+    by_dot: BTreeMap<Dot, Delta>,
+    order: VecDeque<Dot>,
+    /// Per replica, the highest sequence the log can no longer serve.
+    floor: VersionVector,
+}
+
+impl DeltaLog {
+    fn push(&mut self, d: Delta, capacity: usize) {
+        self.order.push_back(d.dot);
+        self.by_dot.insert(d.dot, d);
+        while self.order.len() > capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.by_dot.remove(&old);
+                self.floor.raise(old.replica, old.seq);
+            }
+        }
+    }
+}
+
+/// A named collection of CRDT fields with its version vector and delta log.
+///
+/// ```
+/// use concord_core::{Document, ReplicaId, Value};
+/// let mut a = Document::new(ReplicaId(1));
+/// let mut b = Document::new(ReplicaId(2));
+/// let d1 = a.increment("likes", 2).unwrap();
+/// let d2 = b.set_add("tags", Value::from("rust")).unwrap();
+/// b.apply(d1).unwrap();
+/// a.apply(d2).unwrap();
+/// assert_eq!(a.counter("likes"), 2);
+/// assert_eq!(a.to_value(), b.to_value());
+/// assert_eq!(a.version(), b.version());
+/// ```
+#[derive(Clone, Debug)]
+pub struct Document {
+    replica: ReplicaId,
+    hlc: Hlc,
+    fields: BTreeMap<FieldKey, Slot>,
+    vv: VersionVector,
+    ctx: CausalContext,
+    log: DeltaLog,
+    pending: BTreeMap<Dot, Delta>,
+    tree: KeyTree,
+    dirty: BTreeSet<FieldKey>,
+    config: DocConfig,
+}
+
+impl PartialEq for Document {
+    /// Same replicated state: fields, version vector and context (not the replica's own
+    /// bookkeeping such as its id, clock, log or buffers).
+    fn eq(&self, other: &Self) -> bool {
+        self.vv == other.vv
+            && self.ctx == other.ctx
+            && self.fields.len() == other.fields.len()
+            && self
+                .fields
+                .iter()
+                .zip(other.fields.iter())
+                .all(|((k1, s1), (k2, s2))| k1 == k2 && s1.field == s2.field && s1.others == s2.others)
+    }
+}
+
+impl Document {
+    /// An empty document owned by `replica`.
+    pub fn new(replica: ReplicaId) -> Self {
+        Self::with_config(replica, DocConfig::default())
+    }
+
+    /// An empty document with explicit bounds.
+    pub fn with_config(replica: ReplicaId, config: DocConfig) -> Self {
+        Self {
+            replica,
+            hlc: Hlc::new(replica),
+            fields: BTreeMap::new(),
+            vv: VersionVector::new(),
+            ctx: CausalContext::default(),
+            log: DeltaLog::default(),
+            pending: BTreeMap::new(),
+            tree: KeyTree::default(),
+            dirty: BTreeSet::new(),
+            config,
+        }
+    }
+
+    /// The replica that mints this document's local dots.
+    pub fn replica(&self) -> ReplicaId {
+        self.replica
+    }
+
+    /// Every delta up to this vector has been applied.
+    pub fn version(&self) -> &VersionVector {
+        &self.vv
+    }
+
+    /// Every dot seen, including dots only known from set removals.
+    pub fn context(&self) -> &CausalContext {
+        &self.ctx
+    }
+
+    /// Number of deltas waiting for a gap to fill.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// Whether no key has been written.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// The bounds this document was made with.
+    pub fn config(&self) -> DocConfig {
+        self.config
+    }
+
+    // ---- reading ----
+
+    /// The field stored at `key`.
+    pub fn get(&self, key: &str) -> Option<&Field> {
+        self.fields.get(&FieldKey::new(key)).map(|s| &s.field)
+    }
+
+    /// The type `key` holds, if written.
+    pub fn kind_of(&self, key: &str) -> Option<Kind> {
+        self.get(key).map(Field::kind)
+    }
+
+    /// Keys in the document's internal (hash) order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.fields.keys().map(|k| &*k.name)
+    }
+
+    /// A G-Counter's value (0 when absent or another type).
+    pub fn counter(&self, key: &str) -> u64 {
+        match self.get(key) {
+            Some(Field::Counter(c)) => c.value(),
+            _ => 0,
+        }
+    }
+
+    /// A PN-Counter's value (0 when absent or another type).
+    pub fn pn_counter(&self, key: &str) -> i64 {
+        match self.get(key) {
+            Some(Field::PnCounter(c)) => c.value(),
+            _ => 0,
+        }
+    }
+
+    /// A register's value and the timestamp of the write that won.
+    pub fn register(&self, key: &str) -> Option<(&Value, Timestamp)> {
+        match self.get(key) {
+            Some(Field::Register(r)) => r.get().zip(r.timestamp()),
+            _ => None,
+        }
+    }
+
+    /// A set's elements, sorted.
+    pub fn set_values(&self, key: &str) -> Vec<Value> {
+        match self.get(key) {
+            Some(Field::Set(s)) => s.value(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether a set holds `v`.
+    pub fn set_contains(&self, key: &str, v: &Value) -> bool {
+        matches!(self.get(key), Some(Field::Set(s)) if s.contains(v))
+    }
+
+    /// The whole document as an object of plain values, keys sorted.
+    pub fn to_value(&self) -> Value {
+        Value::Object(self.fields.iter().map(|(k, s)| (k.name.to_string(), s.field.to_value())).collect())
+    }
+
+    // ---- writing locally ----
+
+    fn next_dot(&self) -> Dot {
+        self.vv.next_dot(self.replica)
+    }
+
+    fn local_field(&self, key: &str, kind: Kind) -> Result<Option<&Field>, DocError> {
+        match self.get(key) {
+            Some(f) if f.kind() != kind => {
+                Err(DocError::TypeMismatch { key: key.to_owned(), holds: f.kind(), wanted: kind })
+            }
+            other => Ok(other),
+        }
+    }
+
+    fn commit_local(&mut self, key: &str, payload: Field) -> Delta {
+        let delta = Delta { dot: self.next_dot(), key: key.to_owned(), payload };
+        self.apply_now(delta.clone());
+        delta
+    }
+
+    /// Adds `n` to the G-Counter at `key`.
+    pub fn increment(&mut self, key: &str, n: u64) -> Result<Delta, DocError> {
+        let payload = match self.local_field(key, Kind::Counter)? {
+            Some(Field::Counter(c)) => c.increment(self.replica, n),
+            _ => GCounter::default().increment(self.replica, n),
+        };
+        Ok(self.commit_local(key, Field::Counter(payload)))
+    }
+
+    /// Adds `n` (which may be negative) to the PN-Counter at `key`.
+    pub fn pn_add(&mut self, key: &str, n: i64) -> Result<Delta, DocError> {
+        let empty = PnCounter::default();
+        let c = match self.local_field(key, Kind::PnCounter)? {
+            Some(Field::PnCounter(c)) => c,
+            _ => &empty,
+        };
+        let payload = if n >= 0 {
+            c.increment(self.replica, n as u64)
+        } else {
+            c.decrement(self.replica, n.unsigned_abs())
+        };
+        Ok(self.commit_local(key, Field::PnCounter(payload)))
+    }
+
+    /// Writes the register at `key`, stamped by this replica's hybrid logical clock given
+    /// the current wall-clock reading.
+    pub fn set_register(&mut self, key: &str, value: Value, wall_millis: u64) -> Result<Delta, DocError> {
+        self.local_field(key, Kind::Register)?;
+        let ts = self.hlc.tick(wall_millis);
+        Ok(self.commit_local(key, Field::Register(LwwRegister::default().set(ts, value))))
+    }
+
+    /// Adds `v` to the set at `key`.
+    pub fn set_add(&mut self, key: &str, v: Value) -> Result<Delta, DocError> {
+        let dot = self.next_dot();
+        let payload = match self.local_field(key, Kind::Set)? {
+            Some(Field::Set(s)) => s.add(dot, v),
+            _ => OrSet::default().add(dot, v),
+        };
+        Ok(self.commit_local(key, Field::Set(payload)))
+    }
+
+    /// Removes `v` from the set at `key`, as observed here. Removing an absent element is
+    /// a no-op that mints no dot (`Ok(None)`).
+    pub fn set_remove(&mut self, key: &str, v: &Value) -> Result<Option<Delta>, DocError> {
+        let Some(Field::Set(s)) = self.local_field(key, Kind::Set)? else { return Ok(None) };
+        if !s.contains(v) {
+            return Ok(None);
+        }
+        // The remove's own dot enters the document's context when it is applied; the
+        // delta's context holds only the dots it retires, which keeps joins cheap.
+        let payload = s.remove(v);
+        Ok(Some(self.commit_local(key, Field::Set(payload))))
+    }
+
+    // ---- applying remote deltas ----
+
+    /// Checks what a peer has seen of this replica: if it is ahead of what this replica
+    /// knows of itself, this replica lost data.
+    pub fn check_amnesia(&self, peer_version: &VersionVector) -> Result<(), DocError> {
+        let remote = peer_version.get(self.replica);
+        let local = self.vv.get(self.replica);
+        if remote > local {
+            return Err(DocError::Amnesia { replica: self.replica, local, remote });
+        }
+        Ok(())
+    }
+
+    /// Switches to a fresh replica id after [`DocError::Amnesia`]. Events made under the
+    /// old id stay what they are; new ones use the new id.
+    pub fn reidentify(&mut self, new_id: ReplicaId) {
+        self.replica = new_id;
+        let last = self.hlc.last();
+        self.hlc = Hlc::new(new_id);
+        self.hlc.observe(last);
+    }
+
+    /// Applies a delta from elsewhere: in sequence it is applied (with any buffered ones
+    /// it unblocks), a duplicate is ignored, an early one is buffered. Invalid deltas and
+    /// deltas that reveal amnesia are rejected without changing anything.
+    pub fn apply(&mut self, delta: Delta) -> Result<Applied, DocError> {
+        delta.validate()?;
+        let dot = delta.dot;
+        if dot.replica == self.replica && dot.seq > self.vv.get(self.replica) {
+            return Err(DocError::Amnesia {
+                replica: self.replica,
+                local: self.vv.get(self.replica),
+                remote: dot.seq,
+            });
+        }
+        if self.vv.contains(dot) {
+            return Ok(Applied::Duplicate);
+        }
+        if dot.seq != self.vv.get(dot.replica) + 1 {
+            if self.pending.contains_key(&dot) {
+                return Ok(Applied::Buffered);
+            }
+            if self.pending.len() >= self.config.pending_capacity {
+                return Ok(Applied::Dropped);
+            }
+            self.pending.insert(dot, delta);
+            return Ok(Applied::Buffered);
+        }
+        self.apply_now(delta);
+        Ok(Applied::Applied(self.drain_pending(dot.replica)))
+    }
+
+    fn drain_pending(&mut self, replica: ReplicaId) -> usize {
+        let mut n = 0;
+        while let Some(d) = self.pending.remove(&self.vv.next_dot(replica)) {
+            self.apply_now(d);
+            n += 1;
+        }
+        n
+    }
+
+    /// Joins a delta that is next in sequence.
+    fn apply_now(&mut self, delta: Delta) {
+        let their_ctx = match &delta.payload {
+            Field::Set(s) => s.context().clone(),
+            _ => CausalContext::default(),
+        };
+        if let Field::Register(r) = &delta.payload {
+            if let Some(ts) = r.timestamp() {
+                self.hlc.observe(ts);
+            }
+        }
+        self.join_field(&delta.key, &delta.payload, &their_ctx);
+        self.vv.raise(delta.dot.replica, delta.dot.seq);
+        self.ctx.merge(&their_ctx);
+        self.ctx.insert(delta.dot);
+        self.log.push(delta, self.config.log_capacity);
+    }
+
+    fn join_field(&mut self, key: &str, theirs: &Field, their_ctx: &CausalContext) {
+        let fk = FieldKey::new(key);
+        let kind = theirs.kind();
+        let slot = self.fields.entry(fk.clone()).or_insert_with(|| Slot {
+            field: Field::empty(kind),
+            others: Vec::new(),
+            leaf: 0,
+        });
+        match slot.get_mut(kind) {
+            Some(f) => f.join(&self.ctx, theirs, their_ctx),
+            None => {
+                let mut f = Field::empty(kind);
+                f.join(&self.ctx, theirs, their_ctx);
+                slot.insert(f);
+            }
+        }
+        // A set that ended empty still holds its key (its kind stays fixed).
+        self.dirty.insert(fk);
+    }
+
+    // ---- delta sync ----
+
+    /// Every delta this document has that `peer` lacks, in per-replica order, or `None`
+    /// when the log no longer reaches back far enough (use Merkle catch-up).
+    pub fn deltas_since(&self, peer: &VersionVector) -> Option<Vec<&Delta>> {
+        let mut out = Vec::new();
+        for (r, top) in self.vv.iter() {
+            let have = peer.get(r);
+            if have >= top {
+                continue;
+            }
+            if have < self.log.floor.get(r) {
+                return None;
+            }
+            out.extend(self.log.by_dot.range(Dot::new(r, have + 1)..=Dot::new(r, top)).map(|(_, d)| d));
+        }
+        Some(out)
+    }
+
+    /// Whether [`Document::deltas_since`] can answer `peer`.
+    pub fn log_reaches(&self, peer: &VersionVector) -> bool {
+        self.vv.iter().all(|(r, top)| peer.get(r) >= top || peer.get(r) >= self.log.floor.get(r))
+    }
+
+    // ---- state transfer (Merkle catch-up, full sync) ----
+
+    /// The fields of `key_hashes` (every field whose key hashes to one of them), for a
+    /// peer whose Merkle tree differs there.
+    pub fn fields_by_hash(&self, key_hashes: &[u64]) -> Vec<(String, Field)> {
+        let mut out = Vec::new();
+        for &h in key_hashes {
+            let lo = FieldKey { hash: h, name: "".into() };
+            for (k, s) in self.fields.range(lo..).take_while(|(k, _)| k.hash == h) {
+                out.extend(s.fields().map(|f| (k.name.to_string(), f.clone())));
+            }
+        }
+        out
+    }
+
+    /// Every field, for a full-state transfer.
+    pub fn all_fields(&self) -> Vec<(String, Field)> {
+        self.fields.iter().flat_map(|(k, s)| s.fields().map(|f| (k.name.to_string(), f.clone()))).collect()
+    }
+
+    /// Joins fields sent by a peer whose state at version `vv` (context `ctx`) they are
+    /// part of, then adopts `vv`. The caller guarantees that, together with what this
+    /// document already had, the fields cover the peer's whole state at `vv` (all of it,
+    /// or every key where Merkle trees differed).
+    pub fn merge_state(
+        &mut self,
+        fields: &[(String, Field)],
+        ctx: &CausalContext,
+        vv: &VersionVector,
+    ) -> Result<(), DocError> {
+        ctx.validate().map_err(InvalidState)?;
+        vv.validate().map_err(InvalidState)?;
+        for (_, f) in fields {
+            match f {
+                Field::Set(s) => {
+                    if !s.context().vv.is_empty() || !s.context().cloud.is_empty() {
+                        return Err(InvalidState("a set in a state transfer carries its own context").into());
+                    }
+                    validate_entries(s.entries(), ctx)?;
+                }
+                other => other.validate()?,
+            }
+        }
+        if vv.get(self.replica) > self.vv.get(self.replica) {
+            return Err(DocError::Amnesia {
+                replica: self.replica,
+                local: self.vv.get(self.replica),
+                remote: vv.get(self.replica),
+            });
+        }
+        for (key, f) in fields {
+            if let Field::Register(r) = f {
+                if let Some(ts) = r.timestamp() {
+                    self.hlc.observe(ts);
+                }
+            }
+            self.join_field(key, f, ctx);
+        }
+        // Sets this side holds but the peer did not send were equal on both sides, except
+        // for dots the peer's context retired: drop those.
+        for (k, slot) in self.fields.iter_mut() {
+            if let Some(Field::Set(s)) = slot.get_mut(Kind::Set) {
+                let before = s.len();
+                let empty = crate::orset::Entries::default();
+                join_entries(s.entries_mut(), &self.ctx, &empty, ctx);
+                if s.len() != before {
+                    self.dirty.insert(k.clone());
+                }
+            }
+        }
+        for (r, s) in vv.iter() {
+            if s > self.vv.get(r) {
+                self.vv.raise(r, s);
+                // The log cannot serve the sequences that arrived as state.
+                self.log.floor.raise(r, s);
+            }
+        }
+        self.ctx.merge(ctx);
+        self.ctx.absorb(vv);
+        let stale: Vec<Dot> =
+            self.pending.range(..).filter(|(d, _)| self.vv.contains(**d)).map(|(d, _)| *d).collect();
+        for d in stale {
+            self.pending.remove(&d);
+        }
+        let replicas: Vec<ReplicaId> = self.vv.iter().map(|e| e.0).collect();
+        for r in replicas {
+            self.drain_pending(r);
+        }
+        Ok(())
+    }
+
+    // ---- Merkle tree over keys ----
+
+    fn leaf_hash(key: &FieldKey, slot: &Slot) -> u64 {
+        let bytes =
+            postcard::to_allocvec(&(&key.name, slot.fields().collect::<Vec<_>>())).unwrap_or_default();
+        stable_hash_seeded(key.hash, &bytes) | 1
+    }
+
+    /// Folds pending changes into the Merkle tree and returns it.
+    pub fn merkle(&mut self) -> &KeyTree {
+        let dirty = std::mem::take(&mut self.dirty);
+        for k in dirty {
+            if let Some(slot) = self.fields.get_mut(&k) {
+                let new = Self::leaf_hash(&k, slot);
+                self.tree.update(k.hash, slot.leaf, new);
+                slot.leaf = new;
+            }
+        }
+        &self.tree
+    }
+
+    /// `(key hash, leaf hash)` of every key in a bucket (call [`Document::merkle`] first).
+    pub fn bucket_leaves(&self, bucket: NodeId) -> Vec<(u64, u64)> {
+        let (lo, hi) = bucket.key_range();
+        let start = FieldKey { hash: lo, name: "".into() };
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (k, s) in self.fields.range(start..).take_while(|(k, _)| k.hash <= hi) {
+            match out.last_mut() {
+                Some(last) if last.0 == k.hash => last.1 ^= s.leaf,
+                _ => out.push((k.hash, s.leaf)),
+            }
+        }
+        out
+    }
+
+    // ---- encoding ----
+
+    /// Encodes the whole document (fields, clocks, delta log, buffered deltas).
+    pub fn encode(&self) -> Vec<u8> {
+        let repr = DocRepr {
+            replica: self.replica,
+            hlc: self.hlc.last(),
+            fields: self.all_fields(),
+            vv: self.vv.clone(),
+            ctx: self.ctx.clone(),
+            log: self.log.order.iter().filter_map(|d| self.log.by_dot.get(d).cloned()).collect(),
+            log_floor: self.log.floor.clone(),
+            pending: self.pending.values().cloned().collect(),
+        };
+        codec::encode(tag::DOCUMENT, &repr)
+    }
+
+    /// Decodes and validates a document written by [`Document::encode`].
+    pub fn decode(bytes: &[u8], config: DocConfig) -> Result<Document, DecodeError> {
+        let r: DocRepr = codec::decode(tag::DOCUMENT, bytes)?;
+        r.vv.validate().map_err(InvalidState)?;
+        r.ctx.validate().map_err(InvalidState)?;
+        r.log_floor.validate().map_err(InvalidState)?;
+        let mut doc = Document::with_config(r.replica, config);
+        doc.hlc.observe(r.hlc);
+        for (key, f) in &r.fields {
+            match f {
+                Field::Set(s) => validate_entries(s.entries(), &r.ctx)?,
+                other => other.validate()?,
+            }
+            doc.join_field(key, f, &r.ctx);
+        }
+        doc.vv = r.vv;
+        doc.ctx = r.ctx;
+        doc.log.floor = r.log_floor;
+        for d in r.log {
+            d.validate()?;
+            doc.log.push(d, config.log_capacity);
+        }
+        for d in r.pending {
+            d.validate()?;
+            if !doc.vv.contains(d.dot) && doc.pending.len() < config.pending_capacity {
+                doc.pending.insert(d.dot, d);
+            }
+        }
+        Ok(doc)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct DocRepr {
+    replica: ReplicaId,
+    hlc: Timestamp,
+    fields: Vec<(String, Field)>,
+    vv: VersionVector,
+    ctx: CausalContext,
+    log: Vec<Delta>,
+    log_floor: VersionVector,
+    pending: Vec<Delta>,
+}

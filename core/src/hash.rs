@@ -1,0 +1,97 @@
+//! Small, stable, non-cryptographic hashing.
+//!
+//! Two uses: [`FxBuild`] for in-memory hash maps (fast, deterministic, no randomness in the
+//! core), and [`stable_hash`] for hashes that cross the wire (Merkle trees, the ring),
+//! which must be identical on every platform and release.
+//!
+//! Trade-off, written down: a deterministic map hasher can be flooded by an attacker who
+//! picks colliding keys. Relays bound documents by size and rate, which bounds the damage.
+
+use std::hash::{BuildHasherDefault, Hasher};
+
+const K: u64 = 0x517c_c1b7_2722_0a95;
+
+/// The rustc "Fx" hash: one multiply and rotate per word.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher {
+    hash: u64,
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ w).wrapping_mul(K);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut buf = [0u8; 8];
+            buf[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(buf) ^ ((rest.len() as u64) << 56));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        // Fx leaves low bits weak; hashbrown uses the top bits, but mix anyway.
+        fmix64(self.hash)
+    }
+}
+
+/// Builds [`FxHasher`]s for `HashMap`/`HashSet`.
+pub type FxBuild = BuildHasherDefault<FxHasher>;
+
+/// A `HashMap` with the Fx hasher.
+pub type FxHashMap<K, V> = std::collections::HashMap<K, V, FxBuild>;
+
+/// MurmurHash3's 64-bit finaliser: full avalanche.
+#[inline]
+pub const fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^= k >> 33;
+    k
+}
+
+/// A 64-bit hash of `bytes` that never changes across platforms or releases.
+///
+/// ```
+/// use concord_core::hash::stable_hash;
+/// assert_eq!(stable_hash(b"doc-1"), stable_hash(b"doc-1"));
+/// assert_ne!(stable_hash(b"doc-1"), stable_hash(b"doc-2"));
+/// ```
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    stable_hash_seeded(0, bytes)
+}
+
+/// [`stable_hash`] with a seed, for independent hash families.
+pub fn stable_hash_seeded(seed: u64, bytes: &[u8]) -> u64 {
+    let mut h = FxHasher { hash: fmix64(seed ^ (bytes.len() as u64).wrapping_mul(K)) };
+    h.write(bytes);
+    h.finish()
+}

@@ -1,0 +1,42 @@
+//! # concord-core
+//!
+//! The pure heart of Concord: CRDTs, clocks, documents and the sync protocol. No I/O, no
+//! clock reads, no randomness: time and ids are passed in, bytes come in and go out.
+//!
+//! Data path, bottom up:
+//!
+//! - [`id`], [`vv`], [`hlc`]: replica ids, dots, version vectors and causal contexts,
+//!   hybrid logical clocks.
+//! - [`traits`] and one module per CRDT: [`gcounter`], [`pncounter`], [`lww`], [`orset`].
+//!   Mutators return deltas; `merge` is the lattice join.
+//! - [`value`]: the JSON-compatible values registers and sets hold.
+//! - [`document`]: named CRDT fields, a version vector, a bounded delta log, buffering of
+//!   out-of-order deltas, and the amnesia guard.
+//! - [`codec`]: the tagged, versioned binary encoding (postcard inside).
+//! - [`hash`]: stable hashes for Merkle trees and the ring.
+
+pub mod codec;
+pub mod document;
+pub mod gcounter;
+pub mod hash;
+pub mod hlc;
+pub mod id;
+pub mod lww;
+pub mod merkle;
+pub mod orset;
+pub mod pncounter;
+pub mod traits;
+pub mod value;
+pub mod vv;
+
+pub use codec::DecodeError;
+pub use document::{Delta, DocConfig, DocError, Document, Field, Kind};
+pub use gcounter::GCounter;
+pub use hlc::{Hlc, Timestamp};
+pub use id::{Dot, ReplicaId};
+pub use lww::LwwRegister;
+pub use orset::OrSet;
+pub use pncounter::PnCounter;
+pub use traits::{Crdt, InvalidState};
+pub use value::Value;
+pub use vv::{CausalContext, Causality, VersionVector};

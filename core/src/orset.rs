@@ -1,0 +1,413 @@
+//! Add-wins observed-remove set without tombstones.
+//!
+//! The "optimized OR-Set" (Bieniusa et al. 2012), as Riak's ORSWOT and the delta-state
+//! AWSet of Almeida, Shoker and Baquero ("Delta State Replicated Data Types", 2018, §6):
+//! each element maps to the [`Dot`]s of the adds that put it there, and a
+//! [`CausalContext`] records every dot the replica has seen. An element is present while
+//! it has a dot. A remove ships the dots it observed; a concurrent add has a dot the
+//! remover did not see, so it survives. Removed elements leave nothing behind but their
+//! dots in the (compressed) context.
+
+use crate::hash::FxHashMap;
+use crate::id::Dot;
+use crate::traits::{Crdt, InvalidState};
+use crate::vv::CausalContext;
+use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt::Debug;
+use std::hash::Hash;
+
+/// The dots supporting one element. Almost always exactly one, stored inline.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Dots {
+    /// A single supporting add (the common case).
+    One(Dot),
+    /// Zero (only inside remove deltas) or several concurrent adds, sorted.
+    Many(Vec<Dot>),
+}
+
+impl Dots {
+    fn from_vec(mut v: Vec<Dot>) -> Dots {
+        if v.len() == 1 {
+            Dots::One(v[0])
+        } else {
+            v.sort_unstable();
+            v.dedup();
+            Dots::Many(v)
+        }
+    }
+
+    /// The dots, in order.
+    pub fn as_slice(&self) -> &[Dot] {
+        match self {
+            Dots::One(d) => std::slice::from_ref(d),
+            Dots::Many(v) => v,
+        }
+    }
+
+    /// Whether `d` supports the element.
+    pub fn contains(&self, d: Dot) -> bool {
+        self.as_slice().contains(&d)
+    }
+
+    /// Whether no dot supports the element.
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+}
+
+/// Elements and their supporting dots.
+pub type Entries<V> = FxHashMap<V, Dots>;
+
+/// Joins `theirs` (seen under `their_ctx`) into `mine` (seen under `my_ctx`), element by
+/// element: a dot survives if both sides have it, or if the side lacking it never saw it.
+/// The contexts themselves are not merged here; the caller does that.
+///
+/// This is the join of the OR-Set lattice, exposed so a [`crate::Document`] can keep one
+/// context for all its sets instead of one per set.
+pub fn join_entries<V: Hash + Eq + Clone>(
+    mine: &mut Entries<V>,
+    my_ctx: &CausalContext,
+    theirs: &Entries<V>,
+    their_ctx: &CausalContext,
+) {
+    // Dots of `their_ctx` that may remove elements `theirs` does not mention. For small
+    // contexts (deltas) enumerate them; if all are accounted for, skip the full scan.
+    let ctx_dots = their_ctx.vv.total() as usize + their_ctx.cloud.len();
+    let mut loose: Option<Vec<Dot>> = (ctx_dots <= 64).then(|| {
+        let vv_dots = their_ctx.vv.iter().flat_map(|(r, s)| (1..=s).map(move |q| Dot::new(r, q)));
+        vv_dots
+            .chain(their_ctx.cloud.iter().copied())
+            .filter(|d| !theirs.values().any(|ds| ds.contains(*d)))
+            .collect()
+    });
+
+    for (v, their_dots) in theirs {
+        let merged = match mine.get(v) {
+            None => {
+                let keep: Vec<Dot> =
+                    their_dots.as_slice().iter().copied().filter(|d| !my_ctx.contains(*d)).collect();
+                if keep.is_empty() {
+                    continue;
+                }
+                Dots::from_vec(keep)
+            }
+            Some(my_dots) => {
+                if let Some(l) = loose.as_mut() {
+                    l.retain(|d| !my_dots.contains(*d));
+                }
+                if my_dots == their_dots {
+                    continue;
+                }
+                let mut keep: Vec<Dot> = my_dots
+                    .as_slice()
+                    .iter()
+                    .copied()
+                    .filter(|d| their_dots.contains(*d) || !their_ctx.contains(*d))
+                    .collect();
+                keep.extend(
+                    their_dots
+                        .as_slice()
+                        .iter()
+                        .copied()
+                        .filter(|d| !my_dots.contains(*d) && !my_ctx.contains(*d)),
+                );
+                if keep.is_empty() {
+                    mine.remove(v);
+                    continue;
+                }
+                Dots::from_vec(keep)
+            }
+        };
+        mine.insert(v.clone(), merged);
+    }
+
+    if loose.is_none_or(|l| !l.is_empty()) {
+        mine.retain(|v, ds| {
+            if theirs.contains_key(v) {
+                return true;
+            }
+            let before = ds.as_slice().len();
+            let keep: Vec<Dot> = ds.as_slice().iter().copied().filter(|d| !their_ctx.contains(*d)).collect();
+            if keep.len() != before {
+                if keep.is_empty() {
+                    return false;
+                }
+                *ds = Dots::from_vec(keep);
+            }
+            true
+        });
+    }
+}
+
+/// An add-wins observed-remove set.
+///
+/// ```
+/// use concord_core::{Crdt, OrSet, ReplicaId};
+/// let (a, b) = (ReplicaId(1), ReplicaId(2));
+/// let mut x: OrSet<String> = OrSet::default();
+/// x.merge(&x.add(x.next_dot(a), "milk".into()));
+/// let mut y = x.clone();
+/// y.merge(&y.remove(&"milk".into()));            // b removes what it saw...
+/// x.merge(&x.add(x.next_dot(a), "milk".into())); // ...while a adds again
+/// x.merge(&y);
+/// assert!(x.contains(&"milk".into()));           // add wins
+/// ```
+#[derive(Clone, Debug)]
+pub struct OrSet<V: Hash + Eq> {
+    entries: Entries<V>,
+    ctx: CausalContext,
+}
+
+impl<V: Hash + Eq> Default for OrSet<V> {
+    fn default() -> Self {
+        Self { entries: Entries::default(), ctx: CausalContext::default() }
+    }
+}
+
+impl<V: Hash + Eq> PartialEq for OrSet<V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.ctx == other.ctx && self.entries == other.entries
+    }
+}
+
+impl<V: Hash + Eq + Clone> OrSet<V> {
+    /// A set made of `entries` seen under `ctx` (used by documents and decoders).
+    pub fn from_parts(entries: Entries<V>, ctx: CausalContext) -> Self {
+        Self { entries, ctx }
+    }
+
+    /// The elements with their dots.
+    pub fn entries(&self) -> &Entries<V> {
+        &self.entries
+    }
+
+    /// Mutable elements, for documents that keep the context elsewhere.
+    pub fn entries_mut(&mut self) -> &mut Entries<V> {
+        &mut self.entries
+    }
+
+    /// Every dot this set has seen.
+    pub fn context(&self) -> &CausalContext {
+        &self.ctx
+    }
+
+    /// The next dot `replica` should use for this set when used standalone (in a
+    /// document, the document mints dots).
+    pub fn next_dot(&self, replica: crate::ReplicaId) -> Dot {
+        let top = self.ctx.cloud.iter().filter(|d| d.replica == replica).map(|d| d.seq).max();
+        Dot::new(replica, top.unwrap_or(0).max(self.ctx.vv.get(replica)) + 1)
+    }
+
+    /// The delta that adds `v` with the fresh dot `dot`; it also retires the dots that
+    /// supported `v` so far (one dot per element in the common case).
+    pub fn add(&self, dot: Dot, v: V) -> OrSet<V> {
+        let mut ctx = CausalContext::default();
+        ctx.insert(dot);
+        if let Some(ds) = self.entries.get(&v) {
+            for &d in ds.as_slice() {
+                ctx.insert(d);
+            }
+        }
+        let mut entries = Entries::default();
+        entries.insert(v, Dots::One(dot));
+        OrSet { entries, ctx }
+    }
+
+    /// The delta that removes `v` as observed here. Removing an absent element is a no-op
+    /// (an empty delta).
+    pub fn remove(&self, v: &V) -> OrSet<V> {
+        let mut out = OrSet::default();
+        if let Some(ds) = self.entries.get(v) {
+            for &d in ds.as_slice() {
+                out.ctx.insert(d);
+            }
+            out.entries.insert(v.clone(), Dots::Many(Vec::new()));
+        }
+        out
+    }
+
+    /// Whether `v` is in the set.
+    pub fn contains(&self, v: &V) -> bool {
+        self.entries.contains_key(v)
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the set has no element.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The elements, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &V> {
+        self.entries.keys()
+    }
+}
+
+impl<V> Crdt for OrSet<V>
+where
+    V: Hash + Eq + Ord + Clone + Debug + Serialize + DeserializeOwned,
+{
+    type Value = Vec<V>;
+
+    fn merge(&mut self, other: &Self) {
+        join_entries(&mut self.entries, &self.ctx, &other.entries, &other.ctx);
+        self.ctx.merge(&other.ctx);
+    }
+
+    /// The elements in sorted order.
+    fn value(&self) -> Vec<V> {
+        let mut v: Vec<V> = self.entries.keys().cloned().collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn validate(&self) -> Result<(), InvalidState> {
+        self.ctx.validate().map_err(InvalidState)?;
+        validate_entries(&self.entries, &self.ctx)
+    }
+}
+
+/// Checks that every supporting dot is seen by `ctx` and supports one element only.
+pub fn validate_entries<V: Hash + Eq>(entries: &Entries<V>, ctx: &CausalContext) -> Result<(), InvalidState> {
+    let mut seen = crate::hash::FxHashMap::default();
+    for ds in entries.values() {
+        if let Dots::Many(v) = ds {
+            if v.len() == 1 || v.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(InvalidState("set dots are not sorted and unique"));
+            }
+        }
+        for &d in ds.as_slice() {
+            if !ctx.contains(d) {
+                return Err(InvalidState("set element has a dot outside the causal context"));
+            }
+            if seen.insert(d, ()).is_some() {
+                return Err(InvalidState("one dot supports two set elements"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Canonical wire form: elements sorted, so equal sets encode to equal bytes.
+#[derive(Serialize, Deserialize)]
+struct OrSetRepr<V> {
+    entries: Vec<(V, Vec<Dot>)>,
+    ctx: CausalContext,
+}
+
+/// Sorted `(element, dots)` pairs: the canonical order for encoding and hashing.
+pub fn sorted_entries<V: Ord + Hash + Eq + Clone>(entries: &Entries<V>) -> Vec<(V, Vec<Dot>)> {
+    let mut v: Vec<(V, Vec<Dot>)> = entries.iter().map(|(k, d)| (k.clone(), d.as_slice().to_vec())).collect();
+    v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Rebuilds entries from their wire form.
+pub fn entries_from_sorted<V: Hash + Eq>(pairs: Vec<(V, Vec<Dot>)>) -> Entries<V> {
+    let mut e = Entries::default();
+    e.reserve(pairs.len());
+    for (v, ds) in pairs {
+        e.insert(v, Dots::from_vec(ds));
+    }
+    e
+}
+
+impl<V: Ord + Hash + Eq + Clone + Serialize> Serialize for OrSet<V> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        OrSetRepr { entries: sorted_entries(&self.entries), ctx: self.ctx.clone() }.serialize(s)
+    }
+}
+
+impl<'de, V: Hash + Eq + Deserialize<'de>> Deserialize<'de> for OrSet<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let r = OrSetRepr::<V>::deserialize(d)?;
+        Ok(OrSet { entries: entries_from_sorted(r.entries), ctx: r.ctx })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ReplicaId;
+
+    const A: ReplicaId = ReplicaId(1);
+    const B: ReplicaId = ReplicaId(2);
+
+    fn s(x: &str) -> String {
+        x.to_string()
+    }
+
+    fn add(set: &mut OrSet<String>, r: ReplicaId, v: &str) -> OrSet<String> {
+        let d = set.add(set.next_dot(r), s(v));
+        set.merge(&d);
+        d
+    }
+
+    #[test]
+    fn concurrent_add_and_remove_keeps_the_element() {
+        let mut a = OrSet::default();
+        add(&mut a, A, "x");
+        let mut b = a.clone();
+        let rm = b.remove(&s("x"));
+        b.merge(&rm);
+        let re = add(&mut a, A, "x");
+        a.merge(&rm);
+        b.merge(&re);
+        assert!(a.contains(&s("x")) && b.contains(&s("x")));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn remove_then_re_add_is_present() {
+        let mut a = OrSet::default();
+        add(&mut a, A, "x");
+        a.merge(&a.remove(&s("x")));
+        assert!(!a.contains(&s("x")));
+        add(&mut a, A, "x");
+        assert!(a.contains(&s("x")));
+    }
+
+    #[test]
+    fn removing_an_element_never_seen_has_no_effect() {
+        let mut a = OrSet::default();
+        add(&mut a, A, "x");
+        let before = a.clone();
+        let d = a.remove(&s("y"));
+        a.merge(&d);
+        assert_eq!(a, before);
+        let mut b: OrSet<String> = OrSet::default();
+        add(&mut b, B, "y");
+        b.merge(&d);
+        assert!(b.contains(&s("y")));
+    }
+
+    #[test]
+    fn remove_does_not_delete_concurrent_add_from_another_replica() {
+        let mut a = OrSet::default();
+        let mut b = OrSet::default();
+        let from_a = add(&mut a, A, "x");
+        b.merge(&from_a);
+        let from_b = add(&mut b, B, "x"); // b adds x concurrently (b's own dot)
+        let rm = a.remove(&s("x")); // a removes only the add it saw
+        a.merge(&rm);
+        a.merge(&from_b);
+        b.merge(&rm);
+        assert!(a.contains(&s("x")) && b.contains(&s("x")));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn remove_delta_arriving_before_the_add_it_observed_still_removes_it() {
+        let mut a = OrSet::default();
+        let add_x = add(&mut a, A, "x");
+        let rm = a.remove(&s("x"));
+        let mut c: OrSet<String> = OrSet::default();
+        c.merge(&rm);
+        c.merge(&add_x);
+        assert!(!c.contains(&s("x")));
+    }
+}

@@ -1,0 +1,52 @@
+//! Positive-negative counter.
+
+use crate::gcounter::GCounter;
+use crate::id::ReplicaId;
+use crate::traits::{Crdt, InvalidState};
+use serde::{Deserialize, Serialize};
+
+/// A counter that goes up and down: two [`GCounter`]s, `value = P - N`.
+///
+/// ```
+/// use concord_core::{Crdt, PnCounter, ReplicaId};
+/// let mut c = PnCounter::default();
+/// c.merge(&c.increment(ReplicaId(1), 2));
+/// c.merge(&c.decrement(ReplicaId(1), 5));
+/// assert_eq!(c.value(), -3);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PnCounter {
+    p: GCounter,
+    n: GCounter,
+}
+
+impl PnCounter {
+    /// The delta that adds `n`.
+    pub fn increment(&self, replica: ReplicaId, n: u64) -> PnCounter {
+        PnCounter { p: self.p.increment(replica, n), n: GCounter::default() }
+    }
+
+    /// The delta that subtracts `n`.
+    pub fn decrement(&self, replica: ReplicaId, n: u64) -> PnCounter {
+        PnCounter { p: GCounter::default(), n: self.n.increment(replica, n) }
+    }
+}
+
+impl Crdt for PnCounter {
+    type Value = i64;
+
+    fn merge(&mut self, other: &Self) {
+        self.p.merge(&other.p);
+        self.n.merge(&other.n);
+    }
+
+    fn value(&self) -> i64 {
+        let v = i128::from(self.p.value()) - i128::from(self.n.value());
+        v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+    }
+
+    fn validate(&self) -> Result<(), InvalidState> {
+        self.p.validate()?;
+        self.n.validate()
+    }
+}

@@ -1,0 +1,266 @@
+//! Version vectors and causal contexts.
+//!
+//! A [`VersionVector`] maps each replica to the highest sequence number seen from it with
+//! no gaps below. A [`CausalContext`] adds a "dot cloud" of events seen out of order, as
+//! in Almeida, Shoker and Baquero, "Delta State Replicated Data Types" (2018), §5.
+
+use crate::id::{Dot, ReplicaId};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// How two version vectors (or the states they describe) relate causally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Causality {
+    /// The left side happened before the right side.
+    Before,
+    /// The left side happened after the right side.
+    After,
+    /// Both describe the same events.
+    Equal,
+    /// Each side has seen events the other has not.
+    Concurrent,
+}
+
+/// `ReplicaId -> max contiguous seq seen`, kept sorted by replica for canonical encoding.
+///
+/// ```
+/// use concord_core::{Causality, ReplicaId, VersionVector};
+/// let (a, b) = (ReplicaId(1), ReplicaId(2));
+/// let x = VersionVector::from_iter([(a, 3)]);
+/// let y = VersionVector::from_iter([(a, 2), (b, 1)]);
+/// assert_eq!(x.compare(&y), Causality::Concurrent);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VersionVector {
+    entries: Vec<(ReplicaId, u64)>,
+}
+
+impl VersionVector {
+    /// The empty vector: nothing seen.
+    pub const fn new() -> Self {
+        Self { entries: Vec::new() }
+    }
+
+    /// The highest contiguous sequence seen from `replica` (0 when none).
+    pub fn get(&self, replica: ReplicaId) -> u64 {
+        match self.entries.binary_search_by_key(&replica, |e| e.0) {
+            Ok(i) => self.entries[i].1,
+            Err(_) => 0,
+        }
+    }
+
+    /// Raises `replica`'s entry to `seq` if it is lower.
+    pub fn raise(&mut self, replica: ReplicaId, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        match self.entries.binary_search_by_key(&replica, |e| e.0) {
+            Ok(i) => self.entries[i].1 = self.entries[i].1.max(seq),
+            Err(i) => self.entries.insert(i, (replica, seq)),
+        }
+    }
+
+    /// Whether `dot` is covered by this vector.
+    pub fn contains(&self, dot: Dot) -> bool {
+        dot.seq != 0 && dot.seq <= self.get(dot.replica)
+    }
+
+    /// The next dot `replica` would mint after everything this vector has seen.
+    pub fn next_dot(&self, replica: ReplicaId) -> Dot {
+        Dot::new(replica, self.get(replica) + 1)
+    }
+
+    /// Pointwise maximum.
+    pub fn merge(&mut self, other: &VersionVector) {
+        for &(r, s) in &other.entries {
+            self.raise(r, s);
+        }
+    }
+
+    /// Whether every event of `self` is also in `other` (`self <= other`).
+    pub fn le(&self, other: &VersionVector) -> bool {
+        self.entries.iter().all(|&(r, s)| s <= other.get(r))
+    }
+
+    /// Causal order between `self` and `other`.
+    pub fn compare(&self, other: &VersionVector) -> Causality {
+        match (self.le(other), other.le(self)) {
+            (true, true) => Causality::Equal,
+            (true, false) => Causality::Before,
+            (false, true) => Causality::After,
+            (false, false) => Causality::Concurrent,
+        }
+    }
+
+    /// `self < other`: every event of `self` is in `other`, and `other` has more.
+    pub fn happened_before(&self, other: &VersionVector) -> bool {
+        self.compare(other) == Causality::Before
+    }
+
+    /// `(replica, seq)` pairs in replica order.
+    pub fn iter(&self) -> impl Iterator<Item = (ReplicaId, u64)> + '_ {
+        self.entries.iter().copied()
+    }
+
+    /// Number of replicas with a non-zero entry.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Total number of events covered (sum of entries).
+    pub fn total(&self) -> u64 {
+        self.entries.iter().map(|e| e.1).sum()
+    }
+
+    /// Checks the invariants a decoded vector must hold (sorted, unique, non-zero).
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.entries.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err("version vector entries are not sorted by replica");
+        }
+        if self.entries.iter().any(|e| e.1 == 0) {
+            return Err("version vector has a zero entry");
+        }
+        Ok(())
+    }
+}
+
+impl FromIterator<(ReplicaId, u64)> for VersionVector {
+    fn from_iter<I: IntoIterator<Item = (ReplicaId, u64)>>(iter: I) -> Self {
+        let mut vv = VersionVector::new();
+        for (r, s) in iter {
+            vv.raise(r, s);
+        }
+        vv
+    }
+}
+
+/// The set of events a replica has seen: a compact [`VersionVector`] plus the dots seen
+/// out of order (the "dot cloud"). Kept compact: no cloud dot is covered by the vector.
+///
+/// ```
+/// use concord_core::{CausalContext, Dot, ReplicaId};
+/// let r = ReplicaId(1);
+/// let mut cc = CausalContext::default();
+/// cc.insert(Dot::new(r, 2));
+/// assert!(!cc.contains(Dot::new(r, 1)));
+/// cc.insert(Dot::new(r, 1));
+/// assert_eq!(cc.vv.get(r), 2); // the cloud folded into the vector
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CausalContext {
+    /// Events seen without gaps.
+    pub vv: VersionVector,
+    /// Events seen above a gap.
+    pub cloud: BTreeSet<Dot>,
+}
+
+impl CausalContext {
+    /// Whether `dot` has been seen.
+    pub fn contains(&self, dot: Dot) -> bool {
+        self.vv.contains(dot) || self.cloud.contains(&dot)
+    }
+
+    /// Records `dot` as seen.
+    pub fn insert(&mut self, dot: Dot) {
+        if self.vv.contains(dot) || dot.seq == 0 {
+            return;
+        }
+        if dot.seq == self.vv.get(dot.replica) + 1 {
+            self.vv.raise(dot.replica, dot.seq);
+            self.fold(dot.replica);
+        } else {
+            self.cloud.insert(dot);
+        }
+    }
+
+    /// Joins another context into this one.
+    pub fn merge(&mut self, other: &CausalContext) {
+        self.absorb(&other.vv);
+        for &d in &other.cloud {
+            self.insert(d);
+        }
+    }
+
+    /// Records every event of `vv` as seen.
+    pub fn absorb(&mut self, vv: &VersionVector) {
+        let mut touched = false;
+        for (r, s) in vv.iter() {
+            if s > self.vv.get(r) {
+                self.vv.raise(r, s);
+                touched = true;
+            }
+        }
+        if touched && !self.cloud.is_empty() {
+            let replicas: Vec<ReplicaId> = vv.iter().map(|e| e.0).collect();
+            for r in replicas {
+                self.fold(r);
+            }
+        }
+    }
+
+    /// Moves `replica`'s cloud dots that became contiguous (or covered) into the vector.
+    fn fold(&mut self, replica: ReplicaId) {
+        let lo = Dot::new(replica, 0);
+        let hi = Dot::new(replica, u64::MAX);
+        let dots: Vec<Dot> = self.cloud.range(lo..=hi).copied().collect();
+        for d in dots {
+            let top = self.vv.get(replica);
+            if d.seq <= top {
+                self.cloud.remove(&d);
+            } else if d.seq == top + 1 {
+                self.cloud.remove(&d);
+                self.vv.raise(replica, d.seq);
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Checks the invariants a decoded context must hold.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        self.vv.validate()?;
+        if self.cloud.iter().any(|d| d.seq <= self.vv.get(d.replica) + 1) {
+            return Err("causal context is not compact");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: ReplicaId = ReplicaId(0xA);
+    const B: ReplicaId = ReplicaId(0xB);
+
+    #[test]
+    fn worked_example_from_the_design() {
+        let x = VersionVector::from_iter([(A, 3)]);
+        let y = VersionVector::from_iter([(A, 2), (B, 1)]);
+        let mut m = x.clone();
+        m.merge(&y);
+        assert_eq!(m, VersionVector::from_iter([(A, 3), (B, 1)]));
+        assert_eq!(m.compare(&y), Causality::After);
+        assert!(y.happened_before(&m));
+        let z = VersionVector::from_iter([(A, 4)]);
+        assert_eq!(z.compare(&m), Causality::Concurrent);
+        assert_eq!(m.compare(&m.clone()), Causality::Equal);
+    }
+
+    #[test]
+    fn context_folds_cloud_when_gap_closes() {
+        let mut cc = CausalContext::default();
+        cc.insert(Dot::new(A, 3));
+        cc.insert(Dot::new(A, 2));
+        assert_eq!(cc.vv.get(A), 0);
+        cc.absorb(&VersionVector::from_iter([(A, 1)]));
+        assert_eq!(cc.vv.get(A), 3);
+        assert!(cc.cloud.is_empty());
+        cc.validate().unwrap();
+    }
+}

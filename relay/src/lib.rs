@@ -1,0 +1,3 @@
+//! # concord-relay
+//!
+//! The relay: WebSocket server, storage, cluster.
