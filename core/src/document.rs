@@ -560,6 +560,11 @@ impl Document {
     /// it unblocks), a duplicate is ignored, an early one is buffered. Invalid deltas and
     /// deltas that reveal amnesia are rejected without changing anything.
     pub fn apply(&mut self, delta: Delta) -> Result<Applied, DocError> {
+        self.apply_into(delta, &mut Vec::new())
+    }
+
+    /// Checks a delta from elsewhere without applying it.
+    pub fn check(&self, delta: &Delta) -> Result<(), DocError> {
         delta.validate()?;
         let dot = delta.dot;
         if dot.replica == self.replica && dot.seq > self.vv.get(self.replica) {
@@ -569,6 +574,15 @@ impl Document {
                 remote: dot.seq,
             });
         }
+        Ok(())
+    }
+
+    /// [`Document::apply`], also pushing a copy of every delta actually applied (the
+    /// given one and the buffered ones it unblocked) onto `applied`, in order: what a
+    /// relay must persist and forward.
+    pub fn apply_into(&mut self, delta: Delta, applied: &mut Vec<Delta>) -> Result<Applied, DocError> {
+        self.check(&delta)?;
+        let dot = delta.dot;
         if self.vv.contains(dot) {
             return Ok(Applied::Duplicate);
         }
@@ -582,13 +596,15 @@ impl Document {
             self.pending.insert(dot, delta);
             return Ok(Applied::Buffered);
         }
+        applied.push(delta.clone());
         self.apply_now(delta);
-        Ok(Applied::Applied(self.drain_pending(dot.replica)))
+        Ok(Applied::Applied(self.drain_pending(dot.replica, applied)))
     }
 
-    fn drain_pending(&mut self, replica: ReplicaId) -> usize {
+    fn drain_pending(&mut self, replica: ReplicaId, applied: &mut Vec<Delta>) -> usize {
         let mut n = 0;
         while let Some(d) = self.pending.remove(&self.vv.next_dot(replica)) {
+            applied.push(d.clone());
             self.apply_now(d);
             n += 1;
         }
@@ -743,7 +759,7 @@ impl Document {
         }
         let replicas: Vec<ReplicaId> = self.vv.iter().map(|e| e.0).collect();
         for r in replicas {
-            self.drain_pending(r);
+            self.drain_pending(r, &mut Vec::new());
         }
         Ok(())
     }

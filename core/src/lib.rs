@@ -25,6 +25,7 @@ pub mod lww;
 pub mod merkle;
 pub mod orset;
 pub mod pncounter;
+pub mod sync;
 pub mod traits;
 pub mod value;
 pub mod vv;

@@ -26,6 +26,11 @@ impl PnCounter {
         PnCounter { p: self.p.increment(replica, n), n: GCounter::default() }
     }
 
+    /// The increments and decrements, as two grow-only counters.
+    pub fn parts(&self) -> (&GCounter, &GCounter) {
+        (&self.p, &self.n)
+    }
+
     /// The delta that subtracts `n`.
     pub fn decrement(&self, replica: ReplicaId, n: u64) -> PnCounter {
         PnCounter { p: GCounter::default(), n: self.n.increment(replica, n) }

@@ -1,0 +1,576 @@
+//! Protocol messages and their envelope: one tag byte, then a postcard body.
+//!
+//! Tags live in [`tag`]. A receiver that meets a tag it does not know answers with an
+//! [`ErrorCode::UNKNOWN_TAG`] error and carries on (a newer peer may speak more). The
+//! protocol version is agreed in [`Hello`]. Golden byte vectors in the tests pin every
+//! message.
+
+use crate::document::{Delta, Field};
+use crate::hlc::Timestamp;
+use crate::id::{Dot, ReplicaId};
+use crate::lww::LwwRegister;
+use crate::merkle::NodeId;
+use crate::orset::{Dots, Entries, OrSet};
+use crate::value::Value;
+use crate::vv::{CausalContext, VersionVector};
+use crate::{Crdt, GCounter, PnCounter};
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Longest document id accepted.
+pub const MAX_DOC_ID: usize = 512;
+
+/// Message tags (the first byte of every frame).
+pub mod tag {
+    /// [`super::Hello`]
+    pub const HELLO: u8 = 0x01;
+    /// [`super::Subscribe`]
+    pub const SUBSCRIBE: u8 = 0x02;
+    /// [`super::Deltas`]
+    pub const DELTAS: u8 = 0x03;
+    /// [`super::Synced`]
+    pub const SYNCED: u8 = 0x04;
+    /// [`super::Ack`]
+    pub const ACK: u8 = 0x05;
+    /// [`super::Unsubscribe`]
+    pub const UNSUBSCRIBE: u8 = 0x06;
+    /// [`super::MerkleStart`]
+    pub const MERKLE_START: u8 = 0x10;
+    /// [`super::MerkleQuery`]
+    pub const MERKLE_QUERY: u8 = 0x11;
+    /// [`super::MerkleNodes`]
+    pub const MERKLE_NODES: u8 = 0x12;
+    /// [`super::MerkleLeaves`]
+    pub const MERKLE_LEAVES: u8 = 0x13;
+    /// [`super::KeysQuery`]
+    pub const KEYS_QUERY: u8 = 0x14;
+    /// [`super::StateChunk`]
+    pub const STATE: u8 = 0x15;
+    /// [`super::ErrorMsg`]
+    pub const ERROR: u8 = 0x7f;
+}
+
+/// Error codes carried by [`ErrorMsg`]; numbers so that unknown future codes still decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    /// The frame could not be decoded.
+    pub const BAD_FRAME: ErrorCode = ErrorCode(1);
+    /// The tag is unknown to this peer.
+    pub const UNKNOWN_TAG: ErrorCode = ErrorCode(2);
+    /// No common protocol version.
+    pub const VERSION: ErrorCode = ErrorCode(3);
+    /// Missing, malformed, forged or expired token.
+    pub const UNAUTHORIZED: ErrorCode = ErrorCode(4);
+    /// The token does not allow this (e.g. a write with a read-only token).
+    pub const FORBIDDEN: ErrorCode = ErrorCode(5);
+    /// A delta or state broke an invariant; nothing of it was applied.
+    pub const INVALID: ErrorCode = ErrorCode(6);
+    /// The receiver lost data and must take a new replica id.
+    pub const AMNESIA: ErrorCode = ErrorCode(7);
+    /// Too many messages; slow down.
+    pub const RATE_LIMITED: ErrorCode = ErrorCode(8);
+    /// A frame above the size limit.
+    pub const TOO_LARGE: ErrorCode = ErrorCode(9);
+    /// Fewer than W replicas persisted the write in time; keep it and retry.
+    pub const NOT_ENOUGH_REPLICAS: ErrorCode = ErrorCode(10);
+    /// Messages arrived before `Hello`.
+    pub const NO_HELLO: ErrorCode = ErrorCode(11);
+    /// The server failed; retry later.
+    pub const INTERNAL: ErrorCode = ErrorCode(12);
+
+    /// A short name for logs and metrics labels.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            1 => "bad_frame",
+            2 => "unknown_tag",
+            3 => "version",
+            4 => "unauthorized",
+            5 => "forbidden",
+            6 => "invalid",
+            7 => "amnesia",
+            8 => "rate_limited",
+            9 => "too_large",
+            10 => "not_enough_replicas",
+            11 => "no_hello",
+            12 => "internal",
+            _ => "unknown",
+        }
+    }
+}
+
+/// First message both ways.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Highest protocol version the sender speaks.
+    pub protocol: u16,
+    /// Lowest protocol version the sender speaks.
+    pub min_protocol: u16,
+    /// The sender's replica id.
+    pub replica: ReplicaId,
+    /// Auth token, when the receiver requires one.
+    pub token: Option<String>,
+}
+
+/// "Send me what I lack of `doc`, then every new delta."
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscribe {
+    /// Document id.
+    pub doc: String,
+    /// What the subscriber has.
+    pub vv: VersionVector,
+}
+
+/// Deltas of one document, catch-up or live.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deltas {
+    /// Document id.
+    pub doc: String,
+    /// The deltas, in an order that keeps each replica's sequence ascending.
+    pub deltas: Vec<Delta>,
+}
+
+/// Ends a catch-up answer: "you now have everything I had at `vv`".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Synced {
+    /// Document id.
+    pub doc: String,
+    /// The answering side's version when it answered.
+    pub vv: VersionVector,
+}
+
+/// "Everything up to `vv` of `doc` is durable here."
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Document id.
+    pub doc: String,
+    /// Durable version.
+    pub vv: VersionVector,
+}
+
+/// Stop live updates of a document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unsubscribe {
+    /// Document id.
+    pub doc: String,
+}
+
+/// Starts a state transfer when the delta log cannot reach back far enough. Carries the
+/// sender's version and context at this moment: everything sent in this exchange is at
+/// least this new.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MerkleStart {
+    /// Document id.
+    pub doc: String,
+    /// Exchange id; later messages of other exchanges are ignored.
+    pub exchange: u64,
+    /// Sender's version vector.
+    pub vv: VersionVector,
+    /// Sender's causal context.
+    pub ctx: CausalContext,
+    /// Hashes of the root's children; empty when `full_chunks` > 0.
+    pub children: Vec<u64>,
+    /// For small documents: the number of [`StateChunk`]s with the whole state that follow
+    /// instead of a Merkle descent.
+    pub full_chunks: u32,
+    /// Number of keys in the sender's document.
+    pub keys: u64,
+}
+
+/// "Send me the children of these nodes (or the leaves of these buckets)."
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MerkleQuery {
+    /// Document id.
+    pub doc: String,
+    /// Exchange id.
+    pub exchange: u64,
+    /// Nodes whose hashes differed.
+    pub nodes: Vec<NodeId>,
+}
+
+/// Children hashes of inner nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MerkleNodes {
+    /// Document id.
+    pub doc: String,
+    /// Exchange id.
+    pub exchange: u64,
+    /// Each queried node with the hashes of its children.
+    pub nodes: Vec<(NodeId, Vec<u64>)>,
+}
+
+/// `(key hash, leaf hash)` lists of buckets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MerkleLeaves {
+    /// Document id.
+    pub doc: String,
+    /// Exchange id.
+    pub exchange: u64,
+    /// Each queried bucket with its leaves.
+    pub buckets: Vec<(NodeId, Vec<(u64, u64)>)>,
+}
+
+/// "Send me the full state of these keys."
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeysQuery {
+    /// Document id.
+    pub doc: String,
+    /// Exchange id.
+    pub exchange: u64,
+    /// Key hashes.
+    pub keys: Vec<u64>,
+}
+
+/// Full states of some keys, one chunk of a transfer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateChunk {
+    /// Document id.
+    pub doc: String,
+    /// Exchange id.
+    pub exchange: u64,
+    /// Chunk number (for whole-state transfers) or 0.
+    pub chunk: u32,
+    /// Key hashes this chunk answers (Merkle transfers).
+    pub answered: Vec<u64>,
+    /// The fields, sets without their own context (the exchange's context applies).
+    pub fields: Vec<(String, Field)>,
+    /// Keys sent so far in this exchange, for progress.
+    pub done: u64,
+    /// Keys to send in this exchange, for progress.
+    pub total: u64,
+}
+
+/// A typed error; `doc` names the document when only that one is affected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    /// What went wrong.
+    pub code: ErrorCode,
+    /// The document concerned, if any.
+    pub doc: Option<String>,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+/// Every protocol message.
+#[derive(Clone, Debug, PartialEq)]
+#[allow(missing_docs)]
+pub enum Msg {
+    Hello(Hello),
+    Subscribe(Subscribe),
+    Deltas(Deltas),
+    Synced(Synced),
+    Ack(Ack),
+    Unsubscribe(Unsubscribe),
+    MerkleStart(MerkleStart),
+    MerkleQuery(MerkleQuery),
+    MerkleNodes(MerkleNodes),
+    MerkleLeaves(MerkleLeaves),
+    KeysQuery(KeysQuery),
+    State(StateChunk),
+    Error(ErrorMsg),
+}
+
+/// Why a frame could not be decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Zero bytes.
+    #[error("empty frame")]
+    Empty,
+    /// A tag this build does not know (a newer peer?).
+    #[error("unknown message tag 0x{0:02x}")]
+    UnknownTag(u8),
+    /// Truncated or malformed body.
+    #[error("malformed message (tag 0x{tag:02x}): {reason}")]
+    Malformed {
+        /// The message tag.
+        tag: u8,
+        /// What postcard or validation said.
+        reason: String,
+    },
+}
+
+// ---- compact delta batches ----
+//
+// A `Deltas` body does not repeat replica ids: it carries a replica table, sequence
+// numbers as gaps from the previous delta of the same replica, and payloads written
+// relative to their dot (a counter increment is just its new total).
+
+#[derive(Serialize, Deserialize)]
+struct DeltasWire {
+    doc: String,
+    replicas: Vec<ReplicaId>,
+    items: Vec<DeltaWire>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeltaWire {
+    replica: u32,
+    seq_gap: u64,
+    key: String,
+    payload: PayloadWire,
+}
+
+#[derive(Serialize, Deserialize)]
+enum PayloadWire {
+    /// Any field, written out in full.
+    Full(Field),
+    /// G-Counter delta of the dot's own replica: its new total.
+    Count(u64),
+    /// PN-Counter delta of the dot's own replica: new P total (N unchanged/absent).
+    PnUp(u64),
+    /// PN-Counter delta of the dot's own replica: new N total.
+    PnDown(u64),
+    /// Register write stamped by the dot's own replica.
+    Write { millis: u64, counter: u32, value: Value },
+    /// Set add with the dot's own dot, retiring `retired` (the element's old dots).
+    Add { value: Value, retired: Vec<Dot> },
+    /// Set remove retiring `retired`.
+    Remove { value: Value, retired: Vec<Dot> },
+}
+
+fn compact(d: &Delta) -> PayloadWire {
+    let own = d.dot.replica;
+    match &d.payload {
+        Field::Counter(c) if *c == GCounter::default().increment(own, c.get(own)) && c.get(own) > 0 => {
+            PayloadWire::Count(c.get(own))
+        }
+        Field::PnCounter(c) => {
+            let (p, n) = c.parts();
+            if n.value() == 0 && p.get(own) > 0 && *p == GCounter::default().increment(own, p.get(own)) {
+                PayloadWire::PnUp(p.get(own))
+            } else if p.value() == 0 && n.get(own) > 0 && *n == GCounter::default().increment(own, n.get(own))
+            {
+                PayloadWire::PnDown(n.get(own))
+            } else {
+                PayloadWire::Full(d.payload.clone())
+            }
+        }
+        Field::Register(r) => match (r.timestamp(), r.get()) {
+            (Some(ts), Some(v)) if ts.replica == own => {
+                PayloadWire::Write { millis: ts.millis, counter: ts.counter, value: v.clone() }
+            }
+            _ => PayloadWire::Full(d.payload.clone()),
+        },
+        Field::Set(s) if s.entries().len() == 1 => {
+            let Some((value, dots)) = s.entries().iter().next().map(|(v, ds)| (v.clone(), ds.clone())) else {
+                return PayloadWire::Full(d.payload.clone());
+            };
+            let ctx = s.context();
+            let mut retired: Vec<Dot> = Vec::new();
+            let vv_dots = ctx.vv.iter().flat_map(|(r, n)| (1..=n).map(move |q| Dot::new(r, q)));
+            if ctx.vv.total() > 64 {
+                return PayloadWire::Full(d.payload.clone());
+            }
+            retired.extend(vv_dots.chain(ctx.cloud.iter().copied()).filter(|x| *x != d.dot));
+            match dots {
+                Dots::One(x) if x == d.dot && ctx.contains(d.dot) => PayloadWire::Add { value, retired },
+                Dots::Many(v) if v.is_empty() && !ctx.contains(d.dot) => {
+                    PayloadWire::Remove { value, retired }
+                }
+                _ => PayloadWire::Full(d.payload.clone()),
+            }
+        }
+        _ => PayloadWire::Full(d.payload.clone()),
+    }
+}
+
+fn expand(dot: Dot, p: PayloadWire) -> Field {
+    let own = dot.replica;
+    let set = |value: Value, dots: Dots, retired: Vec<Dot>, with_own: bool| {
+        let mut ctx = CausalContext::default();
+        for d in retired {
+            ctx.insert(d);
+        }
+        if with_own {
+            ctx.insert(dot);
+        }
+        let mut e = Entries::default();
+        e.insert(value, dots);
+        Field::Set(OrSet::from_parts(e, ctx))
+    };
+    match p {
+        PayloadWire::Full(f) => f,
+        PayloadWire::Count(n) => Field::Counter(GCounter::default().increment(own, n)),
+        PayloadWire::PnUp(n) => Field::PnCounter(PnCounter::default().increment(own, n)),
+        PayloadWire::PnDown(n) => Field::PnCounter(PnCounter::default().decrement(own, n)),
+        PayloadWire::Write { millis, counter, value } => {
+            Field::Register(LwwRegister::default().set(Timestamp { millis, counter, replica: own }, value))
+        }
+        PayloadWire::Add { value, retired } => set(value, Dots::One(dot), retired, true),
+        PayloadWire::Remove { value, retired } => set(value, Dots::Many(Vec::new()), retired, false),
+    }
+}
+
+impl Deltas {
+    fn to_wire(&self) -> DeltasWire {
+        let mut replicas: Vec<ReplicaId> = Vec::new();
+        let mut last: Vec<u64> = Vec::new();
+        let mut items = Vec::with_capacity(self.deltas.len());
+        for d in &self.deltas {
+            let idx = match replicas.iter().position(|r| *r == d.dot.replica) {
+                Some(i) => i,
+                None => {
+                    replicas.push(d.dot.replica);
+                    last.push(0);
+                    replicas.len() - 1
+                }
+            };
+            let seq_gap = d.dot.seq.wrapping_sub(last[idx]);
+            last[idx] = d.dot.seq;
+            items.push(DeltaWire { replica: idx as u32, seq_gap, key: d.key.clone(), payload: compact(d) });
+        }
+        DeltasWire { doc: self.doc.clone(), replicas, items }
+    }
+
+    fn from_wire(w: DeltasWire) -> Result<Deltas, &'static str> {
+        let mut last = vec![0u64; w.replicas.len()];
+        let mut deltas = Vec::with_capacity(w.items.len());
+        for it in w.items {
+            let i = it.replica as usize;
+            let replica = *w.replicas.get(i).ok_or("replica index out of range")?;
+            let seq = last[i].wrapping_add(it.seq_gap);
+            last[i] = seq;
+            let dot = Dot::new(replica, seq);
+            deltas.push(Delta { dot, key: it.key, payload: expand(dot, it.payload) });
+        }
+        Ok(Deltas { doc: w.doc, deltas })
+    }
+}
+
+fn body<T: Serialize>(tag: u8, v: &T) -> Vec<u8> {
+    match postcard::to_extend(v, vec![tag]) {
+        Ok(b) => b,
+        Err(e) => unreachable!("encoding into a Vec failed: {e}"),
+    }
+}
+
+fn parse<'a, T: Deserialize<'a>>(tag: u8, bytes: &'a [u8]) -> Result<T, FrameError> {
+    match postcard::take_from_bytes::<T>(bytes) {
+        Ok((v, [])) => Ok(v),
+        Ok((_, rest)) => Err(FrameError::Malformed { tag, reason: format!("{} trailing bytes", rest.len()) }),
+        Err(e) => Err(FrameError::Malformed { tag, reason: e.to_string() }),
+    }
+}
+
+impl Msg {
+    /// The message's tag byte.
+    pub fn tag(&self) -> u8 {
+        match self {
+            Msg::Hello(_) => tag::HELLO,
+            Msg::Subscribe(_) => tag::SUBSCRIBE,
+            Msg::Deltas(_) => tag::DELTAS,
+            Msg::Synced(_) => tag::SYNCED,
+            Msg::Ack(_) => tag::ACK,
+            Msg::Unsubscribe(_) => tag::UNSUBSCRIBE,
+            Msg::MerkleStart(_) => tag::MERKLE_START,
+            Msg::MerkleQuery(_) => tag::MERKLE_QUERY,
+            Msg::MerkleNodes(_) => tag::MERKLE_NODES,
+            Msg::MerkleLeaves(_) => tag::MERKLE_LEAVES,
+            Msg::KeysQuery(_) => tag::KEYS_QUERY,
+            Msg::State(_) => tag::STATE,
+            Msg::Error(_) => tag::ERROR,
+        }
+    }
+
+    /// The document a message concerns, if any.
+    pub fn doc(&self) -> Option<&str> {
+        Some(match self {
+            Msg::Hello(_) => return None,
+            Msg::Error(e) => return e.doc.as_deref(),
+            Msg::Subscribe(m) => &m.doc,
+            Msg::Deltas(m) => &m.doc,
+            Msg::Synced(m) => &m.doc,
+            Msg::Ack(m) => &m.doc,
+            Msg::Unsubscribe(m) => &m.doc,
+            Msg::MerkleStart(m) => &m.doc,
+            Msg::MerkleQuery(m) => &m.doc,
+            Msg::MerkleNodes(m) => &m.doc,
+            Msg::MerkleLeaves(m) => &m.doc,
+            Msg::KeysQuery(m) => &m.doc,
+            Msg::State(m) => &m.doc,
+        })
+    }
+
+    /// One frame: tag byte + postcard body.
+    pub fn encode(&self) -> Vec<u8> {
+        let t = self.tag();
+        match self {
+            Msg::Hello(m) => body(t, m),
+            Msg::Subscribe(m) => body(t, m),
+            Msg::Deltas(m) => body(t, &m.to_wire()),
+            Msg::Synced(m) => body(t, m),
+            Msg::Ack(m) => body(t, m),
+            Msg::Unsubscribe(m) => body(t, m),
+            Msg::MerkleStart(m) => body(t, m),
+            Msg::MerkleQuery(m) => body(t, m),
+            Msg::MerkleNodes(m) => body(t, m),
+            Msg::MerkleLeaves(m) => body(t, m),
+            Msg::KeysQuery(m) => body(t, m),
+            Msg::State(m) => body(t, m),
+            Msg::Error(m) => body(t, m),
+        }
+    }
+
+    /// Decodes one frame. Never panics; unknown tags are [`FrameError::UnknownTag`].
+    /// Structural checks (version vectors sorted, node ids in range, doc id length) are
+    /// done here; CRDT invariants are checked when the payload is applied.
+    pub fn decode(bytes: &[u8]) -> Result<Msg, FrameError> {
+        let (&t, rest) = bytes.split_first().ok_or(FrameError::Empty)?;
+        let msg = match t {
+            tag::HELLO => Msg::Hello(parse(t, rest)?),
+            tag::SUBSCRIBE => Msg::Subscribe(parse(t, rest)?),
+            tag::DELTAS => Msg::Deltas(
+                Deltas::from_wire(parse(t, rest)?)
+                    .map_err(|r| FrameError::Malformed { tag: t, reason: r.to_string() })?,
+            ),
+            tag::SYNCED => Msg::Synced(parse(t, rest)?),
+            tag::ACK => Msg::Ack(parse(t, rest)?),
+            tag::UNSUBSCRIBE => Msg::Unsubscribe(parse(t, rest)?),
+            tag::MERKLE_START => Msg::MerkleStart(parse(t, rest)?),
+            tag::MERKLE_QUERY => Msg::MerkleQuery(parse(t, rest)?),
+            tag::MERKLE_NODES => Msg::MerkleNodes(parse(t, rest)?),
+            tag::MERKLE_LEAVES => Msg::MerkleLeaves(parse(t, rest)?),
+            tag::KEYS_QUERY => Msg::KeysQuery(parse(t, rest)?),
+            tag::STATE => Msg::State(parse(t, rest)?),
+            tag::ERROR => Msg::Error(parse(t, rest)?),
+            other => return Err(FrameError::UnknownTag(other)),
+        };
+        msg.check().map_err(|reason| FrameError::Malformed { tag: t, reason: reason.to_string() })?;
+        Ok(msg)
+    }
+
+    fn check(&self) -> Result<(), &'static str> {
+        if self.doc().is_some_and(|d| d.len() > MAX_DOC_ID) {
+            return Err("document id too long");
+        }
+        match self {
+            Msg::Subscribe(m) => m.vv.validate(),
+            Msg::Synced(m) => m.vv.validate(),
+            Msg::Ack(m) => m.vv.validate(),
+            Msg::MerkleStart(m) => {
+                m.vv.validate()?;
+                m.ctx.validate()?;
+                if !(m.children.is_empty() || m.children.len() == crate::merkle::FANOUT) {
+                    return Err("root must have 16 children");
+                }
+                Ok(())
+            }
+            Msg::MerkleQuery(m) if m.nodes.iter().any(|n| !n.is_valid()) => Err("node id out of range"),
+            Msg::MerkleNodes(m)
+                if m.nodes
+                    .iter()
+                    .any(|(n, c)| !n.is_valid() || n.is_bucket() || c.len() != crate::merkle::FANOUT) =>
+            {
+                Err("bad Merkle node answer")
+            }
+            Msg::MerkleLeaves(m) if m.buckets.iter().any(|(n, _)| !n.is_bucket() || !n.is_valid()) => {
+                Err("bad Merkle bucket answer")
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,795 @@
+//! The per-peer sync state machine: bytes in, messages out, no I/O.
+//!
+//! Shape after Automerge's `sync.rs` and yrs' `sync/protocol.rs`: the caller owns the
+//! documents (a [`DocStore`]) and the socket; a [`Session`] owns what this side knows of
+//! one peer. The same machine runs tab<->relay, tab<->tab and relay<->relay.
+//!
+//! Each direction of a document is a subscription: the subscriber sends its version
+//! vector; the other side answers with exactly the deltas the vector lacks (from its delta
+//! log) followed by [`Synced`], or — when the log no longer reaches back — with a Merkle
+//! exchange that ends in the full state of the differing keys only; afterwards every new
+//! delta is pushed live. This is delta-interval anti-entropy in the spirit of Almeida et
+//! al. ("Delta State Replicated Data Types", 2018, Algorithm 2): per-peer knowledge of what
+//! the peer has (never send back what it gave us), send only what it lacks, fall back to
+//! state when deltas are gone. Answering a subscription also subscribes back, so both
+//! sides end up with everything.
+//!
+//! Channels may lose, duplicate and reorder messages: deltas are idempotent and buffered
+//! until contiguous; Merkle exchanges carry an id and track exactly which answers are
+//! outstanding; [`Session::tick`] re-subscribes what has not settled.
+
+use super::msg::*;
+use crate::document::{Delta, DocError, Document, Field};
+use crate::id::ReplicaId;
+use crate::merkle::{NodeId, DEPTH};
+use crate::vv::{CausalContext, VersionVector};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// Where a session finds documents. A relay loads (or creates) them on demand; a browser
+/// replica answers only for documents it has open.
+pub trait DocStore {
+    /// The document `id`, or `None` when this side does not serve it.
+    fn doc(&mut self, id: &str) -> Option<&mut Document>;
+}
+
+impl DocStore for HashMap<String, Document> {
+    fn doc(&mut self, id: &str) -> Option<&mut Document> {
+        self.get_mut(id)
+    }
+}
+
+impl DocStore for BTreeMap<String, Document> {
+    fn doc(&mut self, id: &str) -> Option<&mut Document> {
+        self.get_mut(id)
+    }
+}
+
+/// Tunables of a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// No produced frame exceeds this many bytes (unless a single value is larger).
+    pub max_frame: usize,
+    /// Documents with at most this many keys are sent whole instead of by Merkle descent.
+    pub full_state_keys: usize,
+    /// Ticks without progress after which an unsettled subscription is sent again.
+    pub stall_ticks: u64,
+    /// Ticks after which a settled subscription is refreshed (repairs lost live deltas).
+    pub resync_ticks: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self { max_frame: 256 * 1024, full_state_keys: 256, stall_ticks: 5, resync_ticks: 30 }
+    }
+}
+
+/// Something the caller should know about.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The peer said hello (a relay checks the token here).
+    PeerHello {
+        /// Its replica id.
+        replica: ReplicaId,
+        /// Its token.
+        token: Option<String>,
+    },
+    /// The peer subscribed to a document (a relay adds the connection to its room).
+    Subscribed {
+        /// Document id.
+        doc: String,
+    },
+    /// The peer unsubscribed.
+    Unsubscribed {
+        /// Document id.
+        doc: String,
+    },
+    /// Deltas from the peer were applied (in this order): persist and forward them.
+    Applied {
+        /// Document id.
+        doc: String,
+        /// Every delta actually applied, including buffered ones they unblocked.
+        deltas: Vec<Delta>,
+    },
+    /// A state transfer was merged (persist a snapshot).
+    StateMerged {
+        /// Document id.
+        doc: String,
+    },
+    /// This side now has everything the peer had at `vv`.
+    Synced {
+        /// Document id.
+        doc: String,
+        /// The peer's version at the time.
+        vv: VersionVector,
+    },
+    /// The peer made everything up to `vv` durable.
+    Acked {
+        /// Document id.
+        doc: String,
+        /// Durable version.
+        vv: VersionVector,
+    },
+    /// Progress of a state transfer into this side.
+    Progress {
+        /// Document id.
+        doc: String,
+        /// Keys received.
+        done: u64,
+        /// Keys expected.
+        total: u64,
+    },
+    /// The peer reported an error.
+    PeerError(ErrorMsg),
+}
+
+/// What handling one frame produced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Output {
+    /// Messages to send back to the peer, in order.
+    pub replies: Vec<Msg>,
+    /// Things the caller must act on.
+    pub events: Vec<Event>,
+}
+
+/// Why a frame was refused. The session is unchanged and stays usable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SyncError {
+    /// The bytes are not a message.
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// No protocol version in common.
+    #[error("protocol version mismatch: we speak {ours_min}..={ours}, the peer speaks {theirs_min}..={theirs}; upgrade the older side")]
+    Version {
+        /// Our highest version.
+        ours: u16,
+        /// Our lowest version.
+        ours_min: u16,
+        /// Their highest version.
+        theirs: u16,
+        /// Their lowest version.
+        theirs_min: u16,
+    },
+    /// A message other than `Hello` came first.
+    #[error("message before hello; send Hello first")]
+    NoHello,
+    /// One document refused the message; other documents are unaffected.
+    #[error("document {doc:?}: {error}")]
+    Doc {
+        /// Document id.
+        doc: String,
+        /// Why.
+        error: DocError,
+    },
+}
+
+impl SyncError {
+    /// The error message to send the peer.
+    pub fn to_msg(&self) -> Msg {
+        let (code, doc) = match self {
+            SyncError::Frame(FrameError::UnknownTag(_)) => (ErrorCode::UNKNOWN_TAG, None),
+            SyncError::Frame(_) => (ErrorCode::BAD_FRAME, None),
+            SyncError::Version { .. } => (ErrorCode::VERSION, None),
+            SyncError::NoHello => (ErrorCode::NO_HELLO, None),
+            SyncError::Doc { doc, error: DocError::Amnesia { .. } } => {
+                (ErrorCode::AMNESIA, Some(doc.clone()))
+            }
+            SyncError::Doc { doc, .. } => (ErrorCode::INVALID, Some(doc.clone())),
+        };
+        Msg::Error(ErrorMsg { code, doc, message: self.to_string() })
+    }
+}
+
+/// A Merkle or whole-state transfer into this side.
+#[derive(Clone, Debug)]
+struct Catchup {
+    exchange: u64,
+    vv: VersionVector,
+    ctx: CausalContext,
+    waiting_nodes: BTreeSet<NodeId>,
+    waiting_keys: BTreeSet<u64>,
+    chunks_left: BTreeSet<u32>,
+    fields: Vec<(String, Field)>,
+    done: u64,
+    total: u64,
+}
+
+/// What this side knows about one document with this peer.
+#[derive(Clone, Debug, Default)]
+struct DocSync {
+    /// The peer wants our deltas.
+    they_subscribed: bool,
+    /// Dots we believe the peer has (never send these).
+    peer_has: CausalContext,
+    /// We want the peer's deltas.
+    we_subscribed: bool,
+    /// Set when our subscription settled: we have all the peer had at this version.
+    synced: Option<VersionVector>,
+    catchup: Option<Catchup>,
+    /// Tick of our last subscribe, and of the last progress of its answer.
+    sub_tick: u64,
+    progress_tick: u64,
+}
+
+/// The sync state machine for one peer.
+///
+/// ```
+/// use concord_core::sync::{Session, SessionConfig};
+/// use concord_core::{Document, ReplicaId};
+/// use std::collections::HashMap;
+///
+/// let (ra, rb) = (ReplicaId(1), ReplicaId(2));
+/// let mut docs_a = HashMap::from([("d".to_string(), Document::new(ra))]);
+/// let mut docs_b = HashMap::from([("d".to_string(), Document::new(rb))]);
+/// docs_a.get_mut("d").unwrap().increment("likes", 3).unwrap();
+///
+/// let mut a = Session::new(ra, SessionConfig::default());
+/// let mut b = Session::new(rb, SessionConfig::default());
+/// // Deliver messages until both sides are quiet.
+/// let mut to_b: Vec<Vec<u8>> = vec![a.hello(None).encode()];
+/// let mut to_a: Vec<Vec<u8>> = vec![b.hello(None).encode()];
+/// to_a.extend(b.subscribe("d", &mut docs_b).iter().map(|m| m.encode()));
+/// while !to_a.is_empty() || !to_b.is_empty() {
+///     for f in std::mem::take(&mut to_b) {
+///         to_a.extend(b.handle(&f, &mut docs_b).unwrap().replies.iter().map(|m| m.encode()));
+///     }
+///     for f in std::mem::take(&mut to_a) {
+///         to_b.extend(a.handle(&f, &mut docs_a).unwrap().replies.iter().map(|m| m.encode()));
+///     }
+/// }
+/// assert_eq!(docs_b["d"].counter("likes"), 3);
+/// ```
+#[derive(Debug)]
+pub struct Session {
+    local: ReplicaId,
+    config: SessionConfig,
+    peer: Option<Hello>,
+    docs: BTreeMap<String, DocSync>,
+    next_exchange: u64,
+    ticks: u64,
+}
+
+impl Session {
+    /// A session of replica `local` with one peer.
+    pub fn new(local: ReplicaId, config: SessionConfig) -> Self {
+        Self { local, config, peer: None, docs: BTreeMap::new(), next_exchange: 1, ticks: 0 }
+    }
+
+    /// The peer's hello, once received.
+    pub fn peer(&self) -> Option<&Hello> {
+        self.peer.as_ref()
+    }
+
+    /// Switches this side's replica id (after amnesia).
+    pub fn set_local(&mut self, replica: ReplicaId) {
+        self.local = replica;
+    }
+
+    /// The first message to send.
+    pub fn hello(&self, token: Option<String>) -> Msg {
+        Msg::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            min_protocol: MIN_PROTOCOL_VERSION,
+            replica: self.local,
+            token,
+        })
+    }
+
+    /// Whether our subscription to `doc` has settled (we hold all the peer had).
+    pub fn is_synced(&self, doc: &str) -> bool {
+        self.docs.get(doc).is_some_and(|s| s.synced.is_some())
+    }
+
+    /// Whether the peer subscribed to `doc`.
+    pub fn peer_subscribed(&self, doc: &str) -> bool {
+        self.docs.get(doc).is_some_and(|s| s.they_subscribed)
+    }
+
+    /// Documents the peer subscribed to.
+    pub fn peer_subscriptions(&self) -> impl Iterator<Item = &str> {
+        self.docs.iter().filter(|(_, s)| s.they_subscribed).map(|(d, _)| d.as_str())
+    }
+
+    /// Asks the peer for `doc`: what we lack now, then live deltas.
+    pub fn subscribe(&mut self, doc_id: &str, store: &mut impl DocStore) -> Vec<Msg> {
+        let Some(doc) = store.doc(doc_id) else { return Vec::new() };
+        let vv = doc.version().clone();
+        let ticks = self.ticks;
+        let st = self.docs.entry(doc_id.to_owned()).or_default();
+        st.we_subscribed = true;
+        st.synced = None;
+        st.catchup = None;
+        st.sub_tick = ticks;
+        st.progress_tick = ticks;
+        vec![Msg::Subscribe(Subscribe { doc: doc_id.to_owned(), vv })]
+    }
+
+    /// Stops both directions of `doc` with this peer.
+    pub fn unsubscribe(&mut self, doc_id: &str) -> Vec<Msg> {
+        match self.docs.remove(doc_id) {
+            Some(_) => vec![Msg::Unsubscribe(Unsubscribe { doc: doc_id.to_owned() })],
+            None => Vec::new(),
+        }
+    }
+
+    /// The durability acknowledgement a relay sends once `vv` of `doc` is persisted.
+    pub fn ack(&self, doc_id: &str, vv: &VersionVector) -> Msg {
+        Msg::Ack(Ack { doc: doc_id.to_owned(), vv: vv.clone() })
+    }
+
+    /// Pushes a delta applied on this side (made locally, or received from another peer)
+    /// to this peer if it subscribed and does not have it.
+    pub fn on_local_delta(&mut self, doc_id: &str, delta: &Delta) -> Vec<Msg> {
+        self.on_local_deltas(doc_id, std::slice::from_ref(delta))
+    }
+
+    /// [`Session::on_local_delta`] for a batch.
+    pub fn on_local_deltas(&mut self, doc_id: &str, deltas: &[Delta]) -> Vec<Msg> {
+        let Some(st) = self.docs.get_mut(doc_id) else { return Vec::new() };
+        if !st.they_subscribed {
+            return Vec::new();
+        }
+        let mut send = Vec::new();
+        for d in deltas {
+            if !st.peer_has.contains(d.dot) {
+                st.peer_has.insert(d.dot);
+                send.push(d.clone());
+            }
+        }
+        if send.is_empty() {
+            return Vec::new();
+        }
+        chunk_deltas(doc_id, send, self.config.max_frame)
+    }
+
+    /// Call periodically: re-sends subscriptions that stalled (lost messages) or are due
+    /// for a refresh, so lost live deltas are repaired.
+    pub fn tick(&mut self, store: &mut impl DocStore) -> Vec<Msg> {
+        self.ticks += 1;
+        let now = self.ticks;
+        let cfg = self.config;
+        let due: Vec<String> = self
+            .docs
+            .iter()
+            .filter(|(_, s)| {
+                s.we_subscribed
+                    && ((s.synced.is_none() && now - s.progress_tick >= cfg.stall_ticks)
+                        || now - s.sub_tick >= cfg.resync_ticks)
+            })
+            .map(|(d, _)| d.clone())
+            .collect();
+        let mut out = Vec::new();
+        for d in due {
+            let pending = store.doc(&d).map(|doc| doc.pending_len() > 0).unwrap_or(false);
+            let settled = self.docs.get(&d).is_some_and(|s| s.synced.is_some());
+            if settled && !pending && now - self.docs[&d].sub_tick < cfg.resync_ticks {
+                continue;
+            }
+            out.extend(self.subscribe(&d, store));
+        }
+        out
+    }
+
+    /// Handles one frame from the peer.
+    pub fn handle(&mut self, bytes: &[u8], store: &mut impl DocStore) -> Result<Output, SyncError> {
+        let msg = match Msg::decode(bytes) {
+            Ok(m) => m,
+            Err(FrameError::UnknownTag(t)) => {
+                // A newer peer: say so and carry on.
+                let err = SyncError::Frame(FrameError::UnknownTag(t));
+                return Ok(Output { replies: vec![err.to_msg()], events: Vec::new() });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.handle_msg(msg, store)
+    }
+
+    /// Handles one decoded message.
+    pub fn handle_msg(&mut self, msg: Msg, store: &mut impl DocStore) -> Result<Output, SyncError> {
+        let mut out = Output::default();
+        if self.peer.is_none() && !matches!(msg, Msg::Hello(_) | Msg::Error(_)) {
+            return Err(SyncError::NoHello);
+        }
+        match msg {
+            Msg::Hello(h) => self.on_hello(h, &mut out)?,
+            Msg::Subscribe(m) => self.on_subscribe(m, store, &mut out)?,
+            Msg::Deltas(m) => self.on_deltas(m, store, &mut out)?,
+            Msg::Synced(m) => {
+                if let Some(st) = self.docs.get_mut(&m.doc) {
+                    if st.we_subscribed && st.catchup.is_none() {
+                        st.synced = Some(m.vv.clone());
+                        st.progress_tick = self.ticks;
+                        out.events.push(Event::Synced { doc: m.doc, vv: m.vv });
+                    }
+                }
+            }
+            Msg::Ack(m) => out.events.push(Event::Acked { doc: m.doc, vv: m.vv }),
+            Msg::Unsubscribe(m) => {
+                if let Some(st) = self.docs.get_mut(&m.doc) {
+                    st.they_subscribed = false;
+                }
+                out.events.push(Event::Unsubscribed { doc: m.doc });
+            }
+            Msg::MerkleStart(m) => self.on_merkle_start(m, store, &mut out)?,
+            Msg::MerkleQuery(m) => self.on_merkle_query(m, store, &mut out),
+            Msg::MerkleNodes(m) => self.on_merkle_nodes(m, store, &mut out)?,
+            Msg::MerkleLeaves(m) => self.on_merkle_leaves(m, store, &mut out)?,
+            Msg::KeysQuery(m) => self.on_keys_query(m, store, &mut out),
+            Msg::State(m) => self.on_state(m, store, &mut out)?,
+            Msg::Error(e) => out.events.push(Event::PeerError(e)),
+        }
+        Ok(out)
+    }
+
+    fn on_hello(&mut self, h: Hello, out: &mut Output) -> Result<(), SyncError> {
+        let agreed = PROTOCOL_VERSION.min(h.protocol);
+        if agreed < MIN_PROTOCOL_VERSION.max(h.min_protocol) {
+            return Err(SyncError::Version {
+                ours: PROTOCOL_VERSION,
+                ours_min: MIN_PROTOCOL_VERSION,
+                theirs: h.protocol,
+                theirs_min: h.min_protocol,
+            });
+        }
+        out.events.push(Event::PeerHello { replica: h.replica, token: h.token.clone() });
+        self.peer = Some(h);
+        Ok(())
+    }
+
+    fn on_subscribe(
+        &mut self,
+        m: Subscribe,
+        store: &mut impl DocStore,
+        out: &mut Output,
+    ) -> Result<(), SyncError> {
+        let Some(doc) = store.doc(&m.doc) else { return Ok(()) };
+        doc.check_amnesia(&m.vv).map_err(|error| SyncError::Doc { doc: m.doc.clone(), error })?;
+        let exchange = self.next_exchange;
+        self.next_exchange += 1;
+        let answer = answer_subscribe(doc, &m.doc, &m.vv, exchange, &self.config);
+        let my_vv = doc.version().clone();
+        let ticks = self.ticks;
+        let st = self.docs.entry(m.doc.clone()).or_default();
+        st.they_subscribed = true;
+        st.peer_has = CausalContext { vv: m.vv, cloud: BTreeSet::new() };
+        out.replies.extend(answer);
+        if !st.we_subscribed {
+            st.we_subscribed = true;
+            st.synced = None;
+            st.sub_tick = ticks;
+            st.progress_tick = ticks;
+            out.replies.push(Msg::Subscribe(Subscribe { doc: m.doc.clone(), vv: my_vv }));
+        }
+        out.events.push(Event::Subscribed { doc: m.doc });
+        Ok(())
+    }
+
+    fn on_deltas(&mut self, m: Deltas, store: &mut impl DocStore, out: &mut Output) -> Result<(), SyncError> {
+        let Some(doc) = store.doc(&m.doc) else { return Ok(()) };
+        for d in &m.deltas {
+            doc.check(d).map_err(|error| SyncError::Doc { doc: m.doc.clone(), error })?;
+        }
+        let mut applied = Vec::new();
+        for d in m.deltas.iter().cloned() {
+            // Checked above, so apply cannot fail.
+            let _ = doc.apply_into(d, &mut applied);
+        }
+        let st = self.docs.entry(m.doc.clone()).or_default();
+        for d in &m.deltas {
+            st.peer_has.insert(d.dot);
+        }
+        if st.catchup.is_some() {
+            st.progress_tick = self.ticks;
+        }
+        if !applied.is_empty() {
+            out.events.push(Event::Applied { doc: m.doc, deltas: applied });
+        }
+        Ok(())
+    }
+
+    fn catchup(&mut self, doc: &str, exchange: u64) -> Option<&mut Catchup> {
+        let ticks = self.ticks;
+        let st = self.docs.get_mut(doc)?;
+        let c = st.catchup.as_mut().filter(|c| c.exchange == exchange)?;
+        st.progress_tick = ticks;
+        Some(c)
+    }
+
+    fn on_merkle_start(
+        &mut self,
+        m: MerkleStart,
+        store: &mut impl DocStore,
+        out: &mut Output,
+    ) -> Result<(), SyncError> {
+        let Some(doc) = store.doc(&m.doc) else { return Ok(()) };
+        let Some(st) = self.docs.get_mut(&m.doc).filter(|s| s.we_subscribed) else { return Ok(()) };
+        st.progress_tick = self.ticks;
+        let mut c = Catchup {
+            exchange: m.exchange,
+            vv: m.vv,
+            ctx: m.ctx,
+            waiting_nodes: BTreeSet::new(),
+            waiting_keys: BTreeSet::new(),
+            chunks_left: (0..m.full_chunks).collect(),
+            fields: Vec::new(),
+            done: 0,
+            total: if m.full_chunks > 0 { m.keys } else { 0 },
+        };
+        if m.full_chunks == 0 {
+            let mine = doc.merkle().children(NodeId::ROOT);
+            let differing: Vec<NodeId> = NodeId::ROOT
+                .children()
+                .zip(mine.iter().zip(m.children.iter()))
+                .filter(|(_, (a, b))| a != b)
+                .map(|(id, _)| id)
+                .collect();
+            if !differing.is_empty() {
+                c.waiting_nodes.extend(differing.iter().copied());
+                out.replies.push(Msg::MerkleQuery(MerkleQuery {
+                    doc: m.doc.clone(),
+                    exchange: m.exchange,
+                    nodes: differing,
+                }));
+            }
+        }
+        st.catchup = Some(c);
+        self.try_finish(&m.doc, store, out)
+    }
+
+    fn on_merkle_query(&mut self, m: MerkleQuery, store: &mut impl DocStore, out: &mut Output) {
+        let Some(doc) = store.doc(&m.doc) else { return };
+        let tree = doc.merkle().clone();
+        let mut nodes = Vec::new();
+        let mut buckets = Vec::new();
+        for id in m.nodes {
+            if id.is_bucket() {
+                buckets.push((id, doc.bucket_leaves(id)));
+            } else {
+                nodes.push((id, tree.children(id)));
+            }
+        }
+        let max = self.config.max_frame;
+        let (doc_id, exchange) = (m.doc, m.exchange);
+        if !nodes.is_empty() {
+            out.replies.extend(split(nodes, max, &|n| {
+                Msg::MerkleNodes(MerkleNodes { doc: doc_id.clone(), exchange, nodes: n })
+            }));
+        }
+        if !buckets.is_empty() {
+            out.replies.extend(split(buckets, max, &|b| {
+                Msg::MerkleLeaves(MerkleLeaves { doc: doc_id.clone(), exchange, buckets: b })
+            }));
+        }
+    }
+
+    fn on_merkle_nodes(
+        &mut self,
+        m: MerkleNodes,
+        store: &mut impl DocStore,
+        out: &mut Output,
+    ) -> Result<(), SyncError> {
+        let Some(doc) = store.doc(&m.doc) else { return Ok(()) };
+        let tree = doc.merkle().clone();
+        let Some(c) = self.catchup(&m.doc, m.exchange) else { return Ok(()) };
+        let mut query = Vec::new();
+        for (id, theirs) in m.nodes {
+            if !c.waiting_nodes.remove(&id) {
+                continue; // a duplicate or a stale answer
+            }
+            let mine = tree.children(id);
+            for ((child, a), b) in id.children().zip(mine.iter()).zip(theirs.iter()) {
+                if a != b {
+                    c.waiting_nodes.insert(child);
+                    query.push(child);
+                }
+            }
+        }
+        if !query.is_empty() {
+            out.replies.push(Msg::MerkleQuery(MerkleQuery {
+                doc: m.doc.clone(),
+                exchange: m.exchange,
+                nodes: query,
+            }));
+        }
+        self.try_finish(&m.doc, store, out)
+    }
+
+    fn on_merkle_leaves(
+        &mut self,
+        m: MerkleLeaves,
+        store: &mut impl DocStore,
+        out: &mut Output,
+    ) -> Result<(), SyncError> {
+        let Some(doc) = store.doc(&m.doc) else { return Ok(()) };
+        doc.merkle();
+        let mine: Vec<(NodeId, Vec<(u64, u64)>)> =
+            m.buckets.iter().map(|(id, _)| (*id, doc.bucket_leaves(*id))).collect();
+        let Some(c) = self.catchup(&m.doc, m.exchange) else { return Ok(()) };
+        let mut want = Vec::new();
+        for ((id, theirs), (_, mine)) in m.buckets.into_iter().zip(mine) {
+            if !c.waiting_nodes.remove(&id) {
+                continue;
+            }
+            let (lo, hi) = id.key_range();
+            for (kh, leaf) in theirs {
+                if kh < lo || kh > hi {
+                    continue; // not in this bucket: ignore a confused peer
+                }
+                let same = mine.binary_search_by_key(&kh, |e| e.0).is_ok_and(|i| mine[i].1 == leaf);
+                if !same && c.waiting_keys.insert(kh) {
+                    want.push(kh);
+                }
+            }
+        }
+        c.total += want.len() as u64;
+        if !want.is_empty() {
+            out.replies.push(Msg::KeysQuery(KeysQuery {
+                doc: m.doc.clone(),
+                exchange: m.exchange,
+                keys: want,
+            }));
+        }
+        self.try_finish(&m.doc, store, out)
+    }
+
+    fn on_keys_query(&mut self, m: KeysQuery, store: &mut impl DocStore, out: &mut Output) {
+        let Some(doc) = store.doc(&m.doc) else { return };
+        let total = m.keys.len() as u64;
+        let per_key: Vec<(u64, Vec<(String, Field)>)> =
+            m.keys.iter().map(|&k| (k, doc.fields_by_hash(&[k]))).collect();
+        let mut done = 0u64;
+        let (doc_id, exchange) = (m.doc, m.exchange);
+        let msgs = split(per_key, self.config.max_frame, &|group| {
+            Msg::State(StateChunk {
+                doc: doc_id.clone(),
+                exchange,
+                chunk: 0,
+                answered: group.iter().map(|g| g.0).collect(),
+                fields: group.into_iter().flat_map(|g| g.1).collect(),
+                done: 0,
+                total,
+            })
+        });
+        for mut msg in msgs {
+            if let Msg::State(s) = &mut msg {
+                done += s.answered.len() as u64;
+                s.done = done;
+            }
+            out.replies.push(msg);
+        }
+    }
+
+    fn on_state(
+        &mut self,
+        m: StateChunk,
+        store: &mut impl DocStore,
+        out: &mut Output,
+    ) -> Result<(), SyncError> {
+        let Some(c) = self.catchup(&m.doc, m.exchange) else { return Ok(()) };
+        let fresh = if c.chunks_left.is_empty() {
+            let before = c.waiting_keys.len();
+            for k in &m.answered {
+                c.waiting_keys.remove(k);
+            }
+            c.waiting_keys.len() < before
+        } else {
+            c.chunks_left.remove(&m.chunk)
+        };
+        if !fresh {
+            return Ok(());
+        }
+        c.done += if m.answered.is_empty() { m.fields.len() as u64 } else { m.answered.len() as u64 };
+        c.fields.extend(m.fields);
+        out.events.push(Event::Progress { doc: m.doc.clone(), done: c.done.min(c.total), total: c.total });
+        self.try_finish(&m.doc, store, out)
+    }
+
+    fn try_finish(
+        &mut self,
+        doc_id: &str,
+        store: &mut impl DocStore,
+        out: &mut Output,
+    ) -> Result<(), SyncError> {
+        let Some(st) = self.docs.get_mut(doc_id) else { return Ok(()) };
+        let Some(c) = &st.catchup else { return Ok(()) };
+        if !(c.waiting_nodes.is_empty() && c.waiting_keys.is_empty() && c.chunks_left.is_empty()) {
+            return Ok(());
+        }
+        let Some(c) = st.catchup.take() else { return Ok(()) };
+        let Some(doc) = store.doc(doc_id) else { return Ok(()) };
+        doc.merge_state(&c.fields, &c.ctx, &c.vv)
+            .map_err(|error| SyncError::Doc { doc: doc_id.to_owned(), error })?;
+        st.synced = Some(c.vv.clone());
+        out.events.push(Event::StateMerged { doc: doc_id.to_owned() });
+        out.events.push(Event::Synced { doc: doc_id.to_owned(), vv: c.vv });
+        Ok(())
+    }
+}
+
+/// The answer to a subscription: the deltas the subscriber lacks and [`Synced`], or the
+/// start of a state transfer when the log cannot reach back.
+fn answer_subscribe(
+    doc: &mut Document,
+    doc_id: &str,
+    vv: &VersionVector,
+    exchange: u64,
+    cfg: &SessionConfig,
+) -> Vec<Msg> {
+    if let Some(deltas) = doc.deltas_since(vv) {
+        let deltas: Vec<Delta> = deltas.into_iter().cloned().collect();
+        let mut out =
+            if deltas.is_empty() { Vec::new() } else { chunk_deltas(doc_id, deltas, cfg.max_frame) };
+        out.push(Msg::Synced(Synced { doc: doc_id.to_owned(), vv: doc.version().clone() }));
+        return out;
+    }
+    let start = |children: Vec<u64>, full_chunks: u32, doc: &Document| MerkleStart {
+        doc: doc_id.to_owned(),
+        exchange,
+        vv: doc.version().clone(),
+        ctx: doc.context().clone(),
+        children,
+        full_chunks,
+        keys: doc.len() as u64,
+    };
+    if doc.len() <= cfg.full_state_keys {
+        let fields = doc.all_fields();
+        let total = fields.len() as u64;
+        let mut chunks = split(fields, cfg.max_frame, &|f| {
+            Msg::State(StateChunk {
+                doc: doc_id.to_owned(),
+                exchange,
+                chunk: 0,
+                answered: Vec::new(),
+                fields: f,
+                done: 0,
+                total,
+            })
+        });
+        if chunks.is_empty() {
+            chunks.push(Msg::State(StateChunk {
+                doc: doc_id.to_owned(),
+                exchange,
+                chunk: 0,
+                answered: Vec::new(),
+                fields: Vec::new(),
+                done: 0,
+                total: 0,
+            }));
+        }
+        let mut done = 0;
+        for (i, c) in chunks.iter_mut().enumerate() {
+            if let Msg::State(s) = c {
+                s.chunk = i as u32;
+                done += s.fields.len() as u64;
+                s.done = done;
+            }
+        }
+        let mut out = vec![Msg::MerkleStart(start(Vec::new(), chunks.len() as u32, doc))];
+        out.extend(chunks);
+        return out;
+    }
+    let children = doc.merkle().children(NodeId::ROOT);
+    debug_assert_eq!(DEPTH, 4);
+    vec![Msg::MerkleStart(start(children, 0, doc))]
+}
+
+fn chunk_deltas(doc_id: &str, deltas: Vec<Delta>, max: usize) -> Vec<Msg> {
+    split(deltas, max, &|d| Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas: d }))
+}
+
+/// Builds messages from `items`, halving groups until each frame fits in `max` bytes
+/// (a single item that alone exceeds `max` is sent as it is).
+fn split<T: Clone>(items: Vec<T>, max: usize, make: &dyn Fn(Vec<T>) -> Msg) -> Vec<Msg> {
+    if items.is_empty() {
+        return Vec::new();
+    }
+    let n = items.len();
+    let msg = make(items.clone());
+    if n == 1 || msg.encode().len() <= max {
+        return vec![msg];
+    }
+    let mut left = items;
+    let right = left.split_off(n / 2);
+    let mut out = split(left, max, make);
+    out.extend(split(right, max, make));
+    out
+}
