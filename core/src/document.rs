@@ -731,18 +731,10 @@ impl Document {
             }
             self.join_field(key, f, ctx);
         }
-        // Sets this side holds but the peer did not send were equal on both sides, except
-        // for dots the peer's context retired: drop those.
-        for (k, slot) in self.fields.iter_mut() {
-            if let Some(Field::Set(s)) = slot.get_mut(Kind::Set) {
-                let before = s.len();
-                let empty = crate::orset::Entries::default();
-                join_entries(s.entries_mut(), &self.ctx, &empty, ctx);
-                if s.len() != before {
-                    self.dirty.insert(k.clone());
-                }
-            }
-        }
+        // Keys the peer did not send need no join: their Merkle leaves were equal (same
+        // state), or the peer lacks the key and so never saw a dot of it. (Joining them
+        // with an empty set under `ctx` would drop every dot the peer has seen, and
+        // would scan every key of the document.)
         for (r, s) in vv.iter() {
             if s > self.vv.get(r) {
                 self.vv.raise(r, s);

@@ -14,8 +14,11 @@
 //!   out-of-order deltas, and the amnesia guard.
 //! - [`codec`]: the tagged, versioned binary encoding (postcard inside).
 //! - [`hash`]: stable hashes for Merkle trees and the ring.
+//! - [`docset`]: the document-set Merkle tree (`document id -> version digest`) relays
+//!   compare for anti-entropy.
 
 pub mod codec;
+pub mod docset;
 pub mod document;
 pub mod gcounter;
 pub mod hash;
@@ -31,6 +34,7 @@ pub mod value;
 pub mod vv;
 
 pub use codec::DecodeError;
+pub use docset::{DocSet, DocSetDiff};
 pub use document::{Delta, DocConfig, DocError, Document, Field, Kind};
 pub use gcounter::GCounter;
 pub use hlc::{Hlc, Timestamp};

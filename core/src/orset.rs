@@ -49,10 +49,15 @@ impl Dots {
         self.as_slice().contains(&d)
     }
 
-    /// Whether no dot supports the element.
+    /// Whether no dot supports the element (a removal hint, see [`OrSet::remove`]).
     pub fn is_empty(&self) -> bool {
         self.as_slice().is_empty()
     }
+}
+
+/// Whether some element of `entries` has no dot (a removal hint).
+fn has_hints<V>(entries: &Entries<V>) -> bool {
+    entries.values().any(Dots::is_empty)
 }
 
 /// Elements and their supporting dots.
@@ -72,7 +77,9 @@ pub fn join_entries<V: Hash + Eq + Clone>(
 ) {
     // Dots of `their_ctx` that may remove elements `theirs` does not mention. For small
     // contexts (deltas) enumerate them; if all are accounted for, skip the full scan.
-    let ctx_dots = their_ctx.vv.total() as usize + their_ctx.cloud.len();
+    // (Saturating: a context from the wire may claim up to 2^64 dots per replica.)
+    let ctx_dots =
+        usize::try_from(their_ctx.vv.total()).unwrap_or(usize::MAX).saturating_add(their_ctx.cloud.len());
     let mut loose: Option<Vec<Dot>> = (ctx_dots <= 64).then(|| {
         let vv_dots = their_ctx.vv.iter().flat_map(|(r, s)| (1..=s).map(move |q| Dot::new(r, q)));
         vv_dots
@@ -141,6 +148,11 @@ pub fn join_entries<V: Hash + Eq + Clone>(
 
 /// An add-wins observed-remove set.
 ///
+/// A remove delta names the element it removes with an empty dot set, a *removal hint*
+/// that lets a join find the element without scanning the whole set. A hint is not an
+/// element: reads, equality and joins treat it as absent, and no join leaves one in a
+/// state that did not already carry one.
+///
 /// ```
 /// use concord_core::{Crdt, OrSet, ReplicaId};
 /// let (a, b) = (ReplicaId(1), ReplicaId(2));
@@ -156,32 +168,51 @@ pub fn join_entries<V: Hash + Eq + Clone>(
 pub struct OrSet<V: Hash + Eq> {
     entries: Entries<V>,
     ctx: CausalContext,
+    /// Whether `entries` may hold removal hints (only deltas do); reads skip them.
+    hinted: bool,
 }
 
 impl<V: Hash + Eq> Default for OrSet<V> {
     fn default() -> Self {
-        Self { entries: Entries::default(), ctx: CausalContext::default() }
+        Self { entries: Entries::default(), ctx: CausalContext::default(), hinted: false }
     }
 }
 
 impl<V: Hash + Eq> PartialEq for OrSet<V> {
+    /// Same context and same elements with the same dots; removal hints do not count.
     fn eq(&self, other: &Self) -> bool {
-        self.ctx == other.ctx && self.entries == other.entries
+        if self.ctx != other.ctx {
+            return false;
+        }
+        if !self.hinted && !other.hinted {
+            return self.entries == other.entries;
+        }
+        let live = |s: &'_ Self| s.entries.iter().filter(|(_, d)| !d.is_empty()).count();
+        live(self) == live(other)
+            && self
+                .entries
+                .iter()
+                .filter(|(_, d)| !d.is_empty())
+                .all(|(v, d)| other.entries.get(v) == Some(d))
     }
 }
 
 impl<V: Hash + Eq + Clone> OrSet<V> {
     /// A set made of `entries` seen under `ctx` (used by documents and decoders).
     pub fn from_parts(entries: Entries<V>, ctx: CausalContext) -> Self {
-        Self { entries, ctx }
+        let hinted = has_hints(&entries);
+        Self { entries, ctx, hinted }
     }
 
-    /// The elements with their dots.
+    /// The elements with their dots (a delta may also hold removal hints: elements with
+    /// no dot).
     pub fn entries(&self) -> &Entries<V> {
         &self.entries
     }
 
-    /// Mutable elements, for documents that keep the context elsewhere.
+    /// Mutable elements, for documents that keep the context elsewhere and join with
+    /// [`join_entries`]. Do not insert elements without a dot: this set does not expect
+    /// removal hints it did not start with.
     pub fn entries_mut(&mut self) -> &mut Entries<V> {
         &mut self.entries
     }
@@ -210,40 +241,45 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
         }
         let mut entries = Entries::default();
         entries.insert(v, Dots::One(dot));
-        OrSet { entries, ctx }
+        OrSet { entries, ctx, hinted: false }
     }
 
-    /// The delta that removes `v` as observed here. Removing an absent element is a no-op
-    /// (an empty delta).
+    /// The delta that removes `v` as observed here: the dots it retires, and a removal
+    /// hint naming `v`. Removing an absent element is a no-op (an empty delta).
     pub fn remove(&self, v: &V) -> OrSet<V> {
         let mut out = OrSet::default();
-        if let Some(ds) = self.entries.get(v) {
+        if let Some(ds) = self.entries.get(v).filter(|ds| !ds.is_empty()) {
             for &d in ds.as_slice() {
                 out.ctx.insert(d);
             }
             out.entries.insert(v.clone(), Dots::Many(Vec::new()));
+            out.hinted = true;
         }
         out
     }
 
     /// Whether `v` is in the set.
     pub fn contains(&self, v: &V) -> bool {
-        self.entries.contains_key(v)
+        self.entries.get(v).is_some_and(|ds| !ds.is_empty())
     }
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        if self.hinted {
+            self.entries.values().filter(|ds| !ds.is_empty()).count()
+        } else {
+            self.entries.len()
+        }
     }
 
     /// Whether the set has no element.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     /// The elements, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &V> {
-        self.entries.keys()
+        self.entries.iter().filter(|(_, ds)| !ds.is_empty()).map(|(v, _)| v)
     }
 }
 
@@ -256,11 +292,17 @@ where
     fn merge(&mut self, other: &Self) {
         join_entries(&mut self.entries, &self.ctx, &other.entries, &other.ctx);
         self.ctx.merge(&other.ctx);
+        // A join never adds hints, but a delta joined into may carry its own: a merged
+        // state is no longer a single remove, so drop them.
+        if self.hinted {
+            self.entries.retain(|_, ds| !ds.is_empty());
+            self.hinted = false;
+        }
     }
 
     /// The elements in sorted order.
     fn value(&self) -> Vec<V> {
-        let mut v: Vec<V> = self.entries.keys().cloned().collect();
+        let mut v: Vec<V> = self.iter().cloned().collect();
         v.sort_unstable();
         v
     }
@@ -325,7 +367,9 @@ impl<V: Ord + Hash + Eq + Clone + Serialize> Serialize for OrSet<V> {
 impl<'de, V: Hash + Eq + Deserialize<'de>> Deserialize<'de> for OrSet<V> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let r = OrSetRepr::<V>::deserialize(d)?;
-        Ok(OrSet { entries: entries_from_sorted(r.entries), ctx: r.ctx })
+        let entries = entries_from_sorted(r.entries);
+        let hinted = has_hints(&entries);
+        Ok(OrSet { entries, ctx: r.ctx, hinted })
     }
 }
 

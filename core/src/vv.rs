@@ -65,9 +65,10 @@ impl VersionVector {
         dot.seq != 0 && dot.seq <= self.get(dot.replica)
     }
 
-    /// The next dot `replica` would mint after everything this vector has seen.
+    /// The next dot `replica` would mint after everything this vector has seen
+    /// (saturating: a vector from the wire may claim the last possible sequence).
     pub fn next_dot(&self, replica: ReplicaId) -> Dot {
-        Dot::new(replica, self.get(replica) + 1)
+        Dot::new(replica, self.get(replica).saturating_add(1))
     }
 
     /// Pointwise maximum.
@@ -112,9 +113,9 @@ impl VersionVector {
         self.entries.is_empty()
     }
 
-    /// Total number of events covered (sum of entries).
+    /// Total number of events covered (sum of entries, saturating at `u64::MAX`).
     pub fn total(&self) -> u64 {
-        self.entries.iter().map(|e| e.1).sum()
+        self.entries.iter().fold(0u64, |acc, e| acc.saturating_add(e.1))
     }
 
     /// Checks the invariants a decoded vector must hold (sorted, unique, non-zero).
@@ -170,7 +171,7 @@ impl CausalContext {
         if self.vv.contains(dot) || dot.seq == 0 {
             return;
         }
-        if dot.seq == self.vv.get(dot.replica) + 1 {
+        if Some(dot.seq) == self.vv.get(dot.replica).checked_add(1) {
             self.vv.raise(dot.replica, dot.seq);
             self.fold(dot.replica);
         } else {
@@ -224,7 +225,7 @@ impl CausalContext {
     /// Checks the invariants a decoded context must hold.
     pub fn validate(&self) -> Result<(), &'static str> {
         self.vv.validate()?;
-        if self.cloud.iter().any(|d| d.seq <= self.vv.get(d.replica) + 1) {
+        if self.cloud.iter().any(|d| d.seq <= self.vv.get(d.replica).saturating_add(1)) {
             return Err("causal context is not compact");
         }
         Ok(())

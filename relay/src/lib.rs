@@ -1,3 +1,38 @@
 //! # concord-relay
 //!
-//! The relay: WebSocket server, storage, cluster.
+//! The relay node of Concord: a tokio + tokio-tungstenite server that moves sync frames
+//! between clients and stores documents durably. It decides nothing about their
+//! meaning: the sans-IO sync state machine of `concord-core` does, plugged in through
+//! the [`Handler`] trait.
+//!
+//! The modules read top to bottom along the data path:
+//!
+//! ```text
+//! wire        http.rs        one port: request head → /sync upgrade, /healthz, /metrics, files
+//!             connection.rs  one WebSocket: reader loop, bounded writer queue, pings, limits
+//! session     handler.rs     the Handler trait + Outbox: where the sync protocol plugs in
+//! documents   (the sync handler, with concord-core)
+//! storage     storage.rs     redb, group commit: durable before acknowledged
+//! ```
+//!
+//! Around them: [`config`] (the TOML contract of `DESIGN.md`), [`auth`] (HMAC tokens),
+//! [`metrics`] (Prometheus text), [`server`] (accept loop, permits, graceful shutdown).
+//! The binary (`main.rs`) only parses flags, sets up logging and signals, and calls
+//! [`server::run`].
+
+pub mod auth;
+pub mod config;
+mod connection;
+pub mod handler;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod server;
+mod shutdown;
+pub mod storage;
+
+pub use config::{Config, Limits, Overrides};
+pub use handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendError};
+pub use metrics::Metrics;
+pub use server::run;
+pub use storage::{Storage, StorageError, WriteOp};

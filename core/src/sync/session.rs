@@ -451,7 +451,8 @@ impl Session {
         let st = self.docs.entry(m.doc.clone()).or_default();
         st.they_subscribed = true;
         st.peer_has = CausalContext { vv: m.vv, cloud: BTreeSet::new() };
-        out.replies.extend(answer);
+        // Subscribe back first: by the time the peer sees the answer's `Synced`, it
+        // knows we want its deltas too.
         if !st.we_subscribed {
             st.we_subscribed = true;
             st.synced = None;
@@ -459,6 +460,7 @@ impl Session {
             st.progress_tick = ticks;
             out.replies.push(Msg::Subscribe(Subscribe { doc: m.doc.clone(), vv: my_vv }));
         }
+        out.replies.extend(answer);
         out.events.push(Event::Subscribed { doc: m.doc });
         Ok(())
     }
@@ -537,16 +539,13 @@ impl Session {
 
     fn on_merkle_query(&mut self, m: MerkleQuery, store: &mut impl DocStore, out: &mut Output) {
         let Some(doc) = store.doc(&m.doc) else { return };
-        let tree = doc.merkle().clone();
-        let mut nodes = Vec::new();
-        let mut buckets = Vec::new();
-        for id in m.nodes {
-            if id.is_bucket() {
-                buckets.push((id, doc.bucket_leaves(id)));
-            } else {
-                nodes.push((id, tree.children(id)));
-            }
-        }
+        // Borrow the tree (no clone: that would copy every node per message), then the
+        // buckets once the tree's borrow has ended.
+        let tree = doc.merkle();
+        let nodes: Vec<(NodeId, Vec<u64>)> =
+            m.nodes.iter().filter(|id| !id.is_bucket()).map(|&id| (id, tree.children(id))).collect();
+        let buckets: Vec<(NodeId, Vec<(u64, u64)>)> =
+            m.nodes.iter().filter(|id| id.is_bucket()).map(|&id| (id, doc.bucket_leaves(id))).collect();
         let max = self.config.max_frame;
         let (doc_id, exchange) = (m.doc, m.exchange);
         if !nodes.is_empty() {
@@ -568,7 +567,7 @@ impl Session {
         out: &mut Output,
     ) -> Result<(), SyncError> {
         let Some(doc) = store.doc(&m.doc) else { return Ok(()) };
-        let tree = doc.merkle().clone();
+        let tree = doc.merkle();
         let Some(c) = self.catchup(&m.doc, m.exchange) else { return Ok(()) };
         let mut query = Vec::new();
         for (id, theirs) in m.nodes {

@@ -1,0 +1,727 @@
+//! Embedded, crash-safe storage on [redb] with group commit.
+//!
+//! Four tables, all values opaque bytes (the caller encodes):
+//!
+//! | table       | key                        | value                          |
+//! |-------------|----------------------------|--------------------------------|
+//! | `documents` | doc id                     | latest snapshot                |
+//! | `deltas`    | (doc id, seq)              | one delta of the log           |
+//! | `meta`      | key                        | e.g. this node's replica id    |
+//! | `hints`     | (target node, doc id, id)  | hinted-handoff payload         |
+//!
+//! **Group commit.** Every write goes through one bounded channel to a single writer
+//! thread (a std thread: redb's commit blocks on `fsync`, which must not stall the tokio
+//! workers). The thread takes one request, drains every request already queued behind
+//! it, applies them all in ONE write transaction committed with
+//! [`Durability::Immediate`], and only then completes each request. N concurrent writers
+//! thus share one `fsync`, and a request is reported successful only after the commit
+//! that contains it returned — the classic group commit of database logs (Gray & Reuter;
+//! PostgreSQL's `commit_delay`).
+//!
+//! If a combined transaction fails, the batch is retried one request per transaction, so
+//! one bad request cannot fail its neighbours.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use concord_relay::storage::Storage;
+//! let dir = std::env::temp_dir().join(format!("concord-doc-{}", std::process::id()));
+//! let storage = Storage::open(&dir).unwrap();
+//! storage.put_delta("board-1", 1, b"delta".to_vec()).await.unwrap();
+//! let doc = storage.load_doc("board-1").await.unwrap();
+//! assert_eq!(doc.deltas, vec![(1, b"delta".to_vec())]);
+//! storage.close().await;
+//! # drop(storage);
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # });
+//! ```
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents");
+const DELTAS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("deltas");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const HINTS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("hints");
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "concord.redb";
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The database file could not be opened or created.
+    #[error("cannot open database {path}: {source} (is another relay using this data_dir?)")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: redb::DatabaseError,
+    },
+    /// The storage engine failed (I/O error, corruption, ...).
+    #[error("storage engine error: {0}")]
+    Engine(#[from] redb::Error),
+    /// The storage was closed; no more writes are accepted.
+    #[error("storage is closed")]
+    Closed,
+    /// The writer thread could not be started.
+    #[error("cannot start the storage writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn engine(e: impl Into<redb::Error>) -> StorageError {
+    StorageError::Engine(e.into())
+}
+
+/// One write. A [`Storage::write`] of several ops is atomic: all or none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Append (or overwrite) delta `seq` of `doc`.
+    PutDelta {
+        /// Document id.
+        doc: String,
+        /// Caller-assigned position in the document's delta log.
+        seq: u64,
+        /// Encoded delta.
+        bytes: Vec<u8>,
+    },
+    /// Replace the snapshot of `doc`; deltas with `seq <= truncate_through` are deleted
+    /// in the same transaction (the snapshot supersedes them).
+    PutSnapshot {
+        /// Document id.
+        doc: String,
+        /// Encoded snapshot.
+        bytes: Vec<u8>,
+        /// Delete the log up to and including this seq.
+        truncate_through: Option<u64>,
+    },
+    /// Delete the snapshot and every delta of `doc`.
+    DeleteDoc {
+        /// Document id.
+        doc: String,
+    },
+    /// Set a metadata key.
+    PutMeta {
+        /// Key.
+        key: String,
+        /// Value.
+        bytes: Vec<u8>,
+    },
+    /// Store a hint for `target` (see [`Storage::next_hint_id`]).
+    PutHint {
+        /// Node the payload is meant for.
+        target: String,
+        /// Document id.
+        doc: String,
+        /// Unique hint id.
+        id: u64,
+        /// Encoded payload.
+        bytes: Vec<u8>,
+    },
+    /// Delete a delivered hint.
+    DeleteHint {
+        /// Node the payload was meant for.
+        target: String,
+        /// Document id.
+        doc: String,
+        /// Hint id.
+        id: u64,
+    },
+}
+
+/// What is stored for one document.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredDoc {
+    /// The latest snapshot, if any.
+    pub snapshot: Option<Vec<u8>>,
+    /// The deltas after it, `(seq, bytes)` in ascending seq order.
+    pub deltas: Vec<(u64, Vec<u8>)>,
+}
+
+/// One stored hint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint {
+    /// Document id.
+    pub doc: String,
+    /// Hint id (pass to [`Storage::delete_hint`] once delivered).
+    pub id: u64,
+    /// Payload.
+    pub bytes: Vec<u8>,
+}
+
+/// Tuning knobs of [`Storage::open_with`].
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    /// Most write requests combined into one transaction. `1` disables group commit
+    /// (one fsync per write: the baseline of the group-commit benchmark).
+    pub max_batch: usize,
+    /// Capacity of the write queue; writers wait (asynchronously) when it is full.
+    pub queue: usize,
+    /// redb page cache size in bytes.
+    pub cache_bytes: usize,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions { max_batch: 4096, queue: 8192, cache_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+struct WriteRequest {
+    ops: Vec<WriteOp>,
+    done: oneshot::Sender<Result<(), StorageError>>,
+}
+
+enum Command {
+    Write(WriteRequest),
+    Close(oneshot::Sender<()>),
+}
+
+#[derive(Default)]
+struct Stats {
+    commits: AtomicU64,
+    writes: AtomicU64,
+}
+
+struct Inner {
+    path: PathBuf,
+    db: RwLock<Option<Arc<Database>>>,
+    tx: mpsc::Sender<Command>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stats: Arc<Stats>,
+    next_hint: AtomicU64,
+}
+
+/// Handle to the node's storage. Cheap to clone; all clones share one writer thread.
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage").field("path", &self.inner.path).field("commits", &self.commits()).finish()
+    }
+}
+
+impl Storage {
+    /// Opens (creating if needed) the database in `dir`, with default options.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Storage, StorageError> {
+        Storage::open_with(dir, StorageOptions::default())
+    }
+
+    /// Opens (creating if needed) the database in `dir`.
+    pub fn open_with(dir: impl AsRef<Path>, options: StorageOptions) -> Result<Storage, StorageError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir)
+            .map_err(|source| StorageError::CreateDir { path: dir.to_path_buf(), source })?;
+        let path = dir.join(DB_FILE);
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create(&path)
+            .map_err(|source| StorageError::Open { path: path.clone(), source })?;
+
+        // Create the tables so readers never meet a missing one, and find the next hint id.
+        let mut txn = db.begin_write().map_err(engine)?;
+        txn.set_durability(Durability::Immediate);
+        let next_hint = {
+            txn.open_table(DOCUMENTS).map_err(engine)?;
+            txn.open_table(DELTAS).map_err(engine)?;
+            txn.open_table(META).map_err(engine)?;
+            let hints = txn.open_table(HINTS).map_err(engine)?;
+            let mut max = 0;
+            for entry in hints.iter().map_err(engine)? {
+                let (k, _) = entry.map_err(engine)?;
+                max = max.max(k.value().2);
+            }
+            max + 1
+        };
+        txn.commit().map_err(engine)?;
+
+        let db = Arc::new(db);
+        let stats = Arc::new(Stats::default());
+        let (tx, rx) = mpsc::channel(options.queue.max(1));
+        let thread = {
+            let db = db.clone();
+            let stats = stats.clone();
+            let max_batch = options.max_batch.max(1);
+            std::thread::Builder::new()
+                .name("concord-storage-writer".into())
+                .spawn(move || writer_loop(db, rx, max_batch, stats))
+                .map_err(StorageError::Thread)?
+        };
+        Ok(Storage {
+            inner: Arc::new(Inner {
+                path,
+                db: RwLock::new(Some(db)),
+                tx,
+                thread: Mutex::new(Some(thread)),
+                stats,
+                next_hint: AtomicU64::new(next_hint),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Applies `ops` atomically; resolves only once the transaction containing them is
+    /// durably committed.
+    pub async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StorageError> {
+        let (done, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Command::Write(WriteRequest { ops, done }))
+            .await
+            .map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Durably stores delta `seq` of `doc`.
+    pub async fn put_delta(
+        &self,
+        doc: impl Into<String>,
+        seq: u64,
+        bytes: Vec<u8>,
+    ) -> Result<(), StorageError> {
+        self.write(vec![WriteOp::PutDelta { doc: doc.into(), seq, bytes }]).await
+    }
+
+    /// Durably replaces the snapshot of `doc`, deleting the deltas it supersedes
+    /// (`seq <= truncate_through`) in the same transaction.
+    pub async fn put_snapshot(
+        &self,
+        doc: impl Into<String>,
+        bytes: Vec<u8>,
+        truncate_through: Option<u64>,
+    ) -> Result<(), StorageError> {
+        self.write(vec![WriteOp::PutSnapshot { doc: doc.into(), bytes, truncate_through }]).await
+    }
+
+    /// Durably sets a metadata key.
+    pub async fn put_meta(&self, key: impl Into<String>, bytes: Vec<u8>) -> Result<(), StorageError> {
+        self.write(vec![WriteOp::PutMeta { key: key.into(), bytes }]).await
+    }
+
+    /// A fresh hint id, unique in this database (ids survive restarts).
+    pub fn next_hint_id(&self) -> u64 {
+        self.inner.next_hint.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Durably stores a hint for `target`; returns its id.
+    pub async fn put_hint(
+        &self,
+        target: impl Into<String>,
+        doc: impl Into<String>,
+        bytes: Vec<u8>,
+    ) -> Result<u64, StorageError> {
+        let id = self.next_hint_id();
+        self.write(vec![WriteOp::PutHint { target: target.into(), doc: doc.into(), id, bytes }]).await?;
+        Ok(id)
+    }
+
+    /// Durably deletes a hint (after the target acknowledged it).
+    pub async fn delete_hint(
+        &self,
+        target: impl Into<String>,
+        doc: impl Into<String>,
+        id: u64,
+    ) -> Result<(), StorageError> {
+        self.write(vec![WriteOp::DeleteHint { target: target.into(), doc: doc.into(), id }]).await
+    }
+
+    /// Resolves once every write queued before this call is committed.
+    pub async fn flush(&self) -> Result<(), StorageError> {
+        self.write(Vec::new()).await
+    }
+
+    /// Commits everything queued, stops the writer thread and releases the database
+    /// file (once in-flight reads finish). Later writes and reads fail with
+    /// [`StorageError::Closed`]. Idempotent.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.tx.send(Command::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let thread = self.inner.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        if let Ok(mut db) = self.inner.db.write() {
+            db.take();
+        }
+    }
+
+    /// Transactions committed so far (for tests, metrics and the benchmark).
+    pub fn commits(&self) -> u64 {
+        self.inner.stats.commits.load(Ordering::Relaxed)
+    }
+
+    /// Write requests committed so far.
+    pub fn writes(&self) -> u64 {
+        self.inner.stats.writes.load(Ordering::Relaxed)
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let db = self.inner.db.read().ok().and_then(|db| db.clone()).ok_or(StorageError::Closed)?;
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// The snapshot and the deltas of `doc` (both empty for an unknown doc).
+    pub async fn load_doc(&self, doc: impl Into<String>) -> Result<StoredDoc, StorageError> {
+        let doc = doc.into();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(engine)?;
+            let docs = txn.open_table(DOCUMENTS).map_err(engine)?;
+            let snapshot = docs.get(doc.as_str()).map_err(engine)?.map(|v| v.value().to_vec());
+            let deltas_t = txn.open_table(DELTAS).map_err(engine)?;
+            let mut deltas = Vec::new();
+            for entry in deltas_t.range((doc.as_str(), 0u64)..=(doc.as_str(), u64::MAX)).map_err(engine)? {
+                let (k, v) = entry.map_err(engine)?;
+                deltas.push((k.value().1, v.value().to_vec()));
+            }
+            Ok(StoredDoc { snapshot, deltas })
+        })
+        .await
+    }
+
+    /// Every document that has a snapshot or deltas, sorted.
+    pub async fn list_docs(&self) -> Result<Vec<String>, StorageError> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(engine)?;
+            let mut out = BTreeSet::new();
+            for entry in txn.open_table(DOCUMENTS).map_err(engine)?.iter().map_err(engine)? {
+                out.insert(entry.map_err(engine)?.0.value().to_string());
+            }
+            // Skip from one document's deltas to the next instead of reading them all.
+            let deltas = txn.open_table(DELTAS).map_err(engine)?;
+            let mut after: Option<String> = None;
+            loop {
+                let next = match &after {
+                    None => deltas.first().map_err(engine)?,
+                    Some(doc) => deltas
+                        .range::<(&str, u64)>((Bound::Excluded((doc.as_str(), u64::MAX)), Bound::Unbounded))
+                        .map_err(engine)?
+                        .next()
+                        .transpose()
+                        .map_err(engine)?,
+                };
+                match next {
+                    Some((k, _)) => {
+                        let doc = k.value().0.to_string();
+                        out.insert(doc.clone());
+                        after = Some(doc);
+                    }
+                    None => break,
+                }
+            }
+            Ok(out.into_iter().collect())
+        })
+        .await
+    }
+
+    /// Every hint stored for `target`, by doc then id.
+    pub async fn hints_for(&self, target: impl Into<String>) -> Result<Vec<Hint>, StorageError> {
+        let target = target.into();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(engine)?;
+            let hints = txn.open_table(HINTS).map_err(engine)?;
+            let mut out = Vec::new();
+            for entry in hints.range::<(&str, &str, u64)>((target.as_str(), "", 0u64)..).map_err(engine)? {
+                let (k, v) = entry.map_err(engine)?;
+                let (t, doc, id) = k.value();
+                if t != target {
+                    break;
+                }
+                out.push(Hint { doc: doc.to_string(), id, bytes: v.value().to_vec() });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Every target node that has hints waiting.
+    pub async fn hint_targets(&self) -> Result<Vec<String>, StorageError> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(engine)?;
+            let mut out = BTreeSet::new();
+            for entry in txn.open_table(HINTS).map_err(engine)?.iter().map_err(engine)? {
+                out.insert(entry.map_err(engine)?.0.value().0.to_string());
+            }
+            Ok(out.into_iter().collect())
+        })
+        .await
+    }
+
+    /// A metadata value.
+    pub async fn get_meta(&self, key: impl Into<String>) -> Result<Option<Vec<u8>>, StorageError> {
+        let key = key.into();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(engine)?;
+            let meta = txn.open_table(META).map_err(engine)?;
+            let value = meta.get(key.as_str()).map_err(engine)?;
+            Ok(value.map(|v| v.value().to_vec()))
+        })
+        .await
+    }
+}
+
+fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Command>, max_batch: usize, stats: Arc<Stats>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = Vec::new();
+        let mut close = None;
+        let mut next = Some(first);
+        // Drain what is already queued: these writers share this commit's fsync.
+        while let Some(cmd) = next.take() {
+            match cmd {
+                Command::Write(req) => batch.push(req),
+                Command::Close(done) => {
+                    close = Some(done);
+                    break;
+                }
+            }
+            if batch.len() < max_batch {
+                next = rx.try_recv().ok();
+            }
+        }
+        commit_batch(&db, batch, &stats);
+        if let Some(done) = close {
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+fn commit_batch(db: &Database, batch: Vec<WriteRequest>, stats: &Stats) {
+    if batch.iter().all(|r| r.ops.is_empty()) {
+        // Only flush barriers: everything before them is already committed.
+        for req in batch {
+            let _ = req.done.send(Ok(()));
+        }
+        return;
+    }
+    let n = batch.len() as u64;
+    match apply(db, batch.iter().flat_map(|r| r.ops.iter())) {
+        Ok(()) => {
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats.writes.fetch_add(n, Ordering::Relaxed);
+            for req in batch {
+                let _ = req.done.send(Ok(()));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            let _ = batch.into_iter().next().map(|r| r.done.send(Err(e)));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, requests = n, "group commit failed; retrying one by one");
+            for req in batch {
+                let result = apply(db, req.ops.iter());
+                if result.is_ok() {
+                    stats.commits.fetch_add(1, Ordering::Relaxed);
+                    stats.writes.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = req.done.send(result);
+            }
+        }
+    }
+}
+
+/// One durable transaction with all of `ops`; dropped (aborted) on any error.
+fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Result<(), StorageError> {
+    let mut txn = db.begin_write().map_err(engine)?;
+    txn.set_durability(Durability::Immediate);
+    {
+        let mut docs = txn.open_table(DOCUMENTS).map_err(engine)?;
+        let mut deltas = txn.open_table(DELTAS).map_err(engine)?;
+        let mut meta = txn.open_table(META).map_err(engine)?;
+        let mut hints = txn.open_table(HINTS).map_err(engine)?;
+        for op in ops {
+            match op {
+                WriteOp::PutDelta { doc, seq, bytes } => {
+                    deltas.insert((doc.as_str(), *seq), bytes.as_slice()).map_err(engine)?;
+                }
+                WriteOp::PutSnapshot { doc, bytes, truncate_through } => {
+                    docs.insert(doc.as_str(), bytes.as_slice()).map_err(engine)?;
+                    if let Some(upto) = truncate_through {
+                        deltas
+                            .retain_in((doc.as_str(), 0u64)..=(doc.as_str(), *upto), |_, _| false)
+                            .map_err(engine)?;
+                    }
+                }
+                WriteOp::DeleteDoc { doc } => {
+                    docs.remove(doc.as_str()).map_err(engine)?;
+                    deltas
+                        .retain_in((doc.as_str(), 0u64)..=(doc.as_str(), u64::MAX), |_, _| false)
+                        .map_err(engine)?;
+                }
+                WriteOp::PutMeta { key, bytes } => {
+                    meta.insert(key.as_str(), bytes.as_slice()).map_err(engine)?;
+                }
+                WriteOp::PutHint { target, doc, id, bytes } => {
+                    hints.insert((target.as_str(), doc.as_str(), *id), bytes.as_slice()).map_err(engine)?;
+                }
+                WriteOp::DeleteHint { target, doc, id } => {
+                    hints.remove((target.as_str(), doc.as_str(), *id)).map_err(engine)?;
+                }
+            }
+        }
+    }
+    txn.commit().map_err(engine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    pub(crate) struct TempDir(PathBuf);
+    impl TempDir {
+        pub(crate) fn new(tag: &str) -> TempDir {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "concord-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            TempDir(dir)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_share_commits_and_survive_reopen() {
+        let dir = TempDir::new("gc");
+        let storage = Storage::open(&dir.0).unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..2000u64 {
+            let s = storage.clone();
+            tasks.spawn(
+                async move { s.put_delta(format!("doc-{}", i % 10), i, i.to_le_bytes().to_vec()).await },
+            );
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap().unwrap();
+        }
+        assert_eq!(storage.writes(), 2000);
+        let commits = storage.commits();
+        assert!(commits < 500, "group commit should share fsyncs: {commits} commits for 2000 writes");
+        storage.close().await;
+        drop(storage);
+
+        let storage = Storage::open(&dir.0).unwrap();
+        let docs = storage.list_docs().await.unwrap();
+        assert_eq!(docs.len(), 10);
+        let mut total = 0;
+        for doc in &docs {
+            let stored = storage.load_doc(doc.as_str()).await.unwrap();
+            assert!(stored.snapshot.is_none());
+            for (seq, bytes) in &stored.deltas {
+                assert_eq!(bytes, &seq.to_le_bytes().to_vec());
+                assert_eq!(format!("doc-{}", seq % 10), *doc);
+            }
+            total += stored.deltas.len();
+        }
+        assert_eq!(total, 2000);
+        storage.close().await;
+    }
+
+    #[tokio::test]
+    async fn snapshot_truncates_the_deltas_it_supersedes() {
+        let dir = TempDir::new("snap");
+        let s = Storage::open(&dir.0).unwrap();
+        for seq in 1..=5 {
+            s.put_delta("d", seq, vec![seq as u8]).await.unwrap();
+        }
+        s.put_delta("e", 1, vec![9]).await.unwrap();
+        s.put_snapshot("d", b"snap".to_vec(), Some(3)).await.unwrap();
+        let d = s.load_doc("d").await.unwrap();
+        assert_eq!(d.snapshot.as_deref(), Some(&b"snap"[..]));
+        assert_eq!(d.deltas, vec![(4, vec![4]), (5, vec![5])]);
+        assert_eq!(s.load_doc("e").await.unwrap().deltas, vec![(1, vec![9])]);
+        assert_eq!(s.list_docs().await.unwrap(), vec!["d", "e"]);
+
+        s.write(vec![WriteOp::DeleteDoc { doc: "d".into() }]).await.unwrap();
+        assert_eq!(s.load_doc("d").await.unwrap(), StoredDoc::default());
+        assert_eq!(s.list_docs().await.unwrap(), vec!["e"]);
+        s.close().await;
+    }
+
+    #[tokio::test]
+    async fn hints_are_kept_per_target_and_survive_reopen() {
+        let dir = TempDir::new("hints");
+        let s = Storage::open(&dir.0).unwrap();
+        let h1 = s.put_hint("b", "doc-1", b"one".to_vec()).await.unwrap();
+        let h2 = s.put_hint("b", "doc-1", b"two".to_vec()).await.unwrap();
+        let h3 = s.put_hint("c", "doc-2", b"three".to_vec()).await.unwrap();
+        let h4 = s.put_hint("bb", "doc-3", b"four".to_vec()).await.unwrap();
+        assert!(h1 < h2 && h2 < h3 && h3 < h4);
+        let b = s.hints_for("b").await.unwrap();
+        assert_eq!(b.len(), 2, "{b:?}");
+        assert_eq!(b[0].bytes, b"one");
+        assert_eq!(s.hint_targets().await.unwrap(), vec!["b", "bb", "c"]);
+        s.delete_hint("b", "doc-1", h1).await.unwrap();
+        s.close().await;
+        drop(s);
+
+        let s = Storage::open(&dir.0).unwrap();
+        let b = s.hints_for("b").await.unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!((b[0].doc.as_str(), b[0].id), ("doc-1", h2));
+        assert!(s.next_hint_id() > h4, "hint ids never repeat after a restart");
+        s.close().await;
+    }
+
+    #[tokio::test]
+    async fn meta_round_trips_and_batches_are_atomic() {
+        let dir = TempDir::new("meta");
+        let s = Storage::open(&dir.0).unwrap();
+        assert_eq!(s.get_meta("replica_id").await.unwrap(), None);
+        s.write(vec![
+            WriteOp::PutMeta { key: "replica_id".into(), bytes: 42u64.to_le_bytes().to_vec() },
+            WriteOp::PutDelta { doc: "x".into(), seq: 1, bytes: vec![1] },
+        ])
+        .await
+        .unwrap();
+        assert_eq!(s.commits(), 1);
+        assert_eq!(s.get_meta("replica_id").await.unwrap(), Some(42u64.to_le_bytes().to_vec()));
+        s.flush().await.unwrap();
+        assert_eq!(s.commits(), 1, "a flush with nothing queued commits nothing");
+        s.close().await;
+        assert!(matches!(s.put_meta("k", vec![]).await, Err(StorageError::Closed)));
+        assert!(matches!(s.get_meta("k").await, Err(StorageError::Closed)));
+        s.close().await; // idempotent
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_the_same_dir_is_refused() {
+        let dir = TempDir::new("lock");
+        let s = Storage::open(&dir.0).unwrap();
+        let err = Storage::open(&dir.0).unwrap_err();
+        assert!(matches!(err, StorageError::Open { .. }), "{err}");
+        s.close().await;
+    }
+}

@@ -1,0 +1,221 @@
+//! Test support: a real `concord-relay` process and a protocol client built on the core
+//! `Session`, over tokio-tungstenite.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use concord_core::sync::msg::ErrorMsg;
+use concord_core::sync::{Event, Msg, Session, SessionConfig};
+use concord_core::{Document, ReplicaId, VersionVector};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// A relay process on 127.0.0.1 with its own data dir.
+pub struct Relay {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+}
+
+impl Relay {
+    /// Starts the binary on port 0 and waits for its `listening on` line.
+    pub fn start(dir: &Path, extra: &[&str]) -> Relay {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_concord-relay"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn concord-relay");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines.next().expect("relay exited before listening").expect("read stdout");
+            if let Some(rest) = line.trim().strip_prefix("listening on ") {
+                break rest.trim().parse().expect("address");
+            }
+        };
+        // Keep draining stdout so the relay never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Relay { child, addr, dir: dir.to_path_buf() }
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A replica speaking the real protocol to a relay.
+pub struct Client {
+    pub ws: Option<Ws>,
+    pub session: Session,
+    pub docs: HashMap<String, Document>,
+    pub acked: HashMap<String, VersionVector>,
+    pub synced: HashSet<String>,
+    pub errors: Vec<ErrorMsg>,
+    pub closed: Option<Option<CloseFrame>>,
+    pub replica: ReplicaId,
+}
+
+pub async fn raw_ws(addr: SocketAddr) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/sync")).await.expect("connect");
+    ws
+}
+
+impl Client {
+    pub fn new(replica: u64) -> Client {
+        Client {
+            ws: None,
+            session: Session::new(ReplicaId(replica), SessionConfig::default()),
+            docs: HashMap::new(),
+            acked: HashMap::new(),
+            synced: HashSet::new(),
+            errors: Vec::new(),
+            closed: None,
+            replica: ReplicaId(replica),
+        }
+    }
+
+    /// Connects (or reconnects) and says hello; re-subscribes every open document.
+    pub async fn connect(&mut self, addr: SocketAddr, token: Option<String>) {
+        self.ws = Some(raw_ws(addr).await);
+        self.session = Session::new(self.replica, SessionConfig::default());
+        self.synced.clear();
+        self.closed = None;
+        let hello = self.session.hello(token);
+        self.send(vec![hello]).await;
+        let ids: Vec<String> = self.docs.keys().cloned().collect();
+        for id in ids {
+            let msgs = self.session.subscribe(&id, &mut self.docs);
+            self.send(msgs).await;
+        }
+    }
+
+    pub fn disconnect(&mut self) {
+        self.ws = None;
+    }
+
+    pub fn doc(&mut self, id: &str) -> &mut Document {
+        let r = self.replica;
+        self.docs.entry(id.to_owned()).or_insert_with(|| Document::new(r))
+    }
+
+    /// Opens a document and subscribes when connected.
+    pub async fn open(&mut self, id: &str) {
+        self.doc(id);
+        if self.ws.is_some() {
+            let msgs = self.session.subscribe(id, &mut self.docs);
+            self.send(msgs).await;
+        }
+    }
+
+    pub async fn send(&mut self, msgs: Vec<Msg>) {
+        for m in msgs {
+            self.send_raw(m.encode()).await;
+        }
+    }
+
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) {
+        if let Some(ws) = self.ws.as_mut() {
+            let _ = ws.send(Message::Binary(bytes.into())).await;
+        }
+    }
+
+    /// Increments a counter locally and pushes the delta.
+    pub async fn increment(&mut self, doc: &str, key: &str, n: u64) {
+        let d = self.doc(doc).increment(key, n).expect("increment");
+        let msgs = self.session.on_local_delta(doc, &d);
+        self.send(msgs).await;
+    }
+
+    /// Whether the relay acked every local write of `doc`.
+    pub fn all_acked(&self, doc: &str) -> bool {
+        let mine = self.docs.get(doc).map(|d| d.version().get(self.replica)).unwrap_or(0);
+        self.acked.get(doc).map(|v| v.get(self.replica)).unwrap_or(0) >= mine
+    }
+
+    /// Reads and handles frames until `pred` holds (true) or `timeout` passes (false).
+    pub async fn pump_until(&mut self, timeout: Duration, mut pred: impl FnMut(&Client) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if pred(self) {
+                return true;
+            }
+            let Some(ws) = self.ws.as_mut() else { return false };
+            let next = tokio::time::timeout_at(deadline, ws.next()).await;
+            match next {
+                Err(_) => return pred(self),
+                Ok(None) => {
+                    self.closed.get_or_insert(None);
+                    self.ws = None;
+                    return pred(self);
+                }
+                Ok(Some(Err(_))) => {
+                    self.closed.get_or_insert(None);
+                    self.ws = None;
+                    return pred(self);
+                }
+                Ok(Some(Ok(Message::Binary(b)))) => self.handle(&b).await,
+                Ok(Some(Ok(Message::Close(f)))) => {
+                    self.closed = Some(f);
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// Pumps for a while, handling whatever comes.
+    pub async fn pump_for(&mut self, d: Duration) {
+        self.pump_until(d, |_| false).await;
+    }
+
+    async fn handle(&mut self, bytes: &[u8]) {
+        match self.session.handle(bytes, &mut self.docs) {
+            Ok(out) => {
+                for ev in out.events {
+                    match ev {
+                        Event::Acked { doc, vv } => {
+                            self.acked.entry(doc).or_default().merge(&vv);
+                        }
+                        Event::Synced { doc, .. } => {
+                            self.synced.insert(doc);
+                        }
+                        Event::PeerError(e) => self.errors.push(e),
+                        _ => {}
+                    }
+                }
+                self.send(out.replies).await;
+            }
+            Err(e) => panic!("client could not handle a relay frame: {e}"),
+        }
+    }
+}
+
+pub fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "concord-relay-test-{name}-{}-{}",
+        std::process::id(),
+        concord_relay::node::random_u64()
+    ));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    dir
+}

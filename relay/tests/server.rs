@@ -1,0 +1,407 @@
+//! The server over real sockets on 127.0.0.1:0, with an echo handler.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use concord_relay::config::{Config, Limits, Overrides};
+use concord_relay::handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendError};
+use concord_relay::metrics::Metrics;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
+
+type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Echoes frames; `flood` floods the outbox until it is full.
+#[derive(Default)]
+struct Echo {
+    open: AtomicU64,
+    closed: AtomicU64,
+    flushed: AtomicBool,
+}
+
+impl Handler for Echo {
+    type Conn = Outbox;
+
+    fn open(&self, _info: ConnInfo, out: Outbox) -> Outbox {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        out
+    }
+
+    async fn on_binary(&self, out: &mut Outbox, frame: Vec<u8>) -> Result<(), CloseReason> {
+        if frame == b"flood" {
+            for _ in 0..100_000 {
+                match out.send(vec![7; 1024]) {
+                    Ok(()) => {}
+                    Err(SendError::Full) => return Ok(()),
+                    Err(e) => return Err(CloseReason::internal(e.to_string())),
+                }
+            }
+            return Ok(());
+        }
+        if frame == b"fail" {
+            return Err(CloseReason::policy("handler says no"));
+        }
+        out.send(frame).map_err(|e| CloseReason::internal(e.to_string()))
+    }
+
+    fn on_close(&self, _out: Outbox) {
+        self.closed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn rate_limited(&self, _out: &mut Outbox) -> Option<Vec<u8>> {
+        Some(b"rate limited".to_vec())
+    }
+
+    fn health(&self) -> HealthInfo {
+        HealthInfo { documents_loaded: 7, extra: vec![("pending_hints".into(), 2)] }
+    }
+
+    async fn flush(&self) {
+        self.flushed.store(true, Ordering::SeqCst);
+    }
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    handler: Arc<Echo>,
+    metrics: Arc<Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl TestServer {
+    async fn start(limits: Limits, web_root: Option<PathBuf>) -> TestServer {
+        let mut config = Config::from_overrides(&Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            data_dir: Some(std::env::temp_dir().join("concord-unused")),
+            node_id: Some("test-node".into()),
+        })
+        .unwrap();
+        config.limits = limits;
+        config.web_root = web_root;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler = Arc::new(Echo::default());
+        let metrics = Arc::new(Metrics::new());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn({
+            let handler = handler.clone();
+            let metrics = metrics.clone();
+            async move {
+                concord_relay::server::run(listener, &config, handler, metrics, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            }
+        });
+        TestServer { addr, handler, metrics, stop: Some(stop), task }
+    }
+
+    async fn ws(&self) -> Client {
+        let url = format!("ws://{}/sync", self.addr);
+        timeout(Duration::from_secs(5), connect_async(url))
+            .await
+            .expect("handshake timed out")
+            .expect("handshake failed")
+            .0
+    }
+
+    async fn get(&self, path: &str) -> (u16, String, Vec<u8>) {
+        http(self.addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await
+    }
+
+    async fn stop(mut self) -> Arc<Echo> {
+        let _ = self.stop.take().unwrap().send(());
+        timeout(Duration::from_secs(5), self.task).await.expect("server did not stop").unwrap();
+        self.handler
+    }
+}
+
+fn limits() -> Limits {
+    Limits::default()
+}
+
+/// Sends a raw request; returns status, head and body.
+async fn http(addr: SocketAddr, request: &str) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("response timed out").unwrap();
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("no head") + 4;
+    let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+    let status = head[9..12].parse().unwrap();
+    (status, head, buf[end..].to_vec())
+}
+
+/// Reads until the server's Close; returns the binary frames seen before it.
+async fn until_close(ws: &mut Client) -> (Vec<Vec<u8>>, CloseFrame) {
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("no close within 5 s");
+        match msg {
+            Some(Ok(Message::Binary(b))) => frames.push(b.to_vec()),
+            Some(Ok(Message::Close(Some(frame)))) => {
+                // Finish the closing handshake like a browser: reply, then read to EOF.
+                while let Ok(Some(_)) = tokio::time::timeout_at(deadline, ws.next()).await {}
+                return (frames, frame);
+            }
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+fn code(frame: &CloseFrame) -> u16 {
+    u16::from(frame.code)
+}
+
+#[tokio::test]
+async fn healthz_reports_node_and_handler_facts() {
+    let server = TestServer::start(limits(), None).await;
+    let _ws = server.ws().await;
+    let (status, head, body) = server.get("/healthz").await;
+    assert_eq!(status, 200);
+    assert!(head.contains("Content-Type: application/json"), "{head}");
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.starts_with("{\"node_id\":\"test-node\",\"uptime_secs\":"), "{body}");
+    assert!(body.contains("\"documents_loaded\":7"), "{body}");
+    assert!(body.contains("\"connections\":1"), "{body}");
+    assert!(body.ends_with(",\"pending_hints\":2}"), "{body}");
+    drop(_ws);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text() {
+    let server = TestServer::start(limits(), None).await;
+    let mut ws = server.ws().await;
+    ws.send(Message::binary(b"hi".to_vec())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(b"hi".to_vec()));
+    let (status, head, body) = server.get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let text = String::from_utf8(body).unwrap();
+    for line in [
+        "concord_connections_total 1",
+        "concord_connections_open 1",
+        "concord_messages_in_total 1",
+        "concord_messages_out_total 1",
+        "concord_bytes_in_total 2",
+        "# TYPE concord_ack_latency_seconds histogram",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+    drop(ws);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn static_files_are_served_without_traversal() {
+    let root = std::env::temp_dir().join(format!("concord-web-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("pkg")).unwrap();
+    std::fs::write(root.join("index.html"), "<h1>board</h1>").unwrap();
+    std::fs::write(root.join("pkg/app.wasm"), b"\0asm").unwrap();
+    std::fs::write(root.join("pkg/app.mjs"), "export {}").unwrap();
+    std::fs::write(root.parent().unwrap().join("concord-secret.txt"), "secret").unwrap();
+    let server = TestServer::start(limits(), Some(root.clone())).await;
+
+    let (status, head, body) = server.get("/").await;
+    assert_eq!((status, body.as_slice()), (200, &b"<h1>board</h1>"[..]));
+    assert!(head.contains("Content-Type: text/html"), "{head}");
+    let (status, head, body) = server.get("/pkg/app.wasm").await;
+    assert_eq!((status, body.as_slice()), (200, &b"\0asm"[..]));
+    assert!(head.contains("Content-Type: application/wasm"), "{head}");
+    let (_, head, _) = server.get("/pkg/app.mjs?v=1").await;
+    assert!(head.contains("Content-Type: text/javascript"), "{head}");
+
+    for bad in [
+        "/../concord-secret.txt",
+        "/pkg/../../concord-secret.txt",
+        "/%2e%2e/concord-secret.txt",
+        "/..%2fconcord-secret.txt",
+    ] {
+        let (status, _, body) = server.get(bad).await;
+        assert_eq!(status, 400, "{bad}");
+        assert!(!String::from_utf8_lossy(&body).contains("secret"), "{bad}");
+    }
+    assert_eq!(server.get("/missing.js").await.0, 404);
+    let (status, head, _) = http(server.addr, "POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+    assert_eq!(status, 405);
+    assert!(head.contains("Allow: GET, HEAD"));
+    let (status, head, body) = http(server.addr, "HEAD / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, 200);
+    assert!(head.contains("Content-Length: 14"), "{head}");
+    assert!(body.is_empty());
+    assert_eq!(http(server.addr, "NONSENSE\r\n\r\n").await.0, 400, "garbage gets a 400");
+
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn without_web_root_only_the_api_exists() {
+    let server = TestServer::start(limits(), None).await;
+    assert_eq!(server.get("/").await.0, 404);
+    let (status, head, _) = server.get("/sync").await;
+    assert_eq!(status, 426, "a plain GET of /sync is told to upgrade");
+    assert!(head.contains("Upgrade: websocket"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_echoes_binary_frames() {
+    let server = TestServer::start(limits(), None).await;
+    let mut ws = server.ws().await;
+    for i in 0..10u8 {
+        let frame = vec![i; 1000 * usize::from(i)];
+        ws.send(Message::binary(frame.clone())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(frame));
+    }
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    let handler = server.stop().await;
+    assert_eq!(handler.open.load(Ordering::SeqCst), 1);
+    assert_eq!(handler.closed.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn oversized_frames_close_the_connection() {
+    let server = TestServer::start(Limits { max_frame_bytes: 1024, ..limits() }, None).await;
+    let mut ws = server.ws().await;
+    ws.send(Message::binary(vec![1; 1024])).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(vec![1; 1024]));
+    ws.send(Message::binary(vec![1; 4096])).await.unwrap();
+    let (_, close) = until_close(&mut ws).await;
+    assert_eq!(code(&close), 1009);
+    assert!(close.reason.contains("too big"), "{close:?}");
+    assert_eq!(server.metrics.errors("frame_too_large"), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn text_frames_close_the_connection() {
+    let server = TestServer::start(limits(), None).await;
+    let mut ws = server.ws().await;
+    ws.send(Message::text("hello")).await.unwrap();
+    let (_, close) = until_close(&mut ws).await;
+    assert_eq!(code(&close), 1003);
+    assert_eq!(close.reason.as_str(), "binary frames only");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn handler_errors_close_with_their_reason() {
+    let server = TestServer::start(limits(), None).await;
+    let mut ws = server.ws().await;
+    ws.send(Message::binary(b"fail".to_vec())).await.unwrap();
+    let (_, close) = until_close(&mut ws).await;
+    assert_eq!((code(&close), close.reason.as_str()), (1008, "handler says no"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn slow_consumers_are_disconnected_not_dropped_silently() {
+    let server = TestServer::start(Limits { send_queue: 8, ..limits() }, None).await;
+    let mut ws = server.ws().await;
+    ws.send(Message::binary(b"flood".to_vec())).await.unwrap();
+    let (frames, close) = until_close(&mut ws).await;
+    assert_eq!(code(&close), 1013);
+    assert_eq!(close.reason.as_str(), "slow consumer, resync");
+    assert!(frames.len() < 100_000, "the flood was cut short");
+    assert_eq!(server.metrics.errors("slow_consumer"), 1);
+    // The server is fine for everyone else.
+    let mut other = server.ws().await;
+    other.send(Message::binary(b"ok".to_vec())).await.unwrap();
+    assert_eq!(other.next().await.unwrap().unwrap(), Message::binary(b"ok".to_vec()));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn exceeding_the_rate_limit_sends_the_handlers_error_then_closes() {
+    let server =
+        TestServer::start(Limits { rate_limit_msgs_per_sec: 1, rate_limit_burst: 5, ..limits() }, None).await;
+    let mut ws = server.ws().await;
+    for i in 0..20u8 {
+        if ws.send(Message::binary(vec![i])).await.is_err() {
+            break;
+        }
+    }
+    let (frames, close) = until_close(&mut ws).await;
+    assert_eq!((code(&close), close.reason.as_str()), (1008, "rate limit"));
+    assert_eq!(frames.len(), 6, "5 echoes, then the error: {frames:?}");
+    assert_eq!(frames.last().unwrap(), b"rate limited");
+    assert_eq!(server.metrics.errors("rate_limited"), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn silent_clients_are_closed_after_the_idle_timeout() {
+    let server =
+        TestServer::start(Limits { ping_interval_secs: 1, idle_timeout_secs: 2, ..limits() }, None).await;
+    let mut silent = server.ws().await;
+    let mut lively = server.ws().await;
+    // The lively client reads (and so answers pings); the silent one does not.
+    let lively_task = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(2600);
+        while let Ok(msg) = tokio::time::timeout_at(deadline, lively.next()).await {
+            let msg = msg.expect("open").expect("no error");
+            assert!(msg.is_ping(), "a client answering pings is not closed: {msg:?}");
+        }
+        lively
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, close) = until_close(&mut silent).await;
+    assert_eq!((code(&close), close.reason.as_str()), (1001, "idle timeout"));
+    let _lively = lively_task.await.unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connection_permits_bound_open_sockets() {
+    let server = TestServer::start(Limits { max_connections: 1, ..limits() }, None).await;
+    let mut first = server.ws().await;
+    let url = format!("ws://{}/sync", server.addr);
+    let mut second = tokio::spawn(connect_async(url));
+    assert!(
+        timeout(Duration::from_millis(300), &mut second).await.is_err(),
+        "the second connection waits for a permit"
+    );
+    first.close(None).await.unwrap();
+    while first.next().await.is_some() {}
+    let (mut second, _) = timeout(Duration::from_secs(5), second)
+        .await
+        .expect("second connection admitted once the first closed")
+        .unwrap()
+        .unwrap();
+    second.send(Message::binary(b"x".to_vec())).await.unwrap();
+    assert_eq!(second.next().await.unwrap().unwrap(), Message::binary(b"x".to_vec()));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections_then_flushes() {
+    let server = TestServer::start(limits(), None).await;
+    let mut ws = server.ws().await;
+    ws.send(Message::binary(b"a".to_vec())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(b"a".to_vec()));
+    let addr = server.addr;
+    let reader = tokio::spawn(async move { until_close(&mut ws).await.1 });
+    let handler = server.stop().await;
+    let close = reader.await.unwrap();
+    assert_eq!((code(&close), close.reason.as_str()), (1001, "server shutting down"));
+    assert!(handler.flushed.load(Ordering::SeqCst));
+    assert_eq!(handler.closed.load(Ordering::SeqCst), 1);
+    assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed");
+}

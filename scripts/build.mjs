@@ -1,0 +1,82 @@
+#!/usr/bin/env node
+// Builds the npm package into pkg/:
+//   cargo build (wasm-release profile) -> wasm-bindgen --target web -> wasm-opt -Oz
+//   -> the hand-written glue and types from js/.
+// Usage: node scripts/build.mjs [--debug]   (--debug: dev profile, no wasm-opt; faster)
+import { execFileSync } from "node:child_process";
+import { copyFileSync, existsSync, mkdirSync, readdirSync, rmSync, statSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const pkg = join(root, "pkg");
+const debug = process.argv.includes("--debug");
+const profile = debug ? "dev" : "wasm-release";
+const profileDir = debug ? "debug" : "wasm-release";
+
+function run(cmd, args) {
+  console.log(`$ ${cmd} ${args.join(" ")}`);
+  try {
+    execFileSync(cmd, args, { cwd: root, stdio: "inherit" });
+  } catch (e) {
+    console.error(`build failed: \`${cmd}\` exited with ${e.status ?? e.message}`);
+    process.exit(1);
+  }
+}
+
+function which(cmd) {
+  for (const dir of (process.env.PATH ?? "").split(":")) {
+    if (dir && existsSync(join(dir, cmd))) return join(dir, cmd);
+  }
+  const home = join(process.env.HOME ?? "", ".cargo", "bin", cmd);
+  return existsSync(home) ? home : null;
+}
+
+// 1. Rust -> wasm32.
+run("cargo", ["build", "-p", "concord-wasm", "--target", "wasm32-unknown-unknown", "--profile", profile]);
+const targetDir = process.env.CARGO_TARGET_DIR ?? join(root, "target");
+const wasm = join(targetDir, "wasm32-unknown-unknown", profileDir, "concord_wasm.wasm");
+
+// 2. wasm-bindgen: the low-level JS bindings (concord_wasm.js + concord_wasm_bg.wasm).
+const wasmBindgen = which("wasm-bindgen");
+if (!wasmBindgen) {
+  console.error("build failed: wasm-bindgen not found; run `bash scripts/setup.sh` (installs wasm-bindgen-cli)");
+  process.exit(1);
+}
+rmSync(pkg, { recursive: true, force: true });
+mkdirSync(pkg, { recursive: true });
+run(wasmBindgen, [wasm, "--out-dir", pkg, "--target", "web", "--no-typescript", "--omit-default-module-path"]);
+
+// 3. wasm-opt -Oz (binaryen from node_modules). Features: what rustc's wasm32 target
+// enables by default; all are baseline in current browsers and Node 20.
+const bg = join(pkg, "concord_wasm_bg.wasm");
+if (!debug) {
+  const wasmOpt = join(root, "node_modules", ".bin", "wasm-opt");
+  if (!existsSync(wasmOpt)) {
+    console.error("build failed: node_modules/.bin/wasm-opt missing; run `npm ci` (binaryen)");
+    process.exit(1);
+  }
+  run(wasmOpt, [
+    "-Oz",
+    "--enable-bulk-memory",
+    "--enable-sign-ext",
+    "--enable-mutable-globals",
+    "--enable-nontrapping-float-to-int",
+    "--enable-reference-types",
+    "--enable-multivalue",
+    "--strip-debug",
+    "--strip-producers",
+    bg,
+    "-o",
+    bg,
+  ]);
+}
+
+// 4. The hand-written glue and types.
+const js = join(root, "js");
+for (const f of readdirSync(js)) {
+  if (/\.(m?js|d\.ts)$/.test(f)) copyFileSync(join(js, f), join(pkg, f));
+}
+
+const size = (f) => statSync(join(pkg, f)).size;
+console.log(`built pkg/ (${profile}): concord_wasm_bg.wasm ${size("concord_wasm_bg.wasm")} B, concord_wasm.js ${size("concord_wasm.js")} B`);
