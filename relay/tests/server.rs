@@ -143,8 +143,9 @@ async fn http(addr: SocketAddr, request: &str) -> (u16, String, Vec<u8>) {
     (status, head, buf[end..].to_vec())
 }
 
-/// Reads until the server's Close; returns the binary frames seen before it.
-async fn until_close(ws: &mut Client) -> (Vec<Vec<u8>>, CloseFrame) {
+/// Reads until the server's Close, completes the closing handshake and drops the
+/// socket (as a browser does); returns the binary frames seen before the Close.
+async fn until_close(mut ws: Client) -> (Vec<Vec<u8>>, CloseFrame) {
     let mut frames = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -283,7 +284,7 @@ async fn oversized_frames_close_the_connection() {
     ws.send(Message::binary(vec![1; 1024])).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(vec![1; 1024]));
     ws.send(Message::binary(vec![1; 4096])).await.unwrap();
-    let (_, close) = until_close(&mut ws).await;
+    let (_, close) = until_close(ws).await;
     assert_eq!(code(&close), 1009);
     assert!(close.reason.contains("too big"), "{close:?}");
     assert_eq!(server.metrics.errors("frame_too_large"), 1);
@@ -295,7 +296,7 @@ async fn text_frames_close_the_connection() {
     let server = TestServer::start(limits(), None).await;
     let mut ws = server.ws().await;
     ws.send(Message::text("hello")).await.unwrap();
-    let (_, close) = until_close(&mut ws).await;
+    let (_, close) = until_close(ws).await;
     assert_eq!(code(&close), 1003);
     assert_eq!(close.reason.as_str(), "binary frames only");
     server.stop().await;
@@ -306,7 +307,7 @@ async fn handler_errors_close_with_their_reason() {
     let server = TestServer::start(limits(), None).await;
     let mut ws = server.ws().await;
     ws.send(Message::binary(b"fail".to_vec())).await.unwrap();
-    let (_, close) = until_close(&mut ws).await;
+    let (_, close) = until_close(ws).await;
     assert_eq!((code(&close), close.reason.as_str()), (1008, "handler says no"));
     server.stop().await;
 }
@@ -316,7 +317,7 @@ async fn slow_consumers_are_disconnected_not_dropped_silently() {
     let server = TestServer::start(Limits { send_queue: 8, ..limits() }, None).await;
     let mut ws = server.ws().await;
     ws.send(Message::binary(b"flood".to_vec())).await.unwrap();
-    let (frames, close) = until_close(&mut ws).await;
+    let (frames, close) = until_close(ws).await;
     assert_eq!(code(&close), 1013);
     assert_eq!(close.reason.as_str(), "slow consumer, resync");
     assert!(frames.len() < 100_000, "the flood was cut short");
@@ -325,6 +326,7 @@ async fn slow_consumers_are_disconnected_not_dropped_silently() {
     let mut other = server.ws().await;
     other.send(Message::binary(b"ok".to_vec())).await.unwrap();
     assert_eq!(other.next().await.unwrap().unwrap(), Message::binary(b"ok".to_vec()));
+    drop(other);
     server.stop().await;
 }
 
@@ -338,7 +340,7 @@ async fn exceeding_the_rate_limit_sends_the_handlers_error_then_closes() {
             break;
         }
     }
-    let (frames, close) = until_close(&mut ws).await;
+    let (frames, close) = until_close(ws).await;
     assert_eq!((code(&close), close.reason.as_str()), (1008, "rate limit"));
     assert_eq!(frames.len(), 6, "5 echoes, then the error: {frames:?}");
     assert_eq!(frames.last().unwrap(), b"rate limited");
@@ -350,7 +352,7 @@ async fn exceeding_the_rate_limit_sends_the_handlers_error_then_closes() {
 async fn silent_clients_are_closed_after_the_idle_timeout() {
     let server =
         TestServer::start(Limits { ping_interval_secs: 1, idle_timeout_secs: 2, ..limits() }, None).await;
-    let mut silent = server.ws().await;
+    let silent = server.ws().await;
     let mut lively = server.ws().await;
     // The lively client reads (and so answers pings); the silent one does not.
     let lively_task = tokio::spawn(async move {
@@ -362,9 +364,9 @@ async fn silent_clients_are_closed_after_the_idle_timeout() {
         lively
     });
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let (_, close) = until_close(&mut silent).await;
+    let (_, close) = until_close(silent).await;
     assert_eq!((code(&close), close.reason.as_str()), (1001, "idle timeout"));
-    let _lively = lively_task.await.unwrap();
+    drop(lively_task.await.unwrap());
     server.stop().await;
 }
 
@@ -387,6 +389,7 @@ async fn connection_permits_bound_open_sockets() {
         .unwrap();
     second.send(Message::binary(b"x".to_vec())).await.unwrap();
     assert_eq!(second.next().await.unwrap().unwrap(), Message::binary(b"x".to_vec()));
+    drop(second);
     server.stop().await;
 }
 
@@ -397,7 +400,7 @@ async fn shutdown_closes_connections_then_flushes() {
     ws.send(Message::binary(b"a".to_vec())).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(b"a".to_vec()));
     let addr = server.addr;
-    let reader = tokio::spawn(async move { until_close(&mut ws).await.1 });
+    let reader = tokio::spawn(async move { until_close(ws).await.1 });
     let handler = server.stop().await;
     let close = reader.await.unwrap();
     assert_eq!((code(&close), close.reason.as_str()), (1001, "server shutting down"));

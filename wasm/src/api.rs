@@ -88,36 +88,36 @@ impl DocHandle {
         if n < 0 {
             return Err(range_error("a counter only grows: increment by n >= 0, or use a pnCounter"));
         }
-        self.client.write(&self.id, |d| d.increment(key, n as u64).map(Some))
+        self.client.write(&self.id, &mut |d| d.increment(key, n as u64).map(Some))
     }
 
     /// Adds `n` (may be negative) to the PN-Counter at `key`.
     #[wasm_bindgen(js_name = pnAdd)]
     pub fn pn_add(&self, key: &str, n: f64) -> Result<(), JsValue> {
         let n = count(n)?;
-        self.client.write(&self.id, |d| d.pn_add(key, n).map(Some))
+        self.client.write(&self.id, &mut |d| d.pn_add(key, n).map(Some))
     }
 
     /// Writes the register at `key`.
     #[wasm_bindgen(js_name = setRegister)]
     pub fn set_register(&self, key: &str, value: JsValue) -> Result<(), JsValue> {
-        let v = from_js(&value)?;
+        let mut v = from_js(&value)?;
         let now = crate::js::now() as u64;
-        self.client.write(&self.id, |d| d.set_register(key, v, now).map(Some))
+        self.client.write(&self.id, &mut |d| d.set_register(key, std::mem::take(&mut v), now).map(Some))
     }
 
     /// Adds `value` to the set at `key`.
     #[wasm_bindgen(js_name = setAdd)]
     pub fn set_add(&self, key: &str, value: JsValue) -> Result<(), JsValue> {
-        let v = from_js(&value)?;
-        self.client.write(&self.id, |d| d.set_add(key, v).map(Some))
+        let mut v = from_js(&value)?;
+        self.client.write(&self.id, &mut |d| d.set_add(key, std::mem::take(&mut v)).map(Some))
     }
 
     /// Removes `value` from the set at `key` (a no-op when absent).
     #[wasm_bindgen(js_name = setRemove)]
     pub fn set_remove(&self, key: &str, value: JsValue) -> Result<(), JsValue> {
         let v = from_js(&value)?;
-        self.client.write(&self.id, |d| d.set_remove(key, &v))
+        self.client.write(&self.id, &mut |d| d.set_remove(key, &v))
     }
 
     /// The G-Counter's value (0 when unset).

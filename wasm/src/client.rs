@@ -29,12 +29,12 @@ use crate::channel::{self, Channel};
 use crate::error::{closed, doc_error, error, range_error, type_error};
 use crate::js::{self, Timer};
 use crate::store::{self, Batch, Loaded, Store};
+use crate::vecmap::{Names, VecMap};
 use concord_core::sync::msg::{Deltas, Subscribe, MAX_DOC_ID};
 use concord_core::sync::{DocStore, ErrorCode, Event, Msg, Session, SessionConfig, SyncError};
 use concord_core::{CausalContext, Delta, DocConfig, DocError, Document, ReplicaId, VersionVector};
 use js_sys::{Array, Function, Promise, Reflect, Uint8Array};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
 use std::rc::{Rc, Weak};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -217,7 +217,7 @@ impl Entry {
 }
 
 /// The open documents, as a [`DocStore`] for the session.
-struct Docs<'a>(&'a mut BTreeMap<String, Entry>);
+struct Docs<'a>(&'a mut VecMap<Entry>);
 
 impl DocStore for Docs<'_> {
     fn doc(&mut self, id: &str) -> Option<&mut Document> {
@@ -269,14 +269,14 @@ struct State {
     opts: Options,
     replica: ReplicaId,
     closed: bool,
-    docs: BTreeMap<String, Entry>,
+    docs: VecMap<Entry>,
     store: Option<Rc<Store>>,
     channel: Option<Channel>,
     net: Net,
     /// Local deltas not yet written to IndexedDB.
     to_persist: Vec<(String, Delta)>,
     /// Documents changed since their last snapshot.
-    dirty: BTreeSet<String>,
+    dirty: Names,
     writing: bool,
     last_snapshot: f64,
     flush: Timer,
@@ -421,7 +421,7 @@ impl State {
         if local && self.store.is_some() {
             self.to_persist.extend(deltas.iter().map(|d| (doc.to_owned(), d.clone())));
         }
-        self.dirty.insert(doc.to_owned());
+        self.dirty.add(doc);
     }
 
     fn schedule_flush(&mut self, cb: &Closure<dyn FnMut()>, delay: f64) {
@@ -440,11 +440,8 @@ impl State {
     fn take_batch(&mut self, force: bool) -> Batch {
         let now = js::now();
         let mut batch = Batch::default();
-        let snap: BTreeSet<String> = if force || now - self.last_snapshot >= SNAPSHOT_MS {
-            std::mem::take(&mut self.dirty)
-        } else {
-            BTreeSet::new()
-        };
+        let snap: Vec<String> =
+            if force || now - self.last_snapshot >= SNAPSHOT_MS { self.dirty.take() } else { Vec::new() };
         if !snap.is_empty() {
             self.last_snapshot = now;
         }
@@ -486,13 +483,13 @@ impl State {
                         }
                         e.change(calls, false, deltas.iter().map(|d| JsValue::from_str(&d.key)).collect());
                         e.settle_waiters(calls);
-                        self.dirty.insert(doc);
+                        self.dirty.add(&doc);
                     }
                 }
                 Event::StateMerged { doc } => {
                     if let Some(e) = self.docs.get(&doc) {
                         e.change(calls, false, e.all_keys());
-                        self.dirty.insert(doc);
+                        self.dirty.add(&doc);
                     }
                 }
                 Event::Synced { doc, vv } | Event::Acked { doc, vv } => {
@@ -527,12 +524,12 @@ impl Client {
                 opts,
                 replica: new_replica_id(),
                 closed: false,
-                docs: BTreeMap::new(),
+                docs: VecMap::default(),
                 store,
                 channel: None,
                 net: Net::default(),
                 to_persist: Vec::new(),
-                dirty: BTreeSet::new(),
+                dirty: Names::default(),
                 writing: false,
                 last_snapshot: 0.0,
                 flush: Timer::default(),
@@ -612,7 +609,7 @@ impl Client {
                     }
                     let mut e = Entry::new(doc);
                     if !stale.is_empty() || !outbox.is_empty() {
-                        st.dirty.insert(doc_id.to_owned());
+                        st.dirty.add(doc_id);
                     }
                     e.stale = stale;
                     e.unsnapped = outbox;
@@ -645,7 +642,7 @@ impl Client {
     pub fn write(
         &self,
         doc: &str,
-        op: impl FnOnce(&mut Document) -> Result<Option<Delta>, DocError>,
+        op: &mut dyn FnMut(&mut Document) -> Result<Option<Delta>, DocError>,
     ) -> Result<(), JsValue> {
         let mut calls = Vec::new();
         {
@@ -777,7 +774,9 @@ impl Client {
             if let Some(e) = failure {
                 // Nothing of the batch is known to be durable: snapshot everything again.
                 let docs: Vec<String> = st.docs.keys().cloned().collect();
-                st.dirty.extend(docs);
+                for d in docs {
+                    st.dirty.add(&d);
+                }
                 let msg = "could not save to IndexedDB (is the disk full?); will retry";
                 st.emit("error", error(msg), &mut calls);
                 let _ = e;
@@ -813,7 +812,7 @@ impl Client {
                     merge_into(&mut e.doc, &other);
                     if e.doc.version() != &before {
                         e.change(&mut calls, false, e.all_keys());
-                        st.dirty.insert(doc_id.to_owned());
+                        st.dirty.add(doc_id);
                         st.schedule_flush(&self.0.on_flush, SNAPSHOT_MS);
                     }
                 }

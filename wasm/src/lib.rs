@@ -31,6 +31,7 @@ pub mod error;
 pub mod js;
 pub mod store;
 pub mod value;
+pub mod vecmap;
 
 pub use api::{DocHandle, Replica};
 pub use client::{Client, Options, Status};

@@ -204,6 +204,9 @@ struct DocSync {
     we_subscribed: bool,
     /// Set when our subscription settled: we have all the peer had at this version.
     synced: Option<VersionVector>,
+    /// The peer said `Synced` at this version but some of its deltas have not arrived
+    /// yet (reordered or lost): settle once the document covers it.
+    awaiting: Option<VersionVector>,
     catchup: Option<Catchup>,
     /// Tick of our last subscribe, and of the last progress of its answer.
     sub_tick: u64,
@@ -297,6 +300,7 @@ impl Session {
         let st = self.docs.entry(doc_id.to_owned()).or_default();
         st.we_subscribed = true;
         st.synced = None;
+        st.awaiting = None;
         st.catchup = None;
         st.sub_tick = ticks;
         st.progress_tick = ticks;
@@ -394,11 +398,19 @@ impl Session {
             Msg::Subscribe(m) => self.on_subscribe(m, store, &mut out)?,
             Msg::Deltas(m) => self.on_deltas(m, store, &mut out)?,
             Msg::Synced(m) => {
+                let covered = store.doc(&m.doc).is_some_and(|d| m.vv.le(d.version()));
                 if let Some(st) = self.docs.get_mut(&m.doc) {
                     if st.we_subscribed && st.catchup.is_none() {
-                        st.synced = Some(m.vv.clone());
                         st.progress_tick = self.ticks;
-                        out.events.push(Event::Synced { doc: m.doc, vv: m.vv });
+                        if covered {
+                            st.awaiting = None;
+                            st.synced = Some(m.vv.clone());
+                            out.events.push(Event::Synced { doc: m.doc, vv: m.vv });
+                        } else if st.synced.is_none() {
+                            // Its deltas were overtaken or lost: settle when they are in
+                            // (a stalled subscription is sent again by `tick`).
+                            st.awaiting = Some(m.vv);
+                        }
                     }
                 }
             }
@@ -475,15 +487,27 @@ impl Session {
             // Checked above, so apply cannot fail.
             let _ = doc.apply_into(d, &mut applied);
         }
+        let covered = |vv: &VersionVector| vv.le(doc.version());
         let st = self.docs.entry(m.doc.clone()).or_default();
         for d in &m.deltas {
             st.peer_has.insert(d.dot);
         }
-        if st.catchup.is_some() {
+        if st.we_subscribed && st.synced.is_none() {
             st.progress_tick = self.ticks;
         }
+        let settled = match st.awaiting.take() {
+            Some(vv) if covered(&vv) => Some(vv),
+            other => {
+                st.awaiting = other;
+                None
+            }
+        };
         if !applied.is_empty() {
-            out.events.push(Event::Applied { doc: m.doc, deltas: applied });
+            out.events.push(Event::Applied { doc: m.doc.clone(), deltas: applied });
+        }
+        if let Some(vv) = settled {
+            st.synced = Some(vv.clone());
+            out.events.push(Event::Synced { doc: m.doc, vv });
         }
         Ok(())
     }
@@ -698,6 +722,7 @@ impl Session {
         doc.merge_state(&c.fields, &c.ctx, &c.vv)
             .map_err(|error| SyncError::Doc { doc: doc_id.to_owned(), error })?;
         st.synced = Some(c.vv.clone());
+        st.awaiting = None;
         out.events.push(Event::StateMerged { doc: doc_id.to_owned() });
         out.events.push(Event::Synced { doc: doc_id.to_owned(), vv: c.vv });
         Ok(())

@@ -915,17 +915,43 @@ impl World {
 
     // ---- the checks ----
 
+    /// How each replica's documents differ from replica 0's.
     fn describe_docs(&self) -> String {
         let mut s = String::new();
         for d in &DOC_IDS[..self.p.docs] {
-            for (i, r) in self.replicas.iter().enumerate() {
+            let base = &self.replicas[0].docs[*d];
+            let _ = writeln!(
+                s,
+                "  {d} @0: {} writes, cloud {:?}, pending {}, value {:?}",
+                base.version().total(),
+                base.context().cloud,
+                base.pending_len(),
+                base.to_value()
+            );
+            for (i, r) in self.replicas.iter().enumerate().skip(1) {
                 let doc = &r.docs[*d];
+                if doc == base && doc.pending_len() == 0 {
+                    continue;
+                }
+                let vv_diff: Vec<String> = doc
+                    .version()
+                    .iter()
+                    .chain(base.version().iter())
+                    .filter(|(id, _)| doc.version().get(*id) != base.version().get(*id))
+                    .map(|(id, _)| format!("{id}: {} vs {}", doc.version().get(id), base.version().get(id)))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
                 let _ = writeln!(
                     s,
-                    "  {d} @{i}: vv {:?} pending {} value {:?}",
-                    doc.version(),
+                    "  {d} @{i}: vv differs at {vv_diff:?}, cloud {:?}, pending {}, value {}",
+                    doc.context().cloud,
                     doc.pending_len(),
-                    doc.to_value()
+                    if doc.to_value() == base.to_value() {
+                        "same".to_string()
+                    } else {
+                        format!("{:?}", doc.to_value())
+                    }
                 );
             }
         }

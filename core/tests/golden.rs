@@ -1,0 +1,260 @@
+//! Golden byte vectors pin the wire and storage format (STYLE.md §6): an accidental change
+//! of any encoding fails here, loudly. A deliberate change bumps `codec::FORMAT_VERSION`
+//! and replaces these vectors (print them with `dbg!(hex(&bytes))`), in the same commit.
+
+use concord_core::codec::{self, tag};
+use concord_core::{
+    Crdt, Delta, DocConfig, Document, Dot, Field, GCounter, LwwRegister, OrSet, PnCounter, ReplicaId,
+    Timestamp, Value, VersionVector,
+};
+
+/// A replica id whose varint uses all nine bytes, so byte order and width show.
+const A: ReplicaId = ReplicaId(0x0A0A_0A0A_0A0A_0A0A);
+const B: ReplicaId = ReplicaId(0xB);
+const WALL: u64 = 1_700_000_000_000;
+
+/// The id `A` as a postcard varint.
+macro_rules! a {
+    () => {
+        "8a94a8d0a0c182850a"
+    };
+}
+
+const VERSION_VECTOR: &str = concat!("0301", "02", "0b", "01", a!(), "03");
+const COUNTER_DELTA: &str = concat!("0201", a!(), "01", "056c696b6573", "00", "01", a!(), "05");
+const PN_DELTA: &str = concat!("0201", a!(), "02", "05766f746573", "01", "00", "01", a!(), "03");
+const REGISTER_DELTA: &str =
+    concat!("0201", a!(), "03", "057469746c65", "02", "01", "80d095ffbc31", "00", a!(), "04", "0548656c6c6f");
+const SET_ADD_DELTA: &str = concat!(
+    "0201",
+    a!(),
+    "04",
+    "0474616773",
+    "03",
+    "01",
+    "04",
+    "0472757374",
+    "01",
+    a!(),
+    "04",
+    "00",
+    "01",
+    a!(),
+    "04"
+);
+const SET_REMOVE_DELTA: &str =
+    concat!("0201", a!(), "06", "0474616773", "03", "01", "020e", "00", "00", "01", a!(), "05");
+const SET_FIELD: &str =
+    concat!("0401", "03", "02", "020e", "01", a!(), "02", "040472757374", "01", a!(), "01", "00", "00");
+const DOCUMENT: &str = concat!(
+    "0101",
+    a!(),
+    // hlc
+    "80d095ffbc31",
+    "00",
+    a!(),
+    // fields, in key-hash order
+    "04",
+    "057469746c65020180d095ffbc3100",
+    a!(),
+    "040548656c6c6f",
+    "05766f7465730100",
+    "01",
+    a!(),
+    "03",
+    "056c696b657300",
+    "01",
+    a!(),
+    "05",
+    "04746167730301040472757374",
+    "01",
+    a!(),
+    "04",
+    "0000",
+    // version vector and context
+    "01",
+    a!(),
+    "06",
+    "01",
+    a!(),
+    "06",
+    "00",
+    // delta log
+    "06",
+    a!(),
+    "01056c696b657300",
+    "01",
+    a!(),
+    "05",
+    a!(),
+    "0205766f7465730100",
+    "01",
+    a!(),
+    "03",
+    a!(),
+    "03057469746c65020180d095ffbc3100",
+    a!(),
+    "040548656c6c6f",
+    a!(),
+    "0404746167730301040472757374",
+    "01",
+    a!(),
+    "04",
+    "00",
+    "01",
+    a!(),
+    "04",
+    a!(),
+    "0504746167730301020e",
+    "01",
+    a!(),
+    "05",
+    "00",
+    "01",
+    a!(),
+    "05",
+    a!(),
+    "0604746167730301020e0000",
+    "01",
+    a!(),
+    "05",
+    // log floor, pending
+    "00",
+    "00",
+);
+
+fn bytes(hex: &str) -> Vec<u8> {
+    assert!(hex.len() % 2 == 0, "odd hex length");
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex")).collect()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn assert_golden(actual: &[u8], golden: &str) {
+    assert_eq!(hex(actual), golden, "the encoding changed; if on purpose, bump FORMAT_VERSION");
+}
+
+/// The document every vector below comes from, and its deltas.
+fn history() -> (Document, Vec<Delta>) {
+    let mut doc = Document::new(A);
+    let deltas = vec![
+        doc.increment("likes", 5).unwrap(),
+        doc.pn_add("votes", -3).unwrap(),
+        doc.set_register("title", Value::from("Hello"), WALL).unwrap(),
+        doc.set_add("tags", Value::from("rust")).unwrap(),
+        doc.set_add("tags", Value::Int(7)).unwrap(),
+        doc.set_remove("tags", &Value::Int(7)).unwrap().unwrap(),
+    ];
+    (doc, deltas)
+}
+
+fn dot(seq: u64) -> Dot {
+    Dot::new(A, seq)
+}
+
+fn delta(seq: u64, key: &str, payload: Field) -> Delta {
+    Delta { dot: dot(seq), key: key.into(), payload }
+}
+
+#[test]
+fn a_version_vector_encodes_to_its_golden_bytes() {
+    let vv = VersionVector::from_iter([(A, 3), (B, 1)]);
+    assert_golden(&codec::encode(tag::VERSION_VECTOR, &vv), VERSION_VECTOR);
+    assert_eq!(codec::decode::<VersionVector>(tag::VERSION_VECTOR, &bytes(VERSION_VECTOR)), Ok(vv));
+}
+
+#[test]
+fn a_counter_delta_encodes_to_its_golden_bytes() {
+    let d = delta(1, "likes", Field::Counter(GCounter::default().increment(A, 5)));
+    assert_golden(&d.encode(), COUNTER_DELTA);
+    assert_eq!(Delta::decode(&bytes(COUNTER_DELTA)), Ok(d));
+}
+
+#[test]
+fn a_pn_counter_delta_encodes_to_its_golden_bytes() {
+    let d = delta(2, "votes", Field::PnCounter(PnCounter::default().decrement(A, 3)));
+    assert_golden(&d.encode(), PN_DELTA);
+    assert_eq!(Delta::decode(&bytes(PN_DELTA)), Ok(d));
+}
+
+#[test]
+fn a_register_delta_encodes_to_its_golden_bytes() {
+    let ts = Timestamp { millis: WALL, counter: 0, replica: A };
+    let d = delta(3, "title", Field::Register(LwwRegister::default().set(ts, Value::from("Hello"))));
+    assert_golden(&d.encode(), REGISTER_DELTA);
+    assert_eq!(Delta::decode(&bytes(REGISTER_DELTA)), Ok(d));
+}
+
+#[test]
+fn a_set_add_delta_encodes_to_its_golden_bytes() {
+    let d = delta(4, "tags", Field::Set(OrSet::default().add(dot(4), Value::from("rust"))));
+    assert_golden(&d.encode(), SET_ADD_DELTA);
+    assert_eq!(Delta::decode(&bytes(SET_ADD_DELTA)), Ok(d));
+}
+
+#[test]
+fn a_set_remove_delta_encodes_to_its_golden_bytes() {
+    let mut set = OrSet::default();
+    set.merge(&set.add(dot(5), Value::Int(7)));
+    let d = delta(6, "tags", Field::Set(set.remove(&Value::Int(7))));
+    assert_golden(&d.encode(), SET_REMOVE_DELTA);
+    let back = Delta::decode(&bytes(SET_REMOVE_DELTA)).unwrap();
+    assert_eq!(back, d);
+    assert_golden(&back.encode(), SET_REMOVE_DELTA);
+}
+
+#[test]
+fn a_documents_deltas_are_the_golden_ones() {
+    let (_, deltas) = history();
+    let golden = [COUNTER_DELTA, PN_DELTA, REGISTER_DELTA, SET_ADD_DELTA];
+    for (d, g) in deltas.iter().zip(golden) {
+        assert_golden(&d.encode(), g);
+    }
+    assert_golden(&deltas[5].encode(), SET_REMOVE_DELTA);
+}
+
+#[test]
+fn a_set_field_encodes_to_its_golden_bytes() {
+    let mut doc = Document::new(A);
+    doc.set_add("tags", Value::from("rust")).unwrap();
+    doc.set_add("tags", Value::Int(7)).unwrap();
+    let field = doc.get("tags").unwrap();
+    assert_golden(&codec::encode(tag::FIELD, field), SET_FIELD);
+    assert_eq!(codec::decode::<Field>(tag::FIELD, &bytes(SET_FIELD)).as_ref(), Ok(field));
+}
+
+#[test]
+fn a_document_snapshot_encodes_to_its_golden_bytes() {
+    let (doc, _) = history();
+    assert_golden(&doc.encode(), DOCUMENT);
+    let back = Document::decode(&bytes(DOCUMENT), DocConfig::default()).unwrap();
+    assert_eq!(back, doc);
+    assert_eq!(back.to_value(), doc.to_value());
+    assert_eq!(back.version(), doc.version());
+    assert_eq!(back.replica(), A);
+    assert_eq!(
+        back.to_value(),
+        Value::Object(
+            [
+                ("likes".to_string(), Value::Int(5)),
+                ("votes".to_string(), Value::Int(-3)),
+                ("title".to_string(), Value::from("Hello")),
+                ("tags".to_string(), Value::Array(vec![Value::from("rust")])),
+            ]
+            .into_iter()
+            .collect()
+        )
+    );
+}
+
+#[test]
+fn golden_bytes_with_another_tag_or_a_newer_version_are_refused() {
+    let mut b = bytes(COUNTER_DELTA);
+    b[0] = tag::DOCUMENT;
+    assert!(Delta::decode(&b).is_err());
+    let mut b = bytes(COUNTER_DELTA);
+    b[1] = codec::FORMAT_VERSION + 1;
+    assert!(matches!(Delta::decode(&b), Err(concord_core::DecodeError::UnsupportedVersion { .. })));
+}
