@@ -179,7 +179,11 @@ export class Doc {
   /** Resolves once the relay holds everything this replica has now, and this replica
    * has caught up with what the relay held when it subscribed. */
   synced() {
-    return this.#h.synced();
+    try {
+      return this.#h.synced();
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
   /** The whole document as plain data. */

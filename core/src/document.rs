@@ -673,6 +673,32 @@ impl Document {
         self.vv.iter().all(|(r, top)| peer.get(r) >= top || peer.get(r) >= self.log.floor.get(r))
     }
 
+    /// The hashes of the keys changed by deltas applied since this document was at
+    /// version `since`, or `None` when the log can no longer tell (it was trimmed, or
+    /// state arrived by transfer). A Merkle catch-up uses it to check that the state of
+    /// the keys it sends is still the state at the version it announced.
+    pub fn keys_changed_since(&self, since: &VersionVector) -> Option<BTreeSet<u64>> {
+        let mut out = BTreeSet::new();
+        for (r, top) in self.vv.iter() {
+            let from = since.get(r);
+            if from >= top {
+                continue;
+            }
+            if from < self.log.floor.get(r) {
+                return None;
+            }
+            let mut n = 0;
+            for (_, d) in self.log.by_dot.range(Dot::new(r, from + 1)..=Dot::new(r, top)) {
+                out.insert(FieldKey::new(&d.key).hash);
+                n += 1;
+            }
+            if n != top - from {
+                return None;
+            }
+        }
+        Some(out)
+    }
+
     // ---- state transfer (Merkle catch-up, full sync) ----
 
     /// The fields of `key_hashes` (every field whose key hashes to one of them), for a
@@ -693,15 +719,47 @@ impl Document {
         self.fields.iter().flat_map(|(k, s)| s.fields().map(|f| (k.name.to_string(), f.clone()))).collect()
     }
 
-    /// Joins fields sent by a peer whose state at version `vv` (context `ctx`) they are
-    /// part of, then adopts `vv`. The caller guarantees that, together with what this
-    /// document already had, the fields cover the peer's whole state at `vv` (all of it,
-    /// or every key where Merkle trees differed).
+    /// Joins the whole state of a peer — every field it had at version `vv` (context
+    /// `ctx`) — then adopts `vv`. Keys the peer did not send are keys it lacks, so it
+    /// never saw a dot of them: they stay as they are.
     pub fn merge_state(
         &mut self,
         fields: &[(String, Field)],
         ctx: &CausalContext,
         vv: &VersionVector,
+    ) -> Result<(), DocError> {
+        self.merge_fields(fields, ctx, vv, None)
+    }
+
+    /// Joins the fields a Merkle catch-up found different, sent by a peer whose state at
+    /// version `vv` (context `ctx`) they are, then adopts `vv`.
+    ///
+    /// Every other key was found equal on both sides, but the descent takes round trips
+    /// and this document keeps changing meanwhile: a key may have gained, after it was
+    /// compared, a dot the peer had already removed (say an add that reached this side
+    /// from a third replica after the comparison, whose remove the peer had applied).
+    /// Adopting `vv` marks that remove as seen here, so it would never come again and the
+    /// element would live on only on this side. `seen_when_equal(key_hash)` returns this
+    /// document's context at the moment that key's subtree or bucket compared equal
+    /// (`None` for keys that were asked for): a dot the peer had seen by `ctx`, which this
+    /// side had not seen when the key was equal, cannot be in the peer's state — it was
+    /// removed there, and is dropped here.
+    pub fn merge_keys<'a>(
+        &mut self,
+        fields: &[(String, Field)],
+        ctx: &CausalContext,
+        vv: &VersionVector,
+        seen_when_equal: &dyn Fn(u64) -> Option<&'a CausalContext>,
+    ) -> Result<(), DocError> {
+        self.merge_fields(fields, ctx, vv, Some(seen_when_equal))
+    }
+
+    fn merge_fields<'a>(
+        &mut self,
+        fields: &[(String, Field)],
+        ctx: &CausalContext,
+        vv: &VersionVector,
+        seen_when_equal: Option<&dyn Fn(u64) -> Option<&'a CausalContext>>,
     ) -> Result<(), DocError> {
         ctx.validate().map_err(InvalidState)?;
         vv.validate().map_err(InvalidState)?;
@@ -731,10 +789,32 @@ impl Document {
             }
             self.join_field(key, f, ctx);
         }
-        // Keys the peer did not send need no join: their Merkle leaves were equal (same
-        // state), or the peer lacks the key and so never saw a dot of it. (Joining them
-        // with an empty set under `ctx` would drop every dot the peer has seen, and
-        // would scan every key of the document.)
+        // Keys the peer did not send need no join, except for dots gained since they
+        // compared equal (see `merge_keys`). (Joining them with an empty set under `ctx`
+        // would drop every dot the peer has seen.)
+        if let Some(seen_when_equal) = seen_when_equal {
+            let sent: BTreeSet<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+            for (k, slot) in self.fields.iter_mut() {
+                let Some(Field::Set(set)) = slot.get_mut(Kind::Set) else { continue };
+                if sent.contains(&*k.name) {
+                    continue;
+                }
+                let Some(then) = seen_when_equal(k.hash) else { continue };
+                let gone = |d: &Dot| ctx.contains(*d) && !then.contains(*d);
+                if !set.entries().values().any(|ds| ds.as_slice().iter().any(gone)) {
+                    continue;
+                }
+                set.entries_mut().retain(|_, ds| {
+                    let keep: Vec<Dot> = ds.as_slice().iter().copied().filter(|d| !gone(d)).collect();
+                    *ds = match keep.len() {
+                        1 => Dots::One(keep[0]),
+                        _ => Dots::Many(keep),
+                    };
+                    !ds.is_empty()
+                });
+                self.dirty.insert(k.clone());
+            }
+        }
         for (r, s) in vv.iter() {
             if s > self.vv.get(r) {
                 self.vv.raise(r, s);

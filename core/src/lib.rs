@@ -16,7 +16,11 @@
 //! - [`hash`]: stable hashes for Merkle trees and the ring.
 //! - [`docset`]: the document-set Merkle tree (`document id -> version digest`) relays
 //!   compare for anti-entropy.
+//! - [`ring`]: consistent hashing with virtual nodes: which relays own a document.
+//! - [`cluster`]: the relay cluster's decisions without I/O: failure detection, sloppy
+//!   quorum targets and ack counting, hinted handoff, anti-entropy planning.
 
+pub mod cluster;
 pub mod codec;
 pub mod docset;
 pub mod document;
@@ -28,11 +32,13 @@ pub mod lww;
 pub mod merkle;
 pub mod orset;
 pub mod pncounter;
+pub mod ring;
 pub mod sync;
 pub mod traits;
 pub mod value;
 pub mod vv;
 
+pub use cluster::{FailureDetector, Health, HintQueue, Target, WriteQuorum};
 pub use codec::DecodeError;
 pub use docset::{DocSet, DocSetDiff};
 pub use document::{Delta, DocConfig, DocError, Document, Field, Kind};
@@ -42,6 +48,7 @@ pub use id::{Dot, ReplicaId};
 pub use lww::LwwRegister;
 pub use orset::OrSet;
 pub use pncounter::PnCounter;
+pub use ring::{Ring, RingNode};
 pub use traits::{Crdt, InvalidState};
 pub use value::Value;
 pub use vv::{CausalContext, Causality, VersionVector};

@@ -89,63 +89,76 @@ pub fn join_entries<V: Hash + Eq + Clone>(
     });
 
     for (v, their_dots) in theirs {
-        let merged = match mine.get(v) {
+        match mine.get_mut(v) {
             None => {
-                let keep: Vec<Dot> =
-                    their_dots.as_slice().iter().copied().filter(|d| !my_ctx.contains(*d)).collect();
-                if keep.is_empty() {
-                    continue;
-                }
-                Dots::from_vec(keep)
+                let merged = match their_dots {
+                    Dots::One(d) if my_ctx.contains(*d) => continue,
+                    Dots::One(d) => Dots::One(*d),
+                    Dots::Many(ds) => {
+                        let keep: Vec<Dot> = ds.iter().copied().filter(|d| !my_ctx.contains(*d)).collect();
+                        if keep.is_empty() {
+                            continue;
+                        }
+                        Dots::from_vec(keep)
+                    }
+                };
+                mine.insert(v.clone(), merged);
             }
             Some(my_dots) => {
                 if let Some(l) = loose.as_mut() {
                     l.retain(|d| !my_dots.contains(*d));
                 }
-                if my_dots == their_dots {
+                if *my_dots == *their_dots {
                     continue;
                 }
-                let mut keep: Vec<Dot> = my_dots
-                    .as_slice()
-                    .iter()
-                    .copied()
-                    .filter(|d| their_dots.contains(*d) || !their_ctx.contains(*d))
-                    .collect();
-                keep.extend(
-                    their_dots
-                        .as_slice()
-                        .iter()
-                        .copied()
-                        .filter(|d| !my_dots.contains(*d) && !my_ctx.contains(*d)),
-                );
-                if keep.is_empty() {
+                if !join_dots(my_dots, my_ctx, their_dots, their_ctx) {
                     mine.remove(v);
-                    continue;
                 }
-                Dots::from_vec(keep)
             }
-        };
-        mine.insert(v.clone(), merged);
+        }
     }
 
     if loose.is_none_or(|l| !l.is_empty()) {
         mine.retain(|v, ds| {
-            if theirs.contains_key(v) {
+            if !ds.as_slice().iter().any(|d| their_ctx.contains(*d)) || theirs.contains_key(v) {
                 return true;
             }
-            let before = ds.as_slice().len();
             let keep: Vec<Dot> = ds.as_slice().iter().copied().filter(|d| !their_ctx.contains(*d)).collect();
-            if keep.len() != before {
-                if keep.is_empty() {
-                    return false;
-                }
-                *ds = Dots::from_vec(keep);
+            if keep.is_empty() {
+                return false;
             }
+            *ds = Dots::from_vec(keep);
             true
         });
     }
 }
 
+/// Joins the dots of one element present on both sides into `mine`: a dot survives if
+/// both sides have it, or if the side lacking it never saw it. Returns whether any survive.
+fn join_dots(mine: &mut Dots, my_ctx: &CausalContext, theirs: &Dots, their_ctx: &CausalContext) -> bool {
+    // The common case, one add on each side (a re-add meeting the add it replaced),
+    // without allocating.
+    if let (Dots::One(m), Dots::One(t)) = (&*mine, theirs) {
+        let (m, t) = (*m, *t);
+        let keep_m = !their_ctx.contains(m);
+        let keep_t = !my_ctx.contains(t);
+        *mine = match (keep_m, keep_t) {
+            (true, true) => Dots::from_vec(vec![m, t]),
+            (true, false) => Dots::One(m),
+            (false, true) => Dots::One(t),
+            (false, false) => return false,
+        };
+        return true;
+    }
+    let mut keep: Vec<Dot> =
+        mine.as_slice().iter().copied().filter(|d| theirs.contains(*d) || !their_ctx.contains(*d)).collect();
+    keep.extend(theirs.as_slice().iter().copied().filter(|d| !mine.contains(*d) && !my_ctx.contains(*d)));
+    if keep.is_empty() {
+        return false;
+    }
+    *mine = Dots::from_vec(keep);
+    true
+}
 /// An add-wins observed-remove set.
 ///
 /// A remove delta names the element it removes with an empty dot set, a *removal hint*

@@ -71,11 +71,41 @@ impl VersionVector {
         Dot::new(replica, self.get(replica).saturating_add(1))
     }
 
-    /// Pointwise maximum.
+    /// Pointwise maximum: one linear pass over both sorted vectors (raising entry by
+    /// entry would shift the vector once per new replica, quadratic for large vectors).
     pub fn merge(&mut self, other: &VersionVector) {
-        for &(r, s) in &other.entries {
-            self.raise(r, s);
+        let sorted = |e: &[(ReplicaId, u64)]| e.windows(2).all(|w| w[0].0 < w[1].0);
+        if other.entries.len() <= 4 || !sorted(&self.entries) || !sorted(&other.entries) {
+            // Small (a delta) or not validated: raise in place, which tolerates anything.
+            for &(r, s) in &other.entries {
+                self.raise(r, s);
+            }
+            return;
         }
+        let (a, b) = (&self.entries, &other.entries);
+        let mut out = Vec::with_capacity(a.len() + b.len());
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() && j < b.len() {
+            match a[i].0.cmp(&b[j].0) {
+                core::cmp::Ordering::Less => {
+                    out.push(a[i]);
+                    i += 1;
+                }
+                core::cmp::Ordering::Greater => {
+                    out.push(b[j]);
+                    j += 1;
+                }
+                core::cmp::Ordering::Equal => {
+                    out.push((a[i].0, a[i].1.max(b[j].1)));
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        out.extend_from_slice(&a[i..]);
+        out.extend_from_slice(&b[j..]);
+        out.retain(|e| e.1 != 0);
+        self.entries = out;
     }
 
     /// Whether every event of `self` is also in `other` (`self <= other`).
@@ -189,14 +219,11 @@ impl CausalContext {
 
     /// Records every event of `vv` as seen.
     pub fn absorb(&mut self, vv: &VersionVector) {
-        let mut touched = false;
-        for (r, s) in vv.iter() {
-            if s > self.vv.get(r) {
-                self.vv.raise(r, s);
-                touched = true;
-            }
+        if vv.le(&self.vv) {
+            return;
         }
-        if touched && !self.cloud.is_empty() {
+        self.vv.merge(vv);
+        if !self.cloud.is_empty() {
             let replicas: Vec<ReplicaId> = vv.iter().map(|e| e.0).collect();
             for r in replicas {
                 self.fold(r);

@@ -8,14 +8,30 @@
 
 mod simnet;
 
-use simnet::{replay_command, run_seed, Stats};
+use simnet::{replay_command, run_seed, run_seed_with, Stats};
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
+/// `SIM_SEED=<n> SIM_SHRINK=1`: the fewest chaos steps that still fail (the random stream
+/// is consumed in order, so a shorter run is a prefix of the longer one).
+fn shrink(seed: u64) {
+    let full = simnet::World::new(seed, &|_| {}).params().steps;
+    for steps in 1..=full {
+        if let Err(e) = run_seed_with(seed, &|p| p.steps = steps) {
+            println!("seed {seed} fails with {steps} of {full} steps: {e}");
+            return;
+        }
+    }
+    println!("seed {seed} passes at every length up to {full}");
+}
+
 #[test]
 fn random_runs_converge_and_keep_every_acknowledged_write() {
+    if let (Some(seed), Some(1)) = (env_u64("SIM_SEED"), env_u64("SIM_SHRINK")) {
+        return shrink(seed);
+    }
     let seeds: Vec<u64> = match env_u64("SIM_SEED") {
         Some(s) => vec![s],
         None => {

@@ -127,10 +127,6 @@ pub(crate) async fn serve<S, H>(
                 metrics.error("slow_consumer");
                 break Some(CloseReason::slow_consumer().into());
             }
-            _ = sleep_until(deadline) => {
-                metrics.error("idle_timeout");
-                break Some(CloseReason::going_away("idle timeout").into());
-            }
             _ = &mut writer, if !writer_done => {
                 // The socket failed under the writer: nothing more can be sent.
                 writer_done = true;
@@ -187,6 +183,11 @@ pub(crate) async fn serve<S, H>(
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                     Message::Close(_) => {}
                 }
+            }
+            // Last: a message already waiting counts as traffic, even after a slow handler.
+            _ = sleep_until(deadline) => {
+                metrics.error("idle_timeout");
+                break Some(CloseReason::going_away("idle timeout").into());
             }
         }
     };

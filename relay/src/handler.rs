@@ -239,6 +239,12 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Called once at shutdown after every connection ended: persist what must be.
     fn flush(&self) -> impl Future<Output = ()> + Send;
+
+    /// Extra `GET` routes (e.g. cluster introspection): `Some((status, content type,
+    /// body))` to answer, `None` to fall through to static files / 404.
+    fn http_get(&self, _path: &str, _query: Option<&str>) -> Option<(u16, &'static str, Vec<u8>)> {
+        None
+    }
 }
 
 /// A handler that accepts connections and answers nothing: the relay's placeholder until

@@ -189,6 +189,7 @@ impl Response {
 fn reason_phrase(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
+        301 => "Moved Permanently",
         200 => "OK",
         400 => "Bad Request",
         403 => "Forbidden",
@@ -263,6 +264,10 @@ pub async fn serve_static(root: &Path, url_path: &str) -> Response {
         return Response::text(404, "not found");
     }
     let real = match tokio::fs::metadata(&real).await {
+        Ok(m) if m.is_dir() && !url_path.ends_with('/') => {
+            // So that relative links in the directory's index.html resolve.
+            return Response::text(301, "moved").with_header("Location", format!("{url_path}/"));
+        }
         Ok(m) if m.is_dir() => real.join("index.html"),
         Ok(m) if m.len() > MAX_STATIC_FILE_BYTES => return Response::text(413, "file too large"),
         Ok(_) => real,

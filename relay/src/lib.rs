@@ -11,7 +11,7 @@
 //! wire        http.rs        one port: request head → /sync upgrade, /healthz, /metrics, files
 //!             connection.rs  one WebSocket: reader loop, bounded writer queue, pings, limits
 //! session     handler.rs     the Handler trait + Outbox: where the sync protocol plugs in
-//! documents   (the sync handler, with concord-core)
+//! documents   node.rs        the sync handler: concord-core sessions, rooms, persistence
 //! storage     storage.rs     redb, group commit: durable before acknowledged
 //! ```
 //!
@@ -21,10 +21,12 @@
 //! [`server::run`].
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 mod connection;
 pub mod handler;
 pub mod http;
+pub mod load;
 pub mod metrics;
 pub mod node;
 pub mod server;

@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use concord_relay::auth::{self, Access, Claims};
+use concord_relay::cluster::ClusterView;
 use concord_relay::config::{Config, Overrides};
 use concord_relay::metrics::Metrics;
 use concord_relay::node::{Node, NodeOptions};
@@ -243,13 +244,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
         max_frame: config.limits.max_frame_bytes,
         ..NodeOptions::default()
     };
-    let node = Node::open(storage, metrics.clone(), options).await?;
-    let (stop_ticker, ticker_stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(node.clone().run_ticker(async {
-        let _ = ticker_stopped.await;
+    let cluster = (config.cluster.nodes.len() > 1).then(|| {
+        let nodes: Vec<(String, String, u32)> =
+            config.cluster.nodes.iter().map(|n| (n.id.clone(), n.addr.clone(), n.weight)).collect();
+        ClusterView::new(
+            &config.node_id,
+            &nodes,
+            config.cluster.replicas,
+            config.cluster.r(),
+            config.cluster.w(),
+            config.cluster.vnodes,
+        )
+    });
+    let node = Node::open(storage, metrics.clone(), options, cluster).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut ticker_stop = stopped.clone();
+    tokio::spawn(node.clone().run_ticker(async move {
+        let _ = ticker_stop.changed().await;
     }));
+    concord_relay::cluster::spawn_links(node.clone(), stopped);
     concord_relay::server::run(listener, &config, Arc::new(node), metrics, shutdown_signal()).await;
-    let _ = stop_ticker.send(());
+    let _ = stop.send(true);
     Ok(())
 }
 

@@ -1,30 +1,36 @@
-//! The sync handler: one relay node's documents, rooms and durability.
+//! The sync handler: one relay node's documents, rooms, durability and write quorum.
 //!
-//! Data path of a frame: [`crate::connection`] hands it to [`Node::on_binary`] → the
-//! frame is decoded and authorised → the connection's core [`Session`] applies it to the
-//! document (loaded from [`Storage`] on demand) → applied deltas are pushed at once to
-//! every other connection subscribed to the document, and written to storage; the
-//! group-commit writer makes them durable together with other connections' writes →
-//! only then the writer gets its [`Ack`](concord_core::sync::msg::Ack).
+//! Data path of a frame: [`crate::connection`] (or a cluster peer link) hands it to
+//! [`Node::on_binary`] → the frame is decoded and authorised → the connection's core
+//! [`Session`] applies it to the document (loaded from [`Storage`] on demand) → applied
+//! deltas are pushed at once to every other connection subscribed to the document
+//! (clients and peer relays alike) and written to storage, where the group-commit writer
+//! makes them durable together with other connections' writes → the writer is acked:
+//! standalone, once the local commit is durable; in a cluster, once W replicas of the
+//! document's preference list confirmed durability (see [`crate::cluster`]).
 //!
 //! All protocol decisions are made by concord-core; this module moves bytes, keeps
-//! per-connection sessions, and decides what to persist.
+//! per-connection sessions, and decides what to persist and when to ack.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use concord_core::cluster::{write_targets, WriteQuorum};
 use concord_core::sync::msg::ErrorMsg;
 use concord_core::sync::{ErrorCode, Event, FrameError, Msg, Session, SessionConfig, SyncError};
-use concord_core::{CausalContext, Delta, DocConfig, Document, ReplicaId};
+use concord_core::{CausalContext, Delta, DocConfig, Document, Dot, ReplicaId, VersionVector};
 
 use crate::auth::{self, Access, Claims};
+use crate::cluster::ClusterView;
 use crate::handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox};
 use crate::metrics::Metrics;
 use crate::storage::{Storage, StorageError, WriteOp};
 
 /// Deltas written per document before a snapshot replaces them.
 const SNAPSHOT_EVERY: u64 = 512;
+/// Prefix of the `Hello` token of a relay peer link.
+pub const PEER_TOKEN_PREFIX: &str = "peer:";
 
 /// Settings of a node's sync handler.
 #[derive(Debug, Clone)]
@@ -37,6 +43,9 @@ pub struct NodeOptions {
     pub max_frame: usize,
     /// Delta log length per document.
     pub doc_config: DocConfig,
+    /// How long a coordinator waits for W durable acks before answering
+    /// "not enough replicas".
+    pub write_timeout: Duration,
 }
 
 impl Default for NodeOptions {
@@ -46,40 +55,63 @@ impl Default for NodeOptions {
             doc_cache_capacity: 1024,
             max_frame: 256 * 1024,
             doc_config: DocConfig::default(),
+            write_timeout: Duration::from_secs(3),
         }
     }
 }
 
-struct DocEntry {
-    doc: Document,
-    /// Dots known to be durable here.
+pub(crate) struct DocEntry {
+    pub(crate) doc: Document,
+    /// Dots durable on this node.
     durable: CausalContext,
-    /// Next position in the storage log.
+    /// Dots durable on W replicas (cluster mode): what clients are acked for.
+    quorum: CausalContext,
+    /// Per peer node: the version it acknowledged as durable.
+    peer_acks: HashMap<String, VersionVector>,
+    /// Client writes waiting for their quorum.
+    waiting: Vec<WaitingWrite>,
     next_seq: u64,
     since_snapshot: u64,
-    /// Storage writes not yet committed (the document cannot be unloaded meanwhile).
     inflight: u64,
-    members: BTreeSet<u64>,
+    pub(crate) members: BTreeSet<u64>,
     last_used: u64,
 }
 
-struct ConnEntry {
-    session: Session,
-    out: Outbox,
+struct WaitingWrite {
+    dots: Vec<Dot>,
+    conn: u64,
+    quorum: WriteQuorum,
+    deadline: Instant,
+    received: Instant,
+}
+
+pub(crate) struct ConnEntry {
+    pub(crate) session: Session,
+    pub(crate) out: Outbox,
     claims: Option<Claims>,
     docs: BTreeSet<String>,
+    /// The relay node at the other end, for peer links (either direction).
+    pub(crate) peer: Option<String>,
 }
 
 #[derive(Default)]
-struct State {
-    docs: HashMap<String, DocEntry>,
-    conns: HashMap<u64, ConnEntry>,
+pub(crate) struct State {
+    pub(crate) docs: HashMap<String, DocEntry>,
+    pub(crate) conns: HashMap<u64, ConnEntry>,
+    /// Outgoing peer link per node id.
+    pub(crate) links: HashMap<String, u64>,
+    /// Documents this node stores for owners that were down: doc -> owner -> hint id.
+    pub(crate) hints: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Delivered hints to delete from storage: (owner, doc, hint id).
+    pub(crate) hint_deletes: Vec<(String, String, u64)>,
+    /// Every stored document with its version digest (for anti-entropy).
+    pub(crate) stored: BTreeMap<String, VersionVector>,
     next_conn: u64,
     clock: u64,
 }
 
-struct Docs<'a> {
-    docs: &'a mut HashMap<String, DocEntry>,
+pub(crate) struct Docs<'a> {
+    pub(crate) docs: &'a mut HashMap<String, DocEntry>,
 }
 
 impl concord_core::sync::DocStore for Docs<'_> {
@@ -88,23 +120,24 @@ impl concord_core::sync::DocStore for Docs<'_> {
     }
 }
 
-struct Inner {
+pub(crate) struct Inner {
     replica: ReplicaId,
-    storage: Storage,
-    metrics: Arc<Metrics>,
-    options: NodeOptions,
+    pub(crate) storage: Storage,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) options: NodeOptions,
+    pub(crate) cluster: Option<ClusterView>,
     state: Mutex<State>,
 }
 
 /// The relay's [`Handler`]: shared state of one node. Cheap to clone.
 #[derive(Clone)]
 pub struct Node {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-/// Per-connection handle given to the server.
+/// Per-connection handle given to the server (or held by a peer link).
 pub struct NodeConn {
-    id: u64,
+    pub(crate) id: u64,
     out: Outbox,
 }
 
@@ -112,8 +145,10 @@ pub struct NodeConn {
 struct Pending {
     doc: String,
     ops: Vec<WriteOp>,
-    dots: Vec<concord_core::Dot>,
-    absorb: Option<concord_core::VersionVector>,
+    dots: Vec<Dot>,
+    absorb: Option<VersionVector>,
+    /// Ack the writer once locally durable (standalone, or a replica write from a peer).
+    ack_local: bool,
 }
 
 impl Node {
@@ -122,6 +157,7 @@ impl Node {
         storage: Storage,
         metrics: Arc<Metrics>,
         options: NodeOptions,
+        cluster: Option<ClusterView>,
     ) -> Result<Node, StorageError> {
         let replica = match storage.get_meta("replica_id").await? {
             Some(b) if b.len() == 8 => ReplicaId(u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))),
@@ -131,15 +167,30 @@ impl Node {
                 id
             }
         };
-        Ok(Node {
-            inner: Arc::new(Inner {
-                replica,
-                storage,
-                metrics,
-                options,
-                state: Mutex::new(State::default()),
-            }),
-        })
+        let mut state = State::default();
+        for target in storage.hint_targets().await? {
+            for h in storage.hints_for(target.clone()).await? {
+                state.hints.entry(h.doc).or_default().insert(target.clone(), h.id);
+            }
+        }
+        for doc in storage.list_docs().await? {
+            state.stored.insert(doc, VersionVector::new());
+        }
+        let node = Node {
+            inner: Arc::new(Inner { replica, storage, metrics, options, cluster, state: Mutex::new(state) }),
+        };
+        // Version digests of stored documents, for anti-entropy.
+        if node.inner.cluster.is_some() {
+            let ids: Vec<String> = node.lock().stored.keys().cloned().collect();
+            for id in ids {
+                node.ensure_loaded(&id).await?;
+                let mut st = node.lock();
+                let vv = st.docs.get(&id).map(|e| e.doc.version().clone()).unwrap_or_default();
+                st.stored.insert(id, vv);
+                Self::evict(&mut st, node.inner.options.doc_cache_capacity);
+            }
+        }
+        Ok(node)
     }
 
     /// This node's replica id.
@@ -147,7 +198,7 @@ impl Node {
         self.inner.replica
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock would be a bug; keep serving with the data.
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -156,29 +207,63 @@ impl Node {
         SessionConfig { max_frame: self.inner.options.max_frame, ..SessionConfig::default() }
     }
 
-    /// Runs `tick` on every session once a second until `shutdown` resolves: re-sends
-    /// subscriptions that stalled.
+    /// Runs `tick` on every session once a second, expires writes that missed their
+    /// quorum, and (in a cluster) hands off hints and runs anti-entropy, until
+    /// `shutdown` resolves.
     pub async fn run_ticker(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut every = tokio::time::interval(Duration::from_secs(1));
+        let mut every = tokio::time::interval(Duration::from_millis(250));
+        let mut n: u64 = 0;
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = every.tick() => {
-                    let mut st = self.lock();
-                    let State { docs, conns, .. } = &mut *st;
-                    for c in conns.values_mut() {
-                        for m in c.session.tick(&mut Docs { docs }) {
-                            let _ = c.out.send(m.encode());
+                    n += 1;
+                    self.expire_writes();
+                    if n % 4 == 0 {
+                        let mut st = self.lock();
+                        let State { docs, conns, .. } = &mut *st;
+                        for c in conns.values_mut() {
+                            for m in c.session.tick(&mut Docs { docs }) {
+                                let _ = c.out.send(m.encode());
+                            }
                         }
+                    }
+                    if self.inner.cluster.is_some() {
+                        crate::cluster::tick(&self, n).await;
                     }
                 }
             }
         }
     }
 
+    fn expire_writes(&self) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let State { docs, conns, .. } = &mut *st;
+        for (doc_id, e) in docs.iter_mut() {
+            let (late, keep): (Vec<WaitingWrite>, Vec<WaitingWrite>) =
+                std::mem::take(&mut e.waiting).into_iter().partition(|w| w.deadline <= now);
+            e.waiting = keep;
+            for w in late {
+                if let Some(c) = conns.get(&w.conn) {
+                    let msg = Msg::Error(ErrorMsg {
+                        code: ErrorCode::NOT_ENOUGH_REPLICAS,
+                        doc: Some(doc_id.clone()),
+                        message: format!(
+                            "only {} of {} replicas confirmed the write in time; it is kept on your side, retry",
+                            w.quorum.acks(),
+                            w.quorum.w()
+                        ),
+                    });
+                    self.send(&c.out, &msg);
+                }
+            }
+        }
+    }
+
     /// Makes sure `doc` is in memory, loading it from storage.
-    async fn ensure_loaded(&self, doc_id: &str) -> Result<(), StorageError> {
+    pub(crate) async fn ensure_loaded(&self, doc_id: &str) -> Result<(), StorageError> {
         if self.lock().docs.contains_key(doc_id) {
             return Ok(());
         }
@@ -210,7 +295,10 @@ impl Node {
         let clock = st.clock;
         st.docs.entry(doc_id.to_owned()).or_insert(DocEntry {
             doc,
+            quorum: durable.clone(),
             durable,
+            peer_acks: HashMap::new(),
+            waiting: Vec::new(),
             next_seq,
             since_snapshot: stored.deltas.len() as u64,
             inflight: 0,
@@ -228,7 +316,7 @@ impl Node {
         let mut idle: Vec<(u64, String)> = st
             .docs
             .iter()
-            .filter(|(_, e)| e.members.is_empty() && e.inflight == 0)
+            .filter(|(_, e)| e.members.is_empty() && e.inflight == 0 && e.waiting.is_empty())
             .map(|(k, e)| (e.last_used, k.clone()))
             .collect();
         idle.sort();
@@ -238,7 +326,7 @@ impl Node {
         }
     }
 
-    fn send(&self, out: &Outbox, msg: &Msg) {
+    pub(crate) fn send(&self, out: &Outbox, msg: &Msg) {
         let bytes = msg.encode();
         if let Msg::Error(e) = msg {
             self.inner.metrics.error(e.code.name());
@@ -260,6 +348,59 @@ impl Node {
         }
     }
 
+    /// The token a peer link presents.
+    pub(crate) fn peer_token(&self, me: &str) -> String {
+        match &self.inner.options.auth_secret {
+            None => format!("{PEER_TOKEN_PREFIX}{me}"),
+            Some(secret) => {
+                let claims =
+                    Claims::new("*", Access::ReadWrite, u64::MAX / 2).unwrap_or_else(|_| unreachable!());
+                format!("{PEER_TOKEN_PREFIX}{me}:{}", auth::sign(secret, &claims))
+            }
+        }
+    }
+
+    /// Checks a `Hello`: peers identify themselves, clients need a token when a secret is
+    /// set. Returns the peer node id for peer links.
+    fn authenticate(&self, c: &mut ConnEntry, token: Option<&str>) -> Result<(), CloseReason> {
+        if let Some(rest) = token.and_then(|t| t.strip_prefix(PEER_TOKEN_PREFIX)) {
+            let (node, signed) = match rest.split_once(':') {
+                Some((n, s)) => (n, Some(s)),
+                None => (rest, None),
+            };
+            if let Some(secret) = &self.inner.options.auth_secret {
+                let ok = signed.map(|s| auth::verify(secret, s, unix_now())).is_some_and(|r| r.is_ok());
+                if !ok {
+                    self.error(&c.out, ErrorCode::UNAUTHORIZED, None, "peer token rejected".into());
+                    return Err(CloseReason::policy("unauthorized"));
+                }
+                c.claims = Claims::new("*", Access::ReadWrite, u64::MAX / 2).ok();
+            }
+            c.peer = Some(node.to_owned());
+            return Ok(());
+        }
+        let Some(secret) = &self.inner.options.auth_secret else { return Ok(()) };
+        match token.map(|t| auth::verify(secret, t, unix_now())) {
+            Some(Ok(claims)) => {
+                c.claims = Some(claims);
+                Ok(())
+            }
+            Some(Err(e)) => {
+                self.error(&c.out, ErrorCode::UNAUTHORIZED, None, format!("{e}"));
+                Err(CloseReason::policy("unauthorized"))
+            }
+            None => {
+                self.error(
+                    &c.out,
+                    ErrorCode::UNAUTHORIZED,
+                    None,
+                    "this relay requires a token in Hello; ask your server for one".into(),
+                );
+                Err(CloseReason::policy("unauthorized"))
+            }
+        }
+    }
+
     /// Authorises and applies one message of connection `id` (whose entry is taken out of
     /// `conns` meanwhile), fanning out and queueing writes into `pending`.
     #[allow(clippy::too_many_arguments)]
@@ -268,49 +409,32 @@ impl Node {
         id: u64,
         c: &mut ConnEntry,
         msg: Msg,
-        docs: &mut HashMap<String, DocEntry>,
-        conns: &mut HashMap<u64, ConnEntry>,
+        st: &mut State,
         clock: u64,
         pending: &mut Vec<Pending>,
+        follow: &mut Vec<String>,
     ) -> Result<(), CloseReason> {
-        // Authorisation.
-        if let Some(secret) = &self.inner.options.auth_secret {
-            match &msg {
-                Msg::Hello(h) => {
-                    let now = unix_now();
-                    match h.token.as_deref().map(|t| auth::verify(secret, t, now)) {
-                        Some(Ok(claims)) => c.claims = Some(claims),
-                        Some(Err(e)) => {
-                            self.error(&c.out, ErrorCode::UNAUTHORIZED, None, e.to_string());
-                            return Err(CloseReason::policy("unauthorized"));
-                        }
-                        None => {
-                            self.error(
-                                &c.out,
-                                ErrorCode::UNAUTHORIZED,
-                                None,
-                                "this relay requires a token in Hello; ask your server for one".into(),
-                            );
-                            return Err(CloseReason::policy("unauthorized"));
-                        }
+        if let Msg::Hello(h) = &msg {
+            self.authenticate(c, h.token.as_deref())?;
+        } else if self.inner.options.auth_secret.is_some() {
+            if let Some(doc) = msg.doc() {
+                let allowed = match &c.claims {
+                    Some(claims) => claims.check(doc, Self::needs(&msg)).map_err(|e| e.to_string()),
+                    None => Err("send Hello with a token first".to_string()),
+                };
+                if let Err(why) = allowed {
+                    if !matches!(msg, Msg::Error(_)) {
+                        self.error(&c.out, ErrorCode::FORBIDDEN, Some(doc), why);
                     }
-                }
-                other => {
-                    if let Some(doc) = other.doc() {
-                        let allowed = match &c.claims {
-                            Some(claims) => claims.check(doc, Self::needs(other)).map_err(|e| e.to_string()),
-                            None => Err("send Hello with a token first".to_string()),
-                        };
-                        if let Err(why) = allowed {
-                            if !matches!(other, Msg::Error(_)) {
-                                self.error(&c.out, ErrorCode::FORBIDDEN, Some(doc), why);
-                                return Ok(());
-                            }
-                        }
-                    }
+                    return Ok(());
                 }
             }
         }
+        let retry: Option<(String, Vec<Delta>)> = match &msg {
+            Msg::Deltas(d) => Some((d.doc.clone(), d.deltas.clone())),
+            _ => None,
+        };
+        let State { docs, conns, links, hints, hint_deletes, .. } = st;
         let result = c.session.handle_msg(msg, &mut Docs { docs });
         let out = match result {
             Ok(o) => o,
@@ -325,12 +449,16 @@ impl Node {
         for m in &out.replies {
             self.send(&c.out, m);
         }
+        let mut applied_any = false;
         for ev in out.events {
             match ev {
                 Event::Subscribed { doc } => {
                     if let Some(e) = docs.get_mut(&doc) {
                         e.members.insert(id);
                         e.last_used = clock;
+                    }
+                    if c.peer.is_none() {
+                        follow.push(doc.clone());
                     }
                     c.docs.insert(doc);
                 }
@@ -341,9 +469,10 @@ impl Node {
                     c.docs.remove(&doc);
                 }
                 Event::Applied { doc, deltas } => {
+                    applied_any = true;
                     let Some(e) = docs.get_mut(&doc) else { continue };
                     e.last_used = clock;
-                    let mut ops = Vec::with_capacity(deltas.len() + 1);
+                    let mut ops = Vec::with_capacity(deltas.len() + 2);
                     for d in &deltas {
                         ops.push(WriteOp::PutDelta { doc: doc.clone(), seq: e.next_seq, bytes: d.encode() });
                         e.next_seq += 1;
@@ -357,12 +486,22 @@ impl Node {
                         });
                         e.since_snapshot = 0;
                     }
+                    self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     e.inflight += 1;
+                    let dots: Vec<Dot> = deltas.iter().map(|d| d.dot).collect();
+                    let coordinated = self.inner.cluster.is_some() && c.peer.is_none();
+                    if coordinated {
+                        self.start_quorum(&doc, e, id, dots.clone(), links);
+                        // The targets may have changed since the client subscribed (a node
+                        // went down: a fallback takes its place).
+                        follow.push(doc.clone());
+                    }
                     pending.push(Pending {
                         doc: doc.clone(),
                         ops,
-                        dots: deltas.iter().map(|d| d.dot).collect(),
+                        dots,
                         absorb: None,
+                        ack_local: !coordinated,
                     });
                     // Fan out at once; the ack waits for durability.
                     let members: Vec<u64> = e.members.iter().copied().filter(|m| *m != id).collect();
@@ -375,35 +514,155 @@ impl Node {
                     }
                 }
                 Event::StateMerged { doc } => {
+                    applied_any = true;
                     let Some(e) = docs.get_mut(&doc) else { continue };
                     e.inflight += 1;
                     e.since_snapshot = 0;
-                    let ops = vec![WriteOp::PutSnapshot {
+                    let mut ops = vec![WriteOp::PutSnapshot {
                         doc: doc.clone(),
                         bytes: e.doc.encode(),
                         truncate_through: Some(e.next_seq - 1),
                     }];
-                    pending.push(Pending {
-                        doc,
-                        ops,
-                        dots: Vec::new(),
-                        absorb: Some(e.doc.version().clone()),
-                    });
+                    self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
+                    let vv = e.doc.version().clone();
+                    pending.push(Pending { doc, ops, dots: Vec::new(), absorb: Some(vv), ack_local: true });
+                }
+                Event::Acked { doc, vv } => {
+                    if let (Some(peer), Some(e)) = (&c.peer, docs.get_mut(&doc)) {
+                        e.peer_acks.entry(peer.clone()).or_default().merge(&vv);
+                        self.check_quorum(&doc, e, conns, Some(peer));
+                        crate::cluster::on_peer_ack(hints, hint_deletes, &doc, peer, &vv, e.doc.version());
+                    }
                 }
                 Event::PeerError(err) => {
                     tracing::debug!(code = err.code.name(), doc = ?err.doc, message = %err.message, "peer reported an error");
                 }
-                Event::PeerHello { .. }
-                | Event::Synced { .. }
-                | Event::Acked { .. }
-                | Event::Progress { .. } => {}
+                Event::PeerHello { .. } | Event::Synced { .. } | Event::Progress { .. } => {}
+            }
+        }
+        // A retried write (nothing new): ack what is durable, and in a cluster make sure
+        // the write reaches its quorum again.
+        if let (false, Some((doc, deltas))) = (applied_any, retry) {
+            if let Some(e) = docs.get_mut(&doc) {
+                if self.inner.cluster.is_some() && c.peer.is_none() {
+                    let missing: Vec<Dot> =
+                        deltas.iter().map(|d| d.dot).filter(|d| !e.quorum.contains(*d)).collect();
+                    if !missing.is_empty() {
+                        self.start_quorum(&doc, e, id, missing.clone(), links);
+                        let resend: Vec<Delta> =
+                            deltas.iter().filter(|d| missing.contains(&d.dot)).cloned().collect();
+                        for link in links.values() {
+                            if let Some(o) = conns.get_mut(link) {
+                                for msg in o.session.resend(&doc, &resend) {
+                                    self.send(&o.out, &msg);
+                                }
+                            }
+                        }
+                        self.check_quorum(&doc, e, conns, None);
+                    }
+                    if missing.is_empty() {
+                        self.send(&c.out, &c.session.ack(&doc, &e.quorum.vv));
+                    }
+                } else if e.inflight == 0 {
+                    self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
+                }
             }
         }
         Ok(())
     }
 
+    /// Hint records for a document this node stores on behalf of down owners.
+    fn hint_ops(
+        &self,
+        doc: &str,
+        hints: &mut BTreeMap<String, BTreeMap<String, u64>>,
+        ops: &mut Vec<WriteOp>,
+        from_peer: bool,
+    ) {
+        let Some(cluster) = &self.inner.cluster else { return };
+        if !from_peer || cluster.owns_self(doc) || hints.contains_key(doc) {
+            return;
+        }
+        let owners: Vec<String> = cluster.owners(doc).into_iter().filter(|o| *o != cluster.me).collect();
+        let mut mine = BTreeMap::new();
+        for owner in owners {
+            let id = self.inner.storage.next_hint_id();
+            ops.push(WriteOp::PutHint { target: owner.clone(), doc: doc.to_owned(), id, bytes: Vec::new() });
+            mine.insert(owner, id);
+        }
+        hints.insert(doc.to_owned(), mine);
+    }
+
+    /// Registers a client write that needs W durable acks.
+    fn start_quorum(
+        &self,
+        doc: &str,
+        e: &mut DocEntry,
+        conn: u64,
+        dots: Vec<Dot>,
+        links: &HashMap<String, u64>,
+    ) {
+        let Some(cluster) = &self.inner.cluster else { return };
+        let walk = cluster.walk(doc);
+        let walk_refs: Vec<&str> = walk.iter().map(String::as_str).collect();
+        let targets =
+            write_targets(&walk_refs, cluster.n, |node| node == cluster.me || cluster.is_up(node, links));
+        let mut quorum = WriteQuorum::new(cluster.w, targets);
+        for (peer, vv) in &e.peer_acks {
+            if dots.iter().all(|d| vv.contains(*d)) {
+                quorum.ack(peer);
+            }
+        }
+        let now = Instant::now();
+        e.waiting.push(WaitingWrite {
+            dots,
+            conn,
+            quorum,
+            deadline: now + self.inner.options.write_timeout,
+            received: now,
+        });
+    }
+
+    /// Acks every waiting write of `doc` whose quorum is now complete.
+    fn check_quorum(
+        &self,
+        doc: &str,
+        e: &mut DocEntry,
+        conns: &HashMap<u64, ConnEntry>,
+        acker: Option<&str>,
+    ) {
+        let Some(cluster) = &self.inner.cluster else { return };
+        let mut done = Vec::new();
+        for (i, w) in e.waiting.iter_mut().enumerate() {
+            match acker {
+                Some(peer) => {
+                    if e.peer_acks.get(peer).is_some_and(|vv| w.dots.iter().all(|d| vv.contains(*d))) {
+                        w.quorum.ack(peer);
+                    }
+                }
+                None => {
+                    if w.dots.iter().all(|d| e.durable.contains(*d)) {
+                        w.quorum.ack(&cluster.me);
+                    }
+                }
+            }
+            if w.quorum.is_reached() {
+                done.push(i);
+            }
+        }
+        for i in done.into_iter().rev() {
+            let w = e.waiting.remove(i);
+            for d in &w.dots {
+                e.quorum.insert(*d);
+            }
+            if let Some(c) = conns.get(&w.conn) {
+                self.send(&c.out, &c.session.ack(doc, &e.quorum.vv));
+            }
+            self.inner.metrics.observe_ack_latency(w.received.elapsed());
+        }
+    }
+
     async fn handle(&self, conn: &NodeConn, frame: Vec<u8>) -> Result<(), CloseReason> {
-        let received = Instant::now();
         let msg = match Msg::decode(&frame) {
             Ok(m) => m,
             Err(e) => {
@@ -430,16 +689,17 @@ impl Node {
             }
         }
         let mut pending: Vec<Pending> = Vec::new();
+        let mut follow: Vec<String> = Vec::new();
         {
             let mut st = self.lock();
             st.clock += 1;
             let clock = st.clock;
-            let State { docs, conns, .. } = &mut *st;
-            let Some(mut c) = conns.remove(&conn.id) else { return Ok(()) };
-            let r = self.process(conn.id, &mut c, msg, docs, conns, clock, &mut pending);
-            conns.insert(conn.id, c);
-            if let Err(close) = r {
-                return Err(close);
+            let Some(mut c) = st.conns.remove(&conn.id) else { return Ok(()) };
+            let r = self.process(conn.id, &mut c, msg, &mut st, clock, &mut pending, &mut follow);
+            st.conns.insert(conn.id, c);
+            r?;
+            for doc in follow {
+                crate::cluster::follow(self, &mut st, &doc);
             }
             Self::evict(&mut st, self.inner.options.doc_cache_capacity);
         }
@@ -447,35 +707,103 @@ impl Node {
             let n = p.dots.len() as u64;
             let res = self.inner.storage.write(p.ops).await;
             let mut st = self.lock();
-            let State { docs, conns, .. } = &mut *st;
+            let State { docs, conns, stored, .. } = &mut *st;
             let Some(e) = docs.get_mut(&p.doc) else { continue };
             e.inflight = e.inflight.saturating_sub(1);
-            let Some(c) = conns.get_mut(&conn.id) else { continue };
             match res {
                 Ok(()) => {
-                    for d in p.dots {
-                        e.durable.insert(d);
+                    for d in &p.dots {
+                        e.durable.insert(*d);
                     }
                     if let Some(vv) = &p.absorb {
                         e.durable.absorb(vv);
                     }
+                    stored.insert(p.doc.clone(), e.doc.version().clone());
                     self.inner.metrics.deltas_persisted.add(n);
-                    let ack = c.session.ack(&p.doc, &e.durable.vv);
-                    self.send(&c.out, &ack);
-                    self.inner.metrics.observe_ack_latency(received.elapsed());
+                    if p.ack_local {
+                        if self.inner.cluster.is_none() {
+                            for d in &p.dots {
+                                e.quorum.insert(*d);
+                            }
+                        }
+                        if let Some(c) = conns.get(&conn.id) {
+                            self.send(&c.out, &c.session.ack(&p.doc, &e.durable.vv));
+                        }
+                    } else {
+                        self.check_quorum(&p.doc, e, conns, None);
+                    }
                 }
                 Err(err) => {
                     tracing::error!(doc = %p.doc, error = %err, "persisting failed");
-                    self.error(
-                        &c.out,
-                        ErrorCode::INTERNAL,
-                        Some(&p.doc),
-                        format!("storage failed: {err}; the write was not acknowledged, retry"),
-                    );
+                    if let Some(c) = conns.get(&conn.id) {
+                        self.error(
+                            &c.out,
+                            ErrorCode::INTERNAL,
+                            Some(&p.doc),
+                            format!("storage failed: {err}; the write was not acknowledged, retry"),
+                        );
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Registers a connection made by this node to a peer relay (a cluster link) and
+    /// sends its `Hello`.
+    pub(crate) fn attach_link(&self, peer: &str, me: &str, out: Outbox) -> NodeConn {
+        let conn = self.attach(out, Some(peer.to_owned()));
+        let hello = {
+            let st = self.lock();
+            st.conns.get(&conn.id).map(|c| c.session.hello(Some(self.peer_token(me))))
+        };
+        if let Some(h) = hello {
+            self.send(&conn.out, &h);
+        }
+        self.lock().links.insert(peer.to_owned(), conn.id);
+        conn
+    }
+
+    /// Forgets a peer link.
+    pub(crate) fn detach_link(&self, peer: &str, conn: NodeConn) {
+        {
+            let mut st = self.lock();
+            if st.links.get(peer) == Some(&conn.id) {
+                st.links.remove(peer);
+            }
+        }
+        self.on_close(conn);
+    }
+
+    fn attach(&self, out: Outbox, peer: Option<String>) -> NodeConn {
+        let mut st = self.lock();
+        st.next_conn += 1;
+        let id = st.next_conn;
+        let session = Session::new(self.inner.replica, self.session_config());
+        st.conns
+            .insert(id, ConnEntry { session, out: out.clone(), claims: None, docs: BTreeSet::new(), peer });
+        NodeConn { id, out }
+    }
+
+    /// Handles one frame of a connection (server connections and peer links alike).
+    pub(crate) async fn handle_frame(&self, conn: &NodeConn, frame: Vec<u8>) -> Result<(), CloseReason> {
+        self.inner.metrics.messages_in.inc();
+        self.handle(conn, frame).await
+    }
+
+    /// Facts about hints and peers for `/healthz`.
+    pub fn pending_hints(&self) -> usize {
+        self.lock().hints.values().map(BTreeMap::len).sum()
+    }
+
+    /// Documents this node stores, with their versions.
+    pub(crate) fn stored_docs(&self) -> BTreeMap<String, VersionVector> {
+        self.lock().stored.clone()
+    }
+
+    /// Ids of loaded docs.
+    pub(crate) fn loaded_docs(&self) -> HashSet<String> {
+        self.lock().docs.keys().cloned().collect()
     }
 }
 
@@ -483,21 +811,17 @@ impl Handler for Node {
     type Conn = NodeConn;
 
     fn open(&self, _info: ConnInfo, out: Outbox) -> NodeConn {
-        let mut st = self.lock();
-        st.next_conn += 1;
-        let id = st.next_conn;
-        let session = Session::new(self.inner.replica, self.session_config());
+        let conn = self.attach(out, None);
         // The relay speaks first too: its Hello.
-        let hello = session.hello(None);
-        st.conns.insert(id, ConnEntry { session, out: out.clone(), claims: None, docs: BTreeSet::new() });
-        drop(st);
-        self.send(&out, &hello);
-        NodeConn { id, out }
+        let hello = self.lock().conns.get(&conn.id).map(|c| c.session.hello(None));
+        if let Some(h) = hello {
+            self.send(&conn.out, &h);
+        }
+        conn
     }
 
     async fn on_binary(&self, conn: &mut NodeConn, frame: Vec<u8>) -> Result<(), CloseReason> {
-        self.inner.metrics.messages_in.inc();
-        self.handle(conn, frame).await
+        self.handle_frame(conn, frame).await
     }
 
     fn on_close(&self, conn: NodeConn) {
@@ -525,7 +849,18 @@ impl Handler for Node {
 
     fn health(&self) -> HealthInfo {
         let st = self.lock();
-        HealthInfo { documents_loaded: st.docs.len() as u64, extra: Vec::new() }
+        let mut extra =
+            vec![("pending_hints".to_string(), st.hints.values().map(BTreeMap::len).sum::<usize>() as i64)];
+        if let Some(cluster) = &self.inner.cluster {
+            for (peer, up) in cluster.peer_states(&st.links) {
+                extra.push((format!("peer_{peer}_up"), i64::from(up)));
+            }
+        }
+        HealthInfo { documents_loaded: st.docs.len() as u64, extra }
+    }
+
+    fn http_get(&self, path: &str, query: Option<&str>) -> Option<(u16, &'static str, Vec<u8>)> {
+        crate::cluster::http_get_route(self, path, query)
     }
 
     async fn flush(&self) {

@@ -163,6 +163,10 @@ async fn handle_tcp<H: Handler>(
         Response::new(200, "application/json", health_json(&shared))
     } else if req.path == "/metrics" {
         Response::new(200, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.render())
+    } else if let Some((status, content_type, body)) =
+        shared.handler.http_get(&req.path, req.query.as_deref())
+    {
+        Response::new(status, content_type, body)
     } else if let Some(root) = &shared.web_root {
         serve_static(root, &req.path).await
     } else {

@@ -70,11 +70,11 @@ pub enum StorageError {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: redb::DatabaseError,
+        source: Box<redb::DatabaseError>,
     },
     /// The storage engine failed (I/O error, corruption, ...).
     #[error("storage engine error: {0}")]
-    Engine(#[from] redb::Error),
+    Engine(#[from] Box<redb::Error>),
     /// The storage was closed; no more writes are accepted.
     #[error("storage is closed")]
     Closed,
@@ -84,7 +84,7 @@ pub enum StorageError {
 }
 
 fn engine(e: impl Into<redb::Error>) -> StorageError {
-    StorageError::Engine(e.into())
+    StorageError::Engine(Box::new(e.into()))
 }
 
 /// One write. A [`Storage::write`] of several ops is atomic: all or none.
@@ -233,7 +233,7 @@ impl Storage {
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)
             .create(&path)
-            .map_err(|source| StorageError::Open { path: path.clone(), source })?;
+            .map_err(|source| StorageError::Open { path: path.clone(), source: Box::new(source) })?;
 
         // Create the tables so readers never meet a missing one, and find the next hint id.
         let mut txn = db.begin_write().map_err(engine)?;
@@ -529,7 +529,9 @@ fn commit_batch(db: &Database, batch: Vec<WriteRequest>, stats: &Stats) {
             }
         }
         Err(e) if batch.len() == 1 => {
-            let _ = batch.into_iter().next().map(|r| r.done.send(Err(e)));
+            if let Some(req) = batch.into_iter().next() {
+                let _ = req.done.send(Err(e));
+            }
         }
         Err(e) => {
             tracing::warn!(error = %e, requests = n, "group commit failed; retrying one by one");

@@ -238,6 +238,9 @@ async fn static_files_are_served_without_traversal() {
         assert!(!String::from_utf8_lossy(&body).contains("secret"), "{bad}");
     }
     assert_eq!(server.get("/missing.js").await.0, 404);
+    let (status, head, _) = server.get("/pkg").await;
+    assert_eq!(status, 301);
+    assert!(head.contains("Location: /pkg/\r\n"), "{head}");
     let (status, head, _) = http(server.addr, "POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
     assert_eq!(status, 405);
     assert!(head.contains("Allow: GET, HEAD"));

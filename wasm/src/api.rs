@@ -100,23 +100,23 @@ impl DocHandle {
 
     /// Writes the register at `key`.
     #[wasm_bindgen(js_name = setRegister)]
-    pub fn set_register(&self, key: &str, value: JsValue) -> Result<(), JsValue> {
-        let mut v = from_js(&value)?;
+    pub fn set_register(&self, key: &str, value: &JsValue) -> Result<(), JsValue> {
+        let mut v = from_js(value)?;
         let now = crate::js::now() as u64;
         self.client.write(&self.id, &mut |d| d.set_register(key, std::mem::take(&mut v), now).map(Some))
     }
 
     /// Adds `value` to the set at `key`.
     #[wasm_bindgen(js_name = setAdd)]
-    pub fn set_add(&self, key: &str, value: JsValue) -> Result<(), JsValue> {
-        let mut v = from_js(&value)?;
+    pub fn set_add(&self, key: &str, value: &JsValue) -> Result<(), JsValue> {
+        let mut v = from_js(value)?;
         self.client.write(&self.id, &mut |d| d.set_add(key, std::mem::take(&mut v)).map(Some))
     }
 
     /// Removes `value` from the set at `key` (a no-op when absent).
     #[wasm_bindgen(js_name = setRemove)]
-    pub fn set_remove(&self, key: &str, value: JsValue) -> Result<(), JsValue> {
-        let v = from_js(&value)?;
+    pub fn set_remove(&self, key: &str, value: &JsValue) -> Result<(), JsValue> {
+        let v = from_js(value)?;
         self.client.write(&self.id, &mut |d| d.set_remove(key, &v))
     }
 
@@ -138,8 +138,8 @@ impl DocHandle {
 
     /// Whether the set at `key` holds `value`.
     #[wasm_bindgen(js_name = setHas)]
-    pub fn set_has(&self, key: &str, value: JsValue) -> Result<bool, JsValue> {
-        let v = from_js(&value)?;
+    pub fn set_has(&self, key: &str, value: &JsValue) -> Result<bool, JsValue> {
+        let v = from_js(value)?;
         self.client.read(&self.id, |d| d.set_contains(key, &v))
     }
 

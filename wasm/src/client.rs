@@ -57,13 +57,14 @@ pub fn backoff(attempt: u32, random: f64) -> f64 {
 }
 
 /// Connection state, as `client.status` reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Status {
     /// A connection attempt is under way.
     Connecting,
     /// The relay answered `Hello`.
     Online,
     /// No connection (waiting to retry, no relay configured, or closed).
+    #[default]
     Offline,
 }
 
@@ -260,6 +261,8 @@ struct Net {
     dead: Option<Conn>,
     session: Option<Session>,
     online: bool,
+    /// The status last reported to the listener.
+    reported: Status,
     last_rx: f64,
     retry: Timer,
     tick: Timer,
@@ -386,15 +389,13 @@ impl State {
         }
     }
 
+    /// Records whether the connection is online and reports a changed status.
     fn set_status(&mut self, s: Status, calls: &mut Vec<Call>) {
-        let before = self.status();
         self.net.online = s == Status::Online;
-        let after = match s {
-            Status::Connecting if self.net.conn.is_none() => Status::Offline,
-            s => s,
-        };
-        if before != after {
-            self.emit("status", after.as_str().into(), calls);
+        let now = self.status();
+        if now != self.net.reported {
+            self.net.reported = now;
+            self.emit("status", now.as_str().into(), calls);
         }
     }
 
@@ -516,9 +517,16 @@ impl Client {
     /// to the first relay in the background.
     pub async fn start(opts: Options) -> Result<Client, JsValue> {
         let store = match opts.persist {
-            true => Store::open(&opts.database).await?.map(Rc::new),
+            true => Store::open(&opts.database).await.map_err(|e| {
+                let why =
+                    Reflect::get(&e, &"message".into()).ok().and_then(|m| m.as_string()).unwrap_or_default();
+                error(&format!(
+                    "could not open IndexedDB ({why}); pass persist: false to keep documents in memory"
+                ))
+            })?,
             false => None,
-        };
+        }
+        .map(Rc::new);
         let inner = Rc::new_cyclic(|weak: &Weak<Inner>| Inner {
             st: RefCell::new(State {
                 opts,
@@ -698,14 +706,14 @@ impl Client {
             if st.closed {
                 return;
             }
-            st.set_status(Status::Offline, &mut calls);
-            st.closed = true;
             st.net.retry.cancel();
             st.net.tick.cancel();
             st.flush.cancel();
             st.net.session = None;
             st.net.conn = None;
             st.net.dead = None;
+            st.set_status(Status::Offline, &mut calls);
+            st.closed = true;
             st.channel = None;
             for e in st.docs.values_mut() {
                 for (_, _, err) in e.waiters.drain(..) {

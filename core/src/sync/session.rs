@@ -187,10 +187,49 @@ struct Catchup {
     ctx: CausalContext,
     waiting_nodes: BTreeSet<NodeId>,
     waiting_keys: BTreeSet<u64>,
-    chunks_left: BTreeSet<u32>,
+    /// Whole-state transfers: the number of chunks announced, and those received (a
+    /// count, not a set of the missing ones: the peer chooses the number).
+    chunks: u32,
+    chunks_got: BTreeSet<u32>,
     fields: Vec<(String, Field)>,
     done: u64,
     total: u64,
+    /// Merkle transfers: every key asked for (its state comes from the peer)...
+    wanted: BTreeSet<u64>,
+    /// ...and every subtree found equal, with this side's context at that moment (an
+    /// index into `seen`). See [`Document::merge_keys`] for why it matters.
+    equal: BTreeMap<NodeId, usize>,
+    seen: Vec<CausalContext>,
+}
+
+impl Catchup {
+    fn complete(&self) -> bool {
+        self.waiting_nodes.is_empty()
+            && self.waiting_keys.is_empty()
+            && self.chunks_got.len() as u64 == u64::from(self.chunks)
+    }
+
+    /// Records `nodes` as found equal while this side's context was `ctx`.
+    fn judged_equal(&mut self, nodes: impl IntoIterator<Item = NodeId>, ctx: &CausalContext) {
+        let mut nodes = nodes.into_iter().peekable();
+        if nodes.peek().is_none() {
+            return;
+        }
+        if self.seen.last() != Some(ctx) {
+            self.seen.push(ctx.clone());
+        }
+        let i = self.seen.len() - 1;
+        self.equal.extend(nodes.map(|n| (n, i)));
+    }
+
+    /// This side's context when the key with hash `h` was found equal on both sides, or
+    /// `None` when it was asked for (or never compared).
+    fn seen_when_equal(&self, h: u64) -> Option<&CausalContext> {
+        if self.wanted.contains(&h) {
+            return None;
+        }
+        (0..=DEPTH).find_map(|level| self.equal.get(&NodeId::of(h, level))).map(|&i| &self.seen[i])
+    }
 }
 
 /// What this side knows about one document with this peer.
@@ -208,6 +247,9 @@ struct DocSync {
     /// yet (reordered or lost): settle once the document covers it.
     awaiting: Option<VersionVector>,
     catchup: Option<Catchup>,
+    /// The Merkle exchange we last started for the peer, with our version at its start:
+    /// the state of the keys it asks for must still be the state at that version.
+    serving: Option<(u64, VersionVector)>,
     /// Tick of our last subscribe, and of the last progress of its answer.
     sub_tick: u64,
     progress_tick: u64,
@@ -345,29 +387,45 @@ impl Session {
         chunk_deltas(doc_id, send, self.config.max_frame)
     }
 
+    /// Sends `deltas` to the peer even if we believe it has them (a retry whose
+    /// acknowledgement was lost). Nothing is sent unless the peer subscribed.
+    pub fn resend(&mut self, doc_id: &str, deltas: &[Delta]) -> Vec<Msg> {
+        match self.docs.get_mut(doc_id) {
+            Some(st) if st.they_subscribed && !deltas.is_empty() => {
+                for d in deltas {
+                    st.peer_has.insert(d.dot);
+                }
+                chunk_deltas(doc_id, deltas.to_vec(), self.config.max_frame)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether we subscribed to `doc` at the peer.
+    pub fn we_subscribed(&self, doc: &str) -> bool {
+        self.docs.get(doc).is_some_and(|s| s.we_subscribed)
+    }
+
     /// Call periodically: re-sends subscriptions that stalled (lost messages) or are due
     /// for a refresh, so lost live deltas are repaired.
     pub fn tick(&mut self, store: &mut impl DocStore) -> Vec<Msg> {
         self.ticks += 1;
         let now = self.ticks;
         let cfg = self.config;
+        // A state transfer that keeps making progress is left to finish however long it
+        // takes; only a stalled one starts over.
         let due: Vec<String> = self
             .docs
             .iter()
             .filter(|(_, s)| {
                 s.we_subscribed
                     && ((s.synced.is_none() && now - s.progress_tick >= cfg.stall_ticks)
-                        || now - s.sub_tick >= cfg.resync_ticks)
+                        || (s.catchup.is_none() && now - s.sub_tick >= cfg.resync_ticks))
             })
             .map(|(d, _)| d.clone())
             .collect();
         let mut out = Vec::new();
         for d in due {
-            let pending = store.doc(&d).map(|doc| doc.pending_len() > 0).unwrap_or(false);
-            let settled = self.docs.get(&d).is_some_and(|s| s.synced.is_some());
-            if settled && !pending && now - self.docs[&d].sub_tick < cfg.resync_ticks {
-                continue;
-            }
             out.extend(self.subscribe(&d, store));
         }
         out
@@ -416,9 +474,10 @@ impl Session {
             }
             Msg::Ack(m) => out.events.push(Event::Acked { doc: m.doc, vv: m.vv }),
             Msg::Unsubscribe(m) => {
-                if let Some(st) = self.docs.get_mut(&m.doc) {
-                    st.they_subscribed = false;
-                }
+                // Both directions stop, as on the side that sent it: keeping our own
+                // subscription would re-subscribe at the next refresh (undoing the
+                // unsubscribe), or forever if the peer closed the document.
+                self.docs.remove(&m.doc);
                 out.events.push(Event::Unsubscribed { doc: m.doc });
             }
             Msg::MerkleStart(m) => self.on_merkle_start(m, store, &mut out)?,
@@ -461,6 +520,9 @@ impl Session {
         let my_vv = doc.version().clone();
         let ticks = self.ticks;
         let st = self.docs.entry(m.doc.clone()).or_default();
+        if matches!(answer.first(), Some(Msg::MerkleStart(_))) {
+            st.serving = Some((exchange, my_vv.clone()));
+        }
         st.they_subscribed = true;
         st.peer_has = CausalContext { vv: m.vv, cloud: BTreeSet::new() };
         // Subscribe back first: by the time the peer sees the answer's `Synced`, it
@@ -492,11 +554,11 @@ impl Session {
         for d in &m.deltas {
             st.peer_has.insert(d.dot);
         }
-        if st.we_subscribed && st.synced.is_none() {
-            st.progress_tick = self.ticks;
+        if st.we_subscribed && st.synced.is_none() && st.catchup.is_none() {
+            st.progress_tick = self.ticks; // the answer to our subscription is arriving
         }
         let settled = match st.awaiting.take() {
-            Some(vv) if covered(&vv) => Some(vv),
+            Some(vv) if covered(&vv) && st.catchup.is_none() => Some(vv),
             other => {
                 st.awaiting = other;
                 None
@@ -527,27 +589,36 @@ impl Session {
         out: &mut Output,
     ) -> Result<(), SyncError> {
         let Some(doc) = store.doc(&m.doc) else { return Ok(()) };
-        let Some(st) = self.docs.get_mut(&m.doc).filter(|s| s.we_subscribed) else { return Ok(()) };
+        // Settled already: this answers an older subscription (delayed or duplicated).
+        let Some(st) = self.docs.get_mut(&m.doc).filter(|s| s.we_subscribed && s.synced.is_none()) else {
+            return Ok(());
+        };
         st.progress_tick = self.ticks;
+        st.awaiting = None;
         let mut c = Catchup {
             exchange: m.exchange,
             vv: m.vv,
             ctx: m.ctx,
             waiting_nodes: BTreeSet::new(),
             waiting_keys: BTreeSet::new(),
-            chunks_left: (0..m.full_chunks).collect(),
+            chunks: m.full_chunks,
+            chunks_got: BTreeSet::new(),
             fields: Vec::new(),
             done: 0,
             total: if m.full_chunks > 0 { m.keys } else { 0 },
+            wanted: BTreeSet::new(),
+            equal: BTreeMap::new(),
+            seen: Vec::new(),
         };
         if m.full_chunks == 0 {
+            let now = doc.context().clone();
             let mine = doc.merkle().children(NodeId::ROOT);
-            let differing: Vec<NodeId> = NodeId::ROOT
+            let (differing, equal): (Vec<_>, Vec<_>) = NodeId::ROOT
                 .children()
                 .zip(mine.iter().zip(m.children.iter()))
-                .filter(|(_, (a, b))| a != b)
-                .map(|(id, _)| id)
-                .collect();
+                .partition(|(_, (a, b))| a != b);
+            let differing: Vec<NodeId> = differing.into_iter().map(|(id, _)| id).collect();
+            c.judged_equal(equal.into_iter().map(|(id, _)| id), &now);
             if !differing.is_empty() {
                 c.waiting_nodes.extend(differing.iter().copied());
                 out.replies.push(Msg::MerkleQuery(MerkleQuery {
@@ -591,9 +662,11 @@ impl Session {
         out: &mut Output,
     ) -> Result<(), SyncError> {
         let Some(doc) = store.doc(&m.doc) else { return Ok(()) };
+        let now = doc.context().clone();
         let tree = doc.merkle();
         let Some(c) = self.catchup(&m.doc, m.exchange) else { return Ok(()) };
         let mut query = Vec::new();
+        let mut equal = Vec::new();
         for (id, theirs) in m.nodes {
             if !c.waiting_nodes.remove(&id) {
                 continue; // a duplicate or a stale answer
@@ -603,9 +676,12 @@ impl Session {
                 if a != b {
                     c.waiting_nodes.insert(child);
                     query.push(child);
+                } else {
+                    equal.push(child);
                 }
             }
         }
+        c.judged_equal(equal, &now);
         if !query.is_empty() {
             out.replies.push(Msg::MerkleQuery(MerkleQuery {
                 doc: m.doc.clone(),
@@ -624,14 +700,18 @@ impl Session {
     ) -> Result<(), SyncError> {
         let Some(doc) = store.doc(&m.doc) else { return Ok(()) };
         doc.merkle();
+        let now = doc.context().clone();
         let mine: Vec<(NodeId, Vec<(u64, u64)>)> =
             m.buckets.iter().map(|(id, _)| (*id, doc.bucket_leaves(*id))).collect();
         let Some(c) = self.catchup(&m.doc, m.exchange) else { return Ok(()) };
         let mut want = Vec::new();
+        let mut compared = Vec::new();
         for ((id, theirs), (_, mine)) in m.buckets.into_iter().zip(mine) {
             if !c.waiting_nodes.remove(&id) {
                 continue;
             }
+            // Keys of this bucket not asked for below are equal now (or the peer lacks them).
+            compared.push(id);
             let (lo, hi) = id.key_range();
             for (kh, leaf) in theirs {
                 if kh < lo || kh > hi {
@@ -639,10 +719,12 @@ impl Session {
                 }
                 let same = mine.binary_search_by_key(&kh, |e| e.0).is_ok_and(|i| mine[i].1 == leaf);
                 if !same && c.waiting_keys.insert(kh) {
+                    c.wanted.insert(kh);
                     want.push(kh);
                 }
             }
         }
+        c.judged_equal(compared, &now);
         c.total += want.len() as u64;
         if !want.is_empty() {
             out.replies.push(Msg::KeysQuery(KeysQuery {
@@ -656,6 +738,23 @@ impl Session {
 
     fn on_keys_query(&mut self, m: KeysQuery, store: &mut impl DocStore, out: &mut Output) {
         let Some(doc) = store.doc(&m.doc) else { return };
+        let Some(st) = self.docs.get_mut(&m.doc) else { return };
+        let Some((_, since)) = st.serving.as_ref().filter(|s| s.0 == m.exchange) else {
+            return; // an exchange we no longer serve: the peer's catch-up stalls and restarts
+        };
+        // The peer will merge these keys under the version and context announced when the
+        // exchange started. If a requested key changed since, its state now holds effects
+        // beyond that version (the peer would adopt them without their dots, and could
+        // never tell them apart again): start over from the current version instead.
+        let unchanged =
+            doc.keys_changed_since(since).is_some_and(|changed| m.keys.iter().all(|k| !changed.contains(k)));
+        if !unchanged {
+            let exchange = self.next_exchange;
+            self.next_exchange += 1;
+            st.serving = Some((exchange, doc.version().clone()));
+            out.replies.extend(start_transfer(doc, &m.doc, exchange, &self.config));
+            return;
+        }
         let total = m.keys.len() as u64;
         let per_key: Vec<(u64, Vec<(String, Field)>)> =
             m.keys.iter().map(|&k| (k, doc.fields_by_hash(&[k]))).collect();
@@ -688,14 +787,14 @@ impl Session {
         out: &mut Output,
     ) -> Result<(), SyncError> {
         let Some(c) = self.catchup(&m.doc, m.exchange) else { return Ok(()) };
-        let fresh = if c.chunks_left.is_empty() {
+        let fresh = if c.chunks == 0 {
             let before = c.waiting_keys.len();
             for k in &m.answered {
                 c.waiting_keys.remove(k);
             }
             c.waiting_keys.len() < before
         } else {
-            c.chunks_left.remove(&m.chunk)
+            m.chunk < c.chunks && c.chunks_got.insert(m.chunk)
         };
         if !fresh {
             return Ok(());
@@ -713,14 +812,21 @@ impl Session {
         out: &mut Output,
     ) -> Result<(), SyncError> {
         let Some(st) = self.docs.get_mut(doc_id) else { return Ok(()) };
-        let Some(c) = &st.catchup else { return Ok(()) };
-        if !(c.waiting_nodes.is_empty() && c.waiting_keys.is_empty() && c.chunks_left.is_empty()) {
+        if !st.catchup.as_ref().is_some_and(Catchup::complete) {
             return Ok(());
         }
         let Some(c) = st.catchup.take() else { return Ok(()) };
         let Some(doc) = store.doc(doc_id) else { return Ok(()) };
-        doc.merge_state(&c.fields, &c.ctx, &c.vv)
-            .map_err(|error| SyncError::Doc { doc: doc_id.to_owned(), error })?;
+        // `merge_keys` visits every key of the document; it can only find something when
+        // this side gained dots after some subtree compared equal. Nothing arrived since
+        // (the common case): the plain join is the same and costs O(keys sent).
+        let unchanged = c.seen.iter().all(|then| then == doc.context());
+        let merged = if c.chunks > 0 || unchanged {
+            doc.merge_state(&c.fields, &c.ctx, &c.vv)
+        } else {
+            doc.merge_keys(&c.fields, &c.ctx, &c.vv, &|h| c.seen_when_equal(h))
+        };
+        merged.map_err(|error| SyncError::Doc { doc: doc_id.to_owned(), error })?;
         st.synced = Some(c.vv.clone());
         st.awaiting = None;
         out.events.push(Event::StateMerged { doc: doc_id.to_owned() });
@@ -745,6 +851,12 @@ fn answer_subscribe(
         out.push(Msg::Synced(Synced { doc: doc_id.to_owned(), vv: doc.version().clone() }));
         return out;
     }
+    start_transfer(doc, doc_id, exchange, cfg)
+}
+
+/// The start of a state transfer: the whole state for a small document, else the root of
+/// a Merkle descent. Everything it sends is the state at the document's current version.
+fn start_transfer(doc: &mut Document, doc_id: &str, exchange: u64, cfg: &SessionConfig) -> Vec<Msg> {
     let start = |children: Vec<u64>, full_chunks: u32, doc: &Document| MerkleStart {
         doc: doc_id.to_owned(),
         exchange,

@@ -28,9 +28,17 @@ pub struct Relay {
 impl Relay {
     /// Starts the binary on port 0 and waits for its `listening on` line.
     pub fn start(dir: &Path, extra: &[&str]) -> Relay {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_concord-relay"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
+        Relay::start_with(dir, extra, true)
+    }
+
+    /// Starts the binary; with `port0`, on a free port and `dir` as data dir (else the
+    /// config given in `extra` decides).
+    pub fn start_with(dir: &Path, extra: &[&str], port0: bool) -> Relay {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_concord-relay"));
+        if port0 {
+            cmd.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(dir);
+        }
+        let mut child = cmd
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -144,6 +152,23 @@ impl Client {
     pub async fn increment(&mut self, doc: &str, key: &str, n: u64) {
         let d = self.doc(doc).increment(key, n).expect("increment");
         let msgs = self.session.on_local_delta(doc, &d);
+        self.send(msgs).await;
+    }
+
+    /// Re-sends local writes of `doc` the relay has not acknowledged (after a timeout or
+    /// a "not enough replicas" answer). Safe: deltas are idempotent.
+    pub async fn resend_unacked(&mut self, doc: &str) {
+        let Some(d) = self.docs.get(doc) else { return };
+        let mut have = d.version().clone();
+        let acked = self.acked.get(doc).map(|v| v.get(self.replica)).unwrap_or(0);
+        let mut vv = concord_core::VersionVector::new();
+        for (r, s) in have.iter() {
+            vv.raise(r, if r == self.replica { acked } else { s });
+        }
+        have = vv;
+        let deltas: Vec<concord_core::Delta> =
+            d.deltas_since(&have).map(|v| v.into_iter().cloned().collect()).unwrap_or_default();
+        let msgs = self.session.resend(doc, &deltas);
         self.send(msgs).await;
     }
 

@@ -1,0 +1,275 @@
+//! Document bookkeeping: buffering of out-of-order deltas, the bounded delta log, input
+//! validation, and Merkle catch-up, which must reach the same state as delta sync.
+
+use concord_core::document::Applied;
+use concord_core::merkle::NodeId;
+use concord_core::orset::{Dots, Entries};
+use concord_core::{
+    CausalContext, Delta, DocConfig, DocError, Document, Dot, Field, GCounter, OrSet, ReplicaId, Value,
+    VersionVector,
+};
+use proptest::collection::vec;
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    ProptestConfig::with_cases(cases)
+}
+
+const A: ReplicaId = ReplicaId(0xA);
+const B: ReplicaId = ReplicaId(0xB);
+const C: ReplicaId = ReplicaId(0xC);
+
+fn likes(doc: &mut Document, n: u64) -> Delta {
+    doc.increment("likes", n).unwrap()
+}
+
+#[test]
+fn deltas_arriving_out_of_order_are_buffered_until_the_gap_fills() {
+    let mut a = Document::new(A);
+    let d: Vec<Delta> = (1..=4).map(|n| likes(&mut a, n)).collect();
+    let mut b = Document::new(B);
+    assert_eq!(b.apply(d[2].clone()), Ok(Applied::Buffered));
+    assert_eq!(b.apply(d[3].clone()), Ok(Applied::Buffered));
+    assert_eq!(b.apply(d[3].clone()), Ok(Applied::Buffered), "buffered once");
+    assert_eq!((b.pending_len(), b.counter("likes")), (2, 0), "nothing shows before the gap fills");
+    assert_eq!(b.version().get(A), 0);
+    assert_eq!(b.apply(d[1].clone()), Ok(Applied::Buffered));
+    assert_eq!(b.apply(d[0].clone()), Ok(Applied::Applied(3)));
+    assert_eq!((b.pending_len(), b.counter("likes")), (0, 10));
+    assert_eq!(b, a);
+}
+
+#[test]
+fn applying_a_delta_twice_is_a_no_op() {
+    let mut a = Document::new(A);
+    let d = a.set_add("tags", Value::from("x")).unwrap();
+    let mut b = Document::new(B);
+    b.apply(d.clone()).unwrap();
+    let once = b.encode();
+    assert_eq!(b.apply(d), Ok(Applied::Duplicate));
+    assert_eq!(b.encode(), once);
+}
+
+#[test]
+fn a_full_buffer_drops_early_deltas_and_a_later_sync_recovers_them() {
+    let mut a = Document::new(A);
+    let d: Vec<Delta> = (1..=5).map(|n| likes(&mut a, n)).collect();
+    let mut b = Document::with_config(B, DocConfig { log_capacity: 16, pending_capacity: 2 });
+    assert_eq!(b.apply(d[4].clone()), Ok(Applied::Buffered));
+    assert_eq!(b.apply(d[3].clone()), Ok(Applied::Buffered));
+    assert_eq!(b.apply(d[2].clone()), Ok(Applied::Dropped));
+    assert_eq!(b.pending_len(), 2);
+    for missing in a.deltas_since(b.version()).unwrap().into_iter().cloned().collect::<Vec<_>>() {
+        b.apply(missing).unwrap();
+    }
+    assert_eq!(b, a);
+    assert_eq!(b.pending_len(), 0);
+}
+
+#[test]
+fn deltas_since_answers_exactly_what_the_peer_lacks_in_sequence_order() {
+    let (mut a, mut b) = (Document::new(A), Document::new(B));
+    let from_a: Vec<Delta> = (1..=3).map(|n| likes(&mut a, n)).collect();
+    let from_b = b.set_add("tags", Value::Int(1)).unwrap();
+    a.apply(from_b.clone()).unwrap();
+    let peer = VersionVector::from_iter([(A, 1)]);
+    let got: Vec<Dot> = a.deltas_since(&peer).unwrap().iter().map(|d| d.dot).collect();
+    assert_eq!(got, [Dot::new(A, 2), Dot::new(A, 3), Dot::new(B, 1)]);
+    assert!(a.deltas_since(a.version()).unwrap().is_empty());
+    let mut c = Document::new(C);
+    c.apply(from_a[0].clone()).unwrap();
+    for d in a.deltas_since(c.version()).unwrap() {
+        assert!(matches!(c.apply(d.clone()), Ok(Applied::Applied(_))));
+    }
+    assert_eq!(c, a);
+}
+
+#[test]
+fn a_truncated_log_says_it_cannot_reach_back_instead_of_answering_partly() {
+    let mut a = Document::with_config(A, DocConfig { log_capacity: 2, pending_capacity: 16 });
+    for n in 1..=5 {
+        likes(&mut a, n);
+    }
+    let old = VersionVector::from_iter([(A, 1)]);
+    assert!(a.deltas_since(&old).is_none());
+    assert!(!a.log_reaches(&old));
+    let recent = VersionVector::from_iter([(A, 3)]);
+    assert!(a.log_reaches(&recent));
+    assert_eq!(a.deltas_since(&recent).unwrap().len(), 2);
+}
+
+#[test]
+fn a_set_delta_that_adds_with_another_dot_is_rejected_and_changes_nothing() {
+    let mut entries: Entries<Value> = Entries::default();
+    entries.insert(Value::from("x"), Dots::One(Dot::new(C, 7)));
+    let ctx = CausalContext { vv: VersionVector::from_iter([(C, 7)]), cloud: BTreeSet::new() };
+    let forged = Delta {
+        dot: Dot::new(B, 1),
+        key: "tags".into(),
+        payload: Field::Set(OrSet::from_parts(entries, ctx)),
+    };
+    let mut a = Document::new(A);
+    likes(&mut a, 1);
+    let before = a.encode();
+    assert!(matches!(a.apply(forged.clone()), Err(DocError::Invalid(_))));
+    assert!(Delta::decode(&forged.encode()).is_err());
+    assert_eq!(a.encode(), before);
+    let zero =
+        Delta { dot: Dot::new(B, 0), key: "likes".into(), payload: Field::Counter(GCounter::default()) };
+    assert!(matches!(a.apply(zero), Err(DocError::Invalid(_))));
+}
+
+#[test]
+fn a_full_state_transfer_brings_a_document_level_with_its_peer() {
+    let (mut a, mut b) = (Document::new(A), Document::new(B));
+    likes(&mut a, 2);
+    a.set_add("tags", Value::from("x")).unwrap();
+    let rm = a.set_remove("tags", &Value::from("x")).unwrap().unwrap();
+    a.set_register("title", Value::from("t"), 10).unwrap();
+    b.set_add("tags", Value::from("y")).unwrap();
+    b.apply(rm).unwrap(); // buffered: b has not seen a's first deltas
+    assert_eq!(b.pending_len(), 1);
+    b.merge_state(&a.all_fields(), a.context(), a.version()).unwrap();
+    assert_eq!(b.pending_len(), 0, "the state covered the buffered delta");
+    for d in b.deltas_since(a.version()).unwrap().into_iter().cloned().collect::<Vec<_>>() {
+        a.apply(d).unwrap();
+    }
+    assert_eq!(a, b);
+    assert_eq!(b.set_values("tags"), vec![Value::from("y")]);
+}
+
+// ---- Merkle catch-up ----
+
+/// Key hashes whose leaves differ between `a` and `b`, found by descending only into
+/// differing nodes.
+fn differing_keys(a: &mut Document, b: &mut Document) -> Vec<u64> {
+    let (ta, tb) = (a.merkle().clone(), b.merkle().clone());
+    let mut out = BTreeSet::new();
+    let mut stack = vec![NodeId::ROOT];
+    while let Some(n) = stack.pop() {
+        if ta.node(n) == tb.node(n) {
+            continue;
+        }
+        if n.is_bucket() {
+            let la: BTreeMap<u64, u64> = a.bucket_leaves(n).into_iter().collect();
+            let lb: BTreeMap<u64, u64> = b.bucket_leaves(n).into_iter().collect();
+            out.extend(la.keys().chain(lb.keys()).filter(|k| la.get(k) != lb.get(k)));
+        } else {
+            stack.extend(n.children());
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// `to` catches up with `from` by Merkle comparison and a state transfer of the
+/// differing keys only; returns how many fields were sent.
+fn merkle_catch_up(from: &mut Document, to: &mut Document) -> Result<usize, DocError> {
+    let keys = differing_keys(from, to);
+    let fields = from.fields_by_hash(&keys);
+    to.merge_state(&fields, from.context(), from.version())?;
+    Ok(fields.len())
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Inc(u8, u64),
+    Pn(u8, i64),
+    Reg(u8, i64, u64),
+    Add(u8, u8),
+    Remove(u8, u8),
+}
+
+/// Keys have fixed types by name: `c*` counters, `p*` pn-counters, `r*` registers, `s*` sets.
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..4, 1u64..9).prop_map(|(k, n)| Op::Inc(k, n)),
+        (0u8..4, -9i64..9).prop_map(|(k, n)| Op::Pn(k, n)),
+        (0u8..4, 0i64..9, 0u64..100).prop_map(|(k, v, w)| Op::Reg(k, v, w)),
+        (0u8..4, 0u8..4).prop_map(|(k, v)| Op::Add(k, v)),
+        (0u8..4, 0u8..4).prop_map(|(k, v)| Op::Remove(k, v)),
+    ]
+}
+
+fn perform(doc: &mut Document, op: &Op) -> Option<Delta> {
+    let r = match op {
+        Op::Inc(k, n) => doc.increment(&format!("c{k}"), *n).map(Some),
+        Op::Pn(k, n) => doc.pn_add(&format!("p{k}"), *n).map(Some),
+        Op::Reg(k, v, w) => doc.set_register(&format!("r{k}"), Value::Int(*v), *w).map(Some),
+        Op::Add(k, v) => doc.set_add(&format!("s{k}"), Value::Int((*v).into())).map(Some),
+        Op::Remove(k, v) => doc.set_remove(&format!("s{k}"), &Value::Int((*v).into())),
+    };
+    r.expect("keys have fixed types")
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn merkle_catch_up_reaches_the_same_state_as_delta_sync(
+        common in vec(op(), 0..12),
+        only_a in vec(op(), 0..12),
+        only_b in vec(op(), 0..12),
+        received in vec(any::<bool>(), 12),
+    ) {
+        let (mut a, mut b) = (Document::new(A), Document::new(B));
+        let mut sent = Vec::new();
+        for op in &common {
+            sent.extend(perform(&mut a, op));
+        }
+        // b has seen some of the common history by delta (maybe with gaps: buffered), the
+        // rest only via state.
+        for (d, _) in sent.iter().zip(&received).filter(|(_, r)| **r) {
+            b.apply(d.clone()).unwrap();
+        }
+        for op in &only_a {
+            sent.extend(perform(&mut a, op));
+        }
+        let mut from_b = Vec::new();
+        for op in &only_b {
+            from_b.extend(perform(&mut b, op));
+        }
+        // What delta sync would reach.
+        let mut expected = a.clone();
+        for d in &from_b {
+            expected.apply(d.clone()).unwrap();
+        }
+
+        let to_b = merkle_catch_up(&mut a, &mut b).unwrap();
+        let to_a = merkle_catch_up(&mut b, &mut a).unwrap();
+        prop_assert_eq!(&a, &b);
+        prop_assert_eq!(&a, &expected);
+        prop_assert_eq!(a.to_value(), expected.to_value());
+        prop_assert_eq!(a.merkle().root(), b.merkle().root());
+        prop_assert_eq!(a.merkle().root(), expected.merkle().root());
+        prop_assert!(to_b <= a.len() && to_a <= a.len());
+        prop_assert!(differing_keys(&mut a, &mut b).is_empty());
+        // Delta sync still works afterwards, from either side.
+        let next = perform(&mut a, &Op::Inc(0, 1)).unwrap();
+        prop_assert!(matches!(b.apply(next), Ok(Applied::Applied(_))));
+        prop_assert_eq!(&a, &b);
+    }
+
+    #[test]
+    fn documents_with_the_same_state_have_the_same_merkle_root_whatever_the_order(
+        ops in vec(op(), 0..24),
+        seed in any::<u64>(),
+    ) {
+        let mut a = Document::new(A);
+        let deltas: Vec<Delta> = ops.iter().filter_map(|op| perform(&mut a, op)).collect();
+        let mut shuffled = deltas.clone();
+        let mut rng = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            shuffled.swap(i, (rng >> 33) as usize % (i + 1));
+        }
+        let mut b = Document::new(B);
+        for d in shuffled {
+            b.apply(d).unwrap();
+        }
+        prop_assert_eq!(&a, &b);
+        prop_assert_eq!(a.merkle().root(), b.merkle().root());
+        prop_assert_eq!(a.merkle(), b.merkle());
+    }
+}

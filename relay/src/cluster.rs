@@ -1,0 +1,531 @@
+//! The relay cluster: peer links, sloppy-quorum replication, hinted handoff and
+//! anti-entropy (Dynamo, DeCandia et al. 2007; Riak's node_confirms and AAE).
+//!
+//! Every decision that needs no I/O comes from concord-core ([`concord_core::ring`],
+//! [`concord_core::cluster`]); this module owns the sockets and timers:
+//!
+//! - **Peer links**: one outgoing WebSocket per other node, speaking the ordinary sync
+//!   protocol with a `peer:<id>` token. A link is a connection of the [`Node`] like any
+//!   client's, so fan-out, persistence and acks work unchanged. Frames and pongs feed the
+//!   failure detector.
+//! - **Write path**: when a client subscribes to a document here, this node (the
+//!   coordinator) subscribes the document on the links of its write targets — the first N
+//!   healthy nodes clockwise (sloppy quorum). Client deltas then flow to those nodes live;
+//!   each acks after its local commit, and the client is acked after W acks
+//!   (see `Node::check_quorum`).
+//! - **Hinted handoff**: a node that stores a document it does not own records durable
+//!   hints for the owners (one per document, not per delta). When an owner is up again,
+//!   the holder subscribes the document on that owner's link (the protocol sends what the
+//!   owner lacks), probes for its durable version, and deletes the hint once the owner has
+//!   acked everything.
+//! - **Anti-entropy**: every few seconds (with jitter) each node compares, with each peer
+//!   it shares ranges with, the digests of the documents both own, and syncs only those
+//!   that differ, a bounded number per round.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use concord_core::cluster::{write_targets, DetectorConfig, FailureDetector, Health};
+use concord_core::hash::stable_hash;
+use concord_core::ring::{Ring, RingNode};
+use concord_core::sync::msg::Deltas;
+use concord_core::sync::Msg;
+use concord_core::VersionVector;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::handler::Outbox;
+use crate::node::{Docs, Node, State};
+
+/// Documents handed off per tick.
+const HANDOFF_BATCH: usize = 32;
+/// Differing documents synced per anti-entropy round and peer.
+const AE_CAP: usize = 256;
+
+/// What this node knows of the cluster's shape and health.
+pub struct ClusterView {
+    /// This node's id.
+    pub me: String,
+    /// Replicas per document (N).
+    pub n: usize,
+    /// Read quorum (R).
+    pub r: usize,
+    /// Write quorum (W).
+    pub w: usize,
+    ring: Ring,
+    /// Other nodes: id -> address.
+    pub peers: BTreeMap<String, String>,
+    detector: Mutex<FailureDetector>,
+    started: Instant,
+}
+
+impl ClusterView {
+    /// The view of node `me` of a cluster of `nodes` (`(id, addr, weight)`).
+    pub fn new(me: &str, nodes: &[(String, String, u32)], n: usize, r: usize, w: usize, vnodes: u32) -> Self {
+        let ring = Ring::new(
+            &nodes.iter().map(|(id, _, wt)| RingNode::new(id.clone(), *wt)).collect::<Vec<_>>(),
+            vnodes,
+        );
+        let peers =
+            nodes.iter().filter(|(id, _, _)| id != me).map(|(id, a, _)| (id.clone(), a.clone())).collect();
+        ClusterView {
+            me: me.to_owned(),
+            n,
+            r,
+            w,
+            ring,
+            peers,
+            detector: Mutex::new(FailureDetector::new(
+                DetectorConfig { suspect_after_ms: 1_000, down_after_ms: 3_000 },
+                0,
+            )),
+            started: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// All nodes clockwise from the document's position.
+    pub fn walk(&self, doc: &str) -> Vec<String> {
+        self.ring.walk(doc).into_iter().map(str::to_owned).collect()
+    }
+
+    /// The document's preference list (its N owners).
+    pub fn owners(&self, doc: &str) -> Vec<String> {
+        self.ring.preference_list(doc, self.n).into_iter().map(str::to_owned).collect()
+    }
+
+    /// Whether this node owns the document.
+    pub fn owns_self(&self, doc: &str) -> bool {
+        self.ring.owns(&self.me, doc, self.n)
+    }
+
+    /// Records a sign of life from `node`.
+    pub fn heartbeat(&self, node: &str) {
+        let now = self.now_ms();
+        if let Ok(mut d) = self.detector.lock() {
+            d.heartbeat(node, now);
+        }
+    }
+
+    /// Health of `node` as this node sees it.
+    pub fn health(&self, node: &str) -> Health {
+        if node == self.me {
+            return Health::Up;
+        }
+        let now = self.now_ms();
+        self.detector.lock().map(|d| d.health(node, now)).unwrap_or(Health::Down)
+    }
+
+    /// Whether `node` can take writes now: its link is connected and it is not down.
+    pub fn is_up(&self, node: &str, links: &HashMap<String, u64>) -> bool {
+        node == self.me || (links.contains_key(node) && self.health(node) == Health::Up)
+    }
+
+    /// `(peer, up)` for every other node.
+    pub fn peer_states(&self, links: &HashMap<String, u64>) -> Vec<(String, bool)> {
+        self.peers.keys().map(|p| (p.clone(), self.is_up(p, links))).collect()
+    }
+
+    /// Peers sharing at least one document range with this node.
+    fn shares(&self, peer: &str, doc: &str) -> bool {
+        let owners = self.ring.preference_list(doc, self.n);
+        owners.contains(&peer) && owners.contains(&self.me.as_str())
+    }
+}
+
+/// A client subscribed to `doc` here: replicate it with its write targets.
+pub(crate) fn follow(node: &Node, st: &mut State, doc: &str) {
+    let Some(cluster) = &node.inner.cluster else { return };
+    let walk = cluster.walk(doc);
+    let refs: Vec<&str> = walk.iter().map(String::as_str).collect();
+    let State { docs, conns, links, .. } = st;
+    let targets = write_targets(&refs, cluster.n, |n| cluster.is_up(n, links));
+    for t in targets {
+        if t.node == cluster.me {
+            continue;
+        }
+        subscribe_on_link(node, docs, conns, links, &t.node, doc);
+    }
+}
+
+fn subscribe_on_link(
+    node: &Node,
+    docs: &mut HashMap<String, crate::node::DocEntry>,
+    conns: &mut HashMap<u64, crate::node::ConnEntry>,
+    links: &HashMap<String, u64>,
+    peer: &str,
+    doc: &str,
+) -> bool {
+    let Some(link) = links.get(peer) else { return false };
+    let Some(c) = conns.get_mut(link) else { return false };
+    if !c.session.we_subscribed(doc) {
+        for m in c.session.subscribe(doc, &mut Docs { docs }) {
+            node.send(&c.out, &m);
+        }
+    }
+    true
+}
+
+/// An owner acked `vv` of `doc`: if that covers everything held here, the hint is done.
+pub(crate) fn on_peer_ack(
+    hints: &mut BTreeMap<String, BTreeMap<String, u64>>,
+    deletes: &mut Vec<(String, String, u64)>,
+    doc: &str,
+    peer: &str,
+    vv: &VersionVector,
+    held: &VersionVector,
+) {
+    let Some(owners) = hints.get_mut(doc) else { return };
+    if !held.le(vv) {
+        return;
+    }
+    if let Some(id) = owners.remove(peer) {
+        deletes.push((peer.to_owned(), doc.to_owned(), id));
+    }
+    if owners.is_empty() {
+        hints.remove(doc);
+    }
+}
+
+/// Periodic cluster work, called every 250 ms by the node's ticker.
+pub(crate) async fn tick(node: &Node, n: u64) {
+    let Some(cluster) = &node.inner.cluster else { return };
+    // Persist delivered hints' deletion.
+    let deletes = std::mem::take(&mut node.lock().hint_deletes);
+    if !deletes.is_empty() {
+        let ops = deletes
+            .into_iter()
+            .map(|(target, doc, id)| crate::storage::WriteOp::DeleteHint { target, doc, id })
+            .collect();
+        if let Err(e) = node.inner.storage.write(ops).await {
+            tracing::warn!(error = %e, "could not delete delivered hints; they will be delivered again");
+        }
+    }
+    // Hinted handoff, throttled: a batch of documents every second.
+    if n % 4 == 0 {
+        let due: Vec<(String, String)> = {
+            let st = node.lock();
+            st.hints
+                .iter()
+                .flat_map(|(doc, owners)| owners.keys().map(move |o| (doc.clone(), o.clone())))
+                .filter(|(_, o)| cluster.is_up(o, &st.links))
+                .take(HANDOFF_BATCH)
+                .collect()
+        };
+        for (doc, owner) in due {
+            if node.ensure_loaded(&doc).await.is_err() {
+                continue;
+            }
+            let mut st = node.lock();
+            let State { docs, conns, links, .. } = &mut *st;
+            if subscribe_on_link(node, docs, conns, links, &owner, &doc) {
+                // An empty batch asks the owner for its durable version.
+                if let Some(c) = links.get(&owner).and_then(|l| conns.get(l)) {
+                    node.send(&c.out, &Msg::Deltas(Deltas { doc: doc.clone(), deltas: Vec::new() }));
+                }
+            }
+        }
+    }
+    // Anti-entropy every ~3 s per node, jittered by node id.
+    let phase = stable_hash(cluster.me.as_bytes()) % 12;
+    if n % 12 == phase {
+        for peer in cluster.peers.keys() {
+            let up = cluster.is_up(peer, &node.lock().links);
+            if up {
+                anti_entropy(node, cluster, peer).await;
+            }
+        }
+    }
+}
+
+/// The digests of documents this node stores that `peer` also owns.
+pub(crate) fn shared_digests(node: &Node, peer: &str) -> Vec<(String, u64)> {
+    let Some(cluster) = &node.inner.cluster else { return Vec::new() };
+    node.stored_docs()
+        .into_iter()
+        .filter(|(doc, _)| cluster.shares(peer, doc))
+        .map(|(doc, vv)| {
+            let digest =
+                stable_hash(&concord_core::codec::encode(concord_core::codec::tag::VERSION_VECTOR, &vv));
+            (doc, digest)
+        })
+        .collect()
+}
+
+/// Compares shared documents with `peer` and syncs those that differ.
+async fn anti_entropy(node: &Node, cluster: &ClusterView, peer: &str) {
+    let Some(addr) = cluster.peers.get(peer) else { return };
+    let mine: BTreeMap<String, u64> = shared_digests(node, peer).into_iter().collect();
+    let Ok(body) = http_get(addr, &format!("/cluster/digests?peer={}", cluster.me)).await else { return };
+    let Ok(theirs) = postcard::from_bytes::<Vec<(String, u64)>>(&body) else { return };
+    let theirs: BTreeMap<String, u64> = theirs.into_iter().collect();
+    let mut differing: Vec<String> = Vec::new();
+    for (doc, d) in &theirs {
+        if mine.get(doc) != Some(d) {
+            differing.push(doc.clone());
+        }
+    }
+    for doc in mine.keys() {
+        if !theirs.contains_key(doc) {
+            differing.push(doc.clone());
+        }
+    }
+    differing.sort();
+    differing.dedup();
+    for doc in differing.into_iter().take(AE_CAP) {
+        if node.ensure_loaded(&doc).await.is_err() {
+            continue;
+        }
+        let mut st = node.lock();
+        let State { docs, conns, links, .. } = &mut *st;
+        // Subscribing syncs both ways: the peer answers what we lack and subscribes back.
+        let Some(link) = links.get(peer) else { return };
+        let Some(c) = conns.get_mut(link) else { return };
+        for m in c.session.subscribe(&doc, &mut Docs { docs }) {
+            node.send(&c.out, &m);
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET over loopback-grade links (no TLS, `Connection: close`).
+async fn http_get(addr: &str, path: &str) -> std::io::Result<Vec<u8>> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let split = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or(std::io::ErrorKind::InvalidData)?;
+        let head = String::from_utf8_lossy(&buf[..split]).to_string();
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+        Ok(buf[split + 4..].to_vec())
+    };
+    tokio::time::timeout(Duration::from_secs(3), fut).await.map_err(|_| std::io::ErrorKind::TimedOut)?
+}
+
+/// Keeps one outgoing link per peer until `shutdown` flips to true.
+pub fn spawn_links(node: Node, shutdown: tokio::sync::watch::Receiver<bool>) {
+    let Some(cluster) = node.inner.cluster.as_ref() else { return };
+    for (peer, addr) in cluster.peers.clone() {
+        let node = node.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { run_link(node, peer, addr, shutdown).await });
+    }
+}
+
+async fn run_link(node: Node, peer: String, addr: String, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let Some(cluster) = node.inner.cluster.as_ref() else { return };
+    let me = cluster.me.clone();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let url = format!("ws://{addr}/sync");
+        let connected =
+            tokio::time::timeout(Duration::from_secs(2), tokio_tungstenite::connect_async(url.as_str()))
+                .await;
+        let ws = match connected {
+            Ok(Ok((ws, _))) => ws,
+            _ => {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        cluster.heartbeat(&peer);
+        let (mut sink, mut stream) = ws.split();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8192);
+        let out = Outbox::new(tx, Arc::default(), node.inner.options.max_frame);
+        let conn = node.attach_link(&peer, &me, out);
+        tracing::info!(%peer, %addr, "peer link up");
+        // Re-follow every loaded document this peer should replicate.
+        let loaded: Vec<String> = node.loaded_docs().into_iter().collect();
+        {
+            let mut st = node.lock();
+            for doc in loaded {
+                let walk = cluster.walk(&doc);
+                let refs: Vec<&str> = walk.iter().map(String::as_str).collect();
+                let wanted = write_targets(&refs, cluster.n, |n| cluster.is_up(n, &st.links))
+                    .iter()
+                    .any(|t| t.node == peer)
+                    || st.hints.get(&doc).is_some_and(|o| o.contains_key(&peer));
+                let has_clients = st.docs.get(&doc).is_some_and(|e| {
+                    e.members.iter().any(|m| st.conns.get(m).is_some_and(|c| c.peer.is_none()))
+                });
+                if wanted && has_clients {
+                    let State { docs, conns, links, .. } = &mut *st;
+                    subscribe_on_link(&node, docs, conns, links, &peer, &doc);
+                }
+            }
+        }
+        let mut ping = tokio::time::interval(Duration::from_millis(300));
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                frame = rx.recv() => match frame {
+                    Some(bytes) => {
+                        if sink.send(Message::Binary(bytes.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
+                msg = stream.next() => match msg {
+                    Some(Ok(Message::Binary(b))) => {
+                        last_heard = Instant::now();
+                        cluster.heartbeat(&peer);
+                        if node.handle_frame(&conn, b.to_vec()).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {
+                        last_heard = Instant::now();
+                        cluster.heartbeat(&peer);
+                    }
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > Duration::from_millis(1_500) {
+                        tracing::warn!(%peer, "peer link silent; reconnecting");
+                        break;
+                    }
+                    if sink.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::info!(%peer, "peer link down");
+        node.detach_link(&peer, conn);
+    }
+}
+
+/// Escapes a string for JSON.
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Cluster introspection routes: `/cluster` (this node's view: peers, health, hints),
+/// `/cluster/owners?doc=ID` (preference list and position), `/cluster/ring` (tokens),
+/// and `/cluster/digests?peer=ID` (anti-entropy, binary).
+pub(crate) fn http_get_route(
+    node: &Node,
+    path: &str,
+    query: Option<&str>,
+) -> Option<(u16, &'static str, Vec<u8>)> {
+    const JSON: &str = "application/json";
+    if !path.starts_with("/cluster") {
+        return None;
+    }
+    let standalone = ClusterView::new("local", &[("local".into(), String::new(), 1)], 1, 1, 1, 1);
+    let cluster = node.inner.cluster.as_ref().unwrap_or(&standalone);
+    match path {
+        "/cluster" => {
+            let (links, hints) = {
+                let st = node.lock();
+                (st.links.clone(), st.hints.values().map(BTreeMap::len).sum::<usize>())
+            };
+            let peers: Vec<String> = cluster
+                .peers
+                .iter()
+                .map(|(id, addr)| {
+                    let health = match cluster.health(id) {
+                        Health::Up if links.contains_key(id) => "up",
+                        Health::Up | Health::Suspect => "suspect",
+                        Health::Down => "down",
+                    };
+                    format!("{{\"id\":{},\"addr\":{},\"state\":\"{health}\"}}", json_str(id), json_str(addr))
+                })
+                .collect();
+            let nodes: Vec<String> = cluster.ring.nodes().map(json_str).collect();
+            let body = format!(
+                "{{\"node\":{},\"replicas\":{},\"write_quorum\":{},\"read_quorum\":{},\"nodes\":[{}],\"peers\":[{}],\"pending_hints\":{}}}",
+                json_str(&cluster.me),
+                cluster.n,
+                cluster.w,
+                cluster.r,
+                nodes.join(","),
+                peers.join(","),
+                hints
+            );
+            Some((200, JSON, body.into_bytes()))
+        }
+        "/cluster/owners" => {
+            let doc = query_param(query, "doc")?;
+            let owners: Vec<String> = cluster.owners(&doc).iter().map(|o| json_str(o)).collect();
+            let pos = Ring::position(&doc) as f64 / u64::MAX as f64;
+            let body = format!(
+                "{{\"doc\":{},\"position\":{pos:.6},\"owners\":[{}]}}",
+                json_str(&doc),
+                owners.join(",")
+            );
+            Some((200, JSON, body.into_bytes()))
+        }
+        "/cluster/ring" => {
+            let mut tokens: Vec<String> = Vec::new();
+            for id in cluster.ring.nodes() {
+                let count = cluster.ring.weight(id).unwrap_or(1) * cluster.ring.vnodes();
+                for i in 0..count {
+                    let t = Ring::token(id, i) as f64 / u64::MAX as f64;
+                    tokens.push(format!("[{t:.6},{}]", json_str(id)));
+                }
+            }
+            Some((200, JSON, format!("{{\"tokens\":[{}]}}", tokens.join(",")).into_bytes()))
+        }
+        "/cluster/digests" => {
+            let peer = query_param(query, "peer")?;
+            let body = postcard::to_allocvec(&shared_digests(node, &peer)).unwrap_or_default();
+            Some((200, "application/octet-stream", body))
+        }
+        _ => Some((404, "text/plain; charset=utf-8", b"unknown cluster route\n".to_vec())),
+    }
+}

@@ -1,0 +1,321 @@
+//! Multi-process cluster tests: real `concord-relay` nodes on loopback (N=3, R=W=2),
+//! links between nodes through fault-injecting TCP proxies, clients writing through
+//! different nodes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{tempdir, Client, Relay};
+use concord_core::sync::ErrorCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const T: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A TCP proxy that can cut (drop and refuse) its connections.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    async fn start(target_port: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let c = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if c.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let c2 = c.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target_port)).await else {
+                        return;
+                    };
+                    let (mut ri, mut wi) = inbound.split();
+                    let (mut ro, mut wo) = outbound.split();
+                    let mut a = [0u8; 16384];
+                    let mut b = [0u8; 16384];
+                    loop {
+                        if c2.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        tokio::select! {
+                            r = ri.read(&mut a) => match r { Ok(0) | Err(_) => return, Ok(n) => if wo.write_all(&a[..n]).await.is_err() { return } },
+                            r = ro.read(&mut b) => match r { Ok(0) | Err(_) => return, Ok(n) => if wi.write_all(&b[..n]).await.is_err() { return } },
+                            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        }
+                    }
+                });
+            }
+        });
+        Proxy { port, cut }
+    }
+}
+
+/// A cluster of real nodes; node i reaches node j through proxy (i, j).
+struct Cluster {
+    ids: Vec<String>,
+    ports: Vec<u16>,
+    dirs: Vec<PathBuf>,
+    proxies: HashMap<(usize, usize), Proxy>,
+    relays: Vec<Option<Relay>>,
+    root: PathBuf,
+}
+
+impl Cluster {
+    async fn start(name: &str, n: usize) -> Cluster {
+        let root = tempdir(name);
+        let ids: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut proxies = HashMap::new();
+        for i in 0..n {
+            for j in 0..n {
+                if i != j {
+                    proxies.insert((i, j), Proxy::start(ports[j]).await);
+                }
+            }
+        }
+        let dirs = (0..n).map(|i| root.join(&ids[i])).collect();
+        let mut c = Cluster { ids, ports, dirs, proxies, relays: Vec::new(), root };
+        for i in 0..n {
+            let r = c.spawn(i, n);
+            c.relays.push(Some(r));
+        }
+        c
+    }
+
+    fn config(&self, i: usize, members: usize) -> PathBuf {
+        let mut text = format!(
+            "node_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[limits]\nrate_limit_msgs_per_sec = 100000\nrate_limit_burst = 100000\n\n[cluster]\nreplicas = 3\nwrite_quorum = 2\nread_quorum = 2\n",
+            self.ids[i],
+            self.ports[i],
+            self.dirs[i].display()
+        );
+        for j in 0..members {
+            let port = if i == j { self.ports[j] } else { self.proxies[&(i, j)].port };
+            text.push_str(&format!(
+                "\n[[cluster.nodes]]\nid = \"{}\"\naddr = \"127.0.0.1:{port}\"\n",
+                self.ids[j]
+            ));
+        }
+        let path = self.root.join(format!("{}.toml", self.ids[i]));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn spawn(&self, i: usize, members: usize) -> Relay {
+        let cfg = self.config(i, members);
+        Relay::start_with(&self.dirs[i], &["--config", cfg.to_str().unwrap()], false)
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        format!("127.0.0.1:{}", self.ports[i]).parse().unwrap()
+    }
+
+    fn kill9(&mut self, i: usize) {
+        if let Some(mut r) = self.relays[i].take() {
+            r.kill9();
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        let n = self.ids.len();
+        self.relays[i] = Some(self.spawn(i, n));
+    }
+
+    /// Cuts every link between node `i` and the others (both directions).
+    fn isolate(&self, i: usize, cut: bool) {
+        for ((a, b), p) in &self.proxies {
+            if *a == i || *b == i {
+                p.cut.store(cut, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+async fn http_json(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+async fn owners(addr: SocketAddr, doc: &str) -> Vec<String> {
+    let body = http_json(addr, &format!("/cluster/owners?doc={doc}")).await;
+    let list = body.split("\"owners\":[").nth(1).unwrap_or("").split(']').next().unwrap_or("");
+    list.split(',').map(|s| s.trim_matches('"').to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+async fn pending_hints(addr: SocketAddr) -> u64 {
+    let body = http_json(addr, "/cluster").await;
+    body.split("\"pending_hints\":")
+        .nth(1)
+        .and_then(|r| r.trim_end_matches('}').parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// Writes `count` increments, retrying each until acked.
+async fn write_acked(c: &mut Client, doc: &str, count: u64) {
+    for _ in 0..count {
+        c.increment(doc, "n", 1).await;
+        let mut tries = 0;
+        while !c.pump_until(Duration::from_secs(5), |c| c.all_acked(doc)).await {
+            tries += 1;
+            assert!(tries < 20, "a write was never acked; errors: {:?}", c.errors);
+            c.errors.clear();
+            c.resend_unacked(doc).await;
+        }
+    }
+}
+
+async fn read_counter(addr: SocketAddr, doc: &str) -> u64 {
+    let mut r = Client::new(1_000_000 + concord_relay::node::random_u64() % 1_000_000);
+    r.open(doc).await;
+    r.connect(addr, None).await;
+    assert!(r.pump_until(T, |c| c.synced.contains(doc)).await);
+    r.pump_for(Duration::from_millis(300)).await;
+    r.docs[doc].counter("n")
+}
+
+async fn wait_for(mut f: impl AsyncFnMut() -> bool) -> bool {
+    for _ in 0..120 {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_keep_being_acked_when_an_owner_is_killed_and_hints_drain_after_restart() {
+    let mut cl = Cluster::start("kill-owner", 5).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let doc = "board";
+    let own = owners(cl.addr(0), doc).await;
+    assert_eq!(own.len(), 3);
+    // Coordinators: two nodes; victim: an owner that is neither.
+    let coords: Vec<usize> = vec![0, 1];
+    let victim = (0..5).find(|i| own.contains(&cl.ids[*i]) && !coords.contains(i)).unwrap_or(2);
+    let mut a = Client::new(11);
+    let mut b = Client::new(12);
+    a.open(doc).await;
+    b.open(doc).await;
+    a.connect(cl.addr(coords[0]), None).await;
+    b.connect(cl.addr(coords[1]), None).await;
+    assert!(a.pump_until(T, |c| c.synced.contains(doc)).await);
+    assert!(b.pump_until(T, |c| c.synced.contains(doc)).await);
+    write_acked(&mut a, doc, 20).await;
+    write_acked(&mut b, doc, 20).await;
+    cl.kill9(victim);
+    write_acked(&mut a, doc, 20).await;
+    write_acked(&mut b, doc, 20).await;
+    // A fallback holds the document for the dead owner, with a durable hint.
+    let live: Vec<SocketAddr> = (0..5).filter(|i| *i != victim).map(|i| cl.addr(i)).collect();
+    let mut hinted = 0;
+    for a in &live {
+        hinted += pending_hints(*a).await;
+    }
+    assert!(hinted > 0, "no fallback took the dead owner's writes");
+    cl.restart(victim);
+    let addrs: Vec<SocketAddr> = (0..5).map(|i| cl.addr(i)).collect();
+    assert!(
+        wait_for(async || {
+            let mut total = 0;
+            for a in &addrs {
+                total += pending_hints(*a).await;
+            }
+            total == 0
+        })
+        .await,
+        "hints did not drain"
+    );
+    // Every owner holds every acked increment, exactly.
+    for o in &own {
+        let i = cl.ids.iter().position(|x| x == o).unwrap();
+        let addr = cl.addr(i);
+        assert!(wait_for(async || read_counter(addr, doc).await == 80).await, "owner {o} lacks acked writes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_minority_refuses_writes_and_everything_converges_after_healing() {
+    let mut cl = Cluster::start("partition", 3).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let doc = "shared";
+    let mut major = Client::new(21);
+    let mut minor = Client::new(22);
+    major.open(doc).await;
+    minor.open(doc).await;
+    major.connect(cl.addr(0), None).await;
+    minor.connect(cl.addr(2), None).await;
+    assert!(major.pump_until(T, |c| c.synced.contains(doc)).await);
+    assert!(minor.pump_until(T, |c| c.synced.contains(doc)).await);
+    cl.isolate(2, true);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    // The majority side (nodes 0, 1) reaches W=2.
+    write_acked(&mut major, doc, 10).await;
+    // The minority side (node 2 alone) cannot: "not enough replicas", kept for retry.
+    minor.increment(doc, "n", 1).await;
+    assert!(minor.pump_until(T, |c| c.errors.iter().any(|e| e.code == ErrorCode::NOT_ENOUGH_REPLICAS)).await);
+    assert!(!minor.all_acked(doc));
+    cl.isolate(2, false);
+    minor.errors.clear();
+    let mut tries = 0;
+    while !minor.pump_until(Duration::from_secs(5), |c| c.all_acked(doc)).await {
+        tries += 1;
+        assert!(tries < 20, "retry never acked: {:?}", minor.errors);
+        minor.resend_unacked(doc).await;
+    }
+    for i in 0..3 {
+        let addr = cl.addr(i);
+        assert!(wait_for(async || read_counter(addr, doc).await == 11).await, "node {i} did not converge");
+    }
+    let _ = &mut cl;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_wiped_data_dir_is_repaired_by_anti_entropy() {
+    let mut cl = Cluster::start("wipe", 3).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let docs = ["w1", "w2", "w3", "w4"];
+    let mut a = Client::new(31);
+    for d in docs {
+        a.open(d).await;
+    }
+    a.connect(cl.addr(0), None).await;
+    for d in docs {
+        assert!(a.pump_until(T, |c| c.synced.contains(d)).await);
+        write_acked(&mut a, d, 5).await;
+    }
+    cl.kill9(2);
+    std::fs::remove_dir_all(&cl.dirs[2]).unwrap();
+    cl.restart(2);
+    let addr = cl.addr(2);
+    for d in docs {
+        assert!(
+            wait_for(async || read_counter(addr, d).await == 5).await,
+            "doc {d} not repaired on the wiped node"
+        );
+    }
+}
+
+fn _unused(_: &Path) {}
