@@ -58,6 +58,7 @@ if (!debug) {
   }
   run(wasmOpt, [
     "-Oz",
+    "--converge",
     "--enable-bulk-memory",
     "--enable-sign-ext",
     "--enable-mutable-globals",

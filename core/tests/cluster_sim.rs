@@ -169,10 +169,12 @@ enum Msg {
     },
     /// Coordinator -> client: W replicas durably hold the write.
     WriteOk {
+        doc: String,
         dot: Dot,
     },
     /// Coordinator -> client: not enough replicas (the client retries).
     WriteFailed {
+        doc: String,
         dot: Dot,
     },
     /// Coordinator -> target.
@@ -216,6 +218,7 @@ struct Envelope {
 /// A write the coordinator is collecting acks for.
 struct Op {
     client: usize,
+    doc: String,
     dot: Dot,
     quorum: WriteQuorum,
     deadline: u64,
@@ -237,8 +240,8 @@ struct Node {
     disk_docs: BTreeMap<String, Vec<u8>>,
     disk_hints: BTreeMap<u64, Hint<Delta>>,
     next_hint_id: u64,
-    /// Test oracle, not node state: every dot this node ever stored durably.
-    durable: BTreeSet<Dot>,
+    /// Test oracle, not node state: every (document, dot) this node ever stored durably.
+    durable: BTreeSet<(String, Dot)>,
 }
 
 impl Node {
@@ -634,7 +637,11 @@ impl World {
                 } else {
                     self.stats.coordinator_timeouts += 1;
                 }
-                self.send(Addr::Node(i), Addr::Client(op.client), Msg::WriteFailed { dot: op.dot });
+                self.send(
+                    Addr::Node(i),
+                    Addr::Client(op.client),
+                    Msg::WriteFailed { doc: op.doc, dot: op.dot },
+                );
             }
         }
     }
@@ -646,13 +653,17 @@ impl World {
             self.nodes[i].fd.heartbeat(&from_id, now);
         }
         match (env.to, env.msg) {
-            (Addr::Client(c), Msg::WriteOk { dot }) => {
-                if let Some(w) = self.clients[c].writes.iter_mut().find(|w| w.delta.dot == dot) {
+            (Addr::Client(c), Msg::WriteOk { doc, dot }) => {
+                if let Some(w) =
+                    self.clients[c].writes.iter_mut().find(|w| w.delta.dot == dot && w.doc == doc)
+                {
                     w.acked = true;
                 }
             }
-            (Addr::Client(c), Msg::WriteFailed { dot }) => {
-                if let Some(w) = self.clients[c].writes.iter_mut().find(|w| w.delta.dot == dot && !w.acked) {
+            (Addr::Client(c), Msg::WriteFailed { doc, dot }) => {
+                if let Some(w) =
+                    self.clients[c].writes.iter_mut().find(|w| w.delta.dot == dot && w.doc == doc && !w.acked)
+                {
                     // Retry soon, through whichever coordinator comes up next.
                     w.retry_at = Some(now + 20);
                 }
@@ -733,7 +744,7 @@ impl World {
         let quorum = WriteQuorum::new(W, targets);
         if !quorum.is_reachable() {
             self.stats.not_enough_replicas += 1;
-            self.send(Addr::Node(i), Addr::Client(client), Msg::WriteFailed { dot });
+            self.send(Addr::Node(i), Addr::Client(client), Msg::WriteFailed { doc, dot });
             return;
         }
         let op = node.next_op;
@@ -744,7 +755,8 @@ impl World {
             .map(|t| (self.nodes.iter().position(|n| n.id == t.node).unwrap_or(i), t.hint_for.clone()))
             .collect();
         self.note(|| format!("{me} coordinates {dot:?} of {doc}: {:?}", quorum.targets()));
-        self.nodes[i].ops.insert(op, Op { client, dot, quorum, deadline: now + COORDINATOR_TIMEOUT_MS });
+        let deadline = now + COORDINATOR_TIMEOUT_MS;
+        self.nodes[i].ops.insert(op, Op { client, doc: doc.clone(), dot, quorum, deadline });
         for (j, hint_for) in sends {
             let msg = Msg::Replicate { op, doc: doc.clone(), delta: delta.clone(), hint_for };
             self.send(Addr::Node(i), Addr::Node(j), msg);
@@ -757,15 +769,19 @@ impl World {
         if !o.quorum.ack(&from_id) {
             return Ok(());
         }
-        let (client, dot) = (o.client, o.dot);
+        let (client, doc, dot) = (o.client, o.doc.clone(), o.dot);
         let (owners, fallbacks) = (o.quorum.owner_acks(), o.quorum.fallback_acks());
         self.nodes[i].ops.remove(&op);
         // The ack must not overstate durability: W distinct nodes hold the write now.
-        let holders: Vec<&str> =
-            self.nodes.iter().filter(|n| n.durable.contains(&dot)).map(|n| n.id.as_str()).collect();
+        let holders: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.durable.contains(&(doc.clone(), dot)))
+            .map(|n| n.id.as_str())
+            .collect();
         if holders.len() < W || owners + fallbacks < W {
             return Err(format!(
-                "{dot:?} acked with {owners} owner + {fallbacks} fallback acks but durable only on {holders:?}"
+                "{dot:?} of {doc} acked with {owners} owner + {fallbacks} fallback acks but durable only on {holders:?}"
             ));
         }
         self.stats.acked += 1;
@@ -775,8 +791,8 @@ impl World {
         if owners == 0 {
             self.stats.acked_by_fallbacks_only += 1;
         }
-        self.note(|| format!("{dot:?} acked ({owners} owners, {fallbacks} fallbacks)"));
-        self.send(Addr::Node(i), Addr::Client(client), Msg::WriteOk { dot });
+        self.note(|| format!("{dot:?} of {doc} acked ({owners} owners, {fallbacks} fallbacks)"));
+        self.send(Addr::Node(i), Addr::Client(client), Msg::WriteOk { doc, dot });
         Ok(())
     }
 
@@ -792,7 +808,7 @@ impl World {
         match d.apply(delta) {
             Ok(Applied::Applied(_) | Applied::Buffered | Applied::Duplicate) => {
                 node.persist(doc);
-                node.durable.insert(dot);
+                node.durable.insert((doc.to_string(), dot));
                 Ok(true)
             }
             Ok(Applied::Dropped) => Ok(false),
@@ -804,7 +820,7 @@ impl World {
         let node = &mut self.nodes[i];
         let id = node.next_hint_id;
         node.next_hint_id += 1;
-        node.durable.insert(delta.dot);
+        node.durable.insert((doc.clone(), delta.dot));
         let hint = Hint { id, owner, doc, payload: delta };
         node.disk_hints.insert(id, hint.clone());
         node.hints.insert(hint);
@@ -814,7 +830,11 @@ impl World {
     fn quiescent(&self) -> bool {
         self.clients.iter().all(|c| c.writes.iter().all(|w| w.acked))
             && self.nodes.iter().all(|n| n.hints.is_empty() && n.disk_hints.is_empty())
-            && self.doc_ids.iter().all(|d| self.owners_agree(d).is_ok())
+            && self.doc_ids.iter().all(|d| !self.written(d) || self.owners_agree(d).is_ok())
+    }
+
+    fn written(&self, doc: &str) -> bool {
+        self.clients.iter().any(|c| c.writes.iter().any(|w| w.doc == doc))
     }
 
     fn owners_agree(&self, doc: &str) -> Result<(), String> {

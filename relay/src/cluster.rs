@@ -470,9 +470,9 @@ pub(crate) fn http_get_route(
     let cluster = node.inner.cluster.as_ref().unwrap_or(&standalone);
     match path {
         "/cluster" => {
-            let (links, hints) = {
+            let (links, hints, stored) = {
                 let st = node.lock();
-                (st.links.clone(), st.hints.values().map(BTreeMap::len).sum::<usize>())
+                (st.links.clone(), st.hints.values().map(BTreeMap::len).sum::<usize>(), st.stored.len())
             };
             let peers: Vec<String> = cluster
                 .peers
@@ -488,14 +488,15 @@ pub(crate) fn http_get_route(
                 .collect();
             let nodes: Vec<String> = cluster.ring.nodes().map(json_str).collect();
             let body = format!(
-                "{{\"node\":{},\"replicas\":{},\"write_quorum\":{},\"read_quorum\":{},\"nodes\":[{}],\"peers\":[{}],\"pending_hints\":{}}}",
+                "{{\"node\":{},\"replicas\":{},\"write_quorum\":{},\"read_quorum\":{},\"nodes\":[{}],\"peers\":[{}],\"pending_hints\":{},\"documents_stored\":{}}}",
                 json_str(&cluster.me),
                 cluster.n,
                 cluster.w,
                 cluster.r,
                 nodes.join(","),
                 peers.join(","),
-                hints
+                hints,
+                stored
             );
             Some((200, JSON, body.into_bytes()))
         }

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,6 +116,18 @@ impl Cluster {
         let path = self.root.join(format!("{}.toml", self.ids[i]));
         std::fs::write(&path, text).unwrap();
         path
+    }
+
+    /// Prepares one more node (ports, proxies); start it with `restart`.
+    async fn add_node(&mut self) {
+        let n = self.ids.len();
+        self.ids.push(format!("n{n}"));
+        self.ports.push(free_port());
+        self.dirs.push(self.root.join(format!("n{n}")));
+        for i in 0..n {
+            self.proxies.insert((i, n), Proxy::start(self.ports[n]).await);
+            self.proxies.insert((n, i), Proxy::start(self.ports[i]).await);
+        }
     }
 
     fn spawn(&self, i: usize, members: usize) -> Relay {
@@ -318,4 +330,66 @@ async fn a_node_with_a_wiped_data_dir_is_repaired_by_anti_entropy() {
     }
 }
 
-fn _unused(_: &Path) {}
+async fn stored(addr: SocketAddr) -> u64 {
+    let body = http_json(addr, "/cluster").await;
+    body.split("\"documents_stored\":").nth(1).and_then(|r| r.trim_end_matches('}').parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_fourth_node_under_load_moves_about_a_quarter_of_placements_and_loses_nothing() {
+    let mut cl = Cluster::start("grow", 3).await;
+    cl.add_node().await; // prepared (ports, proxies), not started
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let docs: Vec<String> = (0..24).map(|i| format!("g{i}")).collect();
+    let mut a = Client::new(41);
+    for d in &docs {
+        a.open(d).await;
+    }
+    a.connect(cl.addr(0), None).await;
+    for d in &docs {
+        assert!(a.pump_until(T, |c| c.synced.contains(d)).await);
+        write_acked(&mut a, d, 2).await;
+    }
+    // Rolling restart into a four-node ring, writing between steps.
+    cl.relays.push(None);
+    cl.restart(3);
+    for i in 0..3 {
+        cl.kill9(i);
+        cl.restart(i);
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        a.connect(cl.addr(0), None).await;
+        for d in &docs {
+            assert!(a.pump_until(T, |c| c.synced.contains(d)).await);
+        }
+        for d in docs.iter().take(6) {
+            write_acked(&mut a, d, 1).await;
+        }
+    }
+    // Documents the new node owns reach it through anti-entropy.
+    let ring_owners = {
+        let mut n = 0;
+        for d in &docs {
+            if owners(cl.addr(0), d).await.contains(&"n3".to_string()) {
+                n += 1;
+            }
+        }
+        n
+    };
+    let fraction = ring_owners as f64 / (docs.len() * 3) as f64;
+    println!("new node owns {ring_owners} of {} placements ({:.2})", docs.len() * 3, fraction);
+    assert!((0.12..=0.40).contains(&fraction), "moved fraction {fraction}");
+    let new = cl.addr(3);
+    assert!(
+        wait_for(async || stored(new).await >= ring_owners as u64).await,
+        "new node did not receive its ranges"
+    );
+    for (k, d) in docs.iter().enumerate() {
+        let want = if k < 6 { 5 } else { 2 };
+        for i in 0..4 {
+            let addr = cl.addr(i);
+            if owners(addr, d).await.contains(&cl.ids[i]) {
+                assert!(wait_for(async || read_counter(addr, d).await == want).await, "{d} on n{i}");
+            }
+        }
+    }
+}

@@ -426,7 +426,7 @@ impl State {
     }
 
     fn schedule_flush(&mut self, cb: &Closure<dyn FnMut()>, delay: f64) {
-        if self.store.is_none() || self.closed {
+        if self.store.is_none() || self.closed || (self.dirty.is_empty() && self.to_persist.is_empty()) {
             return;
         }
         let at = js::now() + delay;

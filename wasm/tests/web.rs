@@ -165,6 +165,35 @@ async fn indexeddb_persistence_survives_closing_and_reopening_a_client() {
 }
 
 #[wasm_bindgen_test]
+async fn two_tabs_sharing_one_database_lose_nothing_of_each_other() {
+    let db = unique("concord-tabs");
+    let ch = unique("concord-tabs-channel");
+    let a = Replica::connect(offline(Some(&db), Some(&ch))).await.unwrap();
+    let b = Replica::connect(offline(Some(&db), Some(&ch))).await.unwrap();
+    let da = a.open_doc("board").await.unwrap();
+    let db_ = b.open_doc("board").await.unwrap();
+    da.increment("likes", 1.0).unwrap();
+    db_.increment("likes", 10.0).unwrap();
+    da.set_add("tags", &"a".into()).unwrap();
+    assert!(eventually(|| json(&da) == json(&db_)).await);
+    sleep(1200).await; // both write snapshots of their own
+    db_.set_add("tags", &"b".into()).unwrap(); // only in b's outbox
+    sleep(50).await;
+    a.close();
+    b.close();
+
+    let c = Replica::connect(offline(Some(&db), None)).await.unwrap();
+    let dc = c.open_doc("board").await.unwrap();
+    assert_eq!(json(&dc), r#"{"likes":11,"tags":["a","b"]}"#);
+    sleep(1200).await; // c folds both snapshots and the outbox into one
+    c.close();
+    let d = Replica::connect(offline(Some(&db), None)).await.unwrap();
+    let dd = d.open_doc("board").await.unwrap();
+    assert_eq!(json(&dd), r#"{"likes":11,"tags":["a","b"]}"#);
+    d.close();
+}
+
+#[wasm_bindgen_test]
 async fn a_second_client_receives_deltas_over_broadcast_channel_with_no_relay() {
     let ch = unique("concord-channel");
     let a = Replica::connect(offline(None, Some(&ch))).await.unwrap();

@@ -565,20 +565,7 @@ impl World {
                 self.resubscribe.push((at, l, i, inc, d));
             }
         }
-        let due: Vec<_> = {
-            let now = self.now;
-            let (due, rest) = std::mem::take(&mut self.resubscribe).into_iter().partition(|e| e.0 <= now);
-            self.resubscribe = rest;
-            due
-        };
-        for (_, l, i, inc, d) in due {
-            if self.links[l].sess.is_some() && self.links[l].incarnation == inc {
-                let r = self.links[l].ends[i];
-                let (sess, docs) = self.session_and_docs(l, i, r);
-                let msgs = sess.subscribe(&d, docs);
-                self.send_all(l, i, msgs);
-            }
-        }
+        self.resubscribe_due();
         for r in 0..n {
             if self.replicas[r].up && !(self.p.star && r == 0) && self.rng.chance(self.p.op_rate) {
                 self.local_op(r)?;
@@ -595,9 +582,29 @@ impl World {
         self.tick_all()
     }
 
+    fn resubscribe_due(&mut self) {
+        let now = self.now;
+        let (due, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.resubscribe).into_iter().partition(|e| e.0 <= now);
+        self.resubscribe = rest;
+        for (_, l, i, inc, d) in due {
+            // A reconnection subscribes to everything anyway.
+            if self.links[l].sess.is_some() && self.links[l].incarnation == inc {
+                let r = self.links[l].ends[i];
+                let (sess, docs) = self.session_and_docs(l, i, r);
+                let msgs = sess.subscribe(&d, docs);
+                self.send_all(l, i, msgs);
+            }
+        }
+    }
+
     fn quiet_period(&mut self) -> Result<(), String> {
         self.quiet = true;
-        self.resubscribe.clear();
+        // Whoever unsubscribed subscribes again now.
+        for e in &mut self.resubscribe {
+            e.0 = 0;
+        }
+        self.resubscribe_due();
         for link in &mut self.links {
             link.cut_until = 0;
         }

@@ -286,7 +286,7 @@ fn details(o: &Outcome, out: &mut String) {
              the handler**, all of it under the node's global `Mutex`. Per subscriber the handler \
              runs `Session::on_local_deltas` + `Msg::encode`: {:.0} ns; encoding the frame once \
              would cost {:.0} ns per write in total. Decoding the incoming frame: {:.0} ns. \
-             Storage writer thread: {:.1} µs per write. {:.2} frames reached each outbox per write.",
+             Storage writer thread: {:.1} µs per write. Frames queued per write: {:.2} (deltas to the other subscribers + the writer's ack).",
             int(p.writes as f64),
             p.members,
             p.write_fanout_us,

@@ -139,7 +139,11 @@ export async function screenshots(page, name) {
   const board = join(OUTPUT, `${name}-board.png`);
   const panel = join(OUTPUT, `${name}-cluster.png`);
   await page.screenshot({ path: board, fullPage: true });
+  // Unstick the top bar and the panel so that neither covers the other when the panel is
+  // scrolled into view.
+  const unstick = await page.addStyleTag({ content: ".topbar, .cluster { position: static !important; }" });
   await page.locator(tid("cluster-panel")).screenshot({ path: panel });
+  await unstick.evaluate((e) => e.remove());
   return { board, panel };
 }
 
