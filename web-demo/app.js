@@ -293,10 +293,12 @@ function heartbeat() {
   if (!set) return;
   const now = Date.now();
   const entries = set.values().filter((p) => p && typeof p === "object");
-  for (const p of entries) {
-    if (p.tab === me.tab || !(now - p.at < EXPIRE_MS)) set.remove(p);
-  }
+  // Add before removing: other tabs apply our deltas in order, so they never see this
+  // tab without an entry.
   set.add({ tab: me.tab, name: me.name, color: me.color, at: now });
+  for (const p of entries) {
+    if ((p.tab === me.tab && p.at !== now) || !(now - p.at < EXPIRE_MS)) set.remove(p);
+  }
 }
 
 function leave() {

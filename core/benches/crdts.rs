@@ -6,6 +6,7 @@
 //! measured with a counting global allocator: live bytes after building a structure,
 //! minus live bytes before.
 
+use concord_core::hash::fmix64;
 use concord_core::{Crdt, GCounter, Hlc, LwwRegister, OrSet, PnCounter, ReplicaId, Timestamp};
 use crdts::{CmRDT, CvRDT};
 use criterion::measurement::WallTime;
@@ -172,18 +173,19 @@ fn counters(c: &mut Criterion) {
     });
     g.finish();
 
-    // Two counters that share half their replicas.
+    // Two counters that share half their replicas; ids are random, so new ones land
+    // anywhere in the sorted vectors.
     let ours = |lo: u64| {
         let mut x = GCounter::default();
         for r in lo..lo + COUNTER_REPLICAS {
-            x.merge(&x.increment(ReplicaId(r * 7919), r % 100 + 1));
+            x.merge(&x.increment(ReplicaId(fmix64(r)), r % 100 + 1));
         }
         x
     };
     let theirs = |lo: u64| {
         let mut x = crdts::GCounter::<u64>::new();
         for r in lo..lo + COUNTER_REPLICAS {
-            x.apply(x.inc_many(r * 7919, r % 100 + 1));
+            x.apply(x.inc_many(fmix64(r), r % 100 + 1));
         }
         x
     };
@@ -224,17 +226,17 @@ fn counters(c: &mut Criterion) {
     let pn_ours = |lo: u64| {
         let mut x = PnCounter::default();
         for r in lo..lo + COUNTER_REPLICAS {
-            x.merge(&x.increment(ReplicaId(r * 7919), r % 100 + 1));
-            x.merge(&x.decrement(ReplicaId(r * 7919), r % 7));
+            x.merge(&x.increment(ReplicaId(fmix64(r)), r % 100 + 1));
+            x.merge(&x.decrement(ReplicaId(fmix64(r)), r % 7));
         }
         x
     };
     let pn_theirs = |lo: u64| {
         let mut x = crdts::PNCounter::<u64>::new();
         for r in lo..lo + COUNTER_REPLICAS {
-            x.apply(x.inc_many(r * 7919, r % 100 + 1));
+            x.apply(x.inc_many(fmix64(r), r % 100 + 1));
             if r % 7 > 0 {
-                x.apply(x.dec_many(r * 7919, r % 7));
+                x.apply(x.dec_many(fmix64(r), r % 7));
             }
         }
         x

@@ -93,6 +93,9 @@ struct Params {
     crash_per_mille: u64,
     /// Chance per step.
     partition_per_mille: u64,
+    /// Chance per step that two nodes crash together for long (two owners of some
+    /// documents are then down: only fallbacks can take their writes).
+    outage_per_mille: u64,
 }
 
 impl Params {
@@ -109,6 +112,7 @@ impl Params {
             dup_per_mille: rng.range(0, 60),
             crash_per_mille: rng.range(0, 3),
             partition_per_mille: rng.range(0, 4),
+            outage_per_mille: rng.range(0, 2),
         }
     }
 }
@@ -417,6 +421,17 @@ impl World {
                 self.restart(i);
             }
         }
+        if self.rng.chance(self.p.outage_per_mille) {
+            let down_for = self.rng.range(500, 2_500);
+            let first = self.rng.below(self.nodes.len() as u64) as usize;
+            let second =
+                (first + 1 + self.rng.below(self.nodes.len() as u64 - 1) as usize) % self.nodes.len();
+            for i in [first, second] {
+                if self.nodes[i].up {
+                    self.crash(i, down_for);
+                }
+            }
+        }
         match &self.partition {
             Some((_, until)) if self.now >= *until => {
                 self.note(|| "partition healed".into());
@@ -577,6 +592,13 @@ impl World {
                     owner.clone(),
                     Msg::Handoff { hint: h.id, doc: h.doc.clone(), delta: h.payload.clone() },
                 ));
+            }
+        }
+        for (_, m) in &out {
+            if let Msg::Handoff { hint, .. } = m {
+                let n = &mut self.nodes[i];
+                n.hints.delivered(*hint);
+                n.disk_hints.remove(hint);
             }
         }
         for (owner, msg) in out {

@@ -19,14 +19,17 @@
 //!   owner lacks), probes for its durable version, and deletes the hint once the owner has
 //!   acked everything.
 //! - **Anti-entropy**: every few seconds (with jitter) each node compares, with each peer
-//!   it shares ranges with, the digests of the documents both own, and syncs only those
-//!   that differ, a bounded number per round.
+//!   it shares ranges with, the document-set Merkle tree ([`concord_core::docset`]) of the
+//!   documents both own — root first, descending only into differing children over
+//!   `GET /cluster/docset` — and syncs only the documents that differ, a bounded number
+//!   per round.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use concord_core::cluster::{write_targets, DetectorConfig, FailureDetector, Health};
+use concord_core::docset::{DocSet, DocSetAnswer, DocSetDiff, DocSetQuery};
 use concord_core::hash::stable_hash;
 use concord_core::ring::{Ring, RingNode};
 use concord_core::sync::msg::Deltas;
@@ -243,40 +246,59 @@ pub(crate) async fn tick(node: &Node, n: u64) {
     }
 }
 
-/// The digests of documents this node stores that `peer` also owns.
-pub(crate) fn shared_digests(node: &Node, peer: &str) -> Vec<(String, u64)> {
-    let Some(cluster) = &node.inner.cluster else { return Vec::new() };
-    node.stored_docs()
-        .into_iter()
-        .filter(|(doc, _)| cluster.shares(peer, doc))
-        .map(|(doc, vv)| {
-            let digest =
-                stable_hash(&concord_core::codec::encode(concord_core::codec::tag::VERSION_VECTOR, &vv));
-            (doc, digest)
-        })
-        .collect()
+/// The document-set tree of the documents this node stores that `peer` also owns.
+pub(crate) fn shared_docset(node: &Node, peer: &str) -> DocSet {
+    let mut set = DocSet::new();
+    let Some(cluster) = &node.inner.cluster else { return set };
+    for (doc, vv) in node.stored_docs() {
+        if cluster.shares(peer, &doc) {
+            set.upsert(&doc, &vv);
+        }
+    }
+    set
 }
 
-/// Compares shared documents with `peer` and syncs those that differ.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+}
+
+/// Compares the document-set Merkle trees of the documents both nodes own (root first,
+/// descending only into differing children) and syncs the documents that differ.
 async fn anti_entropy(node: &Node, cluster: &ClusterView, peer: &str) {
     let Some(addr) = cluster.peers.get(peer) else { return };
-    let mine: BTreeMap<String, u64> = shared_digests(node, peer).into_iter().collect();
-    let Ok(body) = http_get(addr, &format!("/cluster/digests?peer={}", cluster.me)).await else { return };
-    let Ok(theirs) = postcard::from_bytes::<Vec<(String, u64)>>(&body) else { return };
-    let theirs: BTreeMap<String, u64> = theirs.into_iter().collect();
-    let mut differing: Vec<String> = Vec::new();
-    for (doc, d) in &theirs {
-        if mine.get(doc) != Some(d) {
-            differing.push(doc.clone());
+    let local = shared_docset(node, peer);
+    let (mut diff, first) = DocSetDiff::start();
+    let mut queries = first.chunks(128);
+    let mut rounds = 0;
+    while !diff.is_done() && rounds < 12 {
+        rounds += 1;
+        let mut next = Vec::new();
+        for q in std::mem::take(&mut queries) {
+            let Ok(bytes) = postcard::to_allocvec(&q) else { return };
+            let path = format!("/cluster/docset?peer={}&q={}", cluster.me, hex(&bytes));
+            let Ok(body) = http_get(addr, &path).await else { return };
+            let Ok(answer) = postcard::from_bytes::<DocSetAnswer>(&body) else { return };
+            match diff.step(&local, answer) {
+                Ok(more) => next.extend(more.chunks(128)),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "anti-entropy answer refused");
+                    return;
+                }
+            }
+        }
+        queries = next;
+        if queries.is_empty() {
+            queries = diff.outstanding().chunks(128);
         }
     }
-    for doc in mine.keys() {
-        if !theirs.contains_key(doc) {
-            differing.push(doc.clone());
-        }
+    let differing: Vec<String> = diff.into_differences().into_iter().map(|d| d.id).collect();
+    if !differing.is_empty() {
+        tracing::debug!(%peer, count = differing.len(), "anti-entropy found differing documents");
     }
-    differing.sort();
-    differing.dedup();
     for doc in differing.into_iter().take(AE_CAP) {
         if node.ensure_loaded(&doc).await.is_err() {
             continue;
@@ -456,7 +478,7 @@ fn percent_decode(s: &str) -> String {
 
 /// Cluster introspection routes: `/cluster` (this node's view: peers, health, hints),
 /// `/cluster/owners?doc=ID` (preference list and position), `/cluster/ring` (tokens),
-/// and `/cluster/digests?peer=ID` (anti-entropy, binary).
+/// and `/cluster/docset?peer=ID&q=HEX` (anti-entropy: answers a document-set query).
 pub(crate) fn http_get_route(
     node: &Node,
     path: &str,
@@ -522,10 +544,12 @@ pub(crate) fn http_get_route(
             }
             Some((200, JSON, format!("{{\"tokens\":[{}]}}", tokens.join(",")).into_bytes()))
         }
-        "/cluster/digests" => {
+        "/cluster/docset" => {
             let peer = query_param(query, "peer")?;
-            let body = postcard::to_allocvec(&shared_digests(node, &peer)).unwrap_or_default();
-            Some((200, "application/octet-stream", body))
+            let q: DocSetQuery =
+                unhex(&query_param(query, "q")?).and_then(|b| postcard::from_bytes(&b).ok())?;
+            let answer = shared_docset(node, &peer).answer(&q);
+            Some((200, "application/octet-stream", postcard::to_allocvec(&answer).unwrap_or_default()))
         }
         _ => Some((404, "text/plain; charset=utf-8", b"unknown cluster route\n".to_vec())),
     }

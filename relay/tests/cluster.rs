@@ -176,12 +176,13 @@ async fn owners(addr: SocketAddr, doc: &str) -> Vec<String> {
     list.split(',').map(|s| s.trim_matches('"').to_string()).filter(|s| !s.is_empty()).collect()
 }
 
+fn json_number(body: &str, field: &str) -> Option<u64> {
+    let rest = body.split(&format!("\"{field}\":")).nth(1)?;
+    rest.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
+}
+
 async fn pending_hints(addr: SocketAddr) -> u64 {
-    let body = http_json(addr, "/cluster").await;
-    body.split("\"pending_hints\":")
-        .nth(1)
-        .and_then(|r| r.trim_end_matches('}').parse().ok())
-        .unwrap_or(u64::MAX)
+    json_number(&http_json(addr, "/cluster").await, "pending_hints").expect("pending_hints in /cluster")
 }
 
 /// Writes `count` increments, retrying each until acked.
@@ -331,8 +332,7 @@ async fn a_node_with_a_wiped_data_dir_is_repaired_by_anti_entropy() {
 }
 
 async fn stored(addr: SocketAddr) -> u64 {
-    let body = http_json(addr, "/cluster").await;
-    body.split("\"documents_stored\":").nth(1).and_then(|r| r.trim_end_matches('}').parse().ok()).unwrap_or(0)
+    json_number(&http_json(addr, "/cluster").await, "documents_stored").unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -566,7 +566,7 @@ impl Client {
 
     /// This session's replica id (16 hex digits).
     pub fn replica_id(&self) -> String {
-        self.0.st.borrow().replica.to_string()
+        store::hex_id(self.0.st.borrow().replica)
     }
 
     /// "connecting" | "online" | "offline".

@@ -60,8 +60,14 @@ pub struct Loaded {
     pub outbox: Vec<(JsValue, Vec<u8>)>,
 }
 
+/// 16 lowercase hex digits, as `ReplicaId`'s `Display` (without the formatting machinery:
+/// this runs on every persisted write).
+pub fn hex_id(r: ReplicaId) -> String {
+    (0..16).rev().map(|i| char::from_digit(((r.0 >> (i * 4)) & 0xf) as u32, 16).unwrap_or('0')).collect()
+}
+
 fn hex(r: ReplicaId) -> JsValue {
-    JsValue::from_str(&r.to_string())
+    JsValue::from_str(&hex_id(r))
 }
 
 /// Key of a snapshot written by `replica`.
@@ -189,5 +195,17 @@ impl Store {
     /// Closes the connection (pending transactions still complete).
     pub fn close(&self) {
         self.db.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_ids_match_the_display_form() {
+        for id in [0, 7, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
+            assert_eq!(hex_id(ReplicaId(id)), ReplicaId(id).to_string());
+        }
     }
 }

@@ -28,8 +28,12 @@
 
 #![allow(dead_code)]
 
+pub mod pair;
+
 use concord_core::sync::{Event, Msg, Session, SessionConfig, SyncError};
-use concord_core::{Delta, DocConfig, DocError, Document, Dot, Field, Kind, ReplicaId, Timestamp, Value};
+use concord_core::{
+    Delta, DocConfig, DocError, Document, Dot, Field, Kind, ReplicaId, Timestamp, Value, VersionVector,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
@@ -158,6 +162,7 @@ pub struct Stats {
     pub runs: u64,
     pub ops: u64,
     pub acked_writes: u64,
+    pub acks: u64,
     pub frames: u64,
     pub lost: u64,
     pub duplicated: u64,
@@ -185,6 +190,7 @@ impl Stats {
             runs,
             ops,
             acked_writes,
+            acks,
             frames,
             lost,
             duplicated,
@@ -208,6 +214,7 @@ impl Stats {
         self.runs += runs;
         self.ops += ops;
         self.acked_writes += acked_writes;
+        self.acks += acks;
         self.frames += frames;
         self.lost += lost;
         self.duplicated += duplicated;
@@ -249,8 +256,9 @@ struct Link {
 
 struct Replica {
     docs: BTreeMap<String, Document>,
-    /// The last snapshot of each document (`Document::encode`).
+    /// The last snapshot of each document (`Document::encode`), and its version.
     persisted: BTreeMap<String, Vec<u8>>,
+    persisted_vv: BTreeMap<String, VersionVector>,
     up: bool,
     down_until: u64,
     wall: u64,
@@ -318,6 +326,7 @@ impl World {
             replicas.push(Replica {
                 docs,
                 persisted,
+                persisted_vv: BTreeMap::new(),
                 up: true,
                 down_until: 0,
                 wall: 1_000_000 + rng.below(10_000),
@@ -760,6 +769,15 @@ impl World {
                     q.insert(peer);
                 }
             }
+            Event::Acked { doc, vv } => {
+                self.stats.acks += 1;
+                let durable = self.replicas[peer].persisted_vv.get(&doc);
+                if !durable.is_some_and(|p| vv.le(p)) {
+                    return Err(format!(
+                        "replica {r} got Acked {vv:?} on {doc} from {peer}, which only persisted {durable:?}"
+                    ));
+                }
+            }
             Event::StateMerged { doc } => {
                 self.stats.state_merged += 1;
                 self.note(|| format!("{r} merged state from {peer} on {doc}"));
@@ -843,6 +861,7 @@ impl World {
         let bytes = doc.encode();
         let vv = doc.version().clone();
         self.replicas[r].persisted.insert(d.to_owned(), bytes);
+        self.replicas[r].persisted_vv.insert(d.to_owned(), vv.clone());
         for (id, seq) in vv.iter() {
             if self.model.author.get(&id) != Some(&r) {
                 let a = self.model.acked.entry((d.to_owned(), id)).or_insert(0);

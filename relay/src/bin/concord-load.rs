@@ -14,9 +14,10 @@ usage:
                [--scenario all|fanout|mixed|acks|idle[,...]] [--duration SECS] [--warmup SECS]
                [--clients K] [--docs M] [--rate FRAMES_PER_SEC|closed|idle] [--window N]
                [--ops counter|register|set|mix] [--batch N] [--config FILE] [--no-baseline]
-               [--baseline-flush burst|each] [--no-profile] [--connect-concurrency N]
+               [--baseline-flush burst|each] [--baseline-ws-buffer BYTES] [--no-profile]
+               [--connect-concurrency N]
                [--threads N] [--out FILE]
-  concord-load baseline-server [--listen ADDR] [--flush burst|each]
+  concord-load baseline-server [--listen ADDR] [--flush burst|each] [--ws-buffer BYTES]
 
   --spawn PATH     start this relay for each scenario on 127.0.0.1:0 with a temp data dir
                    and a generated config (max_connections 20000, rate limit raised)
@@ -24,12 +25,14 @@ usage:
   --config FILE    config for spawned relays instead of the generated one
   --scenario LIST  which scenarios (default all); their defaults are the targets' setups:
                    fanout 100 clients/1 doc/1,700 writes/s; mixed 1,000 clients/500 docs/
-                   2,000 writes/s; acks 500 writers closed loop; idle 10,000 connections
+                   2,000 writes/s; acks 500 writers closed loop; acks-batch the same with
+                   8 deltas per frame; idle 10,000 connections
   --clients, --docs, --rate, --window, --ops, --batch   override the scenario defaults
   --duration SECS  measuring window per phase (default 10); --warmup SECS before it (2)
   --no-baseline    skip the baseline server phases
   --baseline-flush each   make the baseline flush after every frame, like the relay's
                    writer (default burst: one flush per burst of queued frames)
+  --baseline-ws-buffer BYTES   the baseline's WebSocket buffers (default 16384, as the relay)
   --no-profile     skip the in-process handler profile after fanout
   --out FILE       also write the markdown report there
 
@@ -37,7 +40,7 @@ usage:
 
 enum Command {
     Run(Box<Options>, Option<PathBuf>, Option<usize>),
-    Baseline(String, bool),
+    Baseline(String, bool, usize),
     Help,
 }
 
@@ -47,6 +50,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         it.next();
         let mut listen = "127.0.0.1:0".to_string();
         let mut flush_each = false;
+        let mut buffer = baseline::WS_BUFFER;
         while let Some(arg) = it.next() {
             match arg.as_str() {
                 "--listen" => listen = it.next().ok_or("--listen needs a value")?.clone(),
@@ -55,12 +59,16 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
                     Some("burst") => flush_each = false,
                     _ => return Err("--flush needs `each` or `burst`".into()),
                 },
+                "--ws-buffer" => {
+                    let v = it.next().ok_or("--ws-buffer needs a value")?;
+                    buffer = v.parse().map_err(|_| format!("--ws-buffer {v:?}: expected bytes"))?;
+                }
                 a if a.starts_with("--listen=") => listen = a["--listen=".len()..].to_string(),
                 "-h" | "--help" => return Ok(Command::Help),
                 other => return Err(format!("unknown argument `{other}`")),
             }
         }
-        return Ok(Command::Baseline(listen, flush_each));
+        return Ok(Command::Baseline(listen, flush_each, buffer));
     }
     let mut o = Options {
         command: std::iter::once("concord-load".to_string())
@@ -124,6 +132,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
                 }
             }
             "--no-profile" => o.profile = false,
+            "--baseline-ws-buffer" => o.baseline_ws_buffer = Some(num(flag, value()?)?),
             "--connect-concurrency" => o.connect_concurrency = num(flag, value()?)?,
             "--threads" => threads = Some(num(flag, value()?)?),
             "--out" => out = Some(PathBuf::from(value()?)),
@@ -173,12 +182,12 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             ExitCode::SUCCESS
         }
-        Command::Baseline(listen, flush_each) => {
+        Command::Baseline(listen, flush_each, buffer) => {
             let served = runtime(None).and_then(|rt| {
                 rt.block_on(async {
                     let listener = tokio::net::TcpListener::bind(&listen).await?;
                     println!("listening on {}", listener.local_addr()?);
-                    baseline::serve(listener, flush_each).await
+                    baseline::serve(listener, flush_each, buffer).await
                 })
             });
             match served {
@@ -253,7 +262,7 @@ mod tests {
         assert!(parse_args(&args("--spawn x --bogus")).is_err());
         assert!(matches!(
             parse_args(&args("baseline-server --listen 127.0.0.1:0 --flush each")),
-            Ok(Command::Baseline(_, true))
+            Ok(Command::Baseline(_, true, baseline::WS_BUFFER))
         ));
     }
 }

@@ -25,13 +25,21 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 /// Per-connection send queue, as the relay's default `limits.send_queue`.
 pub const SEND_QUEUE: usize = 256;
 
-/// The WebSocket buffers the relay uses too (`server.rs`), so memory compares fairly.
-pub fn ws_config() -> WebSocketConfig {
+/// The WebSocket buffer size the relay uses too (`server.rs`), so memory compares fairly.
+pub const WS_BUFFER: usize = 16 * 1024;
+
+/// WebSocket settings with `buffer`-byte read and write buffers.
+pub fn ws_config_with(buffer: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(256 * 1024))
         .max_frame_size(Some(256 * 1024))
-        .read_buffer_size(16 * 1024)
-        .write_buffer_size(16 * 1024)
+        .read_buffer_size(buffer)
+        .write_buffer_size(buffer)
+}
+
+/// The relay's WebSocket settings.
+pub fn ws_config() -> WebSocketConfig {
+    ws_config_with(WS_BUFFER)
 }
 
 #[derive(Default)]
@@ -67,9 +75,10 @@ struct Server {
     next_id: AtomicU64,
 }
 
-/// Serves `listener` forever. With `flush_each`, writers flush after every frame (as
-/// the relay's writer does) instead of once per burst.
-pub async fn serve(listener: TcpListener, flush_each: bool) -> std::io::Result<()> {
+/// Serves `listener` forever with `buffer`-byte WebSocket buffers. With `flush_each`,
+/// writers flush after every frame (as the relay's writer does) instead of once per
+/// burst.
+pub async fn serve(listener: TcpListener, flush_each: bool, buffer: usize) -> std::io::Result<()> {
     let server = Arc::new(Server::default());
     loop {
         let (stream, _) = match listener.accept().await {
@@ -82,12 +91,13 @@ pub async fn serve(listener: TcpListener, flush_each: bool) -> std::io::Result<(
         };
         let _ = stream.set_nodelay(true);
         let server = server.clone();
-        tokio::spawn(async move { connection(stream, server, flush_each).await });
+        tokio::spawn(async move { connection(stream, server, flush_each, buffer).await });
     }
 }
 
-async fn connection(stream: TcpStream, server: Arc<Server>, flush_each: bool) {
-    let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await else {
+async fn connection(stream: TcpStream, server: Arc<Server>, flush_each: bool, buffer: usize) {
+    let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config_with(buffer))).await
+    else {
         return;
     };
     let id = server.next_id.fetch_add(1, Ordering::Relaxed);

@@ -66,6 +66,9 @@ pub struct Options {
     /// Make the baseline flush after every frame, as the relay's writer does (an
     /// experiment; the default flushes once per burst of queued frames).
     pub baseline_flush_each: bool,
+    /// WebSocket read/write buffer size of the baseline server (default 16 KiB, as the
+    /// relay's); an experiment knob for the idle scenario.
+    pub baseline_ws_buffer: Option<usize>,
     /// Profile the sync handler in-process after the fanout scenario.
     pub profile: bool,
     /// Concurrent connection attempts.
@@ -94,6 +97,7 @@ impl Default for Options {
             warmup: Duration::from_secs(2),
             baseline: true,
             baseline_flush_each: false,
+            baseline_ws_buffer: None,
             profile: true,
             connect_concurrency: 128,
             fsync_samples: 200,
@@ -143,6 +147,8 @@ pub struct Outcome {
     pub fsync: Option<Duration>,
     /// The in-process handler profile (fanout).
     pub profile: Option<profile::NodeProfile>,
+    /// The in-process per-connection memory split (idle).
+    pub memory: Option<profile::ConnMemory>,
 }
 
 /// Why a run could not be made.
@@ -204,7 +210,7 @@ pub async fn run(o: &Options) -> Result<Vec<Outcome>, LoadError> {
         let mut fsync = None;
         let concord = {
             let target = relay(o, max_connections)?;
-            if s == Scenario::Acks {
+            if matches!(s, Scenario::Acks | Scenario::AcksBatch) {
                 let dir = target.data_dir.clone().unwrap_or_else(std::env::temp_dir);
                 match procfs::fsync_latency(&dir, o.fsync_samples) {
                     Ok(d) => fsync = Some(d),
@@ -215,8 +221,8 @@ pub async fn run(o: &Options) -> Result<Vec<Outcome>, LoadError> {
             progress(s, "concord", &r);
             r
         };
-        let baseline = if o.baseline && s != Scenario::Acks {
-            let target = Target::spawn_baseline(o.baseline_flush_each)?;
+        let baseline = if o.baseline && !matches!(s, Scenario::Acks | Scenario::AcksBatch) {
+            let target = Target::spawn_baseline(o.baseline_flush_each, o.baseline_ws_buffer)?;
             let r = scenario::run_phase(&target, &params, &timing, s.name()).await;
             progress(s, "baseline", &r);
             Some(r)
@@ -248,7 +254,23 @@ pub async fn run(o: &Options) -> Result<Vec<Outcome>, LoadError> {
         } else {
             None
         };
-        out.push(Outcome { scenario: s, params, concord, baseline, fsync, profile });
+        let memory = if o.profile && s == Scenario::Idle {
+            let (conns, docs) = (params.clients, params.docs);
+            match tokio::task::spawn_blocking(move || profile::conn_memory(conns, docs)).await {
+                Ok(Ok(m)) => Some(m),
+                Ok(Err(e)) => {
+                    eprintln!("  memory profile failed: {e}");
+                    None
+                }
+                Err(e) => {
+                    eprintln!("  memory profile failed: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        out.push(Outcome { scenario: s, params, concord, baseline, fsync, profile, memory });
     }
     Ok(out)
 }

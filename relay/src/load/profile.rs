@@ -212,3 +212,115 @@ pub fn profile(members: usize, each: usize) -> Result<NodeProfile, String> {
     .join()
     .map_err(|_| "the profile thread panicked".to_string())?
 }
+
+/// Memory the relay holds per idle connection, split by owner.
+#[derive(Clone, Debug, Default)]
+pub struct ConnMemory {
+    /// Connections opened in-process.
+    pub conns: usize,
+    /// RSS growth per connection of this process after `Node::open` + `Hello` +
+    /// `Subscribe` through the handler, send queues created beforehand (bytes): the
+    /// handler's per-connection state (session, subscription, room membership).
+    pub handler_bytes: f64,
+    /// Same, for the send queues themselves (one bounded channel each, after the
+    /// relay's `Hello` was queued and read).
+    pub queue_bytes: f64,
+    /// `size_of` the future of `connection::serve` (the per-connection reader task,
+    /// allocated whole when the task is spawned).
+    pub serve_future_bytes: usize,
+    /// `size_of` the future of `Node::on_binary` (nested inside the one above).
+    pub on_binary_future_bytes: usize,
+}
+
+fn rss_bytes() -> f64 {
+    procfs::rss_kib(std::process::id()).unwrap_or(0) as f64 * 1024.0
+}
+
+async fn conn_memory_async(conns: usize, docs: usize) -> Result<ConnMemory, String> {
+    let dir = std::env::temp_dir().join(format!("concord-load-mem-{:x}", crate::node::random_u64()));
+    let storage = Storage::open(&dir).map_err(|e| e.to_string())?;
+    let metrics = Arc::new(Metrics::new());
+    let node = Arc::new(
+        Node::open(storage, metrics.clone(), NodeOptions::default(), None)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    // Future sizes: build (never poll) the futures over a loopback socket.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    let (stream, _) = accepted.map_err(|e| e.to_string())?;
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        crate::http::Prefixed::new(Vec::new(), stream),
+        tokio_tungstenite::tungstenite::protocol::Role::Server,
+        None,
+    )
+    .await;
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let serve = crate::connection::serve(
+        ws,
+        ConnInfo { peer: peer(), query: None },
+        node.clone(),
+        crate::config::Limits::default(),
+        metrics,
+        crate::shutdown::Shutdown::new(rx),
+    );
+    let serve_future_bytes = std::mem::size_of_val(&serve);
+    drop(serve);
+    drop(client);
+    let (out, _rx) = Outbox::for_test(4, 1024);
+    let mut probe = node.open(ConnInfo { peer: peer(), query: None }, out);
+    let on_binary_future_bytes = std::mem::size_of_val(&node.on_binary(&mut probe, Vec::new()));
+    node.on_close(probe);
+
+    let r0 = rss_bytes();
+    let mut queues = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let (out, mut rx) = Outbox::for_test(crate::config::Limits::default().send_queue, 256 * 1024);
+        let _ = out.send(vec![0; 16]);
+        let _ = rx.try_recv();
+        queues.push((out, rx));
+    }
+    let r1 = rss_bytes();
+    let mut open = Vec::with_capacity(conns);
+    for (i, (out, rx)) in queues.into_iter().enumerate() {
+        let mut conn = node.open(ConnInfo { peer: peer(), query: None }, out);
+        let session = Session::new(ReplicaId(10_000 + i as u64), SessionConfig::default());
+        let hello = session.hello(None).encode();
+        let doc = format!("idle-{}", i % docs.max(1));
+        let sub = Msg::Subscribe(Subscribe { doc, vv: VersionVector::new() }).encode();
+        for f in [hello, sub] {
+            node.on_binary(&mut conn, f).await.map_err(|e| format!("{e:?}"))?;
+        }
+        open.push((conn, rx));
+    }
+    for (_, rx) in &mut open {
+        while rx.try_recv().is_ok() {}
+    }
+    let r2 = rss_bytes();
+    let n = conns.max(1) as f64;
+    for (conn, _) in open {
+        node.on_close(conn);
+    }
+    node.flush().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ConnMemory {
+        conns,
+        handler_bytes: (r2 - r1) / n,
+        queue_bytes: (r1 - r0) / n,
+        serve_future_bytes,
+        on_binary_future_bytes,
+    })
+}
+
+/// Opens `conns` connections over `docs` documents on an in-process [`Node`] and
+/// measures what they cost (see [`ConnMemory`]).
+pub fn conn_memory(conns: usize, docs: usize) -> Result<ConnMemory, String> {
+    std::thread::spawn(move || {
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        rt.block_on(conn_memory_async(conns, docs))
+    })
+    .join()
+    .map_err(|_| "the memory profile thread panicked".to_string())?
+}

@@ -21,13 +21,16 @@ pub enum Scenario {
     Mixed,
     /// Many writers, closed loop: deltas acknowledged after fsync.
     Acks,
+    /// `Acks` with 8 deltas per frame, as a client's outbox sends them while it waits.
+    AcksBatch,
     /// 10,000 connections that say Hello, subscribe, and idle.
     Idle,
 }
 
 impl Scenario {
     /// Every scenario, in report order.
-    pub const ALL: [Scenario; 4] = [Scenario::Fanout, Scenario::Mixed, Scenario::Acks, Scenario::Idle];
+    pub const ALL: [Scenario; 5] =
+        [Scenario::Fanout, Scenario::Mixed, Scenario::Acks, Scenario::AcksBatch, Scenario::Idle];
 
     /// Its `--scenario` name.
     pub fn name(self) -> &'static str {
@@ -35,6 +38,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::Mixed => "mixed",
             Scenario::Acks => "acks",
+            Scenario::AcksBatch => "acks-batch",
             Scenario::Idle => "idle",
         }
     }
@@ -60,6 +64,7 @@ impl Scenario {
                 ops: OpKind::Counter,
                 batch: 1,
             },
+            Scenario::AcksBatch => Params { batch: 8, ..Scenario::Acks.defaults() },
             Scenario::Idle => {
                 Params { clients: 10_000, docs: 1_000, load: Load::Idle, ops: OpKind::Counter, batch: 1 }
             }

@@ -117,8 +117,8 @@ impl Target {
     }
 
     /// Starts this very binary as the baseline broadcast server (flushing after every
-    /// frame when `flush_each`).
-    pub fn spawn_baseline(flush_each: bool) -> Result<Target, TargetError> {
+    /// frame when `flush_each`; with WebSocket buffers of `ws_buffer` bytes if given).
+    pub fn spawn_baseline(flush_each: bool, ws_buffer: Option<usize>) -> Result<Target, TargetError> {
         let exe = std::env::current_exe()
             .map_err(|source| TargetError::Spawn { program: "concord-load".into(), source })?;
         let scratch = scratch_dir("baseline")?;
@@ -126,6 +126,9 @@ impl Target {
         cmd.args(["baseline-server", "--listen", "127.0.0.1:0"]);
         if flush_each {
             cmd.args(["--flush", "each"]);
+        }
+        if let Some(b) = ws_buffer {
+            cmd.args(["--ws-buffer".to_string(), b.to_string()]);
         }
         Target::spawn(cmd, "concord-load baseline-server", &scratch)
     }

@@ -138,6 +138,7 @@ export async function screenshots(page, name) {
   mkdirSync(OUTPUT, { recursive: true });
   const board = join(OUTPUT, `${name}-board.png`);
   const panel = join(OUTPUT, `${name}-cluster.png`);
+  await page.evaluate(() => window.scrollTo(0, 0));
   await page.screenshot({ path: board, fullPage: true });
   // Unstick the top bar and the panel so that neither covers the other when the panel is
   // scrolled into view.
