@@ -48,8 +48,9 @@ const ADJECTIVES = ["Amber", "Brisk", "Calm", "Dapper", "Eager", "Fuzzy", "Gentl
 const ANIMALS = ["Otter", "Falcon", "Panda", "Lynx", "Heron", "Koala", "Marten", "Puffin", "Gecko", "Bison", "Ibis", "Walrus", "Finch", "Tapir", "Yak", "Wombat"];
 const COLORS = ["#6366f1", "#0ea5e9", "#14b8a6", "#22c55e", "#eab308", "#f97316", "#ef4444", "#ec4899", "#a855f7"];
 
-function stored(storage, key, make) {
+function stored(area, key, make) {
   try {
+    const storage = window[area];
     let v = storage.getItem(key);
     if (!v) storage.setItem(key, (v = make()));
     return v;
@@ -62,14 +63,14 @@ const randomHex = (n) => Array.from(crypto.getRandomValues(new Uint8Array(n)), (
 
 const me = {
   // One name per browser profile, one id per tab (sessionStorage survives a reload).
-  name: stored(localStorage, "concord-demo-name", () => `${pick(ADJECTIVES)} ${pick(ANIMALS)}`),
-  tab: stored(sessionStorage, "concord-demo-tab", () => randomHex(4)),
+  name: stored("localStorage", "concord-demo-name", () => `${pick(ADJECTIVES)} ${pick(ANIMALS)}`),
+  tab: stored("sessionStorage", "concord-demo-tab", () => randomHex(4)),
 };
-me.color = COLORS[parseInt(randomHexFrom(me.name), 16) % COLORS.length];
-function randomHexFrom(s) {
+me.color = COLORS[hash(me.name) % COLORS.length];
+function hash(s) {
   let h = 2166136261;
   for (const c of s) h = Math.imul(h ^ c.charCodeAt(0), 16777619);
-  return (h >>> 0).toString(16);
+  return h >>> 0;
 }
 const initials = (name) => name.split(/\s+/).map((w) => w[0] ?? "").join("").slice(0, 2).toUpperCase();
 
@@ -114,7 +115,7 @@ let setup = null;
 let client = null;
 let doc = null;
 let unsubscribe = [];
-let offline = sessionStorage.getItem("concord-demo-offline") === "1" || params.get("offline") === "1";
+let offline = params.get("offline") === "1" || safe(() => sessionStorage.getItem("concord-demo-offline") === "1", false);
 let socket = null; // the WebSocket the client currently uses, to name the relay it is on
 let saveState = "idle"; // "saving" | "saved" | "local" | "idle"
 let catchingUp = false; // the first catch-up of an online session is summarized, not logged piecemeal
@@ -631,6 +632,7 @@ function renderCluster() {
         typeof n.connections === "number" ? `${n.connections} conn` : null,
         typeof n.docs === "number" ? `${n.docs} doc${n.docs === 1 ? "" : "s"} loaded` : null,
       ].filter(Boolean);
+      if (n.running === false) stats.unshift("process stopped");
       const button = admin
         ? n.running
           ? el("button", { class: "btn small danger", type: "button", dataset: { testid: "node-stop" }, onclick: (e) => adminAction(e.currentTarget, n.id, "stop") }, "Stop")

@@ -325,7 +325,13 @@ impl WriteQuorum {
         self.targets
             .iter()
             .zip(&self.answers)
-            .filter(|(t, a)| **a == answer && fallback.map_or(true, |f| t.is_fallback() == f))
+            .filter(|(t, a)| {
+                **a == answer
+                    && match fallback {
+                        Some(f) => t.is_fallback() == f,
+                        None => true,
+                    }
+            })
             .count()
     }
 

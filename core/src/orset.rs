@@ -159,6 +159,7 @@ fn join_dots(mine: &mut Dots, my_ctx: &CausalContext, theirs: &Dots, their_ctx: 
     *mine = Dots::from_vec(keep);
     true
 }
+
 /// An add-wins observed-remove set.
 ///
 /// A remove delta names the element it removes with an empty dot set, a *removal hint*

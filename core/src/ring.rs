@@ -228,6 +228,18 @@ impl Ring {
         self.tokens.len()
     }
 
+    /// Every token in ring order with its node (for showing the ring).
+    ///
+    /// ```
+    /// use concord_core::ring::{Ring, RingNode};
+    /// let ring = Ring::new(&[RingNode::new("a", 1), RingNode::new("b", 2)], 8);
+    /// assert_eq!(ring.tokens().filter(|(_, node)| *node == "b").count(), 16);
+    /// assert!(ring.tokens().zip(ring.tokens().skip(1)).all(|(x, y)| x.0 <= y.0));
+    /// ```
+    pub fn tokens(&self) -> impl Iterator<Item = (u64, &str)> {
+        self.tokens.iter().map(|&(t, idx)| (t, self.ids[idx as usize].as_str()))
+    }
+
     /// Number of nodes that own some range (weight above 0): the longest possible walk.
     pub fn owning_nodes(&self) -> usize {
         self.owning

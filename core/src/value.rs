@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn deeply_nested_bytes_are_rejected_not_overflowing_the_stack() {
         // Tag 5 (Array) with length 1, repeated: a 100,000-deep array.
-        let bytes: Vec<u8> = std::iter::repeat([5u8, 1u8]).take(100_000).flatten().collect();
+        let bytes: Vec<u8> = std::iter::repeat_n([5u8, 1u8], 100_000).flatten().collect();
         assert!(postcard::from_bytes::<Value>(&bytes).is_err());
         let ok = Value::Array(vec![Value::Array(vec![Value::Int(1)])]);
         let enc = postcard::to_allocvec(&ok).unwrap();

@@ -9,6 +9,7 @@
 use concord_core::ring::{Ring, RingNode};
 use proptest::collection::{btree_set, vec};
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use std::collections::BTreeSet;
 
 const DOCS: usize = 100_000;
@@ -16,7 +17,11 @@ const N: usize = 3;
 
 fn config() -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(256);
-    ProptestConfig::with_cases(cases)
+    ProptestConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+        ..ProptestConfig::default()
+    }
 }
 
 fn nodes(count: usize) -> Vec<RingNode> {
@@ -288,20 +293,18 @@ fn check_change(label: &str, before: usize, after: usize) {
     let m = moved(&old, &new);
     let changed = before.abs_diff(after) as f64 / before.max(after) as f64;
     let want_docs = expected_docs_changed(before, after);
+    // The ring after the change is as even as one built that way from scratch.
+    let (primary, _) = load(&new);
+    let (max, min) = spread(&primary, &vec![1; after]);
     println!(
-        "{label:<16} {before:>2} -> {after:>2}: primary moved {:.4} (ideal {changed:.4}), replicas moved {:.4} \
-         (ideal {changed:.4}), docs with a changed list {:.4} (ideal {want_docs:.4})",
+        "{label} {before} -> {after}: primary moved {:.4} (ideal {changed:.4}), replicas moved {:.4} \
+         (ideal {changed:.4}), docs with a changed list {:.4} (ideal {want_docs:.4}); \
+         afterwards primary max/mean {max:.3} min/mean {min:.3}",
         m.primary, m.replicas, m.docs
     );
     assert_near(&format!("{label} {before}->{after} primary"), m.primary, changed);
     assert_near(&format!("{label} {before}->{after} replicas"), m.replicas, changed);
     assert_near(&format!("{label} {before}->{after} docs"), m.docs, want_docs);
-    // The ring after the change is as even as one built that way from scratch.
-    let (primary, _) = load(&new);
-    let (max, min) = spread(&primary, &vec![1; after]);
-    println!(
-        "{label:<16} {before:>2} -> {after:>2}: after the change primary max/mean {max:.3} min/mean {min:.3}"
-    );
     assert!(max < 1.3 && min > 0.7, "{label} {before}->{after}: uneven afterwards ({max:.3} / {min:.3})");
 }
 

@@ -79,3 +79,35 @@ fn random_runs_converge_and_keep_every_acknowledged_write() {
         assert!(total.amnesia_detected > 0, "amnesia was never detected: {total:?}");
     }
 }
+
+// ---- every failing seed found, minimised to its fewest chaos steps, kept as a test ----
+//
+// A seed means a run only together with this simulator: if `simnet` changes how it
+// draws, re-derive them (`SIM_SEED=<n> SIM_SHRINK=1` against the unfixed code). The
+// hand-minimised twins of these bugs are in `regressions.rs`.
+
+fn pinned(seed: u64, steps: u64) {
+    if let Err(e) = run_seed_with(seed, &|p| p.steps = steps) {
+        panic!("seed {seed} ({steps} steps) failed: {e}\nreplay: {}", replay_command(seed));
+    }
+}
+
+/// Seed 2, 2 steps: a `Synced` overtook the deltas it covers (reordering), and the
+/// session announced `Event::Synced` while the document lacked them (with loss, it never
+/// got them until the next refresh). Fixed in `Session::handle_msg`/`on_deltas`: settle
+/// only once the document covers the peer's version.
+#[test]
+fn synced_is_announced_only_once_the_document_holds_what_it_covers_seed_2() {
+    pinned(2, 2);
+}
+
+/// Seed 50, 25 steps: a Merkle catch-up asked for keys that the answering replica wrote
+/// to after the exchange began; the state it sent was newer than the version and context
+/// it had announced, and the receiver refused it ("set element has a dot outside the
+/// causal context") — for counters and registers the extra effects would have been
+/// adopted without their dots. Fixed in `Session::on_keys_query`: keys changed since the
+/// exchange began restart it (`Document::keys_changed_since`).
+#[test]
+fn a_merkle_catch_up_never_ships_state_newer_than_it_announced_seed_50() {
+    pinned(50, 25);
+}

@@ -451,7 +451,7 @@ fn json_str(s: &str) -> String {
     out
 }
 
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<String> {
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
         (k == name).then(|| percent_decode(v))
@@ -488,7 +488,8 @@ pub(crate) fn http_get_route(
     if !path.starts_with("/cluster") {
         return None;
     }
-    let standalone = ClusterView::new("local", &[("local".into(), String::new(), 1)], 1, 1, 1, 1);
+    let id = node.inner.options.node_id.clone();
+    let standalone = ClusterView::new(&id, &[(id.clone(), String::new(), 1)], 1, 1, 1, 1);
     let cluster = node.inner.cluster.as_ref().unwrap_or(&standalone);
     match path {
         "/cluster" => {

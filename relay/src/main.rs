@@ -242,6 +242,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         auth_secret: config.auth_secret.as_ref().map(|s| s.as_bytes().to_vec()),
         doc_cache_capacity: config.limits.doc_cache_capacity,
         max_frame: config.limits.max_frame_bytes,
+        node_id: config.node_id.clone(),
         ..NodeOptions::default()
     };
     let cluster = (config.cluster.nodes.len() > 1).then(|| {

@@ -46,6 +46,8 @@ pub struct NodeOptions {
     /// How long a coordinator waits for W durable acks before answering
     /// "not enough replicas".
     pub write_timeout: Duration,
+    /// This node's id (for introspection when it runs standalone).
+    pub node_id: String,
 }
 
 impl Default for NodeOptions {
@@ -56,6 +58,7 @@ impl Default for NodeOptions {
             max_frame: 256 * 1024,
             doc_config: DocConfig::default(),
             write_timeout: Duration::from_secs(3),
+            node_id: "local".to_owned(),
         }
     }
 }
@@ -73,6 +76,9 @@ pub(crate) struct DocEntry {
     next_seq: u64,
     since_snapshot: u64,
     inflight: u64,
+    /// Connections that sent deltas already applied but not yet durable: acked when the
+    /// in-flight writes commit.
+    ack_waiters: BTreeSet<u64>,
     pub(crate) members: BTreeSet<u64>,
     last_used: u64,
 }
@@ -302,6 +308,7 @@ impl Node {
             next_seq,
             since_snapshot: stored.deltas.len() as u64,
             inflight: 0,
+            ack_waiters: BTreeSet::new(),
             members: BTreeSet::new(),
             last_used: clock,
         });
@@ -565,6 +572,8 @@ impl Node {
                     }
                 } else if e.inflight == 0 {
                     self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
+                } else {
+                    e.ack_waiters.insert(id);
                 }
             }
         }
@@ -719,6 +728,13 @@ impl Node {
                         e.durable.absorb(vv);
                     }
                     stored.insert(p.doc.clone(), e.doc.version().clone());
+                    if e.inflight == 0 {
+                        for w in std::mem::take(&mut e.ack_waiters) {
+                            if let Some(c) = conns.get(&w) {
+                                self.send(&c.out, &c.session.ack(&p.doc, &e.durable.vv));
+                            }
+                        }
+                    }
                     self.inner.metrics.deltas_persisted.add(n);
                     if p.ack_local {
                         if self.inner.cluster.is_none() {

@@ -84,13 +84,13 @@ impl Cluster {
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut proxies = HashMap::new();
         for i in 0..n {
-            for j in 0..n {
+            for (j, port) in ports.iter().enumerate() {
                 if i != j {
-                    proxies.insert((i, j), Proxy::start(ports[j]).await);
+                    proxies.insert((i, j), Proxy::start(*port).await);
                 }
             }
         }
-        let dirs = (0..n).map(|i| root.join(&ids[i])).collect();
+        let dirs = ids.iter().map(|id| root.join(id)).collect();
         let mut c = Cluster { ids, ports, dirs, proxies, relays: Vec::new(), root };
         for i in 0..n {
             let r = c.spawn(i, n);

@@ -86,5 +86,9 @@ test("every widget converges across tabs, browsers and relays", { timeout: 240_0
   assert.ok(log.some((l) => l.includes("bread")), `a1's activity log mentions Bob's tag: ${JSON.stringify(log)}`);
 
   await screenshots(a1, "converge");
+  // And at a phone's width: one column, nothing wider than the screen.
+  await b.setViewportSize({ width: 390, height: 844 });
+  assert.ok(await b.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), "no horizontal scrolling on a phone");
+  await screenshots(b, "converge-phone");
   noPageErrors(...pages);
 });

@@ -581,9 +581,9 @@ impl World {
             }
         }
         for r in 0..n {
-            for d in 0..self.p.docs {
+            for d in &DOC_IDS[..self.p.docs] {
                 if self.replicas[r].up && self.rng.chance(self.p.persist_rate) {
-                    self.persist(r, DOC_IDS[d]);
+                    self.persist(r, d);
                 }
             }
         }

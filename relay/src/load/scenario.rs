@@ -244,9 +244,15 @@ pub async fn run_phase(target: &Target, params: &Params, timing: &Timing, tag: &
         tokio::time::sleep(timing.settle).await;
         r.rss_after = pid.and_then(procfs::rss_kib);
     }
+    // Idle connections only need holding while the window's CPU is read.
+    let (warmup, duration) = if idle {
+        (Duration::ZERO, timing.duration.min(Duration::from_secs(2)))
+    } else {
+        (timing.warmup, timing.duration)
+    };
     let start = now_ns() + 50_000_000;
-    let measure_from = start + timing.warmup.as_nanos() as u64;
-    let measure_until = measure_from + timing.duration.as_nanos() as u64;
+    let measure_from = start + warmup.as_nanos() as u64;
+    let measure_until = measure_from + duration.as_nanos() as u64;
     let plan = Plan { start, measure_from, measure_until, stop: measure_until + 300_000_000 };
     let _ = go_tx.send(Some(plan));
 

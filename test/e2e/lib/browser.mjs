@@ -8,8 +8,10 @@ import { ROOT } from "./cluster.mjs";
 export const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
 export const OUTPUT = join(ROOT, "test-output", "e2e");
 
-/** A generous bound for anything that should happen "soon" (sync, failover, restart). */
-export const SOON = 45_000;
+/** A generous bound for anything that should happen "soon" (sync, failover, restart):
+ * long enough to cover a write whose quorum ack was missed and is retried by the
+ * client's periodic resync (30 ticks of 1 s). */
+export const SOON = 90_000;
 
 export async function launchBrowser() {
   const { chromium } = await import("playwright-core");
