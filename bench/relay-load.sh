@@ -19,8 +19,12 @@ cp target/release/concord-relay target/release/concord-load "$bin/"
 # 10,000 idle connections need as many descriptors in the tool and in the relay.
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
+# Which tree was measured (read-only git queries).
+rev="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+dirty="$(git status --porcelain 2>/dev/null | wc -l | tr -d ' ')"
+
 mkdir -p bench/results
-CONCORD_LOAD_VIA="bench/relay-load.sh $*" "$bin/concord-load" \
+CONCORD_LOAD_VIA="bench/relay-load.sh $*   # tree $rev + $dirty uncommitted paths" "$bin/concord-load" \
   --spawn "$bin/concord-relay" \
   --scenario all \
   --duration "${DURATION:-10}" \

@@ -487,6 +487,26 @@ fn docset_diff(c: &mut Criterion, rows: &mut Vec<Row>, full: bool) {
         (diff, bytes, trips)
     };
     let (diff, bytes, trips) = run(&a, &b);
+    // Where the bytes go: each part of each answer encoded alone, and the queries.
+    let mut parts: BTreeMap<&str, usize> = BTreeMap::new();
+    {
+        let (mut d, mut q) = DocSetDiff::start();
+        while !d.is_done() {
+            *parts.entry("queries").or_default() += postcard::to_allocvec(&q).expect("encode").len();
+            let ans = b.answer(&q);
+            let part = |x: DocSetAnswer| postcard::to_allocvec(&x).expect("encode").len();
+            let none = DocSetAnswer::default;
+            *parts.entry("answers: children").or_default() +=
+                part(DocSetAnswer { children: ans.children.clone(), ..none() });
+            *parts.entry("answers: buckets").or_default() +=
+                part(DocSetAnswer { buckets: ans.buckets.clone(), ..none() });
+            *parts.entry("answers: lists").or_default() +=
+                part(DocSetAnswer { lists: ans.lists.clone(), ..none() });
+            *parts.entry("answers: names").or_default() +=
+                part(DocSetAnswer { names: ans.names.clone(), ..none() });
+            q = d.step(&a, ans).expect("valid answer");
+        }
+    }
     let found = diff.differences().len();
     let expect: usize = {
         let ma: HashMap<&str, u64> = a.iter().collect();
@@ -510,7 +530,7 @@ fn docset_diff(c: &mut Criterion, rows: &mut Vec<Row>, full: bool) {
         },
     );
     row(rows, scen, "documents found", found.to_string(), format!("exactly {expect}  ok"));
-    row(rows, "", "round trips", trips.to_string(), "<= 5 (depth + 1)".into());
+    row(rows, "", "round trips", trips.to_string(), "<= 6 (depth + 2)".into());
     row(
         rows,
         "",
@@ -518,6 +538,9 @@ fn docset_diff(c: &mut Criterion, rows: &mut Vec<Row>, full: bool) {
         kib(bytes),
         format!("full listing {} = {:.1}x", kib(listing), listing as f64 / bytes as f64),
     );
+    for (part, n) in parts {
+        row(rows, "", &format!("  {part}"), kib(n), String::new());
+    }
     row(rows, "", "bytes per differing doc", format!("{:.0} B", bytes as f64 / found as f64), String::new());
     row(rows, "", "cpu, both sides, with codec", ms2(cpu), String::new());
     row(rows, "", "one-time: build one set", ms(build_time), String::new());

@@ -14,13 +14,17 @@
 //! for node. Documents are placed by [`stable_hash`] of their id — the ring's hash — so a
 //! ring range is a set of contiguous subtrees.
 //!
-//! The comparison is sans-IO, like the rest of the core: a [`DocSetDiff`] on one relay
-//! produces [`DocSetQuery`]s; the other relay answers each with [`DocSet::answer`] (a pure
-//! function of its set); the diff descends only into differing children and ends with the
-//! [`Difference`]s. Shortcuts: a child that is empty on the remote side makes every local
-//! document under it a difference without asking, and a child that is empty locally is
-//! listed whole instead of descended. Lost answers are re-asked with
-//! [`DocSetDiff::outstanding`]; duplicate or stale answers are ignored.
+//! The comparison is sans-IO, like the rest of the core, and runs like the per-document
+//! exchange: a [`DocSetDiff`] on one relay produces [`DocSetQuery`]s, the other relay
+//! answers each with [`DocSet::answer`] (a pure function of its set), and the diff
+//! descends only into differing children. A differing bucket comes back as
+//! `(id hash, digest)` pairs, fixed-width on the wire; ids travel only for the hashes that
+//! do not match (as the document exchange asks for keys by hash), so neither side touches
+//! the ids of the documents that agree. The diff ends with the [`Difference`]s, in at most
+//! [`DEPTH`] + 2 round trips. Shortcuts: a child that is empty on the remote side makes
+//! every local document under it a difference without asking, and a child that is empty
+//! locally is listed whole, ids included, instead of descended. Lost answers are re-asked
+//! with [`DocSetDiff::outstanding`]; duplicate or stale answers are ignored.
 //!
 //! ```
 //! use concord_core::docset::{DocSet, DocSetDiff};
@@ -50,7 +54,7 @@ use crate::codec::{self, tag};
 use crate::hash::{stable_hash, stable_hash_seeded};
 use crate::merkle::{KeyTree, NodeId, DEPTH, FANOUT};
 use crate::vv::VersionVector;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cmp::Ordering;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -190,6 +194,17 @@ impl DocSet {
         self.under(node).map(|(_, id, d)| (id.to_owned(), d)).collect()
     }
 
+    /// `(id hash, digest)` of the documents under `node`, in order: what a differing
+    /// bucket is compared by.
+    pub fn bucket_digests(&self, node: NodeId) -> Vec<(u64, u64)> {
+        self.under(node).map(|(h, _, d)| (h, d)).collect()
+    }
+
+    /// `(id, digest)` of the documents whose ids hash to `hash` (almost always one).
+    pub fn named(&self, hash: u64) -> Vec<(String, u64)> {
+        self.with_hash(hash).map(|(id, d)| (id.to_owned(), d)).collect()
+    }
+
     fn under(&self, node: NodeId) -> impl Iterator<Item = (u64, &str, u64)> {
         let (lo, hi) = node.key_range();
         self.index
@@ -198,9 +213,17 @@ impl DocSet {
             .map(|((h, id), d)| (*h, id.as_str(), *d))
     }
 
+    fn with_hash(&self, hash: u64) -> impl Iterator<Item = (&str, u64)> {
+        self.index
+            .range((hash, String::new())..)
+            .take_while(move |((h, _), _)| *h == hash)
+            .map(|((_, id), d)| (id.as_str(), *d))
+    }
+
     /// Answers a peer's query from this set. Invalid node ids are skipped, so the
     /// answer to a confused or hostile query is merely short.
     pub fn answer(&self, query: &DocSetQuery) -> DocSetAnswer {
+        let valid = |n: &&NodeId| n.is_valid();
         DocSetAnswer {
             children: query
                 .children
@@ -208,7 +231,9 @@ impl DocSet {
                 .filter(|n| n.is_valid() && !n.is_bucket())
                 .map(|&n| (n, self.children(n)))
                 .collect(),
-            docs: query.docs.iter().filter(|n| n.is_valid()).map(|&n| (n, self.bucket(n))).collect(),
+            buckets: query.buckets.iter().filter(valid).map(|&n| (n, self.bucket_digests(n))).collect(),
+            lists: query.lists.iter().filter(valid).map(|&n| (n, self.bucket(n))).collect(),
+            names: query.names.iter().map(|&h| (h, self.named(h))).collect(),
         }
     }
 }
@@ -218,41 +243,155 @@ impl DocSet {
 pub struct DocSetQuery {
     /// Inner nodes whose children's hashes are wanted.
     pub children: Vec<NodeId>,
-    /// Nodes whose documents are wanted: differing buckets, or subtrees this side lacks.
-    pub docs: Vec<NodeId>,
+    /// Differing buckets, wanted as `(id hash, digest)` pairs.
+    pub buckets: Vec<NodeId>,
+    /// Subtrees this side has nothing under, wanted as `(id, digest)` lists.
+    pub lists: Vec<NodeId>,
+    /// Id hashes whose `(id, digest)`s are wanted.
+    pub names: Vec<u64>,
 }
 
 impl DocSetQuery {
     /// Whether there is nothing to ask.
     pub fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.docs.is_empty()
+        self.len() == 0
     }
 
-    /// Number of nodes asked about.
+    /// Number of things asked about.
     pub fn len(&self) -> usize {
-        self.children.len() + self.docs.len()
+        self.children.len() + self.buckets.len() + self.lists.len() + self.names.len()
     }
 
-    /// Splits into queries of at most `max_nodes` nodes each, to bound answer sizes.
-    pub fn chunks(&self, max_nodes: usize) -> Vec<DocSetQuery> {
-        let max = max_nodes.max(1);
-        let mut out: Vec<DocSetQuery> = self
-            .children
-            .chunks(max)
-            .map(|c| DocSetQuery { children: c.to_vec(), docs: Vec::new() })
-            .collect();
-        out.extend(self.docs.chunks(max).map(|d| DocSetQuery { children: Vec::new(), docs: d.to_vec() }));
+    /// Splits into queries of at most `max` things each, to bound answer sizes.
+    pub fn chunks(&self, max: usize) -> Vec<DocSetQuery> {
+        let max = max.max(1);
+        let mut out = Vec::new();
+        let q = DocSetQuery::default;
+        out.extend(self.children.chunks(max).map(|c| DocSetQuery { children: c.to_vec(), ..q() }));
+        out.extend(self.buckets.chunks(max).map(|c| DocSetQuery { buckets: c.to_vec(), ..q() }));
+        out.extend(self.lists.chunks(max).map(|c| DocSetQuery { lists: c.to_vec(), ..q() }));
+        out.extend(self.names.chunks(max).map(|c| DocSetQuery { names: c.to_vec(), ..q() }));
         out
     }
 }
 
 /// The answer to a [`DocSetQuery`], from [`DocSet::answer`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Serialized compactly: hashes and digests as fixed 8-byte words (random 64-bit values
+/// take 10 bytes as varints), each children list as a mask of its non-empty entries and
+/// then those. Serializing a children list that does not hold [`FANOUT`] hashes fails.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DocSetAnswer {
     /// Each asked inner node with its children's hashes.
     pub children: Vec<(NodeId, Vec<u64>)>,
-    /// Each asked node with the `(id, digest)` of the documents under it.
-    pub docs: Vec<(NodeId, Vec<(String, u64)>)>,
+    /// Each asked bucket with the `(id hash, digest)` of its documents.
+    pub buckets: Vec<(NodeId, Vec<(u64, u64)>)>,
+    /// Each asked subtree with the `(id, digest)` of its documents.
+    pub lists: Vec<(NodeId, Vec<(String, u64)>)>,
+    /// Each asked id hash with the `(id, digest)` of the documents that have it.
+    pub names: Vec<(u64, Vec<(String, u64)>)>,
+}
+
+type Listing = Vec<(String, u64)>;
+
+#[derive(Serialize)]
+struct AnswerWireRef<'a> {
+    children: Vec<(NodeId, Vec<u8>)>,
+    buckets: Vec<(NodeId, Vec<u8>)>,
+    lists: &'a [(NodeId, Listing)],
+    names: &'a [(u64, Listing)],
+}
+
+#[derive(Deserialize)]
+struct AnswerWire {
+    children: Vec<(NodeId, Vec<u8>)>,
+    buckets: Vec<(NodeId, Vec<u8>)>,
+    lists: Vec<(NodeId, Listing)>,
+    names: Vec<(u64, Listing)>,
+}
+
+fn words<'a>(ws: impl Iterator<Item = &'a u64>) -> Vec<u8> {
+    ws.flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn unwords(bytes: &[u8]) -> Option<Vec<u64>> {
+    let chunks = bytes.chunks_exact(8);
+    if !chunks.remainder().is_empty() {
+        return None;
+    }
+    Some(chunks.map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+}
+
+const _: () = assert!(FANOUT == 16, "children lists are encoded with a 16-bit mask");
+const CHILDREN_MSG: &str = "a children list holds 16 hashes: a 16-bit mask of the non-empty ones, then those";
+
+/// A node's children as a 16-bit mask of the non-empty ones, then their hashes as words:
+/// a full node costs 130 bytes, a sparse one 2 bytes plus 8 per child.
+fn children_words(hashes: &[u64]) -> Option<Vec<u8>> {
+    if hashes.len() != FANOUT {
+        return None;
+    }
+    let mask = hashes.iter().enumerate().filter(|(_, h)| **h != 0).fold(0u16, |m, (i, _)| m | 1 << i);
+    let mut out = mask.to_le_bytes().to_vec();
+    out.extend(words(hashes.iter().filter(|h| **h != 0)));
+    Some(out)
+}
+
+fn children_unwords(bytes: &[u8]) -> Option<Vec<u64>> {
+    let (mask, rest) = bytes.split_first_chunk::<2>()?;
+    let mask = u16::from_le_bytes(*mask);
+    let present = unwords(rest)?;
+    // One encoding per answer: as many words as set bits, and none of them empty.
+    if present.len() != mask.count_ones() as usize || present.contains(&0) {
+        return None;
+    }
+    let mut present = present.into_iter();
+    Some((0..FANOUT).map(|i| if mask & (1 << i) != 0 { present.next().unwrap_or(0) } else { 0 }).collect())
+}
+
+impl Serialize for DocSetAnswer {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let children = self
+            .children
+            .iter()
+            .map(|(n, hs)| Ok((*n, children_words(hs).ok_or_else(|| S::Error::custom(CHILDREN_MSG))?)))
+            .collect::<Result<_, S::Error>>()?;
+        AnswerWireRef {
+            children,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(n, ps)| (*n, words(ps.iter().flat_map(|(h, d)| [h, d]))))
+                .collect(),
+            lists: &self.lists,
+            names: &self.names,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for DocSetAnswer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let w = AnswerWire::deserialize(d)?;
+        let children = w
+            .children
+            .into_iter()
+            .map(|(n, b)| Ok((n, children_unwords(&b).ok_or_else(|| D::Error::custom(CHILDREN_MSG))?)))
+            .collect::<Result<_, _>>()?;
+        let buckets = w
+            .buckets
+            .into_iter()
+            .map(|(n, b)| {
+                let ws = unwords(&b).filter(|ws| ws.len() % 2 == 0).ok_or_else(|| {
+                    D::Error::custom("a bucket is a whole number of (hash, digest) word pairs")
+                })?;
+                Ok((n, ws.chunks_exact(2).map(|p| (p[0], p[1])).collect()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(DocSetAnswer { children, buckets, lists: w.lists, names: w.names })
+    }
 }
 
 /// A document whose digests differ between the two sides.
@@ -287,13 +426,29 @@ pub enum DiffError {
         /// The document id.
         id: String,
     },
+    /// A bucket listed an id hash outside its range.
+    #[error("bucket {node:?} listed hash {hash:#018x}, which is outside it; the peer's answer is corrupt")]
+    HashOutOfRange {
+        /// The bucket.
+        node: NodeId,
+        /// The hash.
+        hash: u64,
+    },
+    /// A document was named for a hash its id does not have.
+    #[error("document {id:?} was named for hash {hash:#018x}, which is not its hash; the peer's answer is corrupt")]
+    WrongName {
+        /// The hash asked about.
+        hash: u64,
+        /// The document id.
+        id: String,
+    },
 }
 
 /// One comparison of the local [`DocSet`] with a remote one, as a state machine.
 ///
 /// Start with [`DocSetDiff::start`], send each query, feed each answer to
 /// [`DocSetDiff::step`], stop when [`DocSetDiff::is_done`]. With the fixed tree shape a
-/// comparison takes at most [`DEPTH`] + 1 round trips. The local set should not change
+/// comparison takes at most [`DEPTH`] + 2 round trips. The local set should not change
 /// meanwhile; if it does, the result may be stale, and the next periodic run fixes it.
 ///
 /// ```
@@ -311,32 +466,35 @@ pub enum DiffError {
 #[derive(Clone, Debug, Default)]
 pub struct DocSetDiff {
     want_children: BTreeSet<NodeId>,
-    want_docs: BTreeSet<NodeId>,
+    want_buckets: BTreeSet<NodeId>,
+    want_lists: BTreeSet<NodeId>,
+    want_names: BTreeSet<u64>,
     found: Vec<Difference>,
 }
 
 impl DocSetDiff {
     /// A new comparison and its first query (the root's children).
     pub fn start() -> (DocSetDiff, DocSetQuery) {
-        let diff = DocSetDiff {
-            want_children: BTreeSet::from([NodeId::ROOT]),
-            want_docs: BTreeSet::new(),
-            found: Vec::new(),
-        };
+        let diff = DocSetDiff { want_children: BTreeSet::from([NodeId::ROOT]), ..DocSetDiff::default() };
         let query = diff.outstanding();
         (diff, query)
     }
 
     /// Whether every question has been answered: [`DocSetDiff::differences`] is final.
     pub fn is_done(&self) -> bool {
-        self.want_children.is_empty() && self.want_docs.is_empty()
+        self.want_children.is_empty()
+            && self.want_buckets.is_empty()
+            && self.want_lists.is_empty()
+            && self.want_names.is_empty()
     }
 
     /// Every question still unanswered: send it again when answers were lost.
     pub fn outstanding(&self) -> DocSetQuery {
         DocSetQuery {
             children: self.want_children.iter().copied().collect(),
-            docs: self.want_docs.iter().copied().collect(),
+            buckets: self.want_buckets.iter().copied().collect(),
+            lists: self.want_lists.iter().copied().collect(),
+            names: self.want_names.iter().copied().collect(),
         }
     }
 
@@ -362,9 +520,23 @@ impl DocSetDiff {
                 return Err(DiffError::Fanout { node: *node, got: kids.len() });
             }
         }
+        let mut buckets = Vec::new();
+        for (node, mut pairs) in answer.buckets {
+            if !self.want_buckets.contains(&node) {
+                continue;
+            }
+            let (lo, hi) = node.key_range();
+            if let Some(&(hash, _)) = pairs.iter().find(|&&(h, _)| h < lo || h > hi) {
+                return Err(DiffError::HashOutOfRange { node, hash });
+            }
+            if !pairs.windows(2).all(|w| w[0] <= w[1]) {
+                pairs.sort_unstable();
+            }
+            buckets.push((node, pairs));
+        }
         let mut lists = Vec::new();
-        for (node, docs) in answer.docs {
-            if !self.want_docs.contains(&node) {
+        for (node, docs) in answer.lists {
+            if !self.want_lists.contains(&node) {
                 continue;
             }
             let (lo, hi) = node.key_range();
@@ -379,6 +551,18 @@ impl DocSetDiff {
             remote.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
             remote.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
             lists.push((node, remote));
+        }
+        let mut names = Vec::new();
+        for (hash, mut docs) in answer.names {
+            if !self.want_names.contains(&hash) {
+                continue;
+            }
+            if let Some((id, _)) = docs.iter().find(|(id, _)| doc_hash(id) != hash) {
+                return Err(DiffError::WrongName { hash, id: id.clone() });
+            }
+            docs.sort_unstable();
+            docs.dedup_by(|a, b| a.0 == b.0);
+            names.push((hash, docs.into_iter().map(|(id, d)| (hash, id, d)).collect::<Vec<_>>()));
         }
 
         let mut next = DocSetQuery::default();
@@ -399,27 +583,86 @@ impl DocSetDiff {
                         remote: None,
                     });
                     self.found.extend(only_here);
-                } else if mine == 0 || child.is_bucket() {
-                    if self.want_docs.insert(child) {
-                        next.docs.push(child);
+                } else if mine == 0 {
+                    if self.want_lists.insert(child) {
+                        next.lists.push(child);
+                    }
+                } else if child.is_bucket() {
+                    if self.want_buckets.insert(child) {
+                        next.buckets.push(child);
                     }
                 } else if self.want_children.insert(child) {
                     next.children.push(child);
                 }
             }
         }
+        for (node, pairs) in buckets {
+            if self.want_buckets.remove(&node) {
+                self.compare_digests(local, node, &pairs, &mut next.names);
+            }
+        }
         for (node, remote) in lists {
-            if self.want_docs.remove(&node) {
-                self.compare(local, node, remote);
+            if self.want_lists.remove(&node) {
+                self.compare_ids(local.under(node), remote);
+            }
+        }
+        for (hash, remote) in names {
+            if self.want_names.remove(&hash) {
+                self.compare_ids(local.with_hash(hash).map(|(id, d)| (hash, id, d)), remote);
             }
         }
         debug_assert!(next.children.iter().all(|n| n.level < DEPTH));
         Ok(next)
     }
 
-    /// Merge-walks the local and remote listings of `node`, both in `(hash, id)` order.
-    fn compare(&mut self, local: &DocSet, node: NodeId, remote: Vec<(u64, String, u64)>) {
+    /// Compares a bucket by `(id hash, digest)`, touching no id of a document that
+    /// matches. A hash whose documents differ (or that only the remote side has) is
+    /// settled by id once its names arrive: then even colliding ids come out right.
+    fn compare_digests(&mut self, local: &DocSet, node: NodeId, remote: &[(u64, u64)], ask: &mut Vec<u64>) {
         let mut mine = local.under(node).peekable();
+        let mut i = 0;
+        loop {
+            let h = match (mine.peek(), remote.get(i)) {
+                (None, None) => break,
+                (Some(&(mh, _, _)), None) => mh,
+                (None, Some(&(th, _))) => th,
+                (Some(&(mh, _, _)), Some(&(th, _))) => mh.min(th),
+            };
+            let (mut here, mut here_digest) = (0, 0);
+            while let Some(&(_, _, d)) = mine.peek().filter(|e| e.0 == h) {
+                (here, here_digest) = (here + 1, d);
+                mine.next();
+            }
+            let start = i;
+            while remote.get(i).is_some_and(|e| e.0 == h) {
+                i += 1;
+            }
+            match (here, &remote[start..i]) {
+                (_, []) => {
+                    let only_here = local.with_hash(h).map(|(id, d)| Difference {
+                        id: id.to_owned(),
+                        local: Some(d),
+                        remote: None,
+                    });
+                    self.found.extend(only_here);
+                }
+                (1, [(_, d)]) if *d == here_digest => {}
+                _ => {
+                    if self.want_names.insert(h) {
+                        ask.push(h);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Merge-walks local and remote `(hash, id, digest)` listings, both in order.
+    fn compare_ids<'a>(
+        &mut self,
+        mine: impl Iterator<Item = (u64, &'a str, u64)>,
+        remote: Vec<(u64, String, u64)>,
+    ) {
+        let mut mine = mine.peekable();
         let mut theirs = remote.into_iter().peekable();
         loop {
             let order = match (mine.peek(), theirs.peek()) {

@@ -32,13 +32,102 @@ pub enum Causality {
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct VersionVector {
-    entries: Vec<(ReplicaId, u64)>,
+    entries: Pairs,
+}
+
+/// Sorted `(replica, seq)` pairs. A single pair, the shape of every counter delta, is kept
+/// inline: making a delta allocates nothing. Compares, hashes, prints and encodes exactly
+/// as the `Vec` it stands for.
+#[derive(Clone)]
+enum Pairs {
+    One((ReplicaId, u64)),
+    Many(Vec<(ReplicaId, u64)>),
+}
+
+impl Pairs {
+    fn from_vec(v: Vec<(ReplicaId, u64)>) -> Pairs {
+        if v.len() == 1 {
+            Pairs::One(v[0])
+        } else {
+            Pairs::Many(v)
+        }
+    }
+
+    fn insert(&mut self, i: usize, pair: (ReplicaId, u64)) {
+        match self {
+            Pairs::Many(v) if v.is_empty() => *self = Pairs::One(pair),
+            Pairs::Many(v) => v.insert(i, pair),
+            Pairs::One(first) => {
+                let mut v = Vec::with_capacity(4);
+                v.push(*first);
+                v.insert(i, pair);
+                *self = Pairs::Many(v);
+            }
+        }
+    }
+}
+
+impl Default for Pairs {
+    fn default() -> Self {
+        Pairs::Many(Vec::new())
+    }
+}
+
+impl core::ops::Deref for Pairs {
+    type Target = [(ReplicaId, u64)];
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Pairs::One(p) => core::slice::from_ref(p),
+            Pairs::Many(v) => v,
+        }
+    }
+}
+
+impl core::ops::DerefMut for Pairs {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            Pairs::One(p) => core::slice::from_mut(p),
+            Pairs::Many(v) => v,
+        }
+    }
+}
+
+impl PartialEq for Pairs {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Pairs {}
+
+impl core::hash::Hash for Pairs {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        (**self).hash(state);
+    }
+}
+
+impl core::fmt::Debug for Pairs {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl Serialize for Pairs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Pairs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::deserialize(d).map(Pairs::from_vec)
+    }
 }
 
 impl VersionVector {
     /// The empty vector: nothing seen.
     pub const fn new() -> Self {
-        Self { entries: Vec::new() }
+        Self { entries: Pairs::Many(Vec::new()) }
     }
 
     /// The highest contiguous sequence seen from `replica` (0 when none).
@@ -77,12 +166,12 @@ impl VersionVector {
         let sorted = |e: &[(ReplicaId, u64)]| e.windows(2).all(|w| w[0].0 < w[1].0);
         if other.entries.len() <= 4 || !sorted(&self.entries) || !sorted(&other.entries) {
             // Small (a delta) or not validated: raise in place, which tolerates anything.
-            for &(r, s) in &other.entries {
+            for &(r, s) in other.entries.iter() {
                 self.raise(r, s);
             }
             return;
         }
-        let (a, b) = (&self.entries, &other.entries);
+        let (a, b) = (&*self.entries, &*other.entries);
         let mut out = Vec::with_capacity(a.len() + b.len());
         let (mut i, mut j) = (0, 0);
         while i < a.len() && j < b.len() {
@@ -105,7 +194,7 @@ impl VersionVector {
         out.extend_from_slice(&a[i..]);
         out.extend_from_slice(&b[j..]);
         out.retain(|e| e.1 != 0);
-        self.entries = out;
+        self.entries = Pairs::from_vec(out);
     }
 
     /// Whether every event of `self` is also in `other` (`self <= other`).

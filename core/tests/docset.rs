@@ -20,7 +20,7 @@ fn diff(here: &DocSet, there: &DocSet) -> (BTreeSet<String>, usize) {
     while !d.is_done() {
         trips += 1;
         q = d.step(here, there.answer(&q)).unwrap();
-        assert!(trips <= 5, "the descent must end after depth + 1 round trips");
+        assert!(trips <= 6, "the descent must end after depth + 2 round trips");
     }
     (d.differences().iter().map(|x| x.id.clone()).collect(), trips)
 }
@@ -118,7 +118,7 @@ fn equal_sets_agree_after_one_round_trip() {
 }
 
 #[test]
-fn many_documents_with_sparse_differences_are_found_in_depth_plus_one_round_trips() {
+fn many_documents_with_sparse_differences_are_found_in_depth_plus_two_round_trips() {
     let mut a = DocSet::new();
     for i in 0..20_000u64 {
         a.upsert(&format!("room/{i:05}"), &vv(i % 7 + 1, i % 3));
@@ -129,7 +129,14 @@ fn many_documents_with_sparse_differences_are_found_in_depth_plus_one_round_trip
     b.upsert("room/new", &vv(1, 0));
     let (found, trips) = diff(&a, &b);
     assert_eq!(found, BTreeSet::from(["room/00017".into(), "room/12345".into(), "room/new".into()]));
-    assert_eq!(trips, 5);
+    // Root, three inner levels, buckets, then the ids of the hashes that did not match.
+    assert_eq!(trips, 6);
+    // A document only here needs no names: buckets settle it.
+    let mut c = a.clone();
+    c.upsert("room/only-here", &vv(1, 0));
+    let (found, trips) = diff(&c, &a);
+    assert_eq!(found, BTreeSet::from(["room/only-here".into()]));
+    assert!(trips <= 5);
 }
 
 #[test]
@@ -224,18 +231,19 @@ fn malformed_answers_are_refused_without_changing_the_diff() {
     let mut b = DocSet::new();
     b.upsert("x", &vv(1, 0));
     let (mut d, q) = DocSetDiff::start();
-    let short = DocSetAnswer { children: vec![(NodeId::ROOT, vec![1, 2, 3])], docs: Vec::new() };
+    let short = DocSetAnswer { children: vec![(NodeId::ROOT, vec![1, 2, 3])], ..Default::default() };
     assert_eq!(d.step(&a, short), Err(DiffError::Fanout { node: NodeId::ROOT, got: 3 }));
     let q = d.step(&a, b.answer(&q)).unwrap();
-    assert_eq!(q.docs.len(), 1);
+    assert_eq!(q.lists.len(), 1, "a subtree empty here is listed whole");
     // A document listed under a node its id does not hash into.
     let outsider =
-        (0..).map(|i| format!("y{i}")).find(|id| NodeId::of(doc_hash(id), 1) != q.docs[0]).unwrap();
-    let lie = DocSetAnswer { children: Vec::new(), docs: vec![(q.docs[0], vec![(outsider, 5)])] };
+        (0..).map(|i| format!("y{i}")).find(|id| NodeId::of(doc_hash(id), 1) != q.lists[0]).unwrap();
+    let lie = DocSetAnswer { lists: vec![(q.lists[0], vec![(outsider, 5)])], ..Default::default() };
     assert!(matches!(d.step(&a, lie), Err(DiffError::OutOfRange { .. })));
-    let elsewhere = NodeId { level: 1, index: (q.docs[0].index + 1) % 16 };
-    let lie_elsewhere = DocSetAnswer { children: Vec::new(), docs: vec![(elsewhere, vec![("x".into(), 5)])] };
     // Answers about nodes nobody asked for are ignored.
+    let elsewhere = NodeId { level: 1, index: (q.lists[0].index + 1) % 16 };
+    let lie_elsewhere =
+        DocSetAnswer { lists: vec![(elsewhere, vec![("x".into(), 5)])], ..Default::default() };
     assert!(d.step(&a, lie_elsewhere).unwrap().is_empty());
     assert!(!d.is_done());
     d.step(&a, b.answer(&q)).unwrap();
@@ -244,14 +252,131 @@ fn malformed_answers_are_refused_without_changing_the_diff() {
     assert_eq!(d.differences()[0].id, "x");
 }
 
+/// Drives `here` against `there` until the diff asks about buckets; returns that query.
+fn until_buckets(d: &mut DocSetDiff, here: &DocSet, there: &DocSet) -> DocSetQuery {
+    let mut q = d.outstanding();
+    while q.buckets.is_empty() {
+        q = d.step(here, there.answer(&q)).unwrap();
+    }
+    q
+}
+
+#[test]
+fn bucket_and_name_answers_are_checked() {
+    let mut a = DocSet::new();
+    for i in 0..3000 {
+        a.upsert(&format!("doc-{i}"), &vv(1, 0));
+    }
+    let mut b = a.clone();
+    b.upsert("doc-5", &vv(2, 0));
+    let (mut d, _) = DocSetDiff::start();
+    let q = until_buckets(&mut d, &a, &b);
+    let bucket = q.buckets[0];
+    // A hash outside the bucket.
+    let (lo, _) = bucket.key_range();
+    let stray = DocSetAnswer { buckets: vec![(bucket, vec![(lo.wrapping_sub(1), 1)])], ..Default::default() };
+    assert!(matches!(d.step(&a, stray), Err(DiffError::HashOutOfRange { .. })));
+    let q = d.step(&a, b.answer(&q)).unwrap();
+    assert_eq!(q.names, vec![doc_hash("doc-5")]);
+    // A name whose id does not have the hash asked about.
+    let wrong = DocSetAnswer { names: vec![(q.names[0], vec![("doc-6".into(), 1)])], ..Default::default() };
+    assert!(matches!(d.step(&a, wrong), Err(DiffError::WrongName { .. })));
+    assert!(d.step(&a, b.answer(&q)).unwrap().is_empty());
+    assert!(d.is_done());
+    let found = d.into_differences();
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].id.as_str(), found[0].local, found[0].remote),
+        ("doc-5", a.get("doc-5"), b.get("doc-5"))
+    );
+}
+
+#[test]
+fn a_hash_listed_twice_is_settled_by_id() {
+    // Two entries under one hash (as colliding ids would give) are resolved by name.
+    let mut a = DocSet::new();
+    for i in 0..3000 {
+        a.upsert(&format!("doc-{i}"), &vv(1, 0));
+    }
+    let mut b = a.clone();
+    b.upsert("doc-9", &vv(3, 0));
+    let (mut d, _) = DocSetDiff::start();
+    let q = until_buckets(&mut d, &a, &b);
+    let mut ans = b.answer(&q);
+    let h = doc_hash("doc-9");
+    for (_, pairs) in &mut ans.buckets {
+        if pairs.iter().any(|p| p.0 == h) {
+            pairs.push((h, 77));
+        }
+    }
+    let q = d.step(&a, ans).unwrap();
+    assert_eq!(q.names, vec![h]);
+    d.step(&a, b.answer(&q)).unwrap();
+    assert!(d.is_done());
+    let ids: Vec<String> = d.differences().iter().map(|x| x.id.clone()).collect();
+    assert_eq!(ids, ["doc-9"]);
+}
+
+#[test]
+fn answers_survive_the_wire_in_compact_form() {
+    let mut b = DocSet::new();
+    for i in 0..500 {
+        b.upsert(&format!("doc-{i}"), &vv(i + 1, 0));
+    }
+    let q = DocSetQuery {
+        children: vec![NodeId::ROOT, NodeId { level: 1, index: 3 }],
+        buckets: vec![NodeId::of(doc_hash("doc-1"), 4)],
+        lists: vec![NodeId { level: 2, index: 17 }],
+        names: vec![doc_hash("doc-2"), 12345],
+    };
+    let bytes = postcard::to_allocvec(&q).unwrap();
+    assert_eq!(postcard::from_bytes::<DocSetQuery>(&bytes).unwrap(), q);
+    let ans = b.answer(&q);
+    let bytes = postcard::to_allocvec(&ans).unwrap();
+    assert_eq!(postcard::from_bytes::<DocSetAnswer>(&bytes).unwrap(), ans);
+    // Hashes travel as 8-byte words: 16 children in 2 + 128 bytes plus the node and a length.
+    let one = DocSetAnswer { children: vec![(NodeId::ROOT, b.root_children())], ..Default::default() };
+    assert!(postcard::to_allocvec(&one).unwrap().len() <= 130 + 8);
+    // ... and empty children cost nothing but their bit.
+    let sparse = DocSetAnswer { children: vec![(NodeId::ROOT, vec![0; 16])], ..Default::default() };
+    assert!(postcard::to_allocvec(&sparse).unwrap().len() <= 2 + 8);
+    assert_eq!(
+        postcard::from_bytes::<DocSetAnswer>(&postcard::to_allocvec(&sparse).unwrap()).unwrap(),
+        sparse
+    );
+    // A children list of another length cannot be encoded.
+    let short = DocSetAnswer { children: vec![(NodeId::ROOT, vec![1, 2])], ..Default::default() };
+    assert!(postcard::to_allocvec(&short).is_err());
+    // Malformed word lists are refused.
+    type Wire = (
+        Vec<(NodeId, Vec<u8>)>,
+        Vec<(NodeId, Vec<u8>)>,
+        Vec<(NodeId, Vec<(String, u64)>)>,
+        Vec<(u64, Vec<(String, u64)>)>,
+    );
+    let decodes = |w: Wire| postcard::from_bytes::<DocSetAnswer>(&postcard::to_allocvec(&w).unwrap()).is_ok();
+    let kids = |bytes: Vec<u8>| (vec![(NodeId::ROOT, bytes)], Vec::new(), Vec::new(), Vec::new());
+    let mut one_child = vec![0b1000_0000, 0];
+    one_child.extend(7u64.to_le_bytes());
+    assert!(decodes(kids(one_child.clone())));
+    assert!(!decodes(kids(one_child[..9].to_vec())), "a word cut short");
+    assert!(!decodes(kids(vec![0b11, 0, 7, 0, 0, 0, 0, 0, 0, 0])), "two bits, one word");
+    assert!(!decodes(kids(vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0])), "a set bit with an empty hash");
+    let bucket = |bytes: Vec<u8>| (Vec::new(), vec![(NodeId::ROOT, bytes)], Vec::new(), Vec::new());
+    assert!(decodes(bucket(vec![0; 16])));
+    assert!(!decodes(bucket(vec![0; 8])), "half a pair");
+}
+
 #[test]
 fn answers_skip_invalid_node_ids() {
     let mut b = DocSet::new();
     b.upsert("x", &vv(1, 0));
     let q = DocSetQuery {
         children: vec![NodeId { level: 9, index: 0 }, NodeId { level: 4, index: 0 }],
-        docs: vec![NodeId { level: 1, index: 99 }],
+        buckets: vec![NodeId { level: 5, index: 0 }],
+        lists: vec![NodeId { level: 1, index: 99 }],
+        names: Vec::new(),
     };
     let ans = b.answer(&q);
-    assert!(ans.children.is_empty() && ans.docs.is_empty());
+    assert!(ans.children.is_empty() && ans.buckets.is_empty() && ans.lists.is_empty());
 }

@@ -111,3 +111,14 @@ fn synced_is_announced_only_once_the_document_holds_what_it_covers_seed_2() {
 fn a_merkle_catch_up_never_ships_state_newer_than_it_announced_seed_50() {
     pinned(50, 25);
 }
+
+/// Seed 17110, 102 steps: a Merkle catch-up found a set key equal on both sides; an add
+/// then reached the catching-up replica from a third one — an add the peer had already
+/// removed. Adopting the peer's version marked the remove as seen, so that replica kept
+/// the element forever while every other replica had dropped it (equal versions, so no
+/// sync could ever repair it). Fixed by `Document::merge_keys`, fed by the session with
+/// this side's context at the moment each subtree compared equal.
+#[test]
+fn a_merkle_catch_up_drops_an_add_its_peer_removed_while_the_keys_compared_equal_seed_17110() {
+    pinned(17110, 102);
+}

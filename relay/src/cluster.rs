@@ -535,14 +535,11 @@ pub(crate) fn http_get_route(
             Some((200, JSON, body.into_bytes()))
         }
         "/cluster/ring" => {
-            let mut tokens: Vec<String> = Vec::new();
-            for id in cluster.ring.nodes() {
-                let count = cluster.ring.weight(id).unwrap_or(1) * cluster.ring.vnodes();
-                for i in 0..count {
-                    let t = Ring::token(id, i) as f64 / u64::MAX as f64;
-                    tokens.push(format!("[{t:.6},{}]", json_str(id)));
-                }
-            }
+            let tokens: Vec<String> = cluster
+                .ring
+                .tokens()
+                .map(|(t, id)| format!("[{:.6},{}]", t as f64 / u64::MAX as f64, json_str(id)))
+                .collect();
             Some((200, JSON, format!("{{\"tokens\":[{}]}}", tokens.join(",")).into_bytes()))
         }
         "/cluster/docset" => {

@@ -18,7 +18,7 @@
 //! Around them: [`config`] (the TOML contract of `DESIGN.md`), [`auth`] (HMAC tokens),
 //! [`metrics`] (Prometheus text), [`server`] (accept loop, permits, graceful shutdown).
 //! The binary (`main.rs`) only parses flags, sets up logging and signals, and calls
-//! [`server::run`].
+//! [`server::run`]. [`load`] is the `concord-load` benchmark (`src/bin/concord-load.rs`).
 
 pub mod auth;
 pub mod cluster;

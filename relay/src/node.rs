@@ -301,7 +301,9 @@ impl Node {
         let clock = st.clock;
         st.docs.entry(doc_id.to_owned()).or_insert(DocEntry {
             doc,
-            quorum: durable.clone(),
+            // Standalone, what is on disk is acknowledged; in a cluster, W replicas must
+            // say so first (never overstate durability).
+            quorum: if self.inner.cluster.is_some() { CausalContext::default() } else { durable.clone() },
             durable,
             peer_acks: HashMap::new(),
             waiting: Vec::new(),
@@ -463,6 +465,10 @@ impl Node {
                     if let Some(e) = docs.get_mut(&doc) {
                         e.members.insert(id);
                         e.last_used = clock;
+                        // Tell the subscriber what is already durable, so a writer that
+                        // reconnects learns which of its writes need no resend.
+                        let vv = if c.peer.is_some() { e.durable.vv.clone() } else { self.quorum_vv(e) };
+                        self.send(&c.out, &c.session.ack(&doc, &vv));
                     }
                     if c.peer.is_none() {
                         follow.push(doc.clone());
@@ -538,6 +544,17 @@ impl Node {
                     if let (Some(peer), Some(e)) = (&c.peer, docs.get_mut(&doc)) {
                         e.peer_acks.entry(peer.clone()).or_default().merge(&vv);
                         self.check_quorum(&doc, e, conns, Some(peer));
+                        // Writes acknowledged by W replicas through any path (e.g. after a
+                        // restart) are acknowledged to this document's clients.
+                        let qv = self.quorum_vv(e);
+                        if !qv.le(&e.quorum.vv) {
+                            e.quorum.absorb(&qv);
+                            for m in &e.members {
+                                if let Some(o) = conns.get(m).filter(|o| o.peer.is_none()) {
+                                    self.send(&o.out, &o.session.ack(&doc, &e.quorum.vv));
+                                }
+                            }
+                        }
                         crate::cluster::on_peer_ack(hints, hint_deletes, &doc, peer, &vv, e.doc.version());
                     }
                 }
@@ -600,6 +617,23 @@ impl Node {
             mine.insert(owner, id);
         }
         hints.insert(doc.to_owned(), mine);
+    }
+
+    /// The version durable on at least W nodes: per replica, the W-th highest of this
+    /// node's durable version and the versions peers acknowledged.
+    fn quorum_vv(&self, e: &DocEntry) -> VersionVector {
+        let Some(cluster) = &self.inner.cluster else { return e.durable.vv.clone() };
+        let mut out = e.quorum.vv.clone();
+        let all: Vec<&VersionVector> = std::iter::once(&e.durable.vv).chain(e.peer_acks.values()).collect();
+        if all.len() < cluster.w {
+            return out;
+        }
+        for (r, _) in e.durable.vv.iter() {
+            let mut seqs: Vec<u64> = all.iter().map(|v| v.get(r)).collect();
+            seqs.sort_unstable_by(|a, b| b.cmp(a));
+            out.raise(r, seqs[cluster.w - 1]);
+        }
+        out
     }
 
     /// Registers a client write that needs W durable acks.

@@ -253,6 +253,11 @@ struct DocSync {
     /// Tick of our last subscribe, and of the last progress of its answer.
     sub_tick: u64,
     progress_tick: u64,
+    /// What the peer acknowledged as durable.
+    acked: VersionVector,
+    /// The peer could not make our writes durable ("not enough replicas"): resend what
+    /// it has not acknowledged at this tick.
+    resend_at: Option<u64>,
 }
 
 /// The sync state machine for one peer.
@@ -428,6 +433,27 @@ impl Session {
         for d in due {
             out.extend(self.subscribe(&d, store));
         }
+        // Writes the peer refused to acknowledge: send them again (deltas are idempotent).
+        let retry: Vec<String> = self
+            .docs
+            .iter()
+            .filter(|(_, s)| s.they_subscribed && s.resend_at.is_some_and(|t| t <= now))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for d in retry {
+            let Some(st) = self.docs.get_mut(&d) else { continue };
+            st.resend_at = None;
+            let Some(doc) = store.doc(&d) else { continue };
+            let Some(deltas) = doc.deltas_since(&st.acked) else { continue };
+            let deltas: Vec<Delta> = deltas.into_iter().cloned().collect();
+            if deltas.is_empty() {
+                continue;
+            }
+            for x in &deltas {
+                st.peer_has.insert(x.dot);
+            }
+            out.extend(chunk_deltas(&d, deltas, self.config.max_frame));
+        }
         out
     }
 
@@ -472,7 +498,12 @@ impl Session {
                     }
                 }
             }
-            Msg::Ack(m) => out.events.push(Event::Acked { doc: m.doc, vv: m.vv }),
+            Msg::Ack(m) => {
+                if let Some(st) = self.docs.get_mut(&m.doc) {
+                    st.acked.merge(&m.vv);
+                }
+                out.events.push(Event::Acked { doc: m.doc, vv: m.vv });
+            }
             Msg::Unsubscribe(m) => {
                 // Both directions stop, as on the side that sent it: keeping our own
                 // subscription would re-subscribe at the next refresh (undoing the
@@ -486,7 +517,15 @@ impl Session {
             Msg::MerkleLeaves(m) => self.on_merkle_leaves(m, store, &mut out)?,
             Msg::KeysQuery(m) => self.on_keys_query(m, store, &mut out),
             Msg::State(m) => self.on_state(m, store, &mut out)?,
-            Msg::Error(e) => out.events.push(Event::PeerError(e)),
+            Msg::Error(e) => {
+                if e.code == ErrorCode::NOT_ENOUGH_REPLICAS {
+                    let next = self.ticks + 1;
+                    if let Some(st) = e.doc.as_deref().and_then(|d| self.docs.get_mut(d)) {
+                        st.resend_at = Some(next);
+                    }
+                }
+                out.events.push(Event::PeerError(e));
+            }
         }
         Ok(out)
     }

@@ -70,13 +70,13 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
         }
         return Ok(Command::Baseline(listen, flush_each, buffer));
     }
-    let mut o = Options {
-        command: std::iter::once("concord-load".to_string())
-            .chain(args.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(" "),
-        ..Options::default()
+    let direct =
+        std::iter::once("concord-load".to_string()).chain(args.iter().cloned()).collect::<Vec<_>>().join(" ");
+    let command = match std::env::var("CONCORD_LOAD_VIA") {
+        Ok(via) => format!("{}\n# which ran:\n# {direct}", via.trim()),
+        Err(_) => direct,
     };
+    let mut o = Options { command, ..Options::default() };
     let mut out = None;
     let mut threads = None;
     let mut rate: Option<String> = None;

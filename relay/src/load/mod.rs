@@ -143,6 +143,9 @@ pub struct Outcome {
     pub concord: PhaseResult,
     /// Against the baseline server (fanout, mixed, idle).
     pub baseline: Option<PhaseResult>,
+    /// Against the baseline server flushing after every frame, as the relay's writer
+    /// does (fanout).
+    pub baseline_each: Option<PhaseResult>,
     /// Mean `fdatasync` latency on the relay's disk (acks).
     pub fsync: Option<Duration>,
     /// The in-process handler profile (fanout).
@@ -197,6 +200,7 @@ pub async fn run(o: &Options) -> Result<Vec<Outcome>, LoadError> {
         settle: Duration::from_secs(2),
     };
     let mut out = Vec::new();
+    let mut node_profile: Option<profile::NodeProfile> = None;
     for &s in &o.scenarios {
         let params = o.params(s);
         eprintln!(
@@ -229,31 +233,34 @@ pub async fn run(o: &Options) -> Result<Vec<Outcome>, LoadError> {
         } else {
             None
         };
-        let profile = if o.profile && s == Scenario::Fanout {
-            let members = params.clients.clamp(2, 1000);
-            match tokio::task::spawn_blocking(move || profile::profile(members, 50)).await {
-                Ok(Ok(p)) => {
-                    eprintln!(
-                        "  fanout  profile  handler {:.1} µs/write with {members} subscribers, {:.1} alone → \
-                         {:.2} µs per delivery",
-                        p.write_fanout_us,
-                        p.write_alone_us,
-                        p.per_delivery_us()
-                    );
-                    Some(p)
-                }
-                Ok(Err(e)) => {
-                    eprintln!("  handler profile failed: {e}");
-                    None
-                }
-                Err(e) => {
-                    eprintln!("  handler profile failed: {e}");
-                    None
-                }
-            }
+        let baseline_each = if o.baseline && !o.baseline_flush_each && s == Scenario::Fanout {
+            let target = Target::spawn_baseline(true, o.baseline_ws_buffer)?;
+            let r = scenario::run_phase(&target, &params, &timing, s.name()).await;
+            progress(s, "base/each", &r);
+            Some(r)
         } else {
             None
         };
+        let wants_profile = matches!(s, Scenario::Fanout | Scenario::Acks | Scenario::AcksBatch);
+        if o.profile && wants_profile && node_profile.is_none() {
+            let members = if s == Scenario::Fanout { params.clients.clamp(2, 1000) } else { 100 };
+            match tokio::task::spawn_blocking(move || profile::profile(members, 50)).await {
+                Ok(Ok(p)) => {
+                    eprintln!(
+                        "  profile  handler {:.1} µs/write with {members} subscribers, {:.1} alone → {:.2} µs \
+                         per delivery; storage {:.1} µs/write",
+                        p.write_fanout_us,
+                        p.write_alone_us,
+                        p.per_delivery_us(),
+                        p.storage_alone_us,
+                    );
+                    node_profile = Some(p);
+                }
+                Ok(Err(e)) => eprintln!("  handler profile failed: {e}"),
+                Err(e) => eprintln!("  handler profile failed: {e}"),
+            }
+        }
+        let profile = node_profile.clone().filter(|_| wants_profile);
         let memory = if o.profile && s == Scenario::Idle {
             let (conns, docs) = (params.clients, params.docs);
             match tokio::task::spawn_blocking(move || profile::conn_memory(conns, docs)).await {
@@ -270,7 +277,7 @@ pub async fn run(o: &Options) -> Result<Vec<Outcome>, LoadError> {
         } else {
             None
         };
-        out.push(Outcome { scenario: s, params, concord, baseline, fsync, profile, memory });
+        out.push(Outcome { scenario: s, params, concord, baseline, baseline_each, fsync, profile, memory });
     }
     Ok(out)
 }

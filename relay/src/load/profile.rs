@@ -38,6 +38,11 @@ pub struct NodeProfile {
     pub frames_per_write: f64,
     /// Storage writer thread CPU per write in the fanout run (µs).
     pub storage_us: f64,
+    /// Storage writer thread CPU per write when each connection writes its own
+    /// document (µs).
+    pub storage_alone_us: f64,
+    /// Writes per storage commit (group commit) in the fanout and the alone run.
+    pub writes_per_commit: (f64, f64),
     /// Wall time of the fanout run (s): storage commits dominate it.
     pub wall_secs: f64,
     /// `Session::on_local_deltas` + `Msg::encode` for one subscriber and one delta (ns):
@@ -76,6 +81,7 @@ fn register_deltas(replica: ReplicaId, doc: &str, n: usize) -> Vec<Vec<u8>> {
 struct Run {
     cpu_ns: u64,
     storage_ns: u64,
+    commits: u64,
     wall_secs: f64,
     frames: u64,
 }
@@ -85,6 +91,7 @@ struct Run {
 async fn run_node(members: usize, docs: usize, each: usize) -> Result<Run, String> {
     let dir = std::env::temp_dir().join(format!("concord-load-profile-{:x}", crate::node::random_u64()));
     let storage = Storage::open(&dir).map_err(|e| e.to_string())?;
+    let store = storage.clone();
     let node = Node::open(storage, Arc::new(Metrics::new()), NodeOptions::default(), None)
         .await
         .map_err(|e| e.to_string())?;
@@ -113,6 +120,7 @@ async fn run_node(members: usize, docs: usize, each: usize) -> Result<Run, Strin
     };
     let me = std::process::id();
     let s0 = storage_threads(procfs::thread_cpu_ns(me));
+    let k0 = store.commits();
     let c0 = procfs::this_thread_cpu_ns().unwrap_or(0);
     let t0 = Instant::now();
     let mut tasks = Vec::new();
@@ -134,6 +142,7 @@ async fn run_node(members: usize, docs: usize, each: usize) -> Result<Run, Strin
     let wall_secs = t0.elapsed().as_secs_f64();
     let cpu_ns = procfs::this_thread_cpu_ns().unwrap_or(0).saturating_sub(c0);
     let storage_ns = storage_threads(procfs::thread_cpu_ns(me)).saturating_sub(s0);
+    let commits = store.commits().saturating_sub(k0);
     let mut frames = 0;
     for rx in &mut inboxes {
         while rx.try_recv().is_ok() {
@@ -142,7 +151,7 @@ async fn run_node(members: usize, docs: usize, each: usize) -> Result<Run, Strin
     }
     node.flush().await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(Run { cpu_ns, storage_ns, wall_secs, frames })
+    Ok(Run { cpu_ns, storage_ns, commits, wall_secs, frames })
 }
 
 fn time_ns(n: usize, mut f: impl FnMut(usize)) -> f64 {
@@ -203,6 +212,8 @@ pub fn profile(members: usize, each: usize) -> Result<NodeProfile, String> {
             write_alone_us: alone.cpu_ns as f64 / 1e3 / writes,
             frames_per_write: fan.frames as f64 / writes,
             storage_us: fan.storage_ns as f64 / 1e3 / writes,
+            storage_alone_us: alone.storage_ns as f64 / 1e3 / writes,
+            writes_per_commit: (writes / fan.commits.max(1) as f64, writes / alone.commits.max(1) as f64),
             wall_secs: fan.wall_secs,
             per_member_ns,
             encode_once_ns,

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use super::profile::NodeProfile;
 use super::scenario::{Load, PhaseResult, Scenario};
 use super::{Options, Outcome};
 
@@ -82,7 +83,8 @@ fn describe(o: &Outcome) -> String {
         other => other.to_string(),
     };
     let batch = if p.batch > 1 { format!(", {} deltas/frame", p.batch) } else { String::new() };
-    format!("{} clients, {} docs, {} ops, {load}{batch}", int(p.clients as f64), int(p.docs as f64), p.ops)
+    let docs = if p.docs == 1 { "1 doc".to_string() } else { format!("{} docs", int(p.docs as f64)) };
+    format!("{} clients, {docs}, {} ops, {load}{batch}", int(p.clients as f64), p.ops)
 }
 
 fn all_connected(r: &PhaseResult) -> bool {
@@ -109,10 +111,22 @@ fn summary(o: &Outcome, out: &mut String) {
                 "≥ 150,000",
                 Some(cd >= targets::FANOUT_DELIVERED && all_connected(c)),
             );
+            if let Some(e) = &o.baseline_each {
+                let ed = e.per_sec(e.stats.delivered);
+                row(
+                    "fanout delivered msg/s vs a baseline that flushes every frame, like the relay's writer"
+                        .into(),
+                    int(cd),
+                    int(ed),
+                    ratio(cd, ed),
+                    "—",
+                    None,
+                );
+            }
             let cl = c.stats.latency.quantile(0.99);
             let bl = b.map(|b| b.stats.latency.quantile(0.99));
             row(
-                "fanout p99 delivery latency".into(),
+                "fanout p99 delivery latency (clients still connected)".into(),
                 ms(cl),
                 opt(bl.map(|x| x as f64), |x| ms(x as u64)),
                 opt(bl.map(|x| x as f64), |x| ratio(cl as f64, x)),
@@ -174,13 +188,17 @@ fn summary(o: &Outcome, out: &mut String) {
 
 fn details(o: &Outcome, out: &mut String) {
     let _ = writeln!(out, "\n### {} — {}\n", o.scenario.name(), describe(o));
-    let has_b = o.baseline.is_some();
-    if has_b {
-        let _ = writeln!(out, "| metric | concord | baseline |\n|---|---:|---:|");
-    } else {
-        let _ = writeln!(out, "| metric | concord |\n|---|---:|");
+    let mut names = vec!["concord"];
+    let mut phases: Vec<&PhaseResult> = vec![&o.concord];
+    if let Some(b) = &o.baseline {
+        names.push("baseline");
+        phases.push(b);
     }
-    let phases: Vec<&PhaseResult> = std::iter::once(&o.concord).chain(o.baseline.as_ref()).collect();
+    if let Some(b) = &o.baseline_each {
+        names.push("baseline, flush per frame");
+        phases.push(b);
+    }
+    let _ = writeln!(out, "| metric | {} |\n|---|{}", names.join(" | "), "---:|".repeat(names.len()));
     let mut row = |name: &str, f: &dyn Fn(&PhaseResult) -> String| {
         let cells: Vec<String> = phases.iter().map(|p| f(p)).collect();
         let _ = writeln!(out, "| {name} | {} |", cells.join(" | "));
@@ -231,7 +249,7 @@ fn details(o: &Outcome, out: &mut String) {
             opt(r.rss_after.map(|x| x as f64), int)
         )
     });
-    row("server RSS per connection", &|r| opt(r.rss_per_conn_kib(), |x| format!("{x:.1} KiB")));
+    row("server RSS growth per connection", &|r| opt(r.rss_per_conn_kib(), |x| format!("{x:.1} KiB")));
     row("server CPU (cores) during the window", &|r| opt(r.target_cores, |x| format!("{x:.2}")));
     row("server threads (cores)", &|r| {
         let mut v: Vec<(&String, &f64)> = r.target_threads.iter().filter(|(_, c)| **c >= 0.005).collect();
@@ -273,42 +291,7 @@ fn details(o: &Outcome, out: &mut String) {
         );
     }
     if let Some(p) = &o.profile {
-        let live = o
-            .concord
-            .target_cores
-            .filter(|_| o.concord.stats.delivered > 0)
-            .map(|c| c * o.concord.window_secs * 1e6 / o.concord.stats.delivered as f64);
-        let _ = writeln!(
-            out,
-            "\nWhere the relay's time goes (in-process profile of the sync handler `Node`, no sockets, \
-             {} writes by {} connections): **{:.1} µs CPU per write** when all {} subscribe to one \
-             document vs {:.1} µs when each writes alone → **{:.2} µs per delivered message inside \
-             the handler**, all of it under the node's global `Mutex`. Per subscriber the handler \
-             runs `Session::on_local_deltas` + `Msg::encode`: {:.0} ns; encoding the frame once \
-             would cost {:.0} ns per write in total. Decoding the incoming frame: {:.0} ns. \
-             Storage writer thread: {:.1} µs per write. Frames queued per write: {:.2} (deltas to the other subscribers + the writer's ack).",
-            int(p.writes as f64),
-            p.members,
-            p.write_fanout_us,
-            p.members,
-            p.write_alone_us,
-            p.per_delivery_us(),
-            p.per_member_ns,
-            p.encode_once_ns,
-            p.decode_ns,
-            p.storage_us,
-            p.frames_per_write,
-        );
-        if let Some(live) = live {
-            let outside = (live - p.per_delivery_us()).max(0.0);
-            let _ = writeln!(
-                out,
-                "The live relay spent {live:.2} µs of CPU per delivered message in this scenario, so \
-                 ≈{outside:.2} µs ({:.0}%) is outside the handler: the per-connection writer task \
-                 (one wake-up, one WebSocket frame and one `write(2)` per message).",
-                100.0 * outside / live.max(1e-9)
-            );
-        }
+        profile_text(o, p, out);
     }
     if let Some(m) = &o.memory {
         let total = o.concord.rss_per_conn_kib();
@@ -338,6 +321,66 @@ fn details(o: &Outcome, out: &mut String) {
             ms(f.as_nanos() as u64),
             int(1.0 / f.as_secs_f64().max(1e-9))
         );
+    }
+}
+
+fn profile_text(o: &Outcome, p: &NodeProfile, out: &mut String) {
+    let live =
+        |n: u64| o.concord.target_cores.filter(|_| n > 0).map(|c| c * o.concord.window_secs * 1e6 / n as f64);
+    if o.scenario == Scenario::Fanout {
+        let _ = writeln!(
+            out,
+            "\nWhere the relay's time goes (in-process profile of the sync handler `Node`, no sockets, \
+             {} writes by {} connections): **{:.1} µs CPU per write** when all {} subscribe to one \
+             document vs {:.1} µs when each writes alone → **{:.2} µs per delivered message inside \
+             the handler**, all of it under the node's global `Mutex`. Per subscriber the handler \
+             runs `Session::on_local_deltas` + `Msg::encode`: {:.0} ns; encoding the frame once \
+             would cost {:.0} ns per write in total. Decoding the incoming frame: {:.0} ns. \
+             Frames queued per write: {:.2} (deltas to the other subscribers + the writer's ack).",
+            int(p.writes as f64),
+            p.members,
+            p.write_fanout_us,
+            p.members,
+            p.write_alone_us,
+            p.per_delivery_us(),
+            p.per_member_ns,
+            p.encode_once_ns,
+            p.decode_ns,
+            p.frames_per_write,
+        );
+        if let Some(live) = live(o.concord.stats.delivered) {
+            let outside = (live - p.per_delivery_us()).max(0.0);
+            let _ = writeln!(
+                out,
+                "The live relay spent {live:.2} µs of CPU per delivered message in this scenario, so \
+                 ≈{outside:.2} µs ({:.0}%) is outside the handler: the per-connection writer task \
+                 (one wake-up, one WebSocket frame and one `write(2)` per message).",
+                100.0 * outside / live.max(1e-9)
+            );
+        }
+    } else {
+        let _ = writeln!(
+            out,
+            "\nWhere the relay's time goes (in-process profile of the sync handler `Node`, no sockets, \
+             {} one-delta writes by {} connections each alone in a document): handler {:.1} µs CPU \
+             per write (decode, lock, apply, encode for storage, ack); storage writer thread {:.1} \
+             µs CPU per write at {:.1} writes per commit (redb insert + commit + `fsync` system \
+             time).",
+            int(p.writes as f64),
+            p.members,
+            p.write_alone_us,
+            p.storage_alone_us,
+            p.writes_per_commit.1,
+        );
+        let threads = &o.concord.threads_per_unit(o.concord.stats.acked);
+        if let Some(live) = live(o.concord.stats.acked) {
+            let _ = writeln!(
+                out,
+                "The live relay spent {live:.1} µs of CPU per acked delta here ({threads}); the storage \
+                 writer is one thread, so its CPU per delta caps the node's durable throughput at \
+                 about 1 / that cost.",
+            );
+        }
     }
 }
 
@@ -375,11 +418,13 @@ pub fn render(o: &Options, outcomes: &[Outcome]) -> String {
         out,
         "{} · {cores} cores · Linux {} · release build · {:.0} s window after {:.0} s warm-up per \
          phase · relay and baseline each spawned fresh per scenario on 127.0.0.1:0, the load \
-         tool on the same cores.\n",
+         tool on the same cores · load average when the run began: {} (other processes share \
+         these cores; compare each row with its baseline, and CPU per message over raw rates).\n",
         utc_now(),
         kernel.trim(),
         o.duration.as_secs_f64(),
-        o.warmup.as_secs_f64()
+        o.warmup.as_secs_f64(),
+        outcomes.first().and_then(|oc| oc.concord.loadavg.clone()).unwrap_or_else(|| "—".into()),
     );
     let _ = writeln!(out, "| scenario | concord | baseline | ratio | target | pass |");
     let _ = writeln!(out, "|---|---:|---:|---:|---|:-:|");

@@ -170,6 +170,18 @@ impl PhaseResult {
         }
     }
 
+    /// The target's CPU per unit of `n` (e.g. per acked delta) by thread name, as
+    /// `name X µs, ...`.
+    pub fn threads_per_unit(&self, n: u64) -> String {
+        if n == 0 {
+            return "—".into();
+        }
+        let mut v: Vec<(&String, &f64)> = self.target_threads.iter().filter(|(_, c)| **c >= 0.005).collect();
+        v.sort_by(|a, b| b.1.total_cmp(a.1));
+        let per = |c: f64| c * self.window_secs * 1e6 / n as f64;
+        v.iter().map(|(name, c)| format!("{name} {:.1} µs", per(**c))).collect::<Vec<_>>().join(", ")
+    }
+
     /// (RSS after - RSS before) / connections, in KiB.
     pub fn rss_per_conn_kib(&self) -> Option<f64> {
         let (b, a) = (self.rss_before?, self.rss_after?);
