@@ -251,6 +251,8 @@ struct Slot {
     others: Vec<Field>,
     /// Hash of all of the above, as last folded into the Merkle tree (0 = not yet).
     leaf: u64,
+    /// Listed in [`Document`]'s `dirty` (so it is listed once).
+    queued: bool,
 }
 
 impl Slot {
@@ -269,7 +271,7 @@ impl Slot {
         } else {
             self.others.push(f);
         }
-        self.others.sort_by_key(Field::kind);
+        crate::sort::sort_by(&mut self.others, |a, b| a.kind().cmp(&b.kind()));
     }
 
     fn fields(&self) -> impl Iterator<Item = &Field> {
@@ -323,7 +325,9 @@ pub struct Document {
     log: DeltaLog,
     pending: BTreeMap<Dot, Delta>,
     tree: KeyTree,
-    dirty: BTreeSet<FieldKey>,
+    /// Keys changed since the Merkle tree was last updated. A `Vec` rather than a set:
+    /// `Slot::queued` keeps it free of duplicates, and a set type costs wasm code.
+    dirty: Vec<FieldKey>,
     config: DocConfig,
 }
 
@@ -359,7 +363,7 @@ impl Document {
             log: DeltaLog::default(),
             pending: BTreeMap::new(),
             tree: KeyTree::default(),
-            dirty: BTreeSet::new(),
+            dirty: Vec::new(),
             config,
         }
     }
@@ -455,7 +459,13 @@ impl Document {
 
     /// The whole document as an object of plain values, keys sorted.
     pub fn to_value(&self) -> Value {
-        Value::Object(self.fields.iter().map(|(k, s)| (k.name.to_string(), s.field.to_value())).collect())
+        // Inserted one by one: `collect` into a map would sort first (a second sort in
+        // the wasm build), and the names are unique already.
+        let mut out = BTreeMap::new();
+        for (k, s) in &self.fields {
+            out.insert(k.name.to_string(), s.field.to_value());
+        }
+        Value::Object(out)
     }
 
     // ---- writing locally ----
@@ -636,6 +646,7 @@ impl Document {
             field: Field::empty(kind),
             others: Vec::new(),
             leaf: 0,
+            queued: false,
         });
         match slot.get_mut(kind) {
             Some(f) => f.join(&self.ctx, theirs, their_ctx),
@@ -646,7 +657,10 @@ impl Document {
             }
         }
         // A set that ended empty still holds its key (its kind stays fixed).
-        self.dirty.insert(fk);
+        if !slot.queued {
+            slot.queued = true;
+            self.dirty.push(fk);
+        }
     }
 
     // ---- delta sync ----
@@ -793,10 +807,11 @@ impl Document {
         // compared equal (see `merge_keys`). (Joining them with an empty set under `ctx`
         // would drop every dot the peer has seen.)
         if let Some(seen_when_equal) = seen_when_equal {
-            let sent: BTreeSet<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+            let mut sent: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+            crate::sort::sort(&mut sent);
             for (k, slot) in self.fields.iter_mut() {
                 let Some(Field::Set(set)) = slot.get_mut(Kind::Set) else { continue };
-                if sent.contains(&*k.name) {
+                if sent.binary_search(&&*k.name).is_ok() {
                     continue;
                 }
                 let Some(then) = seen_when_equal(k.hash) else { continue };
@@ -812,7 +827,10 @@ impl Document {
                     };
                     !ds.is_empty()
                 });
-                self.dirty.insert(k.clone());
+                if !slot.queued {
+                    slot.queued = true;
+                    self.dirty.push(k.clone());
+                }
             }
         }
         for (r, s) in vv.iter() {
@@ -839,8 +857,10 @@ impl Document {
     // ---- Merkle tree over keys ----
 
     fn leaf_hash(key: &FieldKey, slot: &Slot) -> u64 {
-        let bytes =
-            postcard::to_allocvec(&(&key.name, slot.fields().collect::<Vec<_>>())).unwrap_or_default();
+        // `to_extend`, as the codec: another postcard flavor would duplicate every
+        // serializer in the wasm build. Same bytes as `to_allocvec`.
+        let bytes = postcard::to_extend(&(&key.name, slot.fields().collect::<Vec<_>>()), Vec::new())
+            .unwrap_or_default();
         stable_hash_seeded(key.hash, &bytes) | 1
     }
 
@@ -849,6 +869,7 @@ impl Document {
         let dirty = std::mem::take(&mut self.dirty);
         for k in dirty {
             if let Some(slot) = self.fields.get_mut(&k) {
+                slot.queued = false;
                 let new = Self::leaf_hash(&k, slot);
                 self.tree.update(k.hash, slot.leaf, new);
                 slot.leaf = new;

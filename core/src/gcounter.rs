@@ -21,6 +21,7 @@ pub struct GCounter(VersionVector);
 
 impl GCounter {
     /// The delta that adds `n` to `replica`'s count.
+    #[inline]
     pub fn increment(&self, replica: ReplicaId, n: u64) -> GCounter {
         let mut d = VersionVector::new();
         d.raise(replica, self.0.get(replica).saturating_add(n));
@@ -36,6 +37,7 @@ impl GCounter {
 impl Crdt for GCounter {
     type Value = u64;
 
+    #[inline]
     fn merge(&mut self, other: &Self) {
         self.0.merge(&other.0);
     }

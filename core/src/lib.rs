@@ -16,6 +16,7 @@
 //! - [`hash`]: stable hashes for Merkle trees and the ring.
 //! - [`docset`]: the document-set Merkle tree (`document id -> version digest`) relays
 //!   compare for anti-entropy.
+//! - [`sort`]: one stable sort shared by every element type (wasm code size).
 //! - [`ring`]: consistent hashing with virtual nodes: which relays own a document.
 //! - [`cluster`]: the relay cluster's decisions without I/O: failure detection, sloppy
 //!   quorum targets and ack counting, hinted handoff, anti-entropy planning.
@@ -33,6 +34,7 @@ pub mod merkle;
 pub mod orset;
 pub mod pncounter;
 pub mod ring;
+pub mod sort;
 pub mod sync;
 pub mod traits;
 pub mod value;

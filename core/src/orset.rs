@@ -30,7 +30,7 @@ impl Dots {
         if v.len() == 1 {
             Dots::One(v[0])
         } else {
-            v.sort_unstable();
+            crate::sort::sort(&mut v);
             v.dedup();
             Dots::Many(v)
         }
@@ -317,7 +317,7 @@ where
     /// The elements in sorted order.
     fn value(&self) -> Vec<V> {
         let mut v: Vec<V> = self.iter().cloned().collect();
-        v.sort_unstable();
+        crate::sort::sort(&mut v);
         v
     }
 
@@ -358,7 +358,7 @@ struct OrSetRepr<V> {
 /// Sorted `(element, dots)` pairs: the canonical order for encoding and hashing.
 pub fn sorted_entries<V: Ord + Hash + Eq + Clone>(entries: &Entries<V>) -> Vec<(V, Vec<Dot>)> {
     let mut v: Vec<(V, Vec<Dot>)> = entries.iter().map(|(k, d)| (k.clone(), d.as_slice().to_vec())).collect();
-    v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    crate::sort::sort_by(&mut v, |a, b| a.0.cmp(&b.0));
     v
 }
 

@@ -53,6 +53,7 @@ impl Pairs {
         }
     }
 
+    #[inline]
     fn insert(&mut self, i: usize, pair: (ReplicaId, u64)) {
         match self {
             Pairs::Many(v) if v.is_empty() => *self = Pairs::One(pair),
@@ -75,6 +76,7 @@ impl Default for Pairs {
 
 impl core::ops::Deref for Pairs {
     type Target = [(ReplicaId, u64)];
+    #[inline]
     fn deref(&self) -> &Self::Target {
         match self {
             Pairs::One(p) => core::slice::from_ref(p),
@@ -84,6 +86,7 @@ impl core::ops::Deref for Pairs {
 }
 
 impl core::ops::DerefMut for Pairs {
+    #[inline]
     fn deref_mut(&mut self) -> &mut Self::Target {
         match self {
             Pairs::One(p) => core::slice::from_mut(p),
@@ -131,6 +134,7 @@ impl VersionVector {
     }
 
     /// The highest contiguous sequence seen from `replica` (0 when none).
+    #[inline]
     pub fn get(&self, replica: ReplicaId) -> u64 {
         match self.entries.binary_search_by_key(&replica, |e| e.0) {
             Ok(i) => self.entries[i].1,
@@ -139,6 +143,7 @@ impl VersionVector {
     }
 
     /// Raises `replica`'s entry to `seq` if it is lower.
+    #[inline]
     pub fn raise(&mut self, replica: ReplicaId, seq: u64) {
         if seq == 0 {
             return;
@@ -150,22 +155,36 @@ impl VersionVector {
     }
 
     /// Whether `dot` is covered by this vector.
+    #[inline]
     pub fn contains(&self, dot: Dot) -> bool {
         dot.seq != 0 && dot.seq <= self.get(dot.replica)
     }
 
     /// The next dot `replica` would mint after everything this vector has seen
     /// (saturating: a vector from the wire may claim the last possible sequence).
+    #[inline]
     pub fn next_dot(&self, replica: ReplicaId) -> Dot {
         Dot::new(replica, self.get(replica).saturating_add(1))
     }
 
     /// Pointwise maximum: one linear pass over both sorted vectors (raising entry by
     /// entry would shift the vector once per new replica, quadratic for large vectors).
+    #[inline]
     pub fn merge(&mut self, other: &VersionVector) {
+        if other.entries.len() <= 4 {
+            // A delta: raise in place.
+            for &(r, s) in other.entries.iter() {
+                self.raise(r, s);
+            }
+        } else {
+            self.merge_large(other);
+        }
+    }
+
+    fn merge_large(&mut self, other: &VersionVector) {
         let sorted = |e: &[(ReplicaId, u64)]| e.windows(2).all(|w| w[0].0 < w[1].0);
-        if other.entries.len() <= 4 || !sorted(&self.entries) || !sorted(&other.entries) {
-            // Small (a delta) or not validated: raise in place, which tolerates anything.
+        if !sorted(&self.entries) || !sorted(&other.entries) {
+            // Not validated: raise entry by entry, which tolerates anything.
             for &(r, s) in other.entries.iter() {
                 self.raise(r, s);
             }
@@ -367,6 +386,38 @@ mod tests {
         let z = VersionVector::from_iter([(A, 4)]);
         assert_eq!(z.compare(&m), Causality::Concurrent);
         assert_eq!(m.compare(&m.clone()), Causality::Equal);
+    }
+
+    #[test]
+    fn a_one_entry_vector_is_inline_yet_encodes_like_a_list() {
+        let one = VersionVector::from_iter([(A, 3)]);
+        assert!(matches!(one.entries, Pairs::One(_)));
+        let list: Vec<(ReplicaId, u64)> = vec![(A, 3)];
+        assert_eq!(postcard::to_allocvec(&one).unwrap(), postcard::to_allocvec(&list).unwrap());
+        let back: VersionVector = postcard::from_bytes(&postcard::to_allocvec(&one).unwrap()).unwrap();
+        assert_eq!(back, one);
+        let mut two = one.clone();
+        two.raise(B, 1);
+        two.raise(ReplicaId(1), 1);
+        assert_eq!(two.iter().collect::<Vec<_>>(), [(ReplicaId(1), 1), (A, 3), (B, 1)]);
+        assert_eq!(format!("{one:?}"), "VersionVector { entries: [(ReplicaId(10), 3)] }");
+    }
+
+    #[test]
+    fn merging_large_vectors_keeps_them_sorted_and_takes_the_maximum() {
+        let x = VersionVector::from_iter((0..100u64).map(|i| (ReplicaId(i * 2), i + 1)));
+        let y = VersionVector::from_iter((0..100u64).map(|i| (ReplicaId(i * 3), 50)));
+        let mut m = x.clone();
+        m.merge(&y);
+        m.validate().unwrap();
+        for r in (0..300).map(ReplicaId) {
+            assert_eq!(m.get(r), x.get(r).max(y.get(r)));
+        }
+        let mut raised = x.clone();
+        for (r, s) in y.iter() {
+            raised.raise(r, s);
+        }
+        assert_eq!(m, raised);
     }
 
     #[test]

@@ -228,7 +228,8 @@ pub(crate) async fn serve<S, H>(
 async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut ws: Ws<S>) {
     let raw = ws.get_mut().get_mut();
     let _ = raw.shutdown().await;
-    let mut buf = [0u8; 8192];
+    // On the heap: a stack array would live in every connection's task for its whole life.
+    let mut buf = vec![0u8; 8192];
     let _ = timeout(LINGER, async {
         while let Ok(n) = raw.read(&mut buf).await {
             if n == 0 {
@@ -277,10 +278,19 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
             }
             frame = rx.recv(), if queue_open => match frame {
                 Some(frame) => {
-                    let len = frame.len() as u64;
-                    sink.send(Message::Binary(frame.into())).await.ok()?;
-                    metrics.messages_out.inc();
-                    metrics.bytes_out.add(len);
+                    // Queue everything already waiting, then flush once: one syscall per
+                    // burst instead of one per frame (fan-out sends bursts).
+                    let mut next = Some(frame);
+                    let mut n = 0;
+                    while let Some(frame) = next {
+                        let len = frame.len() as u64;
+                        sink.feed(Message::Binary(frame.into())).await.ok()?;
+                        metrics.messages_out.inc();
+                        metrics.bytes_out.add(len);
+                        n += 1;
+                        next = if n < 256 { rx.try_recv().ok() } else { None };
+                    }
+                    sink.flush().await.ok()?;
                 }
                 // Every outbox is gone; keep pinging until the reader decides.
                 None => queue_open = false,

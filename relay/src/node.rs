@@ -340,9 +340,8 @@ impl Node {
         if let Msg::Error(e) = msg {
             self.inner.metrics.error(e.code.name());
         }
-        if out.send(bytes).is_ok() {
-            self.inner.metrics.messages_out.inc();
-        }
+        // Counted by the connection's writer when it goes out.
+        let _ = out.send(bytes);
     }
 
     fn error(&self, out: &Outbox, code: ErrorCode, doc: Option<&str>, message: String) {
@@ -837,7 +836,6 @@ impl Node {
 
     /// Handles one frame of a connection (server connections and peer links alike).
     pub(crate) async fn handle_frame(&self, conn: &NodeConn, frame: Vec<u8>) -> Result<(), CloseReason> {
-        self.inner.metrics.messages_in.inc();
         self.handle(conn, frame).await
     }
 

@@ -60,8 +60,8 @@ pub async fn run<H: Handler>(
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(limits.max_frame_bytes))
         .max_frame_size(Some(limits.max_frame_bytes))
-        .read_buffer_size(16 * 1024)
-        .write_buffer_size(16 * 1024);
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024);
     let shared = Arc::new(Shared {
         handler: handler.clone(),
         metrics,

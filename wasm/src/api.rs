@@ -159,7 +159,7 @@ impl DocHandle {
     pub fn keys(&self) -> Result<Array, JsValue> {
         self.client.read(&self.id, |d: &Document| {
             let mut keys: Vec<&str> = d.keys().collect();
-            keys.sort_unstable();
+            concord_core::sort::sort(&mut keys);
             keys.into_iter().map(JsValue::from_str).collect()
         })
     }

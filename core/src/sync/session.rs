@@ -20,6 +20,7 @@
 
 use super::msg::*;
 use crate::document::{Delta, DocError, Document, Field};
+use crate::hash::FxHashMap;
 use crate::id::ReplicaId;
 use crate::merkle::{NodeId, DEPTH};
 use crate::vv::{CausalContext, VersionVector};
@@ -185,20 +186,23 @@ struct Catchup {
     exchange: u64,
     vv: VersionVector,
     ctx: CausalContext,
-    waiting_nodes: BTreeSet<NodeId>,
+    /// Sets of nodes hold [`node_key`]s: one set type, `BTreeSet<u64>`, for all of them
+    /// (each distinct set type costs kilobytes of wasm code).
+    waiting_nodes: BTreeSet<u64>,
     waiting_keys: BTreeSet<u64>,
     /// Whole-state transfers: the number of chunks announced, and those received (a
     /// count, not a set of the missing ones: the peer chooses the number).
     chunks: u32,
-    chunks_got: BTreeSet<u32>,
+    chunks_got: BTreeSet<u64>,
     fields: Vec<(String, Field)>,
     done: u64,
     total: u64,
     /// Merkle transfers: every key asked for (its state comes from the peer)...
     wanted: BTreeSet<u64>,
     /// ...and every subtree found equal, with this side's context at that moment (an
-    /// index into `seen`). See [`Document::merge_keys`] for why it matters.
-    equal: BTreeMap<NodeId, usize>,
+    /// index into `seen`), by [`node_slot`]. See [`Document::merge_keys`] for why it
+    /// matters. (The Merkle tree's own map type, so no new map code.)
+    equal: FxHashMap<u32, u64>,
     seen: Vec<CausalContext>,
 }
 
@@ -218,8 +222,8 @@ impl Catchup {
         if self.seen.last() != Some(ctx) {
             self.seen.push(ctx.clone());
         }
-        let i = self.seen.len() - 1;
-        self.equal.extend(nodes.map(|n| (n, i)));
+        let i = self.seen.len() as u64 - 1;
+        self.equal.extend(nodes.map(|n| (node_slot(n), i)));
     }
 
     /// This side's context when the key with hash `h` was found equal on both sides, or
@@ -228,8 +232,20 @@ impl Catchup {
         if self.wanted.contains(&h) {
             return None;
         }
-        (0..=DEPTH).find_map(|level| self.equal.get(&NodeId::of(h, level))).map(|&i| &self.seen[i])
+        (0..=DEPTH)
+            .find_map(|level| self.equal.get(&node_slot(NodeId::of(h, level))))
+            .and_then(|&i| self.seen.get(i as usize))
     }
+}
+
+/// A node id as a set element (exact for every id).
+fn node_key(n: NodeId) -> u64 {
+    (u64::from(n.index) << 8) | u64::from(n.level)
+}
+
+/// A node id as a map key, exact for valid ids (index < 2^16): the only ones judged equal.
+fn node_slot(n: NodeId) -> u32 {
+    (n.index << 3) | u32::from(n.level)
 }
 
 /// What this side knows about one document with this peer.
@@ -293,7 +309,9 @@ pub struct Session {
     local: ReplicaId,
     config: SessionConfig,
     peer: Option<Hello>,
-    docs: BTreeMap<String, DocSync>,
+    /// A hash map (the wasm build has no other map of documents); iteration that
+    /// reaches the peer is sorted by id.
+    docs: FxHashMap<String, DocSync>,
     next_exchange: u64,
     ticks: u64,
 }
@@ -301,7 +319,7 @@ pub struct Session {
 impl Session {
     /// A session of replica `local` with one peer.
     pub fn new(local: ReplicaId, config: SessionConfig) -> Self {
-        Self { local, config, peer: None, docs: BTreeMap::new(), next_exchange: 1, ticks: 0 }
+        Self { local, config, peer: None, docs: FxHashMap::default(), next_exchange: 1, ticks: 0 }
     }
 
     /// The peer's hello, once received.
@@ -334,9 +352,12 @@ impl Session {
         self.docs.get(doc).is_some_and(|s| s.they_subscribed)
     }
 
-    /// Documents the peer subscribed to.
+    /// Documents the peer subscribed to, sorted.
     pub fn peer_subscriptions(&self) -> impl Iterator<Item = &str> {
-        self.docs.iter().filter(|(_, s)| s.they_subscribed).map(|(d, _)| d.as_str())
+        let mut docs: Vec<&str> =
+            self.docs.iter().filter(|(_, s)| s.they_subscribed).map(|(d, _)| d.as_str()).collect();
+        crate::sort::sort(&mut docs);
+        docs.into_iter()
     }
 
     /// Asks the peer for `doc`: what we lack now, then live deltas.
@@ -419,7 +440,7 @@ impl Session {
         let cfg = self.config;
         // A state transfer that keeps making progress is left to finish however long it
         // takes; only a stalled one starts over.
-        let due: Vec<String> = self
+        let mut due: Vec<String> = self
             .docs
             .iter()
             .filter(|(_, s)| {
@@ -429,17 +450,19 @@ impl Session {
             })
             .map(|(d, _)| d.clone())
             .collect();
+        crate::sort::sort(&mut due);
         let mut out = Vec::new();
         for d in due {
             out.extend(self.subscribe(&d, store));
         }
         // Writes the peer refused to acknowledge: send them again (deltas are idempotent).
-        let retry: Vec<String> = self
+        let mut retry: Vec<String> = self
             .docs
             .iter()
             .filter(|(_, s)| s.they_subscribed && s.resend_at.is_some_and(|t| t <= now))
             .map(|(d, _)| d.clone())
             .collect();
+        crate::sort::sort(&mut retry);
         for d in retry {
             let Some(st) = self.docs.get_mut(&d) else { continue };
             st.resend_at = None;
@@ -646,7 +669,7 @@ impl Session {
             done: 0,
             total: if m.full_chunks > 0 { m.keys } else { 0 },
             wanted: BTreeSet::new(),
-            equal: BTreeMap::new(),
+            equal: FxHashMap::default(),
             seen: Vec::new(),
         };
         if m.full_chunks == 0 {
@@ -659,7 +682,7 @@ impl Session {
             let differing: Vec<NodeId> = differing.into_iter().map(|(id, _)| id).collect();
             c.judged_equal(equal.into_iter().map(|(id, _)| id), &now);
             if !differing.is_empty() {
-                c.waiting_nodes.extend(differing.iter().copied());
+                c.waiting_nodes.extend(differing.iter().map(|&n| node_key(n)));
                 out.replies.push(Msg::MerkleQuery(MerkleQuery {
                     doc: m.doc.clone(),
                     exchange: m.exchange,
@@ -707,13 +730,13 @@ impl Session {
         let mut query = Vec::new();
         let mut equal = Vec::new();
         for (id, theirs) in m.nodes {
-            if !c.waiting_nodes.remove(&id) {
+            if !c.waiting_nodes.remove(&node_key(id)) {
                 continue; // a duplicate or a stale answer
             }
             let mine = tree.children(id);
             for ((child, a), b) in id.children().zip(mine.iter()).zip(theirs.iter()) {
                 if a != b {
-                    c.waiting_nodes.insert(child);
+                    c.waiting_nodes.insert(node_key(child));
                     query.push(child);
                 } else {
                     equal.push(child);
@@ -746,7 +769,7 @@ impl Session {
         let mut want = Vec::new();
         let mut compared = Vec::new();
         for ((id, theirs), (_, mine)) in m.buckets.into_iter().zip(mine) {
-            if !c.waiting_nodes.remove(&id) {
+            if !c.waiting_nodes.remove(&node_key(id)) {
                 continue;
             }
             // Keys of this bucket not asked for below are equal now (or the peer lacks them).
@@ -833,7 +856,7 @@ impl Session {
             }
             c.waiting_keys.len() < before
         } else {
-            m.chunk < c.chunks && c.chunks_got.insert(m.chunk)
+            m.chunk < c.chunks && c.chunks_got.insert(u64::from(m.chunk))
         };
         if !fresh {
             return Ok(());

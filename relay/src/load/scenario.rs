@@ -141,7 +141,7 @@ pub struct PhaseResult {
     pub stats: ClientStats,
     /// Clients that lost their connection before the end.
     pub disconnected: usize,
-    /// The first such reason.
+    /// The first reason of a disconnect other than "slow consumer".
     pub disconnect_sample: Option<String>,
     /// Target RSS (KiB) before connecting.
     pub rss_before: Option<u64>,
@@ -302,7 +302,9 @@ pub async fn run_phase(target: &Target, params: &Params, timing: &Timing, tag: &
         }
         if let (true, Some(d)) = (s.ready, &s.disconnected) {
             r.disconnected += 1;
-            r.disconnect_sample.get_or_insert_with(|| d.clone());
+            if s.slow_consumer == 0 {
+                r.disconnect_sample.get_or_insert_with(|| d.clone());
+            }
         }
         r.stats.merge(&s);
     }

@@ -1,0 +1,936 @@
+#!/usr/bin/env node
+// Concord against Yjs, Automerge and Loro, in one Node process (`npm run bench`).
+//
+// Four rows, each run per library as warm-up + N measured runs (median reported), the
+// libraries interleaved round by round so background load hits them alike:
+//
+//   1. counter   64 replicas x 1,000 increments, then all merged into one replica
+//   2. or-set    one replica adds 10,000 elements and removes 5,000, then a fresh peer syncs
+//   3. lww       1,540 writers set one register key once each, then all merged into one
+//   4. delta     a 10,000-key doc; a peer 100 ops behind catches up (payload bytes + time)
+//
+// Time is end to end (local ops + encode + transfer + apply) unless a row says otherwise;
+// "bytes" is what crosses the wire for the sync step. The table goes to stdout and to
+// bench/results/compare.md.
+//
+// How Concord is driven. Its public JS API (`Client`/`Doc`, pkg/index.d.ts) and the wasm
+// shim under it (`Replica`/`DocHandle`) have no call that exports or imports a document's
+// state or deltas. The only in-process path between two replicas is the tab-to-tab sync
+// over a BroadcastChannel (Node 20 has one). So every Concord replica gets its own channel,
+// and a few lines of JS (`Pipe`, below) stand in for a relay: they forward whole frames,
+// unchanged, between the merging replica's channel and the others'. The merging replica's
+// `Subscribe` (sent when it opens the doc) is answered by every other replica with the
+// deltas it lacks, or with a whole-document frame when the delta log does not reach back:
+// these are the protocol's own frames, counted byte for byte. For row 4 the lagging peer
+// must ask "what did I miss since version V", which Concord only does when a doc is
+// opened; the bench builds that `Subscribe` frame itself (tag 0x02 + postcard
+// {doc, vv}; checked against a frame Concord produced) and posts it to the up-to-date
+// replica. The transport's own cost (structured clones, event-loop hops) is measured with
+// the same frame sizes and shown in the details so it can be told apart from Concord's.
+//
+// Usage: node bench/compare.mjs [--runs N] [--warmup N] [--rows 1,2,3,4] [--no-write]
+
+import { readFileSync, statSync, writeFileSync, mkdirSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import os from "node:os";
+import v8 from "node:v8";
+import vm from "node:vm";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import * as Y from "yjs";
+import * as A from "@automerge/automerge";
+import { LoroDoc } from "loro-crdt";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const argv = process.argv.slice(2);
+function opt(name, dflt) {
+  const i = argv.indexOf(name);
+  return i >= 0 ? argv[i + 1] : dflt;
+}
+const RUNS = Number(opt("--runs", 5));
+const WARMUP = Number(opt("--warmup", 1));
+const ROWS = opt("--rows", "1,2,3,4").split(",").map(Number);
+const WRITE = !argv.includes("--no-write");
+
+let Client;
+try {
+  ({ Client } = await import(join(root, "pkg", "node.js")));
+} catch (e) {
+  console.error(`cannot load pkg/node.js (${e.message}); run \`npm run build\` first`);
+  process.exit(1);
+}
+
+v8.setFlagsFromString("--expose-gc");
+const gc = vm.runInNewContext("gc");
+
+// ---------------------------------------------------------------- helpers
+
+const now = () => performance.now();
+const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+};
+function check(cond, what) {
+  if (!cond) throw new Error(`wrong result: ${what}`);
+}
+const macrotask = () => new Promise((r) => setImmediate(r));
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Collects garbage and lets FinalizationRegistry callbacks run: closed Concord clients
+ * give their wasm memory back only then (wasm-bindgen frees on finalization). */
+async function settle() {
+  gc();
+  await sleep(20);
+  gc();
+  await sleep(20);
+}
+
+let channelSeq = 0;
+const channelPrefix = `concord-bench-${process.pid}`;
+const newChannel = (tag) => `${channelPrefix}-${channelSeq++}-${tag}`;
+
+/** A Concord replica with no relay and no persistence, on its own BroadcastChannel. */
+async function concordReplica(channel) {
+  return Client.connect({ urls: [], persist: false, broadcast: channel });
+}
+
+/** Resolves when `pred()` holds, checked now and after each change event of `doc`. */
+function until(doc, pred, what, timeoutMs = 300_000) {
+  if (pred()) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      off();
+      reject(new Error(`timed out waiting for ${what}`));
+    }, timeoutMs);
+    const off = doc.subscribe(() => {
+      if (pred()) {
+        clearTimeout(timer);
+        off();
+        resolve();
+      }
+    });
+  });
+}
+
+/**
+ * Stand-in for a relay between BroadcastChannels: frames posted on the `hub` channel go to
+ * every leaf channel, frames posted on a leaf go to the hub. Frames are forwarded as they
+ * are and counted (`up`: leaf -> hub, the sync payload; `down`: hub -> leaves, requests).
+ * While `paused`, leaf frames are counted in `dropped*` and not forwarded.
+ */
+class Pipe {
+  up = 0;
+  upFrames = 0;
+  upTags = {};
+  down = 0;
+  downFrames = 0;
+  downLog = [];
+  paused = false;
+  dropped = 0;
+  droppedFrames = 0;
+  onUp = null;
+  constructor(hub, leaves) {
+    this.hub = new BroadcastChannel(hub);
+    this.hub.onmessage = (e) => this.fromHub(e.data);
+    this.leaves = leaves.map((name) => {
+      const ch = new BroadcastChannel(name);
+      ch.onmessage = (e) => this.fromLeaf(e.data);
+      return ch;
+    });
+  }
+  fromLeaf(f) {
+    if (this.paused) {
+      this.dropped += f.byteLength;
+      this.droppedFrames++;
+      return;
+    }
+    this.up += f.byteLength;
+    this.upFrames++;
+    const tag = `0x${f[0].toString(16).padStart(2, "0")}`;
+    this.upTags[tag] = (this.upTags[tag] ?? 0) + 1;
+    this.hub.postMessage(f);
+    this.onUp?.(f);
+  }
+  fromHub(f) {
+    this.down += f.byteLength;
+    this.downFrames++;
+    if (this.downLog.length < 4) this.downLog.push(f);
+    for (const l of this.leaves) l.postMessage(f);
+  }
+  /** Posts `frame` on leaf `i`'s channel as if it came from the hub. */
+  ask(i, frame) {
+    this.down += frame.byteLength;
+    this.downFrames++;
+    this.leaves[i].postMessage(frame);
+  }
+  close() {
+    this.hub.close();
+    for (const l of this.leaves) l.close();
+  }
+}
+
+function varint(n) {
+  n = BigInt(n);
+  const out = [];
+  while (n >= 0x80n) {
+    out.push(Number(n & 0x7fn) | 0x80);
+    n >>= 7n;
+  }
+  out.push(Number(n));
+  return out;
+}
+
+/** Concord's `Subscribe { doc, vv }` frame: tag 0x02, then postcard (core/src/sync/msg.rs). */
+function subscribeFrame(doc, vv /* [[replicaIdHex, seq]] */) {
+  const d = new TextEncoder().encode(doc);
+  const pairs = [...vv].sort((a, b) => (BigInt(`0x${a[0]}`) < BigInt(`0x${b[0]}`) ? -1 : 1));
+  return Uint8Array.from([
+    0x02,
+    ...varint(d.length),
+    ...d,
+    ...varint(pairs.length),
+    ...pairs.flatMap(([id, seq]) => [...varint(BigInt(`0x${id}`)), ...varint(seq)]),
+  ]);
+}
+const sameBytes = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
+
+/**
+ * The transport alone: `leaves` plain BroadcastChannels that answer one request from a hub
+ * with a frame of `bytes` bytes each, through a Pipe, until the hub has all answers. The
+ * same hops and clones as the Concord runs, with no Concord in them.
+ */
+async function transportOnly(leaves, bytes) {
+  const names = Array.from({ length: leaves }, () => newChannel("t"));
+  const hubName = newChannel("th");
+  const pipe = new Pipe(hubName, names);
+  const payload = new Uint8Array(bytes).fill(7);
+  const echoes = names.map((n) => {
+    const ch = new BroadcastChannel(n);
+    ch.onmessage = () => ch.postMessage(payload);
+    return ch;
+  });
+  const hub = new BroadcastChannel(hubName);
+  const t0 = now();
+  await new Promise((resolve) => {
+    let got = 0;
+    hub.onmessage = () => ++got === leaves && resolve();
+    hub.postMessage(new Uint8Array(8));
+  });
+  const ms = now() - t0;
+  hub.close();
+  for (const e of echoes) e.close();
+  pipe.close();
+  return ms;
+}
+
+// ---------------------------------------------------------------- rows
+
+// Each implementation returns { ms, bytes, phases: {name: ms}, extra: {...} }.
+// `local` = the writes, `sync` = encode + transfer + apply.
+
+const ROW1 = { replicas: 64, incs: 1000 };
+const ROW2 = { adds: 10_000, removes: 5_000 };
+const ROW3 = { writers: 1540 };
+const ROW4 = { keys: 10_000, behind: 100 };
+
+const el = (i) => `item-${i}`;
+const removed = (i) => i % 2 === 0 && i < 2 * ROW2.removes; // every other element
+
+const rows = {
+  1: {
+    title: `counter: ${ROW1.replicas} replicas x ${ROW1.incs.toLocaleString("en")} increments, then merge all into one`,
+    short: "64 replicas x 1,000 increments (local + merge)",
+    bytesMeaning: "sum of the merge payloads",
+    impl: {
+      async concord() {
+        const { replicas, incs } = ROW1;
+        const names = Array.from({ length: replicas }, () => newChannel("r"));
+        const t0 = now();
+        const clients = [];
+        for (const name of names) {
+          const c = await concordReplica(name);
+          const ctr = (await c.open("doc")).counter("c");
+          for (let k = 0; k < incs; k++) ctr.increment(1);
+          clients.push(c);
+        }
+        const t1 = now();
+        const hub = newChannel("m");
+        const pipe = new Pipe(hub, names);
+        const m = await concordReplica(hub);
+        const md = await m.open("doc");
+        const ctr = md.counter("c");
+        await until(md, () => ctr.value === replicas * incs, "row 1 merge");
+        const t2 = now();
+        check(ctr.value === replicas * incs, `concord counter ${ctr.value}`);
+        const extra = { frames: pipe.upFrames, tags: pipe.upTags, request: pipe.down };
+        pipe.close();
+        m.close();
+        for (const c of clients) c.close();
+        return { ms: t2 - t0, bytes: pipe.up, phases: { local: t1 - t0, sync: t2 - t1 }, extra };
+      },
+      async yjs() {
+        const { replicas, incs } = ROW1;
+        const t0 = now();
+        const docs = [];
+        for (let i = 0; i < replicas; i++) {
+          const doc = new Y.Doc();
+          const map = doc.getMap("counts");
+          const key = String(doc.clientID);
+          for (let k = 0; k < incs; k++) map.set(key, (map.get(key) ?? 0) + 1);
+          docs.push(doc);
+        }
+        const t1 = now();
+        const merged = new Y.Doc();
+        let bytes = 0;
+        for (const d of docs) {
+          const u = Y.encodeStateAsUpdate(d);
+          bytes += u.byteLength;
+          Y.applyUpdate(merged, u);
+        }
+        let sum = 0;
+        for (const v of merged.getMap("counts").values()) sum += v;
+        const t2 = now();
+        check(sum === replicas * incs, `yjs sum ${sum}`);
+        return { ms: t2 - t0, bytes, phases: { local: t1 - t0, sync: t2 - t1 } };
+      },
+      async automerge() {
+        const { replicas, incs } = ROW1;
+        const t0 = now();
+        // A counter is one object: replicas share it by starting from a common base.
+        const base = A.change(A.init(), (d) => {
+          d.c = new A.Counter(0);
+        });
+        const baseHeads = A.getHeads(base);
+        const docs = [];
+        for (let i = 0; i < replicas; i++) {
+          let d = A.clone(base);
+          for (let k = 0; k < incs; k++) d = A.change(d, (x) => x.c.increment(1));
+          docs.push(d);
+        }
+        const t1 = now();
+        let merged = A.clone(base);
+        let bytes = 0;
+        for (const d of docs) {
+          const u = A.saveSince(d, baseHeads);
+          bytes += u.byteLength;
+          merged = A.loadIncremental(merged, u);
+        }
+        const v = merged.c.value;
+        const t2 = now();
+        check(v === replicas * incs, `automerge counter ${v}`);
+        return { ms: t2 - t0, bytes, phases: { local: t1 - t0, sync: t2 - t1 } };
+      },
+      async loro() {
+        const { replicas, incs } = ROW1;
+        const t0 = now();
+        const docs = [];
+        for (let i = 0; i < replicas; i++) {
+          const doc = new LoroDoc();
+          const ctr = doc.getCounter("c");
+          for (let k = 0; k < incs; k++) {
+            ctr.increment(1);
+            doc.commit();
+          }
+          docs.push(doc);
+        }
+        const t1 = now();
+        const merged = new LoroDoc();
+        let bytes = 0;
+        for (const d of docs) {
+          const u = d.export({ mode: "update" });
+          bytes += u.byteLength;
+          merged.import(u);
+        }
+        const v = merged.getCounter("c").value;
+        const t2 = now();
+        check(v === replicas * incs, `loro counter ${v}`);
+        return { ms: t2 - t0, bytes, phases: { local: t1 - t0, sync: t2 - t1 } };
+      },
+    },
+    // Concord's writes without the channel: what the local phase costs on its own.
+    async concordLocalOnly() {
+      const { replicas, incs } = ROW1;
+      const t0 = now();
+      const clients = [];
+      for (let i = 0; i < replicas; i++) {
+        const c = await Client.connect({ urls: [], persist: false, broadcast: false });
+        const ctr = (await c.open("doc")).counter("c");
+        for (let k = 0; k < incs; k++) ctr.increment(1);
+        clients.push(c);
+      }
+      const ms = now() - t0;
+      for (const c of clients) c.close();
+      return ms;
+    },
+    transport: (res) => transportOnly(ROW1.replicas, Math.round(res.bytes / ROW1.replicas)),
+  },
+
+  2: {
+    title: `or-set churn: +${ROW2.adds.toLocaleString("en")} / -${ROW2.removes.toLocaleString("en")} elements on one replica, then a fresh peer syncs it`,
+    short: "OR-Set churn +10,000 / -5,000 (ops + sync to a fresh peer)",
+    bytesMeaning: "full-state payload to the fresh peer",
+    impl: {
+      async concord() {
+        const { adds } = ROW2;
+        const a = newChannel("a");
+        const t0 = now();
+        const ca = await concordReplica(a);
+        const s = (await ca.open("doc")).set("s");
+        for (let i = 0; i < adds; i++) s.add(el(i));
+        for (let i = 0; i < adds; i++) if (removed(i)) s.remove(el(i));
+        const t1 = now();
+        const hub = newChannel("b");
+        const pipe = new Pipe(hub, [a]);
+        const cb = await concordReplica(hub);
+        const bd = await cb.open("doc");
+        const bs = bd.set("s");
+        const last = el(adds - 1);
+        await until(bd, () => bs.has(last), "row 2 sync");
+        const t2 = now();
+        check(bs.size === adds - ROW2.removes && !bs.has(el(0)) && bs.has(el(1)), `concord set size ${bs.size}`);
+        const extra = { frames: pipe.upFrames, tags: pipe.upTags, request: pipe.down };
+        pipe.close();
+        ca.close();
+        cb.close();
+        return { ms: t2 - t0, bytes: pipe.up, phases: { local: t1 - t0, sync: t2 - t1 }, extra };
+      },
+      async yjs() {
+        const { adds } = ROW2;
+        const t0 = now();
+        const doc = new Y.Doc();
+        const m = doc.getMap("s");
+        for (let i = 0; i < adds; i++) m.set(el(i), true);
+        for (let i = 0; i < adds; i++) if (removed(i)) m.delete(el(i));
+        const t1 = now();
+        const u = Y.encodeStateAsUpdate(doc);
+        const peer = new Y.Doc();
+        Y.applyUpdate(peer, u);
+        const pm = peer.getMap("s");
+        const ok = pm.has(el(adds - 1));
+        const t2 = now();
+        check(ok && pm.size === adds - ROW2.removes && !pm.has(el(0)), `yjs size ${pm.size}`);
+        return { ms: t2 - t0, bytes: u.byteLength, phases: { local: t1 - t0, sync: t2 - t1 } };
+      },
+      async automerge() {
+        const { adds } = ROW2;
+        const t0 = now();
+        let d = A.change(A.init(), (x) => {
+          x.s = {};
+        });
+        for (let i = 0; i < adds; i++) d = A.change(d, (x) => (x.s[el(i)] = true));
+        for (let i = 0; i < adds; i++)
+          if (removed(i))
+            d = A.change(d, (x) => {
+              delete x.s[el(i)];
+            });
+        const t1 = now();
+        const u = A.save(d);
+        const peer = A.load(u);
+        const ok = peer.s[el(adds - 1)] === true;
+        const t2 = now();
+        const n = Object.keys(peer.s).length;
+        check(ok && n === adds - ROW2.removes && !(el(0) in peer.s), `automerge size ${n}`);
+        return { ms: t2 - t0, bytes: u.byteLength, phases: { local: t1 - t0, sync: t2 - t1 } };
+      },
+      async loro() {
+        const { adds } = ROW2;
+        const t0 = now();
+        const doc = new LoroDoc();
+        const m = doc.getMap("s");
+        for (let i = 0; i < adds; i++) {
+          m.set(el(i), true);
+          doc.commit();
+        }
+        for (let i = 0; i < adds; i++)
+          if (removed(i)) {
+            m.delete(el(i));
+            doc.commit();
+          }
+        const t1 = now();
+        const u = doc.export({ mode: "update" });
+        const peer = new LoroDoc();
+        peer.import(u);
+        const pm = peer.getMap("s");
+        const ok = pm.get(el(adds - 1)) === true;
+        const t2 = now();
+        check(ok && pm.size === adds - ROW2.removes && pm.get(el(0)) === undefined, `loro size ${pm.size}`);
+        return { ms: t2 - t0, bytes: u.byteLength, phases: { local: t1 - t0, sync: t2 - t1 } };
+      },
+    },
+    async concordLocalOnly() {
+      const { adds } = ROW2;
+      const t0 = now();
+      const c = await Client.connect({ urls: [], persist: false, broadcast: false });
+      const s = (await c.open("doc")).set("s");
+      for (let i = 0; i < adds; i++) s.add(el(i));
+      for (let i = 0; i < adds; i++) if (removed(i)) s.remove(el(i));
+      const ms = now() - t0;
+      c.close();
+      return ms;
+    },
+    transport: (res) => transportOnly(1, res.bytes),
+  },
+
+  3: {
+    title: `lww: ${ROW3.writers.toLocaleString("en")} writers (one replica each) set one register key once, then merge all into one`,
+    short: "1,540 writers set one LWW key (write + merge all)",
+    bytesMeaning: "sum of the merge payloads",
+    impl: {
+      async concord() {
+        const { writers } = ROW3;
+        const names = Array.from({ length: writers }, () => newChannel("w"));
+        const t0 = now();
+        const clients = [];
+        for (let i = 0; i < writers; i++) {
+          const c = await concordReplica(names[i]);
+          (await c.open("doc")).register("k").set(i);
+          clients.push(c);
+        }
+        const t1 = now();
+        const hub = newChannel("m");
+        const pipe = new Pipe(hub, names);
+        const m = await concordReplica(hub);
+        const md = await m.open("doc");
+        let events = 0;
+        const off = md.subscribe(() => events++);
+        // Every writer answers with one frame; done when the merger applied all of them.
+        await until(md, () => events >= writers, "row 3 merge");
+        off();
+        const t2 = now();
+        const v = md.register("k").get();
+        check(Number.isInteger(v) && v >= 0 && v < writers, `concord register ${v}`);
+        check(pipe.upFrames === writers, `concord answers ${pipe.upFrames}`);
+        const extra = { frames: pipe.upFrames, tags: pipe.upTags, request: pipe.down, winner: v };
+        pipe.close();
+        m.close();
+        for (const c of clients) c.close();
+        return { ms: t2 - t0, bytes: pipe.up, phases: { local: t1 - t0, sync: t2 - t1 }, extra };
+      },
+      async yjs() {
+        const { writers } = ROW3;
+        const t0 = now();
+        const docs = [];
+        for (let i = 0; i < writers; i++) {
+          const d = new Y.Doc();
+          d.getMap("m").set("k", i);
+          docs.push(d);
+        }
+        const t1 = now();
+        const merged = new Y.Doc();
+        let bytes = 0;
+        for (const d of docs) {
+          const u = Y.encodeStateAsUpdate(d);
+          bytes += u.byteLength;
+          Y.applyUpdate(merged, u);
+        }
+        const v = merged.getMap("m").get("k");
+        const t2 = now();
+        check(Number.isInteger(v), `yjs register ${v}`);
+        return { ms: t2 - t0, bytes, phases: { local: t1 - t0, sync: t2 - t1 }, extra: { winner: v } };
+      },
+      async automerge() {
+        const { writers } = ROW3;
+        const t0 = now();
+        const docs = [];
+        for (let i = 0; i < writers; i++) docs.push(A.change(A.init(), (x) => (x.k = i)));
+        const t1 = now();
+        let merged = A.init();
+        let bytes = 0;
+        for (const d of docs) {
+          const u = A.save(d);
+          bytes += u.byteLength;
+          merged = A.loadIncremental(merged, u);
+        }
+        const v = merged.k;
+        const t2 = now();
+        check(Number.isInteger(v) && A.getConflicts(merged, "k") !== undefined, `automerge register ${v}`);
+        return { ms: t2 - t0, bytes, phases: { local: t1 - t0, sync: t2 - t1 }, extra: { winner: v } };
+      },
+      async loro() {
+        const { writers } = ROW3;
+        const t0 = now();
+        const docs = [];
+        for (let i = 0; i < writers; i++) {
+          const d = new LoroDoc();
+          d.getMap("m").set("k", i);
+          d.commit();
+          docs.push(d);
+        }
+        const t1 = now();
+        const merged = new LoroDoc();
+        let bytes = 0;
+        for (const d of docs) {
+          const u = d.export({ mode: "update" });
+          bytes += u.byteLength;
+          merged.import(u);
+        }
+        const v = merged.getMap("m").get("k");
+        const t2 = now();
+        check(Number.isInteger(v), `loro register ${v}`);
+        return { ms: t2 - t0, bytes, phases: { local: t1 - t0, sync: t2 - t1 }, extra: { winner: v } };
+      },
+    },
+    async concordLocalOnly() {
+      const t0 = now();
+      const clients = [];
+      for (let i = 0; i < ROW3.writers; i++) {
+        const c = await Client.connect({ urls: [], persist: false, broadcast: false });
+        (await c.open("doc")).register("k").set(i);
+        clients.push(c);
+      }
+      const ms = now() - t0;
+      for (const c of clients) c.close();
+      return ms;
+    },
+    transport: (res) => transportOnly(ROW3.writers, Math.round(res.bytes / ROW3.writers)),
+  },
+
+  4: {
+    title: `delta sync: a ${ROW4.keys.toLocaleString("en")}-key doc, the peer ${ROW4.behind} ops behind; time = request + encode + apply of the catch-up only`,
+    short: "delta sync, 10,000-key doc, 100 ops behind (sync only)",
+    bytesMeaning: "catch-up payload",
+    impl: {
+      async concord() {
+        const { keys, behind } = ROW4;
+        const a = newChannel("a");
+        const ca = await concordReplica(a);
+        const ad = await ca.open("doc");
+        for (let i = 0; i < keys; i++) ad.register(`k${i}`).set(i);
+        const hub = newChannel("b");
+        const pipe = new Pipe(hub, [a]);
+        const cb = await concordReplica(hub);
+        const bd = await cb.open("doc");
+        await until(bd, () => bd.register(`k${keys - 1}`).get() === keys - 1, "row 4 setup");
+        // Concord's own Subscribe (empty version) checks our encoding of the frame.
+        const own = pipe.downLog[0];
+        check(own && sameBytes(own, subscribeFrame("doc", [])), "crafted Subscribe differs from Concord's");
+        const setupFrames = { ...pipe.upTags };
+        // The peer falls behind: a's next writes do not reach it.
+        pipe.paused = true;
+        for (let i = 0; i < behind; i++) ad.register(`k${i}`).set(keys + i);
+        await macrotask();
+        await macrotask();
+        const liveBytes = pipe.dropped;
+        const liveFrames = pipe.droppedFrames;
+        pipe.paused = false;
+        const up0 = pipe.up;
+        const down0 = pipe.down;
+        const regs = Array.from({ length: behind }, (_, i) => bd.register(`k${i}`));
+        const t0 = now();
+        // b has everything a wrote up to seq `keys` (and wrote nothing itself).
+        const req = subscribeFrame("doc", [[ca.replicaId, keys]]);
+        pipe.ask(0, req);
+        await until(bd, () => regs.every((r, i) => r.get() === keys + i), "row 4 catch-up");
+        const t1 = now();
+        const bytes = pipe.up - up0;
+        check(pipe.upFrames === Object.values(setupFrames).reduce((x, y) => x + y, 0) + 1, "one answer frame");
+        const extra = {
+          request: pipe.down - down0,
+          liveBytes,
+          liveFrames,
+          setupTags: setupFrames,
+        };
+        pipe.close();
+        ca.close();
+        cb.close();
+        return { ms: t1 - t0, bytes, phases: { sync: t1 - t0 }, extra };
+      },
+      async yjs() {
+        const { keys, behind } = ROW4;
+        const a = new Y.Doc();
+        const am = a.getMap("m");
+        a.transact(() => {
+          for (let i = 0; i < keys; i++) am.set(`k${i}`, i);
+        });
+        const b = new Y.Doc();
+        Y.applyUpdate(b, Y.encodeStateAsUpdate(a));
+        for (let i = 0; i < behind; i++) am.set(`k${i}`, keys + i);
+        const t0 = now();
+        const sv = Y.encodeStateVector(b);
+        const u = Y.encodeStateAsUpdate(a, sv);
+        Y.applyUpdate(b, u);
+        const t1 = now();
+        const bm = b.getMap("m");
+        check(bm.get("k0") === keys && bm.get(`k${behind - 1}`) === keys + behind - 1 && bm.size === keys, "yjs catch-up");
+        return { ms: t1 - t0, bytes: u.byteLength, phases: { sync: t1 - t0 }, extra: { request: sv.byteLength } };
+      },
+      async automerge() {
+        const { keys, behind } = ROW4;
+        let a = A.change(A.init(), (x) => {
+          for (let i = 0; i < keys; i++) x[`k${i}`] = i;
+        });
+        let b = A.load(A.save(a));
+        for (let i = 0; i < behind; i++) a = A.change(a, (x) => (x[`k${i}`] = keys + i));
+        const t0 = now();
+        const heads = A.getHeads(b);
+        const u = A.saveSince(a, heads);
+        b = A.loadIncremental(b, u);
+        const t1 = now();
+        check(b.k0 === keys && b[`k${behind - 1}`] === keys + behind - 1, "automerge catch-up");
+        return { ms: t1 - t0, bytes: u.byteLength, phases: { sync: t1 - t0 }, extra: { request: heads.length * 32 } };
+      },
+      async loro() {
+        const { keys, behind } = ROW4;
+        const a = new LoroDoc();
+        const am = a.getMap("m");
+        for (let i = 0; i < keys; i++) am.set(`k${i}`, i);
+        a.commit();
+        const b = new LoroDoc();
+        b.import(a.export({ mode: "update" }));
+        for (let i = 0; i < behind; i++) {
+          am.set(`k${i}`, keys + i);
+          a.commit();
+        }
+        const t0 = now();
+        const v = b.oplogVersion();
+        const u = a.export({ mode: "update", from: v });
+        b.import(u);
+        const t1 = now();
+        const bm = b.getMap("m");
+        check(bm.get("k0") === keys && bm.get(`k${behind - 1}`) === keys + behind - 1, "loro catch-up");
+        return { ms: t1 - t0, bytes: u.byteLength, phases: { sync: t1 - t0 }, extra: { request: v.encode().byteLength } };
+      },
+    },
+    transport: (res) => transportOnly(1, res.bytes),
+  },
+};
+
+// ---------------------------------------------------------------- runner
+
+const LIBS = opt("--libs", "concord,yjs,automerge,loro").split(",");
+if (LIBS[0] !== "concord") throw new Error("--libs must start with concord");
+const PEERS = LIBS.slice(1);
+// A library whose warm-up run takes longer than this gets one measured run, not RUNS.
+const SLOW_MS = 5000;
+
+function libVersion(name) {
+  try {
+    return JSON.parse(readFileSync(join(root, "node_modules", name, "package.json"), "utf8")).version;
+  } catch {
+    return "?";
+  }
+}
+
+async function measureRow(n) {
+  const row = rows[n];
+  const results = Object.fromEntries(LIBS.map((l) => [l, []]));
+  const localOnly = [];
+  const slow = new Set();
+  const total = WARMUP + RUNS;
+  for (let r = 0; r < total; r++) {
+    // Rotate the order each round: no library always runs first (or right after a GC).
+    const order = LIBS.map((_, i) => LIBS[(i + r) % LIBS.length]);
+    for (const lib of order) {
+      if (slow.has(lib) && results[lib].length >= 1) continue;
+      await settle();
+      const res = await row.impl[lib]();
+      if (r < WARMUP && res.ms > SLOW_MS) slow.add(lib);
+      if (r >= WARMUP) results[lib].push(res);
+      process.stderr.write(
+        `  row ${n} ${r < WARMUP ? "warm-up" : `run ${r - WARMUP + 1}/${RUNS}`} ${lib}: ${res.ms.toFixed(1)} ms, ${res.bytes} B\n`,
+      );
+    }
+    if (row.concordLocalOnly) {
+      await settle();
+      const ms = await row.concordLocalOnly();
+      if (r >= WARMUP) localOnly.push(ms);
+    }
+  }
+  const summary = {};
+  for (const lib of LIBS) {
+    const rs = results[lib];
+    const phases = {};
+    for (const k of Object.keys(rs[0].phases)) phases[k] = median(rs.map((x) => x.phases[k]));
+    summary[lib] = {
+      ms: median(rs.map((x) => x.ms)),
+      min: Math.min(...rs.map((x) => x.ms)),
+      max: Math.max(...rs.map((x) => x.ms)),
+      bytes: median(rs.map((x) => x.bytes)),
+      runs: rs.length,
+      phases,
+      extra: rs[rs.length - 1].extra ?? {},
+    };
+  }
+  if (localOnly.length) summary.concord.localOnly = median(localOnly);
+  // The transport alone, same frame sizes (median of 5).
+  const tr = [];
+  for (let i = 0; i < 5; i++) tr.push(await row.transport(summary.concord));
+  summary.concord.transport = median(tr);
+  return summary;
+}
+
+function fmtMs(ms) {
+  if (ms >= 1000) return `${(ms / 1000).toFixed(2)} s`;
+  if (ms >= 10) return `${ms.toFixed(0)} ms`;
+  if (ms >= 1) return `${ms.toFixed(1)} ms`;
+  return `${(ms * 1000).toFixed(0)} µs`;
+}
+function fmtBytes(b) {
+  if (b >= 1024 * 1024) return `${(b / 1024 / 1024).toFixed(2)} MiB`;
+  if (b >= 10 * 1024) return `${(b / 1024).toFixed(1)} KiB`;
+  return `${Math.round(b).toLocaleString("en")} B`;
+}
+const fmtRatio = (x) => (x >= 10 ? x.toFixed(0) : x >= 1 ? x.toFixed(1) : x.toFixed(2));
+
+function verdict(s) {
+  const fastest = PEERS.reduce((a, b) => (s[b].ms < s[a].ms ? b : a));
+  const smallest = PEERS.reduce((a, b) => (s[b].bytes < s[a].bytes ? b : a));
+  const timeRatio = s.concord.ms / s[fastest].ms;
+  const sizeRatio = s.concord.bytes / s[smallest].bytes;
+  const sizeVsFastest = s.concord.bytes / s[fastest].bytes;
+  const fast = timeRatio <= 0.1;
+  const small = sizeRatio <= 1;
+  return { fastest, smallest, timeRatio, sizeRatio, sizeVsFastest, fast, small, pass: fast && small };
+}
+
+function speedWords(r) {
+  return r <= 1 ? `${fmtRatio(1 / r)}x faster` : `${fmtRatio(r)}x slower`;
+}
+
+function render(summaries, meta) {
+  const L = [];
+  L.push("# Concord vs Yjs, Automerge, Loro (`npm run bench`)");
+  L.push("");
+  L.push("Produced by:");
+  L.push("");
+  L.push("```sh");
+  L.push(`npm run bench   # = ${meta.command}`);
+  L.push("```");
+  L.push("");
+  L.push(
+    `${meta.date} · ${meta.cores} cores · ${meta.platform} · Node ${process.versions.node} · ` +
+      `concord pkg/ built ${meta.pkgBuilt} (wasm ${fmtBytes(meta.wasmBytes)}) from tree ${meta.tree} · ` +
+      `yjs ${libVersion("yjs")}, @automerge/automerge ${libVersion("@automerge/automerge")}, loro-crdt ${libVersion("loro-crdt")} · ` +
+      `median of ${RUNS} runs after ${WARMUP} warm-up (a library whose warm-up took over ${SLOW_MS / 1000} s: 1 run), libraries interleaved · load average when the run began: ${meta.load} ` +
+      "(other processes share these cores: compare within a row, not across runs).",
+  );
+  L.push("");
+  L.push(
+    "Target: Concord **≥ 10x faster than the fastest peer on every row, and no larger on the wire**. " +
+      "time ratio = Concord time / fastest peer time (≤ 0.10 meets the target); " +
+      "size ratio = Concord bytes / smallest peer payload (≤ 1.00 meets it).",
+  );
+  L.push("");
+  L.push("| row | Concord | Yjs | Automerge | Loro | fastest peer | time ratio | size ratio | target |");
+  L.push("|---|---:|---:|---:|---:|---|---:|---:|:-:|");
+  for (const [n, s] of summaries) {
+    const v = verdict(s);
+    const cell = (lib) => `${fmtMs(s[lib].ms)}<br>${fmtBytes(s[lib].bytes)}`;
+    L.push(
+      `| **${n}** ${rows[n].short} | ${cell("concord")} | ${cell("yjs")} | ${cell("automerge")} | ${cell("loro")} | ` +
+        `${v.fastest} | ${fmtRatio(v.timeRatio)} (${speedWords(v.timeRatio)}) | ${fmtRatio(v.sizeRatio)} (vs ${v.smallest}) | ` +
+        `${v.pass ? "yes" : `**NO** (${[!v.fast && "time", !v.small && "size"].filter(Boolean).join(", ")})`} |`,
+    );
+  }
+  const all = summaries.every(([, s]) => verdict(s).pass);
+  L.push("");
+  L.push(
+    `Target met on every row: **${all ? "yes" : "NO"}** ` +
+      `(${summaries.filter(([, s]) => verdict(s).pass).length} of ${summaries.length} rows).`,
+  );
+  L.push("");
+  L.push("Cells: median time, then the bytes of the sync payload (" +
+    summaries.map(([n]) => `row ${n}: ${rows[n].bytesMeaning}`).join("; ") + ").");
+  L.push("");
+  L.push("## Details");
+  for (const [n, s] of summaries) {
+    const v = verdict(s);
+    L.push("");
+    L.push(`### ${n}. ${rows[n].title}`);
+    L.push("");
+    const phaseNames = Object.keys(s.concord.phases);
+    L.push(`| library | runs | median | min – max | ${phaseNames.map((p) => `${p} (median)`).join(" | ")} | payload |`);
+    L.push(`|---|---:|---:|---:|${phaseNames.map(() => "---:").join("|")}|---:|`);
+    for (const lib of LIBS) {
+      const x = s[lib];
+      L.push(
+        `| ${lib} | ${x.runs} | ${fmtMs(x.ms)} | ${fmtMs(x.min)} – ${fmtMs(x.max)} | ${phaseNames.map((p) => fmtMs(x.phases[p] ?? NaN)).join(" | ")} | ${x.bytes.toLocaleString("en")} B |`,
+      );
+    }
+    L.push("");
+    const c = s.concord;
+    const notes = [];
+    notes.push(
+      `Concord / fastest peer (${v.fastest}): time ${fmtRatio(v.timeRatio)}, bytes ${fmtRatio(v.sizeVsFastest)}; ` +
+        `bytes vs smallest peer (${v.smallest}): ${fmtRatio(v.sizeRatio)}.`,
+    );
+    if (c.localOnly !== undefined) {
+      const fastestLocal = PEERS.reduce((a, b) => (s[b].phases.local < s[a].phases.local ? b : a));
+      notes.push(
+        `Concord's local phase with \`broadcast: false\` (no frame posted per write; the replicas then cannot sync): ` +
+          `${fmtMs(c.localOnly)}, vs ${fmtMs(c.phases.local)} with a channel; fastest peer local phase: ` +
+          `${fastestLocal} ${fmtMs(s[fastestLocal].phases.local)}.`,
+      );
+    }
+    notes.push(
+      `Transport alone (plain BroadcastChannels + the same forwarding, same frame count and sizes, no Concord): ` +
+        `${fmtMs(c.transport)} of Concord's ${fmtMs(c.phases.sync)} sync phase.`,
+    );
+    const ex = c.extra;
+    if (ex.frames !== undefined)
+      notes.push(`Concord answer frames: ${ex.frames} (by tag: ${JSON.stringify(ex.tags)}); request bytes: ${ex.request}.`);
+    if (ex.liveBytes !== undefined)
+      notes.push(
+        `Concord catch-up request (crafted Subscribe with the peer's version): ${ex.request} B. ` +
+          `The same ${ROW4.behind} ops as live broadcast frames: ${ex.liveFrames} frames, ${ex.liveBytes.toLocaleString("en")} B. ` +
+          `Request bytes of the peers: ${PEERS.map((p) => `${p} ${s[p].extra.request} B`).join(", ")}.`,
+      );
+    if (n === 3)
+      notes.push(`LWW winners (writer index): ${LIBS.map((l) => `${l} ${s[l].extra.winner}`).join(", ")} (each library has its own tie-break).`);
+    for (const t of notes) L.push(`- ${t}`);
+  }
+  L.push("");
+  L.push("## How each library is driven");
+  L.push("");
+  L.push(
+    [
+      "- Every operation is its own change: Yjs one transaction per `set`/`delete` (rows 1–3; row 4's 10,000-key base is one transaction), Automerge one `change` per op, Loro `commit()` after each op, Concord one accessor call per op. Results are checked (counter sums, set sizes, register values) after every run.",
+      "- Row 1: Yjs emulates the counter with a `Y.Map` key per replica holding its count (value = sum); Automerge clones a base doc holding `new Counter(0)` and merges with `saveSince(replica, baseHeads)` + `loadIncremental`; Loro uses a root `LoroCounter` and `export({mode: 'update'})` + `import`; Concord uses `doc.counter('c')` (G-Counter).",
+      "- Row 2: the peers emulate the set with a map (set key / delete key); Concord uses `doc.set('s')` (add-wins OR-Set). The fresh peer gets `encodeStateAsUpdate` (Yjs), `save`/`load` (Automerge), `export({mode: 'update'})` (Loro), and Concord's answer to its `Subscribe` (a whole-document frame: 15,000 deltas exceed the 4,096-entry delta log).",
+      "- Row 3: every writer is its own replica/doc (Concord: its own `Client`); payloads are applied one at a time to the merging replica.",
+      "- Row 4: the peers use `encodeStateAsUpdate(doc, stateVectorOfPeer)`, `saveSince(doc, heads)` + `loadIncremental`, `export({mode: 'update', from: version})`; Concord's up-to-date replica answers a `Subscribe` carrying the lagging peer's version vector with one `Deltas` frame. Only the catch-up is timed (setup untimed).",
+      "- Concord replicas: `Client.connect({ urls: [], persist: false, broadcast: <own channel> })`. The public API has no export/import of state or deltas, so sync goes through the tab-to-tab BroadcastChannel protocol with a JS frame forwarder standing in for a relay (see the header of bench/compare.mjs). Concord's times therefore include one frame encode + `postMessage` per local write, and event-loop hops in the sync phase; both are shown separately above.",
+    ].join("\n"),
+  );
+  return L.join("\n") + "\n";
+}
+
+// ---------------------------------------------------------------- main
+
+function gitTree() {
+  try {
+    const rev = execFileSync("git", ["rev-parse", "--short", "HEAD"], { cwd: root, encoding: "utf8" }).trim();
+    const dirty = execFileSync("git", ["status", "--porcelain"], { cwd: root, encoding: "utf8" })
+      .split("\n")
+      .filter(Boolean).length;
+    return `${rev} + ${dirty} uncommitted paths`;
+  } catch {
+    return "unknown";
+  }
+}
+
+const wasmPath = join(root, "pkg", "concord_wasm_bg.wasm");
+const meta = {
+  command: `node bench/compare.mjs${argv.length ? " " + argv.join(" ") : ""}`,
+  date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
+  cores: os.cpus().length,
+  platform: `${os.type()} ${os.release()}`,
+  load: os.loadavg().map((x) => x.toFixed(2)).join(" "),
+  pkgBuilt: statSync(wasmPath).mtime.toISOString().slice(0, 16).replace("T", " "),
+  wasmBytes: statSync(wasmPath).size,
+  tree: gitTree(),
+};
+
+const summaries = [];
+for (const n of ROWS) {
+  process.stderr.write(`row ${n}: ${rows[n].title}\n`);
+  summaries.push([n, await measureRow(n)]);
+}
+const md = render(summaries, meta);
+process.stdout.write(md);
+if (WRITE) {
+  mkdirSync(join(root, "bench", "results"), { recursive: true });
+  writeFileSync(join(root, "bench", "results", "compare.md"), md);
+  process.stderr.write("written to bench/results/compare.md\n");
+}
