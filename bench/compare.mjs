@@ -200,7 +200,7 @@ const sameBytes = (a, b) => a.length === b.length && a.every((x, i) => x === b[i
  * with a frame of `bytes` bytes each, through a Pipe, until the hub has all answers. The
  * same hops and clones as the Concord runs, with no Concord in them.
  */
-async function transportOnly(leaves, bytes) {
+async function transportOnly(leaves, bytes, { direct = false } = {}) {
   const names = Array.from({ length: leaves }, () => newChannel("t"));
   const hubName = newChannel("th");
   const pipe = new Pipe(hubName, names);
@@ -215,7 +215,9 @@ async function transportOnly(leaves, bytes) {
   await new Promise((resolve) => {
     let got = 0;
     hub.onmessage = () => ++got === leaves && resolve();
-    hub.postMessage(new Uint8Array(8));
+    // Rows 1-3: the request goes hub -> pipe -> leaves; row 4: the pipe posts it itself.
+    if (direct) pipe.ask(0, new Uint8Array(18));
+    else hub.postMessage(new Uint8Array(8));
   });
   const ms = now() - t0;
   hub.close();
@@ -232,7 +234,7 @@ async function transportOnly(leaves, bytes) {
 const ROW1 = { replicas: 64, incs: 1000 };
 const ROW2 = { adds: 10_000, removes: 5_000 };
 const ROW3 = { writers: 1540 };
-const ROW4 = { keys: 10_000, behind: 100 };
+const ROW4 = { keys: 10_000, behind: 100, rounds: 10 };
 
 const el = (i) => `item-${i}`;
 const removed = (i) => i % 2 === 0 && i < 2 * ROW2.removes; // every other element
@@ -587,12 +589,14 @@ const rows = {
   },
 
   4: {
-    title: `delta sync: a ${ROW4.keys.toLocaleString("en")}-key doc, the peer ${ROW4.behind} ops behind; time = request + encode + apply of the catch-up only`,
+    title: `delta sync: a ${ROW4.keys.toLocaleString("en")}-key doc, the peer ${ROW4.behind} ops behind; time = request + encode + apply of the catch-up only (median of ${ROW4.rounds} catch-ups per run)`,
     short: "delta sync, 10,000-key doc, 100 ops behind (sync only)",
     bytesMeaning: "catch-up payload",
+    // Each run builds the two peers once (untimed), then ROW4.rounds times: the first peer
+    // makes ROW4.behind writes (untimed, each its own op) and the second catches up (timed).
     impl: {
       async concord() {
-        const { keys, behind } = ROW4;
+        const { keys, behind, rounds } = ROW4;
         const a = newChannel("a");
         const ca = await concordReplica(a);
         const ad = await ca.open("doc");
@@ -605,39 +609,47 @@ const rows = {
         // Concord's own Subscribe (empty version) checks our encoding of the frame.
         const own = pipe.downLog[0];
         check(own && sameBytes(own, subscribeFrame("doc", [])), "crafted Subscribe differs from Concord's");
-        const setupFrames = { ...pipe.upTags };
-        // The peer falls behind: a's next writes do not reach it.
-        pipe.paused = true;
-        for (let i = 0; i < behind; i++) ad.register(`k${i}`).set(keys + i);
-        await macrotask();
-        await macrotask();
-        const liveBytes = pipe.dropped;
-        const liveFrames = pipe.droppedFrames;
-        pipe.paused = false;
-        const up0 = pipe.up;
-        const down0 = pipe.down;
-        const regs = Array.from({ length: behind }, (_, i) => bd.register(`k${i}`));
-        const t0 = now();
-        // b has everything a wrote up to seq `keys` (and wrote nothing itself).
-        const req = subscribeFrame("doc", [[ca.replicaId, keys]]);
-        pipe.ask(0, req);
-        await until(bd, () => regs.every((r, i) => r.get() === keys + i), "row 4 catch-up");
-        const t1 = now();
-        const bytes = pipe.up - up0;
-        check(pipe.upFrames === Object.values(setupFrames).reduce((x, y) => x + y, 0) + 1, "one answer frame");
-        const extra = {
-          request: pipe.down - down0,
-          liveBytes,
-          liveFrames,
-          setupTags: setupFrames,
-        };
+        const setupTags = { ...pipe.upTags };
+        const regsA = Array.from({ length: behind }, (_, i) => ad.register(`k${i}`));
+        const regsB = Array.from({ length: behind }, (_, i) => bd.register(`k${i}`));
+        const ms = [];
+        const bytes = [];
+        let seq = keys; // a's writes so far = what b has of a (b itself writes nothing)
+        let liveBytes = 0;
+        let liveFrames = 0;
+        let request = 0;
+        for (let r = 1; r <= rounds; r++) {
+          // The peer falls behind: a's next writes do not reach it.
+          pipe.paused = true;
+          const d0 = pipe.dropped;
+          const f0 = pipe.droppedFrames;
+          for (let i = 0; i < behind; i++) regsA[i].set(keys * (r + 1) + i);
+          await macrotask();
+          await macrotask();
+          liveBytes = pipe.dropped - d0;
+          liveFrames = pipe.droppedFrames - f0;
+          pipe.paused = false;
+          const up0 = pipe.up;
+          const down0 = pipe.down;
+          const frames0 = pipe.upFrames;
+          const t0 = now();
+          pipe.ask(0, subscribeFrame("doc", [[ca.replicaId, seq]]));
+          await until(bd, () => regsB.every((x, i) => x.get() === keys * (r + 1) + i), "row 4 catch-up");
+          const t1 = now();
+          ms.push(t1 - t0);
+          bytes.push(pipe.up - up0);
+          request = pipe.down - down0;
+          check(pipe.upFrames === frames0 + 1, "one answer frame");
+          seq += behind;
+        }
+        const extra = { request, liveBytes, liveFrames, setupTags, tags: pipe.upTags };
         pipe.close();
         ca.close();
         cb.close();
-        return { ms: t1 - t0, bytes, phases: { sync: t1 - t0 }, extra };
+        return { ms: median(ms), bytes: median(bytes), phases: { sync: median(ms) }, extra };
       },
       async yjs() {
-        const { keys, behind } = ROW4;
+        const { keys, behind, rounds } = ROW4;
         const a = new Y.Doc();
         const am = a.getMap("m");
         a.transact(() => {
@@ -645,54 +657,79 @@ const rows = {
         });
         const b = new Y.Doc();
         Y.applyUpdate(b, Y.encodeStateAsUpdate(a));
-        for (let i = 0; i < behind; i++) am.set(`k${i}`, keys + i);
-        const t0 = now();
-        const sv = Y.encodeStateVector(b);
-        const u = Y.encodeStateAsUpdate(a, sv);
-        Y.applyUpdate(b, u);
-        const t1 = now();
         const bm = b.getMap("m");
-        check(bm.get("k0") === keys && bm.get(`k${behind - 1}`) === keys + behind - 1 && bm.size === keys, "yjs catch-up");
-        return { ms: t1 - t0, bytes: u.byteLength, phases: { sync: t1 - t0 }, extra: { request: sv.byteLength } };
+        const ms = [];
+        const bytes = [];
+        let request = 0;
+        for (let r = 1; r <= rounds; r++) {
+          for (let i = 0; i < behind; i++) am.set(`k${i}`, keys * (r + 1) + i);
+          const t0 = now();
+          const sv = Y.encodeStateVector(b);
+          const u = Y.encodeStateAsUpdate(a, sv);
+          Y.applyUpdate(b, u);
+          const t1 = now();
+          ms.push(t1 - t0);
+          bytes.push(u.byteLength);
+          request = sv.byteLength;
+          check(bm.get("k0") === keys * (r + 1) && bm.get(`k${behind - 1}`) === keys * (r + 1) + behind - 1, "yjs catch-up");
+        }
+        check(bm.size === keys, "yjs keys");
+        return { ms: median(ms), bytes: median(bytes), phases: { sync: median(ms) }, extra: { request } };
       },
       async automerge() {
-        const { keys, behind } = ROW4;
+        const { keys, behind, rounds } = ROW4;
         let a = A.change(A.init(), (x) => {
           for (let i = 0; i < keys; i++) x[`k${i}`] = i;
         });
         let b = A.load(A.save(a));
-        for (let i = 0; i < behind; i++) a = A.change(a, (x) => (x[`k${i}`] = keys + i));
-        const t0 = now();
-        const heads = A.getHeads(b);
-        const u = A.saveSince(a, heads);
-        b = A.loadIncremental(b, u);
-        const t1 = now();
-        check(b.k0 === keys && b[`k${behind - 1}`] === keys + behind - 1, "automerge catch-up");
-        return { ms: t1 - t0, bytes: u.byteLength, phases: { sync: t1 - t0 }, extra: { request: heads.length * 32 } };
+        const ms = [];
+        const bytes = [];
+        let request = 0;
+        for (let r = 1; r <= rounds; r++) {
+          for (let i = 0; i < behind; i++) a = A.change(a, (x) => (x[`k${i}`] = keys * (r + 1) + i));
+          const t0 = now();
+          const heads = A.getHeads(b);
+          const u = A.saveSince(a, heads);
+          b = A.loadIncremental(b, u);
+          const t1 = now();
+          ms.push(t1 - t0);
+          bytes.push(u.byteLength);
+          request = heads.length * 32;
+          check(b.k0 === keys * (r + 1) && b[`k${behind - 1}`] === keys * (r + 1) + behind - 1, "automerge catch-up");
+        }
+        return { ms: median(ms), bytes: median(bytes), phases: { sync: median(ms) }, extra: { request } };
       },
       async loro() {
-        const { keys, behind } = ROW4;
+        const { keys, behind, rounds } = ROW4;
         const a = new LoroDoc();
         const am = a.getMap("m");
         for (let i = 0; i < keys; i++) am.set(`k${i}`, i);
         a.commit();
         const b = new LoroDoc();
         b.import(a.export({ mode: "update" }));
-        for (let i = 0; i < behind; i++) {
-          am.set(`k${i}`, keys + i);
-          a.commit();
-        }
-        const t0 = now();
-        const v = b.oplogVersion();
-        const u = a.export({ mode: "update", from: v });
-        b.import(u);
-        const t1 = now();
         const bm = b.getMap("m");
-        check(bm.get("k0") === keys && bm.get(`k${behind - 1}`) === keys + behind - 1, "loro catch-up");
-        return { ms: t1 - t0, bytes: u.byteLength, phases: { sync: t1 - t0 }, extra: { request: v.encode().byteLength } };
+        const ms = [];
+        const bytes = [];
+        let request = 0;
+        for (let r = 1; r <= rounds; r++) {
+          for (let i = 0; i < behind; i++) {
+            am.set(`k${i}`, keys * (r + 1) + i);
+            a.commit();
+          }
+          const t0 = now();
+          const v = b.oplogVersion();
+          const u = a.export({ mode: "update", from: v });
+          b.import(u);
+          const t1 = now();
+          ms.push(t1 - t0);
+          bytes.push(u.byteLength);
+          request = v.encode().byteLength;
+          check(bm.get("k0") === keys * (r + 1) && bm.get(`k${behind - 1}`) === keys * (r + 1) + behind - 1, "loro catch-up");
+        }
+        return { ms: median(ms), bytes: median(bytes), phases: { sync: median(ms) }, extra: { request } };
       },
     },
-    transport: (res) => transportOnly(1, res.bytes),
+    transport: (res) => transportOnly(1, res.bytes, { direct: true }),
   },
 };
 
@@ -812,13 +849,14 @@ function render(summaries, meta) {
       "size ratio = Concord bytes / smallest peer payload (≤ 1.00 meets it).",
   );
   L.push("");
-  L.push("| row | Concord | Yjs | Automerge | Loro | fastest peer | time ratio | size ratio | target |");
-  L.push("|---|---:|---:|---:|---:|---|---:|---:|:-:|");
+  const NAMES = { concord: "Concord", yjs: "Yjs", automerge: "Automerge", loro: "Loro" };
+  L.push(`| row | ${LIBS.map((l) => NAMES[l]).join(" | ")} | fastest peer | time ratio | size ratio | target |`);
+  L.push(`|---|${LIBS.map(() => "---:").join("|")}|---|---:|---:|:-:|`);
   for (const [n, s] of summaries) {
     const v = verdict(s);
     const cell = (lib) => `${fmtMs(s[lib].ms)}<br>${fmtBytes(s[lib].bytes)}`;
     L.push(
-      `| **${n}** ${rows[n].short} | ${cell("concord")} | ${cell("yjs")} | ${cell("automerge")} | ${cell("loro")} | ` +
+      `| **${n}** ${rows[n].short} | ${LIBS.map(cell).join(" | ")} | ` +
         `${v.fastest} | ${fmtRatio(v.timeRatio)} (${speedWords(v.timeRatio)}) | ${fmtRatio(v.sizeRatio)} (vs ${v.smallest}) | ` +
         `${v.pass ? "yes" : `**NO** (${[!v.fast && "time", !v.small && "size"].filter(Boolean).join(", ")})`} |`,
     );
