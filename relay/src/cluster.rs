@@ -115,6 +115,14 @@ impl ClusterView {
         }
     }
 
+    /// Records that a connection to `node` failed: it is down until heard from again.
+    pub fn mark_down(&self, node: &str) {
+        let now = self.now_ms();
+        if let Ok(mut d) = self.detector.lock() {
+            d.mark_down(node, now);
+        }
+    }
+
     /// Health of `node` as this node sees it.
     pub fn health(&self, node: &str) -> Health {
         if node == self.me {
@@ -129,9 +137,19 @@ impl ClusterView {
         node == self.me || (links.contains_key(node) && self.health(node) == Health::Up)
     }
 
-    /// `(peer, up)` for every other node.
-    pub fn peer_states(&self, links: &HashMap<String, u64>) -> Vec<(String, bool)> {
-        self.peers.keys().map(|p| (p.clone(), self.is_up(p, links))).collect()
+    /// `(peer, state)` for every other node: 2 up, 1 suspect, 0 down.
+    pub fn peer_states(&self, links: &HashMap<String, u64>) -> Vec<(String, i64)> {
+        self.peers
+            .keys()
+            .map(|p| {
+                let state = match self.health(p) {
+                    Health::Up if links.contains_key(p) => 2,
+                    Health::Up | Health::Suspect => 1,
+                    Health::Down => 0,
+                };
+                (p.clone(), state)
+            })
+            .collect()
     }
 
     /// Peers sharing at least one document range with this node.
@@ -357,6 +375,7 @@ async fn run_link(node: Node, peer: String, addr: String, mut shutdown: tokio::s
         let ws = match connected {
             Ok(Ok((ws, _))) => ws,
             _ => {
+                cluster.mark_down(&peer);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return,

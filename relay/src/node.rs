@@ -13,6 +13,7 @@
 //! per-connection sessions, and decides what to persist and when to ack.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -133,6 +134,10 @@ pub(crate) struct Inner {
     pub(crate) options: NodeOptions,
     pub(crate) cluster: Option<ClusterView>,
     state: Mutex<State>,
+    /// Durable acks that completed client write quorums, from owners and from fallbacks
+    /// (Riak's node_confirms: durability is never overstated).
+    owner_acks: AtomicU64,
+    fallback_acks: AtomicU64,
 }
 
 /// The relay's [`Handler`]: shared state of one node. Cheap to clone.
@@ -183,7 +188,16 @@ impl Node {
             state.stored.insert(doc, VersionVector::new());
         }
         let node = Node {
-            inner: Arc::new(Inner { replica, storage, metrics, options, cluster, state: Mutex::new(state) }),
+            inner: Arc::new(Inner {
+                replica,
+                storage,
+                metrics,
+                options,
+                cluster,
+                state: Mutex::new(state),
+                owner_acks: AtomicU64::new(0),
+                fallback_acks: AtomicU64::new(0),
+            }),
         };
         // Version digests of stored documents, for anti-entropy.
         if node.inner.cluster.is_some() {
@@ -694,6 +708,8 @@ impl Node {
         }
         for i in done.into_iter().rev() {
             let w = e.waiting.remove(i);
+            self.inner.owner_acks.fetch_add(w.quorum.owner_acks() as u64, Ordering::Relaxed);
+            self.inner.fallback_acks.fetch_add(w.quorum.fallback_acks() as u64, Ordering::Relaxed);
             for d in &w.dots {
                 e.quorum.insert(*d);
             }
@@ -900,9 +916,17 @@ impl Handler for Node {
         let mut extra =
             vec![("pending_hints".to_string(), st.hints.values().map(BTreeMap::len).sum::<usize>() as i64)];
         if let Some(cluster) = &self.inner.cluster {
-            for (peer, up) in cluster.peer_states(&st.links) {
-                extra.push((format!("peer_{peer}_up"), i64::from(up)));
+            for (peer, state) in cluster.peer_states(&st.links) {
+                extra.push((format!("peer_{peer}_state"), state));
             }
+            extra.push((
+                "quorum_acks_owner".to_string(),
+                self.inner.owner_acks.load(Ordering::Relaxed) as i64,
+            ));
+            extra.push((
+                "quorum_acks_fallback".to_string(),
+                self.inner.fallback_acks.load(Ordering::Relaxed) as i64,
+            ));
         }
         HealthInfo { documents_loaded: st.docs.len() as u64, extra }
     }

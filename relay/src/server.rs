@@ -162,7 +162,14 @@ async fn handle_tcp<H: Handler>(
     } else if req.path == "/healthz" {
         Response::new(200, "application/json", health_json(&shared))
     } else if req.path == "/metrics" {
-        Response::new(200, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.render())
+        let mut text = shared.metrics.render();
+        // Handler facts (pending hints, peer states, quorum ack sources) as gauges.
+        for (name, value) in shared.handler.health().extra {
+            let name: String =
+                name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+            text.push_str(&format!("# TYPE concord_{name} gauge\nconcord_{name} {value}\n"));
+        }
+        Response::new(200, "text/plain; version=0.0.4; charset=utf-8", text)
     } else if let Some((status, content_type, body)) =
         shared.handler.http_get(&req.path, req.query.as_deref())
     {

@@ -248,6 +248,19 @@ async fn writes_keep_being_acked_when_an_owner_is_killed_and_hints_drain_after_r
         hinted += pending_hints(*a).await;
     }
     assert!(hinted > 0, "no fallback took the dead owner's writes");
+    // The dead node shows as down in /healthz and /metrics, and fallbacks confirmed writes.
+    let coord = cl.addr(coords[0]);
+    let victim_id = cl.ids[victim].clone();
+    let health = http_json(coord, "/healthz").await;
+    assert!(health.contains(&format!("\"peer_{victim_id}_state\":0")), "{health}");
+    let metrics = http_json(coord, "/metrics").await;
+    assert!(metrics.contains(&format!("concord_peer_{victim_id}_state 0")), "{metrics}");
+    let mut fallback_acks = 0;
+    for i in coords.iter() {
+        fallback_acks +=
+            json_number(&http_json(cl.addr(*i), "/healthz").await, "quorum_acks_fallback").unwrap_or(0);
+    }
+    assert!(fallback_acks > 0, "no write quorum counted a fallback's ack");
     cl.restart(victim);
     let addrs: Vec<SocketAddr> = (0..5).map(|i| cl.addr(i)).collect();
     assert!(
