@@ -28,15 +28,19 @@
 // replica. The transport's own cost (structured clones, event-loop hops) is measured with
 // the same frame sizes and shown in the details so it can be told apart from Concord's.
 //
-// Usage: node bench/compare.mjs [--runs N] [--warmup N] [--rows 1,2,3,4] [--no-write]
+// Usage: node bench/compare.mjs [--runs N] [--warmup N] [--rows 1,2,3,4]
+//          [--libs concord,yjs,automerge,loro] [--pkg DIR] [--write | --no-write]
+//   --pkg DIR   another build of the package (default pkg/), e.g. to compare wasm builds
+//   A full run (all rows, all libraries, pkg/) writes bench/results/compare.md; a partial
+//   one only with --write.
 
 import { readFileSync, statSync, writeFileSync, mkdirSync } from "node:fs";
 import { execFileSync } from "node:child_process";
 import os from "node:os";
 import v8 from "node:v8";
 import vm from "node:vm";
-import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
 import * as Y from "yjs";
 import * as A from "@automerge/automerge";
 import { LoroDoc } from "loro-crdt";
@@ -50,13 +54,17 @@ function opt(name, dflt) {
 const RUNS = Number(opt("--runs", 5));
 const WARMUP = Number(opt("--warmup", 1));
 const ROWS = opt("--rows", "1,2,3,4").split(",").map(Number);
-const WRITE = !argv.includes("--no-write");
+const LIBS = opt("--libs", "concord,yjs,automerge,loro").split(",");
+if (LIBS[0] !== "concord" || LIBS.length < 2) throw new Error("--libs: concord first, then at least one peer");
+const PKG = resolve(opt("--pkg", join(root, "pkg")));
+const FULL = ROWS.join() === "1,2,3,4" && LIBS.length === 4 && PKG === join(root, "pkg");
+const WRITE = argv.includes("--write") || (FULL && !argv.includes("--no-write"));
 
 let Client;
 try {
-  ({ Client } = await import(join(root, "pkg", "node.js")));
+  ({ Client } = await import(pathToFileURL(join(PKG, "node.js")).href));
 } catch (e) {
-  console.error(`cannot load pkg/node.js (${e.message}); run \`npm run build\` first`);
+  console.error(`cannot load ${join(PKG, "node.js")} (${e.message}); run \`npm run build\` first`);
   process.exit(1);
 }
 
@@ -735,8 +743,6 @@ const rows = {
 
 // ---------------------------------------------------------------- runner
 
-const LIBS = opt("--libs", "concord,yjs,automerge,loro").split(",");
-if (LIBS[0] !== "concord") throw new Error("--libs must start with concord");
 const PEERS = LIBS.slice(1);
 // A library whose warm-up run takes longer than this gets one measured run, not RUNS.
 const SLOW_MS = 5000;
@@ -837,7 +843,7 @@ function render(summaries, meta) {
   L.push("");
   L.push(
     `${meta.date} · ${meta.cores} cores · ${meta.platform} · Node ${process.versions.node} · ` +
-      `concord pkg/ built ${meta.pkgBuilt} (wasm ${fmtBytes(meta.wasmBytes)}) from tree ${meta.tree} · ` +
+      `concord ${meta.pkg} built ${meta.pkgBuilt} (wasm ${fmtBytes(meta.wasmBytes)}) from tree ${meta.tree} · ` +
       `yjs ${libVersion("yjs")}, @automerge/automerge ${libVersion("@automerge/automerge")}, loro-crdt ${libVersion("loro-crdt")} · ` +
       `median of ${RUNS} runs after ${WARMUP} warm-up (a library whose warm-up took over ${SLOW_MS / 1000} s: 1 run), libraries interleaved · load average when the run began: ${meta.load} ` +
       "(other processes share these cores: compare within a row, not across runs).",
@@ -948,13 +954,14 @@ function gitTree() {
   }
 }
 
-const wasmPath = join(root, "pkg", "concord_wasm_bg.wasm");
+const wasmPath = join(PKG, "concord_wasm_bg.wasm");
 const meta = {
   command: `node bench/compare.mjs${argv.length ? " " + argv.join(" ") : ""}`,
   date: new Date().toISOString().slice(0, 16).replace("T", " ") + " UTC",
   cores: os.cpus().length,
   platform: `${os.type()} ${os.release()}`,
   load: os.loadavg().map((x) => x.toFixed(2)).join(" "),
+  pkg: PKG === join(root, "pkg") ? "pkg/" : PKG,
   pkgBuilt: statSync(wasmPath).mtime.toISOString().slice(0, 16).replace("T", " "),
   wasmBytes: statSync(wasmPath).size,
   tree: gitTree(),
