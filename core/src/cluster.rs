@@ -43,7 +43,35 @@
 //! ```
 
 use crate::ring::Ring;
+use crate::vv::VersionVector;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// The version durable on at least `w` of the given replicas: per replica id, the `w`-th
+/// highest entry among `versions` (each a replica's durable, contiguous version). What a
+/// coordinator may acknowledge without overstating durability.
+///
+/// ```
+/// use concord_core::cluster::quorum_version;
+/// use concord_core::{ReplicaId, VersionVector};
+/// let a = VersionVector::from_iter([(ReplicaId(1), 5)]);
+/// let b = VersionVector::from_iter([(ReplicaId(1), 3)]);
+/// let c = VersionVector::new();
+/// assert_eq!(quorum_version(2, &[&a, &b, &c]).get(ReplicaId(1)), 3);
+/// assert_eq!(quorum_version(3, &[&a, &b, &c]).get(ReplicaId(1)), 0);
+/// ```
+pub fn quorum_version(w: usize, versions: &[&VersionVector]) -> VersionVector {
+    let mut out = VersionVector::new();
+    if w == 0 || versions.len() < w {
+        return out;
+    }
+    let replicas: BTreeSet<crate::ReplicaId> = versions.iter().flat_map(|v| v.iter().map(|e| e.0)).collect();
+    for r in replicas {
+        let mut seqs: Vec<u64> = versions.iter().map(|v| v.get(r)).collect();
+        seqs.sort_unstable_by(|a, b| b.cmp(a));
+        out.raise(r, seqs[w - 1]);
+    }
+    out
+}
 
 /// What a node's failure detector thinks of a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use concord_core::cluster::{write_targets, WriteQuorum};
+use concord_core::cluster::{quorum_version, write_targets, WriteQuorum};
 use concord_core::sync::msg::ErrorMsg;
 use concord_core::sync::{ErrorCode, Event, FrameError, Msg, Session, SessionConfig, SyncError};
 use concord_core::{CausalContext, Delta, DocConfig, Document, Dot, ReplicaId, VersionVector};
@@ -636,16 +636,9 @@ impl Node {
     /// node's durable version and the versions peers acknowledged.
     fn quorum_vv(&self, e: &DocEntry) -> VersionVector {
         let Some(cluster) = &self.inner.cluster else { return e.durable.vv.clone() };
-        let mut out = e.quorum.vv.clone();
         let all: Vec<&VersionVector> = std::iter::once(&e.durable.vv).chain(e.peer_acks.values()).collect();
-        if all.len() < cluster.w {
-            return out;
-        }
-        for (r, _) in e.durable.vv.iter() {
-            let mut seqs: Vec<u64> = all.iter().map(|v| v.get(r)).collect();
-            seqs.sort_unstable_by(|a, b| b.cmp(a));
-            out.raise(r, seqs[cluster.w - 1]);
-        }
+        let mut out = e.quorum.vv.clone();
+        out.merge(&quorum_version(cluster.w, &all));
         out
     }
 
