@@ -137,7 +137,6 @@ class Pipe {
   paused = false;
   dropped = 0;
   droppedFrames = 0;
-  onUp = null;
   constructor(hub, leaves) {
     this.hub = new BroadcastChannel(hub);
     this.hub.onmessage = (e) => this.fromHub(e.data);
@@ -158,7 +157,6 @@ class Pipe {
     const tag = `0x${f[0].toString(16).padStart(2, "0")}`;
     this.upTags[tag] = (this.upTags[tag] ?? 0) + 1;
     this.hub.postMessage(f);
-    this.onUp?.(f);
   }
   fromHub(f) {
     this.down += f.byteLength;
@@ -650,6 +648,8 @@ const rows = {
           check(pipe.upFrames === frames0 + 1, "one answer frame");
           seq += behind;
         }
+        // A wrong version in the request would send more each round (too low) or nothing.
+        check(Math.max(...bytes) < 1.2 * Math.min(...bytes), `catch-up sizes ${bytes}`);
         const extra = { request, liveBytes, liveFrames, setupTags, tags: pipe.upTags };
         pipe.close();
         ca.close();
@@ -935,6 +935,26 @@ function render(summaries, meta) {
       "- Row 3: every writer is its own replica/doc (Concord: its own `Client`); payloads are applied one at a time to the merging replica.",
       "- Row 4: the peers use `encodeStateAsUpdate(doc, stateVectorOfPeer)`, `saveSince(doc, heads)` + `loadIncremental`, `export({mode: 'update', from: version})`; Concord's up-to-date replica answers a `Subscribe` carrying the lagging peer's version vector with one `Deltas` frame. Only the catch-up is timed (setup untimed).",
       "- Concord replicas: `Client.connect({ urls: [], persist: false, broadcast: <own channel> })`. The public API has no export/import of state or deltas, so sync goes through the tab-to-tab BroadcastChannel protocol with a JS frame forwarder standing in for a relay (see the header of bench/compare.mjs). Concord's times therefore include one frame encode + `postMessage` per local write, and event-loop hops in the sync phase; both are shown separately above.",
+    ].join("\n"),
+  );
+  L.push("");
+  L.push("## What a direct Concord row needs");
+  L.push("");
+  L.push(
+    [
+      "The package has no way to hand state or deltas from one in-process document to another, so rows 1–3 go through " +
+        "BroadcastChannel frames and row 4 through a hand-built `Subscribe` frame. A direct, transport-free comparison " +
+        "(what the peers get with `encodeStateAsUpdate`/`applyUpdate`, `saveSince`/`loadIncremental`, `export`/`import`) " +
+        "needs, on `Doc` (and `DocHandle` under it), over what `concord-core` already has:",
+      "",
+      "- `doc.version(): Uint8Array` — the encoded `VersionVector` (`Document::version`), the peer's \"state vector\".",
+      "- `doc.encodeUpdate(since?: Uint8Array): Uint8Array` — the deltas since `since` (`Document::deltas_since`, " +
+        "encoded like `Msg::Deltas`), or the whole state when the log does not reach back or `since` is absent " +
+        "(`all_fields` + `context` + `version`, without the delta log and pending buffer that `Document::encode` carries).",
+      "- `doc.applyUpdate(bytes: Uint8Array): void` — `Document::apply` for deltas, `Document::merge_state` for state; " +
+        "fires the change listener with `origin: \"remote\"`, like a frame from another tab.",
+      "- optionally `Client.free()` (or freeing on `close()`): a closed client's wasm memory comes back only when the " +
+        "garbage collector finalizes it; the bench forces a GC between runs for that reason.",
     ].join("\n"),
   );
   return L.join("\n") + "\n";
