@@ -153,7 +153,7 @@ impl ClusterView {
     }
 
     /// Peers sharing at least one document range with this node.
-    fn shares(&self, peer: &str, doc: &str) -> bool {
+    pub(crate) fn shares(&self, peer: &str, doc: &str) -> bool {
         let owners = self.ring.preference_list(doc, self.n);
         owners.contains(&peer) && owners.contains(&self.me.as_str())
     }
@@ -264,18 +264,6 @@ pub(crate) async fn tick(node: &Node, n: u64) {
     }
 }
 
-/// The document-set tree of the documents this node stores that `peer` also owns.
-pub(crate) fn shared_docset(node: &Node, peer: &str) -> DocSet {
-    let mut set = DocSet::new();
-    let Some(cluster) = &node.inner.cluster else { return set };
-    for (doc, vv) in node.stored_docs() {
-        if cluster.shares(peer, &doc) {
-            set.upsert(&doc, &vv);
-        }
-    }
-    set
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -288,7 +276,6 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 /// descending only into differing children) and syncs the documents that differ.
 async fn anti_entropy(node: &Node, cluster: &ClusterView, peer: &str) {
     let Some(addr) = cluster.peers.get(peer) else { return };
-    let local = shared_docset(node, peer);
     let (mut diff, first) = DocSetDiff::start();
     let mut queries = first.chunks(128);
     let mut rounds = 0;
@@ -300,7 +287,12 @@ async fn anti_entropy(node: &Node, cluster: &ClusterView, peer: &str) {
             let path = format!("/cluster/docset?peer={}&q={}", cluster.me, hex(&bytes));
             let Ok(body) = http_get(addr, &path).await else { return };
             let Ok(answer) = postcard::from_bytes::<DocSetAnswer>(&body) else { return };
-            match diff.step(&local, answer) {
+            let stepped = {
+                let st = node.lock();
+                let empty = DocSet::new();
+                diff.step(st.shared.get(peer).unwrap_or(&empty), answer)
+            };
+            match stepped {
                 Ok(more) => next.extend(more.chunks(128)),
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "anti-entropy answer refused");
@@ -565,7 +557,11 @@ pub(crate) fn http_get_route(
             let peer = query_param(query, "peer")?;
             let q: DocSetQuery =
                 unhex(&query_param(query, "q")?).and_then(|b| postcard::from_bytes(&b).ok())?;
-            let answer = shared_docset(node, &peer).answer(&q);
+            let answer = {
+                let st = node.lock();
+                let empty = DocSet::new();
+                st.shared.get(&peer).unwrap_or(&empty).answer(&q)
+            };
             Some((200, "application/octet-stream", postcard::to_allocvec(&answer).unwrap_or_default()))
         }
         _ => Some((404, "text/plain; charset=utf-8", b"unknown cluster route\n".to_vec())),

@@ -111,8 +111,11 @@ pub(crate) struct State {
     pub(crate) hints: BTreeMap<String, BTreeMap<String, u64>>,
     /// Delivered hints to delete from storage: (owner, doc, hint id).
     pub(crate) hint_deletes: Vec<(String, String, u64)>,
-    /// Every stored document with its version digest (for anti-entropy).
-    pub(crate) stored: BTreeMap<String, VersionVector>,
+    /// Ids of every stored document.
+    pub(crate) stored: BTreeSet<String>,
+    /// Per peer, the document-set tree of the stored documents that peer also owns, kept
+    /// current on every commit so anti-entropy never rebuilds it.
+    pub(crate) shared: BTreeMap<String, concord_core::docset::DocSet>,
     next_conn: u64,
     clock: u64,
 }
@@ -185,7 +188,7 @@ impl Node {
             }
         }
         for doc in storage.list_docs().await? {
-            state.stored.insert(doc, VersionVector::new());
+            state.stored.insert(doc);
         }
         let node = Node {
             inner: Arc::new(Inner {
@@ -201,12 +204,12 @@ impl Node {
         };
         // Version digests of stored documents, for anti-entropy.
         if node.inner.cluster.is_some() {
-            let ids: Vec<String> = node.lock().stored.keys().cloned().collect();
+            let ids: Vec<String> = node.lock().stored.iter().cloned().collect();
             for id in ids {
                 node.ensure_loaded(&id).await?;
                 let mut st = node.lock();
                 let vv = st.docs.get(&id).map(|e| e.doc.version().clone()).unwrap_or_default();
-                st.stored.insert(id, vv);
+                node.record_stored(&mut st, &id, &vv);
                 Self::evict(&mut st, node.inner.options.doc_cache_capacity);
             }
         }
@@ -758,7 +761,8 @@ impl Node {
             let n = p.dots.len() as u64;
             let res = self.inner.storage.write(p.ops).await;
             let mut st = self.lock();
-            let State { docs, conns, stored, .. } = &mut *st;
+            let mut recorded: Option<VersionVector> = None;
+            let State { docs, conns, .. } = &mut *st;
             let Some(e) = docs.get_mut(&p.doc) else { continue };
             e.inflight = e.inflight.saturating_sub(1);
             match res {
@@ -769,7 +773,7 @@ impl Node {
                     if let Some(vv) = &p.absorb {
                         e.durable.absorb(vv);
                     }
-                    stored.insert(p.doc.clone(), e.doc.version().clone());
+                    recorded = Some(e.doc.version().clone());
                     if e.inflight == 0 {
                         for w in std::mem::take(&mut e.ack_waiters) {
                             if let Some(c) = conns.get(&w) {
@@ -802,6 +806,9 @@ impl Node {
                         );
                     }
                 }
+            }
+            if let Some(vv) = recorded {
+                self.record_stored(&mut st, &p.doc, &vv);
             }
         }
         Ok(())
@@ -853,9 +860,16 @@ impl Node {
         self.lock().hints.values().map(BTreeMap::len).sum()
     }
 
-    /// Documents this node stores, with their versions.
-    pub(crate) fn stored_docs(&self) -> BTreeMap<String, VersionVector> {
-        self.lock().stored.clone()
+    /// Notes that `doc` is durable here at `vv`: in the stored set and in the shared
+    /// document-set tree of every peer that also owns it (O(peers) per commit).
+    fn record_stored(&self, st: &mut State, doc: &str, vv: &VersionVector) {
+        st.stored.insert(doc.to_owned());
+        let Some(cluster) = &self.inner.cluster else { return };
+        for peer in cluster.peers.keys() {
+            if cluster.shares(peer, doc) {
+                st.shared.entry(peer.clone()).or_default().upsert(doc, vv);
+            }
+        }
     }
 
     /// Ids of loaded docs.
