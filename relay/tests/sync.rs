@@ -62,14 +62,16 @@ async fn an_offline_client_catches_up_by_merkle_when_the_log_is_gone() {
     let mut a = Client::new(1);
     a.open("big").await;
     a.connect(relay.addr, None).await;
-    // More keys than a whole-state answer takes and more deltas than the log keeps.
-    for i in 0..5_000u32 {
-        let d = a.doc("big").increment(&format!("k{}", i % 400), 1).unwrap();
-        let m = a.session.on_local_delta("big", &d);
+    assert!(a.pump_until(T, |c| c.session.peer_subscribed("big")).await);
+    // More keys than a whole-state answer takes and more deltas than the log keeps, sent
+    // in batches of 100 per frame (well inside the default rate limit).
+    for batch in 0..50u32 {
+        let deltas: Vec<_> = (0..100u32)
+            .map(|j| a.doc("big").increment(&format!("k{}", (batch * 100 + j) % 400), 1).unwrap())
+            .collect();
+        let m = a.session.on_local_deltas("big", &deltas);
         a.send(m).await;
-        if i % 500 == 0 {
-            a.pump_for(Duration::from_millis(1)).await;
-        }
+        a.pump_for(Duration::from_millis(1)).await;
     }
     assert!(a.pump_until(T, |c| c.all_acked("big")).await);
     let mut b = Client::new(2);
