@@ -642,12 +642,13 @@ impl Document {
     fn join_field(&mut self, key: &str, theirs: &Field, their_ctx: &CausalContext) {
         let fk = FieldKey::new(key);
         let kind = theirs.kind();
-        let slot = self.fields.entry(fk.clone()).or_insert_with(|| Slot {
-            field: Field::empty(kind),
-            others: Vec::new(),
-            leaf: 0,
-            queued: false,
-        });
+        // Look up before inserting: `entry` would need an owned key even for the usual
+        // case of a key that exists.
+        if !self.fields.contains_key(&fk) {
+            let empty = Slot { field: Field::empty(kind), others: Vec::new(), leaf: 0, queued: false };
+            self.fields.insert(fk.clone(), empty);
+        }
+        let Some(slot) = self.fields.get_mut(&fk) else { unreachable!("inserted above") };
         match slot.get_mut(kind) {
             Some(f) => f.join(&self.ctx, theirs, their_ctx),
             None => {

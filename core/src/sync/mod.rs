@@ -1,6 +1,7 @@
 //! The sans-IO sync protocol: [`msg`] (wire messages) and [`session`] (the per-peer state
 //! machine). See the `session` module docs for the protocol and where it comes from.
 
+mod batch;
 pub mod msg;
 pub mod session;
 

@@ -6,20 +6,15 @@
 //! message.
 
 use crate::document::{Delta, Field};
-use crate::hlc::Timestamp;
-use crate::id::{Dot, ReplicaId};
-use crate::lww::LwwRegister;
+use crate::id::ReplicaId;
 use crate::merkle::NodeId;
-use crate::orset::{Dots, Entries, OrSet};
-use crate::value::Value;
 use crate::vv::{CausalContext, VersionVector};
-use crate::{Crdt, GCounter, PnCounter};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// Longest document id accepted.
 pub const MAX_DOC_ID: usize = 512;
 
@@ -293,154 +288,6 @@ pub enum FrameError {
     },
 }
 
-// ---- compact delta batches ----
-//
-// A `Deltas` body does not repeat replica ids: it carries a replica table, sequence
-// numbers as gaps from the previous delta of the same replica, and payloads written
-// relative to their dot (a counter increment is just its new total).
-
-#[derive(Serialize, Deserialize)]
-struct DeltasWire {
-    doc: String,
-    replicas: Vec<ReplicaId>,
-    items: Vec<DeltaWire>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct DeltaWire {
-    replica: u32,
-    seq_gap: u64,
-    key: String,
-    payload: PayloadWire,
-}
-
-#[derive(Serialize, Deserialize)]
-enum PayloadWire {
-    /// Any field, written out in full.
-    Full(Field),
-    /// G-Counter delta of the dot's own replica: its new total.
-    Count(u64),
-    /// PN-Counter delta of the dot's own replica: new P total (N unchanged/absent).
-    PnUp(u64),
-    /// PN-Counter delta of the dot's own replica: new N total.
-    PnDown(u64),
-    /// Register write stamped by the dot's own replica.
-    Write { millis: u64, counter: u32, value: Value },
-    /// Set add with the dot's own dot, retiring `retired` (the element's old dots).
-    Add { value: Value, retired: Vec<Dot> },
-    /// Set remove retiring `retired`.
-    Remove { value: Value, retired: Vec<Dot> },
-}
-
-fn compact(d: &Delta) -> PayloadWire {
-    let own = d.dot.replica;
-    match &d.payload {
-        Field::Counter(c) if *c == GCounter::default().increment(own, c.get(own)) && c.get(own) > 0 => {
-            PayloadWire::Count(c.get(own))
-        }
-        Field::PnCounter(c) => {
-            let (p, n) = c.parts();
-            if n.value() == 0 && p.get(own) > 0 && *p == GCounter::default().increment(own, p.get(own)) {
-                PayloadWire::PnUp(p.get(own))
-            } else if p.value() == 0 && n.get(own) > 0 && *n == GCounter::default().increment(own, n.get(own))
-            {
-                PayloadWire::PnDown(n.get(own))
-            } else {
-                PayloadWire::Full(d.payload.clone())
-            }
-        }
-        Field::Register(r) => match (r.timestamp(), r.get()) {
-            (Some(ts), Some(v)) if ts.replica == own => {
-                PayloadWire::Write { millis: ts.millis, counter: ts.counter, value: v.clone() }
-            }
-            _ => PayloadWire::Full(d.payload.clone()),
-        },
-        Field::Set(s) if s.entries().len() == 1 => {
-            let Some((value, dots)) = s.entries().iter().next().map(|(v, ds)| (v.clone(), ds.clone())) else {
-                return PayloadWire::Full(d.payload.clone());
-            };
-            let ctx = s.context();
-            let mut retired: Vec<Dot> = Vec::new();
-            let vv_dots = ctx.vv.iter().flat_map(|(r, n)| (1..=n).map(move |q| Dot::new(r, q)));
-            if ctx.vv.total() > 64 {
-                return PayloadWire::Full(d.payload.clone());
-            }
-            retired.extend(vv_dots.chain(ctx.cloud.iter().copied()).filter(|x| *x != d.dot));
-            match dots {
-                Dots::One(x) if x == d.dot && ctx.contains(d.dot) => PayloadWire::Add { value, retired },
-                Dots::Many(v) if v.is_empty() && !ctx.contains(d.dot) => {
-                    PayloadWire::Remove { value, retired }
-                }
-                _ => PayloadWire::Full(d.payload.clone()),
-            }
-        }
-        _ => PayloadWire::Full(d.payload.clone()),
-    }
-}
-
-fn expand(dot: Dot, p: PayloadWire) -> Field {
-    let own = dot.replica;
-    let set = |value: Value, dots: Dots, retired: Vec<Dot>, with_own: bool| {
-        let mut ctx = CausalContext::default();
-        for d in retired {
-            ctx.insert(d);
-        }
-        if with_own {
-            ctx.insert(dot);
-        }
-        let mut e = Entries::default();
-        e.insert(value, dots);
-        Field::Set(OrSet::from_parts(e, ctx))
-    };
-    match p {
-        PayloadWire::Full(f) => f,
-        PayloadWire::Count(n) => Field::Counter(GCounter::default().increment(own, n)),
-        PayloadWire::PnUp(n) => Field::PnCounter(PnCounter::default().increment(own, n)),
-        PayloadWire::PnDown(n) => Field::PnCounter(PnCounter::default().decrement(own, n)),
-        PayloadWire::Write { millis, counter, value } => {
-            Field::Register(LwwRegister::default().set(Timestamp { millis, counter, replica: own }, value))
-        }
-        PayloadWire::Add { value, retired } => set(value, Dots::One(dot), retired, true),
-        PayloadWire::Remove { value, retired } => set(value, Dots::Many(Vec::new()), retired, false),
-    }
-}
-
-impl Deltas {
-    fn to_wire(&self) -> DeltasWire {
-        let mut replicas: Vec<ReplicaId> = Vec::new();
-        let mut last: Vec<u64> = Vec::new();
-        let mut items = Vec::with_capacity(self.deltas.len());
-        for d in &self.deltas {
-            let idx = match replicas.iter().position(|r| *r == d.dot.replica) {
-                Some(i) => i,
-                None => {
-                    replicas.push(d.dot.replica);
-                    last.push(0);
-                    replicas.len() - 1
-                }
-            };
-            let seq_gap = d.dot.seq.wrapping_sub(last[idx]);
-            last[idx] = d.dot.seq;
-            items.push(DeltaWire { replica: idx as u32, seq_gap, key: d.key.clone(), payload: compact(d) });
-        }
-        DeltasWire { doc: self.doc.clone(), replicas, items }
-    }
-
-    fn from_wire(w: DeltasWire) -> Result<Deltas, &'static str> {
-        let mut last = vec![0u64; w.replicas.len()];
-        let mut deltas = Vec::with_capacity(w.items.len());
-        for it in w.items {
-            let i = it.replica as usize;
-            let replica = *w.replicas.get(i).ok_or("replica index out of range")?;
-            let seq = last[i].wrapping_add(it.seq_gap);
-            last[i] = seq;
-            let dot = Dot::new(replica, seq);
-            deltas.push(Delta { dot, key: it.key, payload: expand(dot, it.payload) });
-        }
-        Ok(Deltas { doc: w.doc, deltas })
-    }
-}
-
 fn body<T: Serialize>(tag: u8, v: &T) -> Vec<u8> {
     match postcard::to_extend(v, vec![tag]) {
         Ok(b) => b,
@@ -501,7 +348,11 @@ impl Msg {
         match self {
             Msg::Hello(m) => body(t, m),
             Msg::Subscribe(m) => body(t, m),
-            Msg::Deltas(m) => body(t, &m.to_wire()),
+            Msg::Deltas(m) => {
+                let mut out = vec![t];
+                super::batch::encode(m, &mut out);
+                out
+            }
             Msg::Synced(m) => body(t, m),
             Msg::Ack(m) => body(t, m),
             Msg::Unsubscribe(m) => body(t, m),
@@ -524,7 +375,7 @@ impl Msg {
             tag::HELLO => Msg::Hello(parse(t, rest)?),
             tag::SUBSCRIBE => Msg::Subscribe(parse(t, rest)?),
             tag::DELTAS => Msg::Deltas(
-                Deltas::from_wire(parse(t, rest)?)
+                super::batch::decode(rest)
                     .map_err(|r| FrameError::Malformed { tag: t, reason: r.to_string() })?,
             ),
             tag::SYNCED => Msg::Synced(parse(t, rest)?),

@@ -970,8 +970,25 @@ fn start_transfer(doc: &mut Document, doc_id: &str, exchange: u64, cfg: &Session
     vec![Msg::MerkleStart(start(children, 0, doc))]
 }
 
+/// [`split`] for deltas, without cloning them to measure: a batch that fits (the usual
+/// case) is encoded once to check and moved into its message.
 fn chunk_deltas(doc_id: &str, deltas: Vec<Delta>, max: usize) -> Vec<Msg> {
-    split(deltas, max, &|d| Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas: d }))
+    if deltas.is_empty() {
+        return Vec::new();
+    }
+    let msg = Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas });
+    if msg.encode().len() <= max {
+        return vec![msg];
+    }
+    let Msg::Deltas(Deltas { deltas, .. }) = msg else { unreachable!("built as Deltas above") };
+    if deltas.len() == 1 {
+        return vec![Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas })];
+    }
+    let mut left = deltas;
+    let right = left.split_off(left.len() / 2);
+    let mut out = chunk_deltas(doc_id, left, max);
+    out.extend(chunk_deltas(doc_id, right, max));
+    out
 }
 
 /// Builds messages from `items`, halving groups until each frame fits in `max` bytes

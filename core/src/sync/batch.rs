@@ -1,0 +1,460 @@
+//! The compact body of a [`Deltas`] message (protocol 2).
+//!
+//! A batch of deltas is mostly keys, dots and small payloads, so the body is written by
+//! hand instead of through serde, and nothing is said twice:
+//!
+//! ```text
+//! body    = doc:str  replicas:n*varint  keys:n*key  items:n*item
+//! key     = varint(shared << 4 | min(suffix_len, 15)) [varint(suffix_len - 15)] suffix
+//! item    = head:u8 [replica_idx:varint seq_gap:varint] key_idx:varint payload
+//! head    = kind (bits 0-2) | NEXT_DOT (bit 3) | SHORT (bit 4)
+//! ```
+//!
+//! - **Replica table**: each replica id once; items name it by index.
+//! - **Key table**: the distinct keys sorted and front-coded (each key stores only what
+//!   differs from the previous one, as SSTable blocks do — O'Neil et al., "The
+//!   Log-Structured Merge-Tree", and LevelDB's block format); items name a key by index,
+//!   so a key written a hundred times in one batch costs its bytes once.
+//! - **Dots**: `NEXT_DOT` means "the previous item's replica, next sequence number", the
+//!   usual case for one replica's consecutive writes; otherwise the replica index and the
+//!   gap from that replica's previous sequence number follow.
+//! - **Payloads** relative to the dot: a counter increment is its new total; a register
+//!   write is the gap (zig-zag) from the batch's previous write time plus the HLC counter
+//!   (`SHORT`: counter 0, omitted) and the value; a set add/remove is the element and the
+//!   dots it retires (`SHORT`: none). Anything else is the whole field (postcard).
+//!
+//! Values and whole fields inside use postcard, whose decoder bounds nesting depth.
+//! Decoding never panics and never allocates more than a small multiple of the input: a
+//! front-coded key may share at most [`MAX_SHARED`] bytes with its predecessor.
+
+use super::msg::Deltas;
+use crate::document::{Delta, Field};
+use crate::hlc::Timestamp;
+use crate::id::{Dot, ReplicaId};
+use crate::lww::LwwRegister;
+use crate::orset::{Dots, Entries, OrSet};
+use crate::value::Value;
+use crate::vv::CausalContext;
+use crate::{Crdt, GCounter, PnCounter};
+
+/// Longest prefix a key may share with the previous key of the table.
+const MAX_SHARED: usize = 63;
+
+const KIND_FULL: u8 = 0;
+const KIND_COUNT: u8 = 1;
+const KIND_PN_UP: u8 = 2;
+const KIND_PN_DOWN: u8 = 3;
+const KIND_WRITE: u8 = 4;
+const KIND_ADD: u8 = 5;
+const KIND_REMOVE: u8 = 6;
+const KIND_MASK: u8 = 0b111;
+/// The item's dot is the previous item's replica with the next sequence number.
+const NEXT_DOT: u8 = 1 << 3;
+/// Register write with HLC counter 0, or a set add/remove that retires no other dot.
+const SHORT: u8 = 1 << 4;
+
+/// A delta's payload, written relative to its dot.
+enum Payload {
+    /// Any field, written out in full.
+    Full(Field),
+    /// G-Counter delta of the dot's own replica: its new total.
+    Count(u64),
+    /// PN-Counter delta of the dot's own replica: new P total (N absent).
+    PnUp(u64),
+    /// PN-Counter delta of the dot's own replica: new N total (P absent).
+    PnDown(u64),
+    /// Register write stamped by the dot's own replica.
+    Write { millis: u64, counter: u32, value: Value },
+    /// Set add with the dot's own dot, retiring `retired` (the element's old dots).
+    Add { value: Value, retired: Vec<Dot> },
+    /// Set remove retiring `retired`.
+    Remove { value: Value, retired: Vec<Dot> },
+}
+
+/// A single-replica G-Counter holding `n` for `own`.
+fn only(c: &GCounter, own: ReplicaId) -> Option<u64> {
+    let n = c.get(own);
+    (n > 0 && c.value() == n).then_some(n)
+}
+
+fn compact(d: &Delta) -> Payload {
+    let own = d.dot.replica;
+    let full = || Payload::Full(d.payload.clone());
+    match &d.payload {
+        Field::Counter(c) => only(c, own).map_or_else(full, Payload::Count),
+        Field::PnCounter(c) => {
+            let (p, n) = c.parts();
+            match (only(p, own), only(n, own)) {
+                (Some(up), None) if n.value() == 0 => Payload::PnUp(up),
+                (None, Some(down)) if p.value() == 0 => Payload::PnDown(down),
+                _ => full(),
+            }
+        }
+        Field::Register(r) => match (r.timestamp(), r.get()) {
+            (Some(ts), Some(v)) if ts.replica == own => {
+                Payload::Write { millis: ts.millis, counter: ts.counter, value: v.clone() }
+            }
+            _ => full(),
+        },
+        Field::Set(s) if s.entries().len() == 1 && s.context().vv.total() <= 64 => {
+            let Some((value, dots)) = s.entries().iter().next() else { return full() };
+            let ctx = s.context();
+            let retired: Vec<Dot> = ctx
+                .vv
+                .iter()
+                .flat_map(|(r, n)| (1..=n).map(move |q| Dot::new(r, q)))
+                .chain(ctx.cloud.iter().copied())
+                .filter(|x| *x != d.dot)
+                .collect();
+            match dots {
+                Dots::One(x) if *x == d.dot && ctx.contains(d.dot) => {
+                    Payload::Add { value: value.clone(), retired }
+                }
+                Dots::Many(v) if v.is_empty() && !ctx.contains(d.dot) => {
+                    Payload::Remove { value: value.clone(), retired }
+                }
+                _ => full(),
+            }
+        }
+        _ => full(),
+    }
+}
+
+fn expand(dot: Dot, p: Payload) -> Field {
+    let own = dot.replica;
+    let set = |value: Value, dots: Dots, retired: Vec<Dot>, with_own: bool| {
+        let mut ctx = CausalContext::default();
+        for d in retired {
+            ctx.insert(d);
+        }
+        if with_own {
+            ctx.insert(dot);
+        }
+        let mut e = Entries::default();
+        e.insert(value, dots);
+        Field::Set(OrSet::from_parts(e, ctx))
+    };
+    match p {
+        Payload::Full(f) => f,
+        Payload::Count(n) => Field::Counter(GCounter::default().increment(own, n)),
+        Payload::PnUp(n) => Field::PnCounter(PnCounter::default().increment(own, n)),
+        Payload::PnDown(n) => Field::PnCounter(PnCounter::default().decrement(own, n)),
+        Payload::Write { millis, counter, value } => {
+            Field::Register(LwwRegister::default().set(Timestamp { millis, counter, replica: own }, value))
+        }
+        Payload::Add { value, retired } => set(value, Dots::One(dot), retired, true),
+        Payload::Remove { value, retired } => set(value, Dots::Many(Vec::new()), retired, false),
+    }
+}
+
+// ---- writing ----
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+    varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    (v >> 1) as i64 ^ -((v & 1) as i64)
+}
+
+fn postcard<T: serde::Serialize>(out: &mut Vec<u8>, v: &T) {
+    let buf = std::mem::take(out);
+    *out = match postcard::to_extend(v, buf) {
+        Ok(b) => b,
+        Err(e) => unreachable!("encoding into a Vec failed: {e}"),
+    };
+}
+
+fn dots(out: &mut Vec<u8>, ds: &[Dot]) {
+    varint(out, ds.len() as u64);
+    for d in ds {
+        varint(out, d.replica.0);
+        varint(out, d.seq);
+    }
+}
+
+/// Appends the body of `m` (everything after the tag byte) to `out`.
+pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
+    bytes(out, m.doc.as_bytes());
+
+    let mut replicas: Vec<ReplicaId> = Vec::new();
+    for d in &m.deltas {
+        if !replicas.contains(&d.dot.replica) {
+            replicas.push(d.dot.replica);
+        }
+    }
+    varint(out, replicas.len() as u64);
+    for r in &replicas {
+        varint(out, r.0);
+    }
+
+    let mut keys: Vec<&str> = m.deltas.iter().map(|d| d.key.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    varint(out, keys.len() as u64);
+    let mut prev: &[u8] = &[];
+    for k in &keys {
+        let k = k.as_bytes();
+        let shared = prev.iter().zip(k).take_while(|(a, b)| a == b).count().min(MAX_SHARED);
+        let suffix = &k[shared..];
+        varint(out, (shared as u64) << 4 | suffix.len().min(15) as u64);
+        if suffix.len() >= 15 {
+            varint(out, (suffix.len() - 15) as u64);
+        }
+        out.extend_from_slice(suffix);
+        prev = k;
+    }
+
+    varint(out, m.deltas.len() as u64);
+    let mut last_seq = vec![0u64; replicas.len()];
+    let mut cur = 0usize;
+    let mut millis = 0u64;
+    for d in &m.deltas {
+        let r = replicas.iter().position(|x| *x == d.dot.replica).unwrap_or(0);
+        let gap = d.dot.seq.wrapping_sub(last_seq[r]);
+        last_seq[r] = d.dot.seq;
+        let next = r == cur && gap == 1;
+        cur = r;
+        let payload = compact(d);
+        let (kind, short) = match &payload {
+            Payload::Full(_) => (KIND_FULL, false),
+            Payload::Count(_) => (KIND_COUNT, false),
+            Payload::PnUp(_) => (KIND_PN_UP, false),
+            Payload::PnDown(_) => (KIND_PN_DOWN, false),
+            Payload::Write { counter, .. } => (KIND_WRITE, *counter == 0),
+            Payload::Add { retired, .. } => (KIND_ADD, retired.is_empty()),
+            Payload::Remove { retired, .. } => (KIND_REMOVE, retired.is_empty()),
+        };
+        out.push(kind | if next { NEXT_DOT } else { 0 } | if short { SHORT } else { 0 });
+        if !next {
+            varint(out, r as u64);
+            varint(out, gap);
+        }
+        varint(out, keys.binary_search(&d.key.as_str()).unwrap_or(0) as u64);
+        match payload {
+            Payload::Full(f) => postcard(out, &f),
+            Payload::Count(n) | Payload::PnUp(n) | Payload::PnDown(n) => varint(out, n),
+            Payload::Write { millis: ms, counter, value } => {
+                varint(out, zigzag(ms.wrapping_sub(millis) as i64));
+                millis = ms;
+                if counter != 0 {
+                    varint(out, counter.into());
+                }
+                postcard(out, &value);
+            }
+            Payload::Add { value, retired } | Payload::Remove { value, retired } => {
+                postcard(out, &value);
+                if !retired.is_empty() {
+                    dots(out, &retired);
+                }
+            }
+        }
+    }
+}
+
+// ---- reading ----
+
+/// A bounds-checked cursor over untrusted bytes.
+struct Reader<'a>(&'a [u8]);
+
+type R<T> = Result<T, &'static str>;
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> R<u8> {
+        let (&b, rest) = self.0.split_first().ok_or("truncated")?;
+        self.0 = rest;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> R<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            if shift == 63 && b > 1 {
+                return Err("varint overflows 64 bits");
+            }
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint overflows 64 bits")
+    }
+
+    fn take(&mut self, n: u64) -> R<&'a [u8]> {
+        let n = usize::try_from(n).map_err(|_| "length out of range")?;
+        if n > self.0.len() {
+            return Err("truncated");
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+
+    /// A count of items each at least one byte long: never more than the bytes left, so a
+    /// forged count cannot make us reserve memory.
+    fn count(&mut self) -> R<usize> {
+        let n = self.varint()?;
+        usize::try_from(n).ok().filter(|n| *n <= self.0.len()).ok_or("count exceeds the frame")
+    }
+
+    fn postcard<T: serde::de::DeserializeOwned>(&mut self) -> R<T> {
+        let (v, rest) = postcard::take_from_bytes(self.0).map_err(|_| "malformed value")?;
+        self.0 = rest;
+        Ok(v)
+    }
+
+    fn dots(&mut self) -> R<Vec<Dot>> {
+        let n = self.count()?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(Dot::new(ReplicaId(self.varint()?), self.varint()?));
+        }
+        Ok(v)
+    }
+}
+
+/// Decodes a body written by [`encode`].
+pub(super) fn decode(body: &[u8]) -> R<Deltas> {
+    let mut r = Reader(body);
+    let len = r.varint()?;
+    let doc = std::str::from_utf8(r.take(len)?).map_err(|_| "document id is not UTF-8")?.to_owned();
+
+    let n = r.count()?;
+    let mut replicas = Vec::with_capacity(n);
+    for _ in 0..n {
+        replicas.push(ReplicaId(r.varint()?));
+    }
+
+    let n = r.count()?;
+    let mut keys: Vec<String> = Vec::with_capacity(n);
+    let mut prev: Vec<u8> = Vec::new();
+    for _ in 0..n {
+        let h = r.varint()?;
+        let shared = usize::try_from(h >> 4).map_err(|_| "key prefix too long")?;
+        if shared > MAX_SHARED || shared > prev.len() {
+            return Err("key prefix out of range");
+        }
+        let mut len = h & 15;
+        if len == 15 {
+            len = len.checked_add(r.varint()?).ok_or("key too long")?;
+        }
+        prev.truncate(shared);
+        prev.extend_from_slice(r.take(len)?);
+        keys.push(String::from_utf8(prev.clone()).map_err(|_| "key is not UTF-8")?);
+    }
+
+    let n = r.count()?;
+    let mut deltas = Vec::with_capacity(n);
+    let mut last_seq = vec![0u64; replicas.len()];
+    let mut cur = 0usize;
+    let mut millis = 0u64;
+    for _ in 0..n {
+        let head = r.byte()?;
+        if head & !(KIND_MASK | NEXT_DOT | SHORT) != 0 {
+            return Err("unknown delta flags");
+        }
+        let short = head & SHORT != 0;
+        let (idx, gap) = if head & NEXT_DOT != 0 { (cur, 1) } else { (r.varint()? as usize, r.varint()?) };
+        let seq = last_seq.get(idx).ok_or("replica index out of range")?.wrapping_add(gap);
+        last_seq[idx] = seq;
+        cur = idx;
+        let dot = Dot::new(replicas[idx], seq);
+        let key = keys.get(r.varint()? as usize).ok_or("key index out of range")?.clone();
+        let payload = match head & KIND_MASK {
+            KIND_FULL if !short => Payload::Full(r.postcard()?),
+            KIND_COUNT if !short => Payload::Count(r.varint()?),
+            KIND_PN_UP if !short => Payload::PnUp(r.varint()?),
+            KIND_PN_DOWN if !short => Payload::PnDown(r.varint()?),
+            KIND_WRITE => {
+                millis = millis.wrapping_add(unzigzag(r.varint()?) as u64);
+                let counter = if short {
+                    0
+                } else {
+                    u32::try_from(r.varint()?).map_err(|_| "HLC counter too large")?
+                };
+                Payload::Write { millis, counter, value: r.postcard()? }
+            }
+            k @ (KIND_ADD | KIND_REMOVE) => {
+                let value = r.postcard()?;
+                let retired = if short { Vec::new() } else { r.dots()? };
+                if k == KIND_ADD {
+                    Payload::Add { value, retired }
+                } else {
+                    Payload::Remove { value, retired }
+                }
+            }
+            _ => return Err("unknown delta kind"),
+        };
+        deltas.push(Delta { dot, key, payload: expand(dot, payload) });
+    }
+    if !r.0.is_empty() {
+        return Err("trailing bytes");
+    }
+    Ok(Deltas { doc, deltas })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_and_zigzag_round_trip_at_the_edges() {
+        for v in [0, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX - 1, u64::MAX] {
+            let mut out = Vec::new();
+            varint(&mut out, v);
+            assert_eq!(Reader(&out).varint(), Ok(v));
+        }
+        for v in [0, 1, -1, 63, -64, i64::MAX, i64::MIN] {
+            assert_eq!(unzigzag(zigzag(v)), v);
+        }
+        // An 11th byte or a 10th byte above 1 overflows.
+        assert!(Reader(&[0xff; 10]).varint().is_err());
+        assert!(Reader(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]).varint().is_err());
+    }
+
+    #[test]
+    fn keys_are_front_coded_and_stored_once() {
+        let mut doc = crate::Document::new(ReplicaId(9));
+        let mut deltas = Vec::new();
+        for i in 0..20 {
+            deltas.push(doc.increment(&format!("counter/{:03}", i % 4), 1).unwrap());
+        }
+        let m = Deltas { doc: "d".into(), deltas };
+        let mut out = Vec::new();
+        encode(&m, &mut out);
+        // doc "d" (2) + replica table (2) + key table: count (1), "counter/000" in full
+        // (1 + 11), three keys sharing 10 bytes (2-byte header + 1 byte each)
+        // + item count (1) + 20 items, each the next dot of replica 0 (the first is seq 1):
+        // head, key index, total = 3 bytes.
+        let expected = 2 + 2 + (1 + 12 + 3 * 3) + 1 + 20 * 3;
+        assert_eq!(out.len(), expected);
+        assert_eq!(decode(&out), Ok(m));
+    }
+
+    #[test]
+    fn a_key_sharing_too_long_a_prefix_is_rejected() {
+        // doc "", no replicas, 2 keys: 64 x 'a', then one sharing 64 bytes.
+        let mut body = vec![0, 0, 2];
+        varint(&mut body, 15);
+        varint(&mut body, 64 - 15);
+        body.extend([b'a'; 64]);
+        varint(&mut body, 64 << 4 | 1);
+        body.push(b'b');
+        body.push(0);
+        assert_eq!(decode(&body), Err("key prefix out of range"));
+    }
+}
