@@ -279,25 +279,60 @@ impl Slot {
     }
 }
 
-/// The delta log: recent deltas by dot, evicted oldest first.
+/// The delta log: recent deltas, evicted oldest first.
+///
+/// Each replica's deltas are applied in sequence order, so they sit in one queue per
+/// replica, ascending: appending is a push, answering "since sequence n" a binary search,
+/// evicting the oldest a pop. `order` says whose delta each entry was, oldest first.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct DeltaLog {
-    by_dot: BTreeMap<Dot, Delta>,
-    order: VecDeque<Dot>,
+    by_replica: BTreeMap<ReplicaId, VecDeque<Delta>>,
+    order: VecDeque<ReplicaId>,
     /// Per replica, the highest sequence the log can no longer serve.
     floor: VersionVector,
 }
 
 impl DeltaLog {
     fn push(&mut self, d: Delta, capacity: usize) {
-        self.order.push_back(d.dot);
-        self.by_dot.insert(d.dot, d);
+        let r = d.dot.replica;
+        let q = self.by_replica.entry(r).or_default();
+        if q.back().is_some_and(|last| last.dot.seq >= d.dot.seq) {
+            return; // only a corrupt stored log could get here: keep each queue ascending
+        }
+        q.push_back(d);
+        self.order.push_back(r);
         while self.order.len() > capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.by_dot.remove(&old);
-                self.floor.raise(old.replica, old.seq);
+            let Some(old) = self.order.pop_front() else { break };
+            let Some(q) = self.by_replica.get_mut(&old) else { continue };
+            if let Some(x) = q.pop_front() {
+                self.floor.raise(old, x.dot.seq);
+            }
+            if q.is_empty() {
+                self.by_replica.remove(&old);
             }
         }
+    }
+
+    /// The logged deltas of `r` with a sequence in `from + 1..=to`, ascending.
+    fn range(&self, r: ReplicaId, from: u64, to: u64) -> impl Iterator<Item = &Delta> {
+        self.by_replica.get(&r).into_iter().flat_map(move |q| {
+            let start = q.partition_point(|d| d.dot.seq <= from);
+            q.range(start..).take_while(move |d| d.dot.seq <= to)
+        })
+    }
+
+    /// Every logged delta, oldest first.
+    fn in_order(&self) -> Vec<Delta> {
+        let mut next: BTreeMap<ReplicaId, usize> = BTreeMap::new();
+        let mut out = Vec::with_capacity(self.order.len());
+        for r in &self.order {
+            let i = next.entry(*r).or_default();
+            if let Some(d) = self.by_replica.get(r).and_then(|q| q.get(*i)) {
+                out.push(d.clone());
+            }
+            *i += 1;
+        }
+        out
     }
 }
 
@@ -678,7 +713,7 @@ impl Document {
             if have < self.log.floor.get(r) {
                 return None;
             }
-            out.extend(self.log.by_dot.range(Dot::new(r, have + 1)..=Dot::new(r, top)).map(|(_, d)| d));
+            out.extend(self.log.range(r, have, top));
         }
         Some(out)
     }
@@ -703,7 +738,7 @@ impl Document {
                 return None;
             }
             let mut n = 0;
-            for (_, d) in self.log.by_dot.range(Dot::new(r, from + 1)..=Dot::new(r, top)) {
+            for d in self.log.range(r, from, top) {
                 out.insert(FieldKey::new(&d.key).hash);
                 n += 1;
             }
@@ -903,7 +938,7 @@ impl Document {
             fields: self.all_fields(),
             vv: self.vv.clone(),
             ctx: self.ctx.clone(),
-            log: self.log.order.iter().filter_map(|d| self.log.by_dot.get(d).cloned()).collect(),
+            log: self.log.in_order(),
             log_floor: self.log.floor.clone(),
             pending: self.pending.values().cloned().collect(),
         };
