@@ -6,8 +6,8 @@
 //! ```text
 //! body    = doc:str  replicas:n*varint  keys:n*key  items:n*item
 //! key     = varint(shared << 4 | min(suffix_len, 15)) [varint(suffix_len - 15)] suffix
-//! item    = head:u8 [replica_idx:varint seq_gap:varint] key_idx:varint payload
-//! head    = kind (bits 0-2) | NEXT_DOT (bit 3) | SHORT (bit 4)
+//! item    = head:u8 [replica_idx:varint seq_gap:varint] key_idx:varint [extra:varint] payload
+//! head    = kind (bits 0-2) | NEXT_DOT (bit 3) | SHORT (bit 4) | RUN (bit 5)
 //! ```
 //!
 //! - **Replica table**: each replica id once; items name it by index.
@@ -22,6 +22,15 @@
 //!   write is the gap (zig-zag) from the batch's previous write time plus the HLC counter
 //!   (`SHORT`: counter 0, omitted) and the value; a set add/remove is the element and the
 //!   dots it retires (`SHORT`: none). Anything else is the whole field (postcard).
+//! - **Runs**: consecutive deltas of one replica to one counter or register (a user
+//!   clicking "+1" a thousand times) are one item with `RUN` and `extra` more dots. Each
+//!   write of a counter or register by its own replica supersedes the previous one (a
+//!   counter delta is the replica's new total; a later write has a later clock), so every
+//!   dot of the run is sent with the last one's payload: the receiver applies, logs and
+//!   forwards each dot as usual and ends in the same state. This is the delta-interval
+//!   join of Almeida et al., "Delta State Replicated Data Types" (2018), §5, applied to
+//!   one key; sets are never joined this way (their deltas carry causal context). A
+//!   batch expands to at most [`MAX_BATCH_DOTS`] dots when it uses runs.
 //!
 //! Values and whole fields inside use postcard, whose decoder bounds nesting depth.
 //! Decoding never panics and never allocates more than a small multiple of the input: a
@@ -40,6 +49,10 @@ use crate::{Crdt, GCounter, PnCounter};
 /// Longest prefix a key may share with the previous key of the table.
 const MAX_SHARED: usize = 63;
 
+/// Most deltas in one batch that may use runs, so a small frame cannot make the receiver
+/// build an unbounded number of deltas (a batch without runs spends bytes on every delta).
+pub(crate) const MAX_BATCH_DOTS: usize = 4096;
+
 const KIND_FULL: u8 = 0;
 const KIND_COUNT: u8 = 1;
 const KIND_PN_UP: u8 = 2;
@@ -52,6 +65,8 @@ const KIND_MASK: u8 = 0b111;
 const NEXT_DOT: u8 = 1 << 3;
 /// Register write with HLC counter 0, or a set add/remove that retires no other dot.
 const SHORT: u8 = 1 << 4;
+/// The item stands for a run of dots (a count of extra dots follows the key index).
+const RUN: u8 = 1 << 5;
 
 /// A delta's payload, written relative to its dot.
 enum Payload {
@@ -75,6 +90,34 @@ enum Payload {
 fn only(c: &GCounter, own: ReplicaId) -> Option<u64> {
     let n = c.get(own);
     (n > 0 && c.value() == n).then_some(n)
+}
+
+/// The kind of a delta that a later delta of the same replica and key supersedes, if any.
+fn run_kind(d: &Delta) -> Option<u8> {
+    let own = d.dot.replica;
+    match &d.payload {
+        Field::Counter(c) => only(c, own).map(|_| KIND_COUNT),
+        Field::PnCounter(c) => {
+            let (p, n) = c.parts();
+            match (only(p, own), only(n, own)) {
+                (Some(_), None) if n.value() == 0 => Some(KIND_PN_UP),
+                (None, Some(_)) if p.value() == 0 => Some(KIND_PN_DOWN),
+                _ => None,
+            }
+        }
+        Field::Register(r) => r.timestamp().filter(|ts| ts.replica == own).map(|_| KIND_WRITE),
+        Field::Set(_) => None,
+    }
+}
+
+/// Whether `b` continues a run that `a` is in: same replica, next dot, same key, and a
+/// kind that supersedes.
+fn continues(a: &Delta, b: &Delta) -> bool {
+    b.dot.replica == a.dot.replica
+        && Some(b.dot.seq) == a.dot.seq.checked_add(1)
+        && b.key == a.key
+        && run_kind(b).is_some()
+        && run_kind(a) == run_kind(b)
 }
 
 fn compact(d: &Delta) -> Payload {
@@ -218,13 +261,29 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
         prev = k;
     }
 
-    varint(out, m.deltas.len() as u64);
+    // Items: runs of superseding deltas become one item (when the batch is small enough).
+    let ds = &m.deltas;
+    let mut items: Vec<(usize, usize)> = Vec::with_capacity(ds.len());
+    let mut i = 0;
+    while i < ds.len() {
+        let mut j = i + 1;
+        if ds.len() <= MAX_BATCH_DOTS {
+            while j < ds.len() && continues(&ds[j - 1], &ds[j]) {
+                j += 1;
+            }
+        }
+        items.push((i, j - i));
+        i = j;
+    }
+
+    varint(out, items.len() as u64);
     let mut last_seq = vec![0u64; replicas.len()];
     let mut cur = 0usize;
     let mut millis = 0u64;
-    for d in &m.deltas {
+    for (first, len) in items {
+        let d = &ds[first + len - 1];
         let r = replicas.iter().position(|x| *x == d.dot.replica).unwrap_or(0);
-        let gap = d.dot.seq.wrapping_sub(last_seq[r]);
+        let gap = ds[first].dot.seq.wrapping_sub(last_seq[r]);
         last_seq[r] = d.dot.seq;
         let next = r == cur && gap == 1;
         cur = r;
@@ -238,12 +297,17 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
             Payload::Add { retired, .. } => (KIND_ADD, retired.is_empty()),
             Payload::Remove { retired, .. } => (KIND_REMOVE, retired.is_empty()),
         };
-        out.push(kind | if next { NEXT_DOT } else { 0 } | if short { SHORT } else { 0 });
+        let flags =
+            if next { NEXT_DOT } else { 0 } | if short { SHORT } else { 0 } | if len > 1 { RUN } else { 0 };
+        out.push(kind | flags);
         if !next {
             varint(out, r as u64);
             varint(out, gap);
         }
         varint(out, keys.binary_search(&d.key.as_str()).unwrap_or(0) as u64);
+        if len > 1 {
+            varint(out, (len - 1) as u64);
+        }
         match payload {
             Payload::Full(f) => postcard(out, &f),
             Payload::Count(n) | Payload::PnUp(n) | Payload::PnDown(n) => varint(out, n),
@@ -359,22 +423,32 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
 
     let n = r.count()?;
     let mut deltas = Vec::with_capacity(n);
+    let max_dots = MAX_BATCH_DOTS.max(body.len());
     let mut last_seq = vec![0u64; replicas.len()];
     let mut cur = 0usize;
     let mut millis = 0u64;
     for _ in 0..n {
         let head = r.byte()?;
-        if head & !(KIND_MASK | NEXT_DOT | SHORT) != 0 {
+        if head & !(KIND_MASK | NEXT_DOT | SHORT | RUN) != 0 {
             return Err("unknown delta flags");
         }
         let short = head & SHORT != 0;
         let (idx, gap) = if head & NEXT_DOT != 0 { (cur, 1) } else { (r.varint()? as usize, r.varint()?) };
         let seq = last_seq.get(idx).ok_or("replica index out of range")?.wrapping_add(gap);
-        last_seq[idx] = seq;
+        let key = keys.get(r.varint()? as usize).ok_or("key index out of range")?;
+        let extra = if head & RUN != 0 { r.varint()? } else { 0 };
+        let last = seq.checked_add(extra).ok_or("run passes the last sequence number")?;
+        let run = usize::try_from(extra).ok().and_then(|e| e.checked_add(1)).unwrap_or(usize::MAX);
+        if run > max_dots - deltas.len().min(max_dots) {
+            return Err("batch expands to too many deltas");
+        }
+        last_seq[idx] = last;
         cur = idx;
-        let dot = Dot::new(replicas[idx], seq);
-        let key = keys.get(r.varint()? as usize).ok_or("key index out of range")?.clone();
-        let payload = match head & KIND_MASK {
+        let kind = head & KIND_MASK;
+        if extra > 0 && !matches!(kind, KIND_COUNT | KIND_PN_UP | KIND_PN_DOWN | KIND_WRITE) {
+            return Err("only counter and register writes form runs");
+        }
+        let payload = match kind {
             KIND_FULL if !short => Payload::Full(r.postcard()?),
             KIND_COUNT if !short => Payload::Count(r.varint()?),
             KIND_PN_UP if !short => Payload::PnUp(r.varint()?),
@@ -399,7 +473,12 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
             }
             _ => return Err("unknown delta kind"),
         };
-        deltas.push(Delta { dot, key, payload: expand(dot, payload) });
+        // Every dot of a run carries the run's last payload (see the module docs).
+        let field = expand(Dot::new(replicas[idx], last), payload);
+        for q in seq..last {
+            deltas.push(Delta { dot: Dot::new(replicas[idx], q), key: key.clone(), payload: field.clone() });
+        }
+        deltas.push(Delta { dot: Dot::new(replicas[idx], last), key: key.clone(), payload: field });
     }
     if !r.0.is_empty() {
         return Err("trailing bytes");

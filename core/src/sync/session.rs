@@ -971,10 +971,22 @@ fn start_transfer(doc: &mut Document, doc_id: &str, exchange: u64, cfg: &Session
 }
 
 /// [`split`] for deltas, without cloning them to measure: a batch that fits (the usual
-/// case) is encoded once to check and moved into its message.
+/// case) is encoded once to check and moved into its message. Batches hold at most
+/// `MAX_BATCH_DOTS` deltas, so runs of superseding writes always travel as runs.
 fn chunk_deltas(doc_id: &str, deltas: Vec<Delta>, max: usize) -> Vec<Msg> {
     if deltas.is_empty() {
         return Vec::new();
+    }
+    // Batches small enough to join runs of superseding writes (see `batch`).
+    if deltas.len() > super::batch::MAX_BATCH_DOTS {
+        let mut out = Vec::new();
+        let mut rest = deltas;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(super::batch::MAX_BATCH_DOTS));
+            out.extend(chunk_deltas(doc_id, rest, max));
+            rest = tail;
+        }
+        return out;
     }
     let msg = Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas });
     if msg.encode().len() <= max {
