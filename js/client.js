@@ -1,6 +1,11 @@
 // The public API of `concord-sync` (see DESIGN.md, "JavaScript API"): `Client`, `Doc`
-// and one small accessor class per CRDT, over the wasm shim (`Replica`, `DocHandle`).
-// Only API shape lives here; every decision is made in Rust.
+// and one small accessor class per CRDT, over the wasm replica (`Replica`, `DocHandle`).
+//
+// The replica is sans-IO: every data decision (what to send, what to apply, when a
+// document is synced) is made in Rust. This file moves bytes and keeps time: the relay
+// WebSocket (failover, backoff, liveness), the BroadcastChannel to the other tabs, and
+// IndexedDB. They are written here rather than with web-sys because each DOM call costs
+// one line of JS, where from Rust it costs wasm code plus generated glue.
 import { Replica } from "./concord_wasm.js";
 
 let loader = null;
@@ -14,6 +19,24 @@ export function setLoader(fn) {
 function ready() {
   return (loaded ??= loader());
 }
+
+/** Minimum time between two snapshots of a document. */
+const SNAPSHOT_MS = 1000;
+/** Period of the session tick. */
+const TICK_MS = 1000;
+/** A connection that has not said hello after this long is given up. */
+const CONNECT_TIMEOUT_MS = 10_000;
+/** An online connection silent for this long (while subscribed) is presumed dead. */
+const SILENCE_MS = 75_000;
+
+/** Delay before reconnect attempt `attempt` (0-based): 250 ms doubling up to 30 s, with
+ * "equal jitter" (half fixed, half random) so a fleet of tabs does not reconnect in step. */
+export function backoff(attempt, random) {
+  const cap = Math.min(250 * 2 ** Math.min(attempt, 16), 30_000);
+  return cap / 2 + (cap / 2) * random;
+}
+
+const closedError = () => new Error("this client is closed; call Client.connect() again");
 
 // A listener that throws must not break the caller or the other listeners; rethrow it
 // where it will be reported (an uncaught error in its own task).
@@ -38,8 +61,108 @@ function listeners() {
     emit(arg) {
       for (const fn of [...set]) safeCall(fn, arg);
     },
+    clear() {
+      set.clear();
+    },
   };
 }
+
+// ---- options ----
+
+function parseOptions(o) {
+  const t = (msg) => new TypeError(`options.${msg}`);
+  const urls = o.urls ?? [];
+  if (!Array.isArray(urls)) throw t("urls must be an array of ws:// or wss:// URLs");
+  for (const u of urls) {
+    if (typeof u !== "string" || !/^wss?:\/\//.test(u)) throw t("urls must hold ws:// or wss:// URL strings");
+  }
+  if (o.token != null && typeof o.token !== "string") throw t("token must be a string");
+  if (o.persist !== undefined && typeof o.persist !== "boolean") throw t("persist must be a boolean");
+  const webSocket = o.webSocket ?? globalThis.WebSocket;
+  if (typeof webSocket !== "function" && urls.length) {
+    throw new TypeError(
+      'this runtime has no WebSocket: pass options.webSocket (in Node: `import WebSocket from "ws"`)',
+    );
+  }
+  const b = o.broadcast;
+  if (!(b === undefined || typeof b === "boolean" || typeof b === "string")) {
+    throw t("broadcast must be a boolean or a channel name");
+  }
+  if (o.database !== undefined && typeof o.database !== "string") throw t("database must be a string");
+  return {
+    urls: [...urls],
+    token: o.token ?? undefined,
+    persist: o.persist ?? true,
+    webSocket,
+    channel: b === false ? null : typeof b === "string" ? b : "concord",
+    database: o.database ?? "concord",
+  };
+}
+
+// ---- IndexedDB ----
+//
+// Schema (database `concord` by default, version 1, two object stores):
+// - `snapshots`: key [docId, replicaHex] -> Uint8Array of `Document::encode()`; one per
+//   document per client session that wrote it, so tabs never overwrite each other.
+// - `outbox`: key [docId, replicaHex, seq] -> Uint8Array of `Delta::encode()`; every local
+//   write, persisted at once (one small put), until a snapshot covers it.
+// A snapshot, the deletion of the outbox entries it covers and of the older snapshots
+// merged into it are written in one transaction, so at every instant each write is
+// durable in an outbox entry or a snapshot. The replica id is part of every key: it is
+// written in the same transaction as the data it minted.
+
+const STORES = ["snapshots", "outbox"];
+
+const done = (r) =>
+  new Promise((ok, ko) => {
+    r.onsuccess = () => ok(r.result);
+    r.onerror = () => ko(r.error);
+  });
+
+async function openStore(name) {
+  const idb = globalThis.indexedDB;
+  if (!idb) return null; // Node: documents stay in memory
+  const r = idb.open(name, 1);
+  r.onupgradeneeded = () => {
+    for (const s of STORES) if (!r.result.objectStoreNames.contains(s)) r.result.createObjectStore(s);
+  };
+  const db = await done(r);
+  return {
+    /** Every snapshot and outbox entry of `doc`: `[[[key, bytes]...], [[key, bytes]...]]`. */
+    async load(doc) {
+      const tx = db.transaction(STORES, "readonly");
+      // Keys [doc, ...] sort between [doc] and [doc, []] (arrays sort after strings).
+      const range = IDBKeyRange.bound([doc], [doc, []]);
+      // Issue every request before awaiting any: the transaction commits once it has no
+      // pending request, and an await may return after that.
+      const reqs = STORES.map((s) => [done(tx.objectStore(s).getAllKeys(range)), done(tx.objectStore(s).getAll(range))]);
+      const out = [];
+      for (const [keys, values] of reqs) {
+        const [k, v] = [await keys, await values];
+        out.push(k.map((key, i) => [key, v[i]]));
+      }
+      return out;
+    },
+    /** Writes `b` in one transaction; resolves once it is durable. */
+    write(b) {
+      return new Promise((ok, ko) => {
+        const tx = db.transaction(STORES, "readwrite");
+        const [snaps, outbox] = STORES.map((s) => tx.objectStore(s));
+        for (const k of b.dropSnapshots) snaps.delete(k);
+        for (const k of b.dropOutbox) outbox.delete(k);
+        for (const [k, v] of b.snapshots) snaps.put(v, k);
+        for (const [k, v] of b.outbox) outbox.put(v, k);
+        tx.oncomplete = ok;
+        tx.onerror = tx.onabort = () => ko(tx.error);
+      });
+    },
+    close() {
+      db.close(); // pending transactions still complete
+    },
+  };
+}
+
+// ---- the public API ----
 
 const KIND_NAMES = { counter: "counter", pnCounter: "pn-counter", register: "register", set: "set" };
 
@@ -131,13 +254,21 @@ export class CrdtSet {
   }
 }
 
+const INTERNAL = Symbol("concord");
+
 /** One open document. */
 export class Doc {
   #h;
+  #synced;
   #changes = listeners();
-  constructor(handle) {
+  constructor(key, handle, synced) {
+    if (key !== INTERNAL) throw new TypeError("use `await client.open(id)`");
     this.#h = handle;
-    handle.setListener((local, keys) => this.#changes.emit({ origin: local ? "local" : "remote", keys }));
+    this.#synced = synced;
+  }
+
+  [INTERNAL](event) {
+    this.#changes.emit(event);
   }
 
   get id() {
@@ -180,7 +311,7 @@ export class Doc {
    * has caught up with what the relay held when it subscribed. */
   synced() {
     try {
-      return this.#h.synced();
+      return this.#synced(this.#h);
     } catch (e) {
       return Promise.reject(e);
     }
@@ -195,21 +326,66 @@ export class Doc {
 /** A replica: documents, their persistence, and the connection to the relays. */
 export class Client {
   #r;
+  #hex;
+  #opts;
+  #store;
+  #bc = null;
+  #closed = false;
+  /** id -> Promise<Doc> */
   #docs = new Map();
-  #status = listeners();
+  /** id -> Doc, once open */
+  #open = new Map();
+  #statusL = listeners();
   #errors = listeners();
+  /** synced() waiter id -> [resolve, reject] */
+  #waiters = new Map();
+  // the relay connection
+  #ws = null;
+  #gen = 0;
+  #idx = 0;
+  #attempt = 0;
+  #online = false;
+  #reported = "offline";
+  #lastRx = 0;
+  #retry = null;
+  #tick = null;
+  // persistence
+  #toPersist = []; // [doc, key, bytes] of local writes not yet in IndexedDB
+  #dirty = new Set(); // documents changed since their last snapshot
+  #unsnapped = new Map(); // doc -> outbox keys written and not yet covered by our snapshot
+  #stale = new Map(); // doc -> snapshot keys merged in, to delete with our next snapshot
+  #writing = false;
+  #lastSnapshot = 0;
+  #flushTimer = null;
+  #flushAt = 0;
 
-  constructor(replica) {
-    if (!(replica instanceof Replica)) throw new TypeError("use `await Client.connect(options)`");
-    this.#r = replica;
-    replica.setListener((kind, detail) => (kind === "status" ? this.#status : this.#errors).emit(detail));
+  constructor(key, opts, store) {
+    if (key !== INTERNAL) throw new TypeError("use `await Client.connect(options)`");
+    this.#opts = opts;
+    this.#store = store;
+    this.#r = new Replica(this.#host());
+    this.#hex = this.#r.replicaId;
+    if (opts.channel !== null && typeof BroadcastChannel === "function") {
+      this.#bc = new BroadcastChannel(opts.channel);
+      this.#bc.onmessage = (ev) => ev.data instanceof Uint8Array && !this.#closed && this.#r.tab(ev.data);
+    }
+    this.#connect();
   }
 
   /** Resolves at once (offline-first): connecting happens in the background. */
   static async connect(options = {}) {
     if (options === null || typeof options !== "object") throw new TypeError("Client.connect takes an options object");
+    const opts = parseOptions(options);
     await ready();
-    return new Client(await Replica.start(options));
+    let store = null;
+    if (opts.persist) {
+      try {
+        store = await openStore(opts.database);
+      } catch (e) {
+        throw new Error(`could not open IndexedDB (${e?.message ?? e}); pass persist: false to keep documents in memory`);
+      }
+    }
+    return new Client(INTERNAL, opts, store);
   }
 
   /** Opens a document; its stored state is available when this resolves. */
@@ -217,7 +393,7 @@ export class Client {
     if (typeof id !== "string") throw new TypeError("document ids are strings");
     let doc = this.#docs.get(id);
     if (!doc) {
-      doc = this.#r.open(id).then((h) => new Doc(h));
+      doc = this.#load(id);
       this.#docs.set(id, doc);
       doc.catch(() => this.#docs.delete(id));
     }
@@ -226,17 +402,17 @@ export class Client {
 
   /** "connecting" | "online" | "offline" */
   get status() {
-    return this.#r.status;
+    return this.#ws ? (this.#online ? "online" : "connecting") : "offline";
   }
 
   /** This session's replica id (16 hex digits). */
   get replicaId() {
-    return this.#r.replicaId;
+    return this.#hex;
   }
 
   /** Calls `fn(status)` whenever the status changes; returns `off`. */
   onStatus(fn) {
-    return this.#status.add(fn);
+    return this.#statusL.add(fn);
   }
 
   /** Calls `fn(error)` for errors that happen in the background; returns `off`. */
@@ -244,8 +420,233 @@ export class Client {
     return this.#errors.add(fn);
   }
 
-  /** Disconnects; writes made so far are still saved. */
+  /** Disconnects; writes made so far are still saved. Pending `synced()` reject. */
   close() {
+    if (this.#closed) return;
+    for (const t of [this.#retry, this.#tick, this.#flushTimer]) clearTimeout(t);
+    this.#drop();
+    this.#closed = true;
+    this.#bc?.close();
+    for (const [, [, reject]] of this.#waiters) reject(closedError());
+    this.#waiters.clear();
+    const store = this.#store;
+    if (store) {
+      const batch = this.#takeBatch(true);
+      if (batch) store.write(batch).catch(() => {});
+      store.close();
+    }
     this.#r.close();
+    this.#statusL.clear();
+    this.#errors.clear();
+  }
+
+  // ---- documents ----
+
+  async #load(id) {
+    const n = new TextEncoder().encode(id).length;
+    if (n < 1 || n > 512) throw new RangeError("document ids must be 1 to 512 bytes long");
+    if (this.#closed) throw closedError();
+    const stored = this.#store ? await this.#store.load(id) : [[], []];
+    if (this.#closed) throw closedError();
+    const r = this.#r;
+    const h = r.open(id);
+    const [stale, unsnapped] = [[], []];
+    stored.forEach((entries, outbox) => {
+      for (const [key, bytes] of entries) {
+        if (r.restore(id, bytes, !outbox)) (outbox ? unsnapped : stale).push(key);
+        // Left in place: a newer version of concord may read it.
+        else this.#error(`a stored ${outbox ? "write" : "snapshot"} could not be read; it was left in place`);
+      }
+    });
+    this.#stale.set(id, stale);
+    this.#unsnapped.set(id, unsnapped);
+    r.announce(id);
+    const doc = new Doc(INTERNAL, h, (handle) => this.#syncedPromise(handle));
+    this.#open.set(id, doc);
+    return doc;
+  }
+
+  #syncedPromise(handle) {
+    if (!this.#opts.urls.length) throw new Error("synced() needs a relay: pass options.urls to Client.connect()");
+    const id = handle.waitSynced();
+    if (id === undefined) return Promise.resolve();
+    return new Promise((ok, ko) => this.#waiters.set(id, [ok, ko]));
+  }
+
+  #error(message) {
+    this.#errors.emit(message instanceof Error ? message : new Error(message));
+  }
+
+  /** Where the replica's outputs go (see `Host` in wasm/src/api.rs). Byte arguments are
+   * views of wasm memory: copied before they are kept. */
+  #host() {
+    return {
+      relay: (frame) => this.#ws?.send(frame.slice()),
+      tab: (frame) => this.#bc?.postMessage(frame.slice()),
+      change: (doc, keys, local) => this.#open.get(doc)?.[INTERNAL]({ origin: local ? "local" : "remote", keys }),
+      persist: (doc, seq, bytes) => {
+        if (!this.#store) return;
+        this.#toPersist.push([doc, [doc, this.#hex, seq], bytes.slice()]);
+        this.#scheduleFlush(0);
+      },
+      dirty: (doc) => {
+        this.#dirty.add(doc);
+        this.#scheduleFlush(SNAPSHOT_MS);
+      },
+      online: () => {
+        this.#attempt = 0;
+        clearTimeout(this.#retry);
+        this.#online = true;
+        this.#report();
+      },
+      settled: (id) => {
+        this.#waiters.get(id)?.[0]();
+        this.#waiters.delete(id);
+      },
+      error: (message) => this.#error(message),
+      reidentified: (old) => {
+        this.#hex = this.#r.replicaId;
+        for (const [doc, keys] of this.#stale) keys.push([doc, old]);
+        this.#attempt = 0;
+        this.#fail(this.#gen);
+      },
+    };
+  }
+
+  // ---- the relay ----
+
+  #report() {
+    const s = this.status;
+    if (s !== this.#reported) {
+      this.#reported = s;
+      this.#statusL.emit(s);
+    }
+  }
+
+  #connect() {
+    const { urls, webSocket } = this.#opts;
+    if (this.#closed || !urls.length) return;
+    const gen = ++this.#gen;
+    let ws;
+    try {
+      ws = new webSocket(urls[this.#idx % urls.length]);
+    } catch (e) {
+      this.#error(e);
+      this.#fail(gen);
+      return;
+    }
+    ws.binaryType = "arraybuffer";
+    ws.onopen = () => {
+      if (gen !== this.#gen) return;
+      this.#lastRx = Date.now();
+      this.#r.connected(this.#opts.token);
+      this.#tick = setTimeout(() => this.#onTick(), TICK_MS);
+    };
+    ws.onmessage = (ev) => {
+      if (gen !== this.#gen || !(ev.data instanceof ArrayBuffer)) return;
+      this.#lastRx = Date.now();
+      this.#r.relay(new Uint8Array(ev.data));
+    };
+    ws.onclose = ws.onerror = () => this.#fail(gen);
+    this.#ws = ws;
+    this.#online = false;
+    clearTimeout(this.#retry);
+    this.#retry = setTimeout(() => this.#fail(gen), CONNECT_TIMEOUT_MS);
+    this.#report();
+  }
+
+  /** Closes the current connection, if any. */
+  #drop() {
+    const ws = this.#ws;
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = null;
+      ws.onerror = () => {}; // `ws` in Node throws on an error event nobody listens to
+      try {
+        ws.close();
+      } catch {
+        // already closing
+      }
+    }
+    this.#ws = null;
+    this.#online = false;
+    clearTimeout(this.#tick);
+    this.#r.disconnected();
+    this.#report();
+  }
+
+  /** Connection `gen` failed or closed: try the next URL after a backoff. */
+  #fail(gen) {
+    if (gen !== this.#gen || this.#closed) return;
+    this.#gen++;
+    this.#drop();
+    this.#idx++;
+    clearTimeout(this.#retry);
+    this.#retry = setTimeout(() => this.#connect(), backoff(this.#attempt++, Math.random()));
+  }
+
+  #onTick() {
+    this.#r.tick();
+    if (Date.now() - this.#lastRx > SILENCE_MS && this.#open.size) return this.#fail(this.#gen);
+    this.#tick = setTimeout(() => this.#onTick(), TICK_MS);
+  }
+
+  // ---- persistence ----
+
+  #scheduleFlush(delay) {
+    if (!this.#store || this.#closed || (!this.#dirty.size && !this.#toPersist.length)) return;
+    const at = Date.now() + delay;
+    if (this.#flushTimer === null || at < this.#flushAt) {
+      clearTimeout(this.#flushTimer);
+      this.#flushAt = at;
+      this.#flushTimer = setTimeout(() => this.#flush(), delay);
+    }
+  }
+
+  /** What is due for IndexedDB: queued outbox entries, and snapshots of dirty documents
+   * (at most every SNAPSHOT_MS, or all of them when `force`); null when nothing. */
+  #takeBatch(force) {
+    const now = Date.now();
+    const snap = force || now - this.#lastSnapshot >= SNAPSHOT_MS ? [...this.#dirty] : [];
+    if (snap.length) {
+      this.#dirty.clear();
+      this.#lastSnapshot = now;
+    }
+    const b = { snapshots: [], outbox: [], dropSnapshots: [], dropOutbox: [] };
+    for (const [doc, key, bytes] of this.#toPersist.splice(0)) {
+      if (snap.includes(doc)) continue; // a snapshot in this same transaction covers it
+      this.#unsnapped.get(doc)?.push(key);
+      b.outbox.push([key, bytes]);
+    }
+    for (const doc of snap) {
+      if (!this.#open.has(doc)) continue;
+      b.snapshots.push([[doc, this.#hex], this.#r.snapshot(doc)]);
+      b.dropOutbox.push(...this.#unsnapped.get(doc).splice(0));
+      b.dropSnapshots.push(...this.#stale.get(doc).splice(0));
+    }
+    return b.snapshots.length + b.outbox.length + b.dropSnapshots.length + b.dropOutbox.length ? b : null;
+  }
+
+  #flush() {
+    this.#flushTimer = null;
+    if (this.#writing || this.#closed) return;
+    const batch = this.#takeBatch(false);
+    if (this.#dirty.size) this.#scheduleFlush(Math.max(0, this.#lastSnapshot + SNAPSHOT_MS - Date.now()));
+    if (!batch) return;
+    this.#writing = true;
+    this.#store.write(batch).then(
+      () => this.#written(),
+      () => {
+        // Nothing of the batch is known to be durable: snapshot everything again.
+        for (const doc of this.#open.keys()) this.#dirty.add(doc);
+        this.#error("could not save to IndexedDB (is the disk full?); will retry");
+        this.#written();
+      },
+    );
+  }
+
+  #written() {
+    this.#writing = false;
+    if (this.#toPersist.length) this.#scheduleFlush(0);
+    else if (this.#dirty.size) this.#scheduleFlush(SNAPSHOT_MS);
   }
 }

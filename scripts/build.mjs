@@ -1,10 +1,10 @@
 #!/usr/bin/env node
 // Builds the npm package into pkg/:
 //   cargo build (wasm-release profile) -> wasm-bindgen --target web -> wasm-opt -Oz
-//   -> the hand-written glue and types from js/.
+//   -> the hand-written glue and types from js/ -> minified JS.
 // Usage: node scripts/build.mjs [--debug]   (--debug: dev profile, no wasm-opt; faster)
 import { execFileSync } from "node:child_process";
-import { copyFileSync, existsSync, mkdirSync, readdirSync, rmSync, statSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -81,6 +81,22 @@ if (!debug) {
 const js = join(root, "js");
 for (const f of readdirSync(js)) {
   if (/\.(m?js|d\.ts)$/.test(f)) copyFileSync(join(js, f), join(pkg, f));
+}
+
+// 5. Minify the JS a browser downloads (the sources in js/ keep their comments; apps
+// that bundle minify again, which is harmless). vite's `minify` is oxc's.
+if (!debug) {
+  const { minify } = await import("vite");
+  for (const f of readdirSync(pkg)) {
+    if (!f.endsWith(".js")) continue;
+    const file = join(pkg, f);
+    const { code, errors } = await minify(f, readFileSync(file, "utf8"), { module: true, compress: true, mangle: true });
+    if (errors?.length) {
+      console.error(`build failed: minifying ${f}: ${errors.map((e) => e.message).join("; ")}`);
+      process.exit(1);
+    }
+    writeFileSync(file, code);
+  }
 }
 
 const size = (f) => statSync(join(pkg, f)).size;

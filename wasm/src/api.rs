@@ -1,67 +1,202 @@
-//! The `#[wasm_bindgen]` surface: two classes, `Replica` and `DocHandle`, each method a
-//! one-line call into [`crate::client`] or [`concord_core::Document`] plus argument
-//! conversion. The hand-written `js/client.js` builds the public `Client`/`Doc` API on
-//! top; its TypeScript types are authored in `js/index.d.ts`.
+//! The `#[wasm_bindgen]` surface: `Replica` and `DocHandle`, each method a call into
+//! [`crate::replica`] or [`concord_core::Document`] plus argument conversion, and `Host`,
+//! the JS object the replica's outputs go to. The hand-written `js/client.js` owns the
+//! transports and builds the public `Client`/`Doc` API on top; its TypeScript types are
+//! authored in `js/index.d.ts`.
 
-use crate::client::{Client, Options};
-use crate::error::range_error;
+use crate::error::{closed, doc_error, error, range_error};
+use crate::replica::{Out, Refused};
 use crate::value::{from_js, to_js};
-use concord_core::{Document, Kind};
-use js_sys::{Array, Function, Promise};
+use concord_core::sync::msg::MAX_DOC_ID;
+use concord_core::{Delta, DocError, Document, ReplicaId};
+use js_sys::Array;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use wasm_bindgen::prelude::*;
-use wasm_bindgen_futures::future_to_promise;
 
-/// A replica: the documents of one `Client.connect()` and their transports.
 #[wasm_bindgen]
-pub struct Replica(Client);
+extern "C" {
+    /// Where a replica's outputs go (`js/client.js`). Byte arguments are views of wasm
+    /// memory, valid only during the call: copy them before keeping them.
+    pub type Host;
+    /// Send `frame` to the relay.
+    #[wasm_bindgen(method)]
+    fn relay(this: &Host, frame: &[u8]);
+    /// Post `frame` to the other tabs.
+    #[wasm_bindgen(method)]
+    fn tab(this: &Host, frame: &[u8]);
+    /// `doc` changed at `keys`.
+    #[wasm_bindgen(method)]
+    fn change(this: &Host, doc: &str, keys: Array, local: bool);
+    /// Store a local write in the outbox under `[doc, replicaId, seq]`.
+    #[wasm_bindgen(method)]
+    fn persist(this: &Host, doc: &str, seq: f64, delta: &[u8]);
+    /// `doc` changed: snapshot it soon.
+    #[wasm_bindgen(method)]
+    fn dirty(this: &Host, doc: &str);
+    /// The relay answered `Hello`.
+    #[wasm_bindgen(method)]
+    fn online(this: &Host);
+    /// `synced()` waiter `id` is satisfied.
+    #[wasm_bindgen(method)]
+    fn settled(this: &Host, id: u32);
+    /// A background error.
+    #[wasm_bindgen(method)]
+    fn error(this: &Host, message: &str);
+    /// The replica took a new id after amnesia: snapshots under `old` are stale; restart
+    /// the relay connection.
+    #[wasm_bindgen(method)]
+    fn reidentified(this: &Host, old: &str);
+    #[wasm_bindgen(js_namespace = crypto, js_name = getRandomValues)]
+    fn get_random_values(buf: &mut [u8]);
+}
+
+/// A random non-zero replica id from `crypto.getRandomValues`.
+fn fresh_id() -> ReplicaId {
+    loop {
+        let mut b = [0u8; 8];
+        get_random_values(&mut b);
+        let id = u64::from_le_bytes(b);
+        if id != 0 {
+            return ReplicaId(id);
+        }
+    }
+}
+
+/// 16 lowercase hex digits, as `ReplicaId`'s `Display` (without the formatting machinery).
+pub fn hex_id(r: ReplicaId) -> String {
+    (0..16).rev().map(|i| char::from_digit(((r.0 >> (i * 4)) & 0xf) as u32, 16).unwrap_or('0')).collect()
+}
+
+struct Shared {
+    r: RefCell<crate::replica::Replica>,
+    host: Host,
+    closed: Cell<bool>,
+}
+
+impl Shared {
+    /// Runs `f` on the replica, then hands its outputs to the host (with no borrow held,
+    /// so the host may call back in).
+    fn run<T>(&self, f: impl FnOnce(&mut crate::replica::Replica) -> T) -> Result<T, JsValue> {
+        if self.closed.get() {
+            return Err(closed());
+        }
+        let (v, outs) = {
+            let mut r = self.r.borrow_mut();
+            let v = f(&mut r);
+            (v, r.take())
+        };
+        self.deliver(outs);
+        Ok(v)
+    }
+
+    #[inline(never)]
+    fn deliver(&self, outs: Vec<Out>) {
+        let h = &self.host;
+        for o in outs {
+            match o {
+                Out::Relay(f) => h.relay(&f),
+                Out::Tab(f) => h.tab(&f),
+                Out::Change { doc, keys, local } => {
+                    h.change(&doc, keys.iter().map(|k| JsValue::from_str(k)).collect(), local)
+                }
+                Out::Persist { doc, seq, bytes } => h.persist(&doc, seq as f64, &bytes),
+                Out::Dirty(doc) => h.dirty(&doc),
+                Out::Online => h.online(),
+                Out::Settled(id) => h.settled(id),
+                Out::Error(m) => h.error(&m),
+                Out::Reidentified { old } => h.reidentified(&hex_id(old)),
+            }
+        }
+    }
+}
+
+fn refused(e: Refused) -> JsValue {
+    match e {
+        Refused::NotOpen => error("document is not open; call client.open(id) first"),
+        Refused::Doc(e) => doc_error(&e),
+    }
+}
+
+/// A replica: its open documents and its sync session with the relay. Sans-IO: the
+/// caller moves frames between it and the sockets, and stores what it is told to.
+#[wasm_bindgen]
+pub struct Replica(Rc<Shared>);
 
 #[wasm_bindgen]
 impl Replica {
-    /// Starts a replica; resolves once IndexedDB is open (it connects in the background).
-    pub fn start(options: JsValue) -> Promise {
-        future_to_promise(async move {
-            let opts = Options::from_js(&options)?;
-            Ok(Replica(Client::start(opts).await?).into())
-        })
+    /// A replica with a fresh random id whose outputs go to `host`.
+    #[wasm_bindgen(constructor)]
+    pub fn new(host: Host) -> Replica {
+        let r = crate::replica::Replica::new(fresh_id);
+        Replica(Rc::new(Shared { r: RefCell::new(r), host, closed: Cell::new(false) }))
     }
 
-    /// Opens (loads) a document; resolves to a `DocHandle`.
-    pub fn open(&self, id: String) -> Promise {
-        let c = self.0.clone();
-        future_to_promise(async move {
-            c.open(&id).await?;
-            Ok(DocHandle { client: c, id }.into())
-        })
-    }
-
-    /// "connecting" | "online" | "offline".
-    #[wasm_bindgen(getter)]
-    pub fn status(&self) -> String {
-        self.0.status().as_str().to_owned()
-    }
-
-    /// This session's replica id, 16 hex digits.
+    /// This session's replica id, 16 hex digits (changes after amnesia).
     #[wasm_bindgen(getter, js_name = replicaId)]
     pub fn replica_id(&self) -> String {
-        self.0.replica_id()
+        hex_id(self.0.r.borrow().id())
     }
 
-    /// `f(kind, detail)`: `("status", "online")`, `("error", Error)`.
-    #[wasm_bindgen(js_name = setListener)]
-    pub fn set_listener(&self, f: Option<Function>) {
-        self.0.set_listener(f);
+    /// Opens `doc` empty; feed its stored state with `restore`, then call `announce`.
+    pub fn open(&self, doc: &str) -> Result<DocHandle, JsValue> {
+        if doc.is_empty() || doc.len() > MAX_DOC_ID {
+            return Err(range_error("document ids must be 1 to 512 bytes long"));
+        }
+        self.0.run(|r| r.open(doc))?;
+        Ok(DocHandle { s: self.0.clone(), id: doc.to_owned() })
     }
 
-    /// Closes sockets, channel and database; pending writes are still saved.
+    /// Folds a stored snapshot (or outbox entry) into `doc`; false when unreadable.
+    pub fn restore(&self, doc: &str, bytes: &[u8], snapshot: bool) -> Result<bool, JsValue> {
+        self.0.run(|r| r.restore(doc, bytes, snapshot))
+    }
+
+    /// Tells the other tabs and the relay that `doc` is open.
+    pub fn announce(&self, doc: &str) -> Result<(), JsValue> {
+        self.0.run(|r| r.announce(doc))
+    }
+
+    /// `Document::encode()` of `doc` (empty when not open).
+    pub fn snapshot(&self, doc: &str) -> Vec<u8> {
+        self.0.r.borrow().snapshot(doc).unwrap_or_default()
+    }
+
+    /// A relay connection opened (`token`: sent in `Hello`).
+    pub fn connected(&self, token: Option<String>) -> Result<(), JsValue> {
+        self.0.run(|r| r.connected(token))
+    }
+
+    /// The relay connection closed.
+    pub fn disconnected(&self) {
+        self.0.r.borrow_mut().disconnected();
+    }
+
+    /// A frame from the relay.
+    pub fn relay(&self, frame: &[u8]) -> Result<(), JsValue> {
+        self.0.run(|r| r.relay(frame))
+    }
+
+    /// A frame from another tab.
+    pub fn tab(&self, frame: &[u8]) -> Result<(), JsValue> {
+        self.0.run(|r| r.tab(frame))
+    }
+
+    /// Call every second while connected.
+    pub fn tick(&self) -> Result<(), JsValue> {
+        self.0.run(|r| r.tick())
+    }
+
+    /// Every later call throws.
     pub fn close(&self) {
-        self.0.close();
+        self.0.closed.set(true);
     }
 }
 
 /// One open document.
-#[wasm_bindgen(js_name = DocHandle)]
+#[wasm_bindgen]
 pub struct DocHandle {
-    client: Client,
+    s: Rc<Shared>,
     id: String,
 }
 
@@ -74,7 +209,24 @@ fn count(n: f64) -> Result<i64, JsValue> {
     }
 }
 
-#[wasm_bindgen(js_class = DocHandle)]
+impl DocHandle {
+    #[inline(never)]
+    fn write(
+        &self,
+        op: &mut dyn FnMut(&mut Document) -> Result<Option<Delta>, DocError>,
+    ) -> Result<(), JsValue> {
+        self.s.run(|r| r.write(&self.id, op))?.map_err(refused)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Document) -> T) -> Result<T, JsValue> {
+        if self.s.closed.get() {
+            return Err(closed());
+        }
+        self.s.r.borrow().read(&self.id, f).ok_or_else(|| refused(Refused::NotOpen))
+    }
+}
+
+#[wasm_bindgen]
 impl DocHandle {
     /// The document id.
     #[wasm_bindgen(getter)]
@@ -88,76 +240,76 @@ impl DocHandle {
         if n < 0 {
             return Err(range_error("a counter only grows: increment by n >= 0, or use a pnCounter"));
         }
-        self.client.write(&self.id, &mut |d| d.increment(key, n as u64).map(Some))
+        self.write(&mut |d| d.increment(key, n as u64).map(Some))
     }
 
     /// Adds `n` (may be negative) to the PN-Counter at `key`.
     #[wasm_bindgen(js_name = pnAdd)]
     pub fn pn_add(&self, key: &str, n: f64) -> Result<(), JsValue> {
         let n = count(n)?;
-        self.client.write(&self.id, &mut |d| d.pn_add(key, n).map(Some))
+        self.write(&mut |d| d.pn_add(key, n).map(Some))
     }
 
     /// Writes the register at `key`.
     #[wasm_bindgen(js_name = setRegister)]
     pub fn set_register(&self, key: &str, value: &JsValue) -> Result<(), JsValue> {
         let mut v = from_js(value)?;
-        let now = crate::js::now() as u64;
-        self.client.write(&self.id, &mut |d| d.set_register(key, std::mem::take(&mut v), now).map(Some))
+        let now = js_sys::Date::now() as u64;
+        self.write(&mut |d| d.set_register(key, std::mem::take(&mut v), now).map(Some))
     }
 
     /// Adds `value` to the set at `key`.
     #[wasm_bindgen(js_name = setAdd)]
     pub fn set_add(&self, key: &str, value: &JsValue) -> Result<(), JsValue> {
         let mut v = from_js(value)?;
-        self.client.write(&self.id, &mut |d| d.set_add(key, std::mem::take(&mut v)).map(Some))
+        self.write(&mut |d| d.set_add(key, std::mem::take(&mut v)).map(Some))
     }
 
     /// Removes `value` from the set at `key` (a no-op when absent).
     #[wasm_bindgen(js_name = setRemove)]
     pub fn set_remove(&self, key: &str, value: &JsValue) -> Result<(), JsValue> {
         let v = from_js(value)?;
-        self.client.write(&self.id, &mut |d| d.set_remove(key, &v))
+        self.write(&mut |d| d.set_remove(key, &v))
     }
 
     /// The G-Counter's value (0 when unset).
     pub fn counter(&self, key: &str) -> Result<f64, JsValue> {
-        self.client.read(&self.id, |d| d.counter(key) as f64)
+        self.read(|d| d.counter(key) as f64)
     }
 
     /// The PN-Counter's value (0 when unset).
     #[wasm_bindgen(js_name = pnCounter)]
     pub fn pn_counter(&self, key: &str) -> Result<f64, JsValue> {
-        self.client.read(&self.id, |d| d.pn_counter(key) as f64)
+        self.read(|d| d.pn_counter(key) as f64)
     }
 
     /// The register's value, `undefined` when never written.
     pub fn register(&self, key: &str) -> Result<JsValue, JsValue> {
-        self.client.read(&self.id, |d| d.register(key).map_or(JsValue::UNDEFINED, |(v, _)| to_js(v)))
+        self.read(|d| d.register(key).map_or(JsValue::UNDEFINED, |(v, _)| to_js(v)))
     }
 
     /// Whether the set at `key` holds `value`.
     #[wasm_bindgen(js_name = setHas)]
     pub fn set_has(&self, key: &str, value: &JsValue) -> Result<bool, JsValue> {
         let v = from_js(value)?;
-        self.client.read(&self.id, |d| d.set_contains(key, &v))
+        self.read(|d| d.set_contains(key, &v))
     }
 
     /// The set's elements, sorted.
     #[wasm_bindgen(js_name = setValues)]
     pub fn set_values(&self, key: &str) -> Result<Array, JsValue> {
-        self.client.read(&self.id, |d| d.set_values(key).iter().map(to_js).collect())
+        self.read(|d| d.set_values(key).iter().map(to_js).collect())
     }
 
     /// The type `key` holds: "counter" | "pn-counter" | "register" | "set" | undefined.
     #[wasm_bindgen(js_name = kindOf)]
     pub fn kind_of(&self, key: &str) -> Result<Option<String>, JsValue> {
-        self.client.read(&self.id, |d| d.kind_of(key).map(|k: Kind| k.name().to_owned()))
+        self.read(|d| d.kind_of(key).map(|k| k.name().to_owned()))
     }
 
     /// Keys, sorted.
     pub fn keys(&self) -> Result<Array, JsValue> {
-        self.client.read(&self.id, |d: &Document| {
+        self.read(|d| {
             let mut keys: Vec<&str> = d.keys().collect();
             concord_core::sort::sort(&mut keys);
             keys.into_iter().map(JsValue::from_str).collect()
@@ -167,32 +319,26 @@ impl DocHandle {
     /// The whole document as plain data: `{ likes: 1, tags: ["rust"], ... }`.
     #[wasm_bindgen(js_name = toJSON)]
     pub fn to_json(&self) -> Result<JsValue, JsValue> {
-        self.client.read(&self.id, |d| to_js(&d.to_value()))
+        self.read(|d| to_js(&d.to_value()))
     }
 
-    /// `f(local: boolean, keys: string[])` after every change.
-    #[wasm_bindgen(js_name = setListener)]
-    pub fn set_listener(&self, f: Option<Function>) -> Result<(), JsValue> {
-        self.client.set_doc_listener(&self.id, f)
-    }
-
-    /// Resolves once the relay holds everything this replica has now and this replica
-    /// has caught up with the relay.
-    pub fn synced(&self) -> Result<Promise, JsValue> {
-        self.client.synced(&self.id)
+    /// `undefined` when the relay holds everything this replica has of the document now
+    /// and this replica has caught up with the relay; else the id the host's `settled`
+    /// will be called with once it does.
+    #[wasm_bindgen(js_name = waitSynced)]
+    pub fn wait_synced(&self) -> Result<Option<u32>, JsValue> {
+        self.s.run(|r| r.wait_synced(&self.id))?.map_err(refused)
     }
 }
 
-/// The same calls for Rust callers (tests), without promises.
-impl Replica {
-    /// [`Replica::start`] with parsed options.
-    pub async fn connect(opts: Options) -> Result<Replica, JsValue> {
-        Ok(Replica(Client::start(opts).await?))
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    /// [`Replica::open`].
-    pub async fn open_doc(&self, id: &str) -> Result<DocHandle, JsValue> {
-        self.0.open(id).await?;
-        Ok(DocHandle { client: self.0.clone(), id: id.to_owned() })
+    #[test]
+    fn hex_ids_match_the_display_form() {
+        for id in [0, 7, 0xdead_beef, u64::MAX, 0x0123_4567_89ab_cdef] {
+            assert_eq!(hex_id(ReplicaId(id)), ReplicaId(id).to_string());
+        }
     }
 }

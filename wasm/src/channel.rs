@@ -1,4 +1,4 @@
-//! Tab-to-tab messages over a `BroadcastChannel`.
+//! Tab-to-tab messages (the caller posts them on a `BroadcastChannel`).
 //!
 //! Every message is one frame; two of the three kinds are the sync protocol's own
 //! messages, so they share its encoding and golden tests:
@@ -14,9 +14,6 @@
 //!
 //! There is no per-tab session: a channel is shared by every tab of the origin, delivery
 //! between live tabs is reliable and ordered, and tabs come and go without a goodbye.
-
-use wasm_bindgen::prelude::*;
-use web_sys::BroadcastChannel;
 
 /// Tag of a whole-document frame.
 pub const STATE: u8 = 0xc1;
@@ -37,37 +34,6 @@ pub fn decode_state(frame: &[u8]) -> Option<(&str, &[u8])> {
     let n = u16::from_le_bytes([*a, *b]) as usize;
     let doc = std::str::from_utf8(rest.get(..n)?).ok()?;
     Some((doc, &rest[n..]))
-}
-
-/// An open channel and its message handler.
-pub struct Channel {
-    bc: BroadcastChannel,
-    _on_message: Closure<dyn FnMut(web_sys::MessageEvent)>,
-}
-
-impl Channel {
-    /// Joins channel `name`; `on_message` gets every frame other members post.
-    pub fn open(
-        name: &str,
-        on_message: Closure<dyn FnMut(web_sys::MessageEvent)>,
-    ) -> Result<Channel, JsValue> {
-        let bc = BroadcastChannel::new(name)?;
-        bc.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
-        Ok(Channel { bc, _on_message: on_message })
-    }
-
-    /// Posts one frame (copied out of wasm memory first: structured clone of a view
-    /// would copy the whole memory).
-    pub fn post(&self, frame: &[u8]) {
-        let _ = self.bc.post_message(&js_sys::Uint8Array::from(frame));
-    }
-}
-
-impl Drop for Channel {
-    fn drop(&mut self) {
-        self.bc.set_onmessage(None);
-        self.bc.close();
-    }
 }
 
 #[cfg(test)]

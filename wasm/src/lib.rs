@@ -1,40 +1,34 @@
 //! # concord-wasm
 //!
-//! The browser replica: [`concord_core`] compiled to WebAssembly, plus the transports it
-//! needs there. Data path:
+//! The browser replica: [`concord_core`] compiled to WebAssembly as a sans-IO state
+//! machine. Data path:
 //!
-//! - [`api`]: the `#[wasm_bindgen]` shim (`Replica`, `DocHandle`): argument conversion
-//!   only. The public `Client`/`Doc` API of the npm package `concord-sync` is written by
-//!   hand in `js/client.js` on top of it, with authored types in `js/index.d.ts`.
+//! - [`api`]: the `#[wasm_bindgen]` shim (`Replica`, `DocHandle`, and `Host`, the JS
+//!   object outputs go to): argument conversion only.
+//! - [`replica`]: open documents and the relay session; frames and writes in, [`Out`]s
+//!   (frames for the relay and the other tabs, outbox entries, change events) out.
+//! - [`channel`]: the tab-to-tab whole-document frame.
 //! - [`value`]: JSON-compatible JS values <-> [`concord_core::Value`].
-//! - [`client`]: open documents, write/persist/forward bookkeeping, and the relay
-//!   connection loop (WebSocket, failover, backoff, liveness) driving a
-//!   [`concord_core::sync::Session`].
-//! - [`channel`]: tab-to-tab sync over `BroadcastChannel`.
-//! - [`store`]: IndexedDB persistence (snapshots + outbox, one transaction each).
-//! - [`js`], [`error`]: timers/clock/randomness, and JS error classes.
+//! - [`error`]: JS error classes.
 //!
-//! **Why the transport is in Rust (web-sys).** The protocol decisions are the core's; what
-//! is left is deciding *when* to call it (on open, on each frame, on each tick, after a
-//! reconnect) and what is durable where. Keeping that next to the documents avoids a
-//! second copy of the replica's state in JS and lets the wasm-bindgen tests in headless
-//! Chromium drive persistence and tab sync directly. The bindings are thin (web-sys calls
-//! are one JS line each) and the measured cost is small; see `npm run size`.
+//! **Why the transports are in JavaScript.** The WebSocket (failover, backoff, liveness),
+//! the `BroadcastChannel` and IndexedDB live in the package's hand-written `js/client.js`.
+//! They decide nothing about data — every protocol decision is the core's, made here —
+//! but written with web-sys they cost ~15 KB gzipped of wasm and generated glue (each
+//! closure, promise and DOM call is wasm code plus a JS shim), where the same code in JS
+//! is ~3 KB minified. See `npm run size`.
 //!
-//! Runs in browsers (ESM, Vite) and in Node 20+ (pass a WebSocket constructor such as the
-//! `ws` package's; IndexedDB is skipped where there is none).
+//! Runs in browsers (ESM, Vite) and in Node 20+.
 
 pub mod api;
 pub mod channel;
-pub mod client;
 pub mod error;
-pub mod js;
-pub mod store;
+pub mod replica;
 pub mod value;
 pub mod vecmap;
 
 pub use api::{DocHandle, Replica};
-pub use client::{Client, Options, Status};
+pub use replica::Out;
 
 /// With the `panic-hook` feature, Rust panics are logged to the console with their
 /// message instead of a bare `unreachable` trap.

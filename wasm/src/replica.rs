@@ -1,0 +1,499 @@
+//! The replica as a sans-IO state machine: open documents and the sync session with the
+//! relay. Calls go in (a local write, a relay frame, a tab frame, a tick); what to do comes
+//! out as [`Out`] values. Sockets, the `BroadcastChannel`, IndexedDB and timers are the
+//! caller's (`js/client.js`).
+//!
+//! All protocol decisions are the core's ([`Session`], [`Document`]); this module keeps
+//! the bookkeeping of what the relay is known to hold (for `synced()`) and decides what
+//! goes to which peer.
+//!
+//! **Replica ids.** Each replica draws a fresh random id when it starts and never reuses
+//! it (as Automerge and Yjs do per document load). Stored documents are re-identified to
+//! the new id on load. Reusing an id after a reload would need exclusive ownership of the
+//! stored state (two tabs share one IndexedDB) and a durable "highest seq ever minted";
+//! a fresh id makes dot reuse impossible by construction, at the cost of one version
+//! vector entry per client session that writes.
+//!
+//! **Tabs.** Every tab-to-tab message is one frame ([`crate::channel`]): live deltas, a
+//! `Subscribe` on open that every tab with the document answers with what the asker
+//! lacks (and subscribes back when the asker has something it lacks), or a whole
+//! document when the delta log does not reach back.
+
+use crate::channel;
+use crate::vecmap::VecMap;
+use concord_core::sync::msg::{Deltas, Subscribe};
+use concord_core::sync::{DocStore, ErrorCode, Event, Msg, Session, SessionConfig, SyncError};
+use concord_core::{CausalContext, Delta, DocConfig, DocError, Document, ReplicaId, VersionVector};
+
+/// What the caller must do, in order.
+#[derive(Debug, PartialEq)]
+pub enum Out {
+    /// Send a frame to the relay.
+    Relay(Vec<u8>),
+    /// Post a frame to the other tabs.
+    Tab(Vec<u8>),
+    /// `doc` changed at `keys`: tell its listeners.
+    Change { doc: String, keys: Vec<String>, local: bool },
+    /// A local write: store it in the outbox (key `[doc, replica hex, seq]`).
+    Persist { doc: String, seq: u64, bytes: Vec<u8> },
+    /// `doc` changed: snapshot it soon.
+    Dirty(String),
+    /// The relay answered `Hello`.
+    Online,
+    /// `synced()` waiter `id` is satisfied.
+    Settled(u32),
+    /// Something went wrong in the background.
+    Error(String),
+    /// A peer has seen events of our id that we lack (we lost state): the replica took a
+    /// new id; snapshots stored under `old` are stale, and the relay connection must be
+    /// restarted.
+    Reidentified { old: ReplicaId },
+}
+
+/// One open document.
+struct Entry {
+    doc: Document,
+    /// What the relay is known to hold: its `Synced`/`Ack` versions and the dots it sent.
+    relay_has: CausalContext,
+    /// The relay answered our subscription at least once.
+    caught_up: bool,
+    /// `synced()` waiters: (version to reach, id).
+    waiters: Vec<(VersionVector, u32)>,
+}
+
+impl Entry {
+    fn new(doc: Document) -> Entry {
+        Entry { doc, relay_has: CausalContext::default(), caught_up: false, waiters: Vec::new() }
+    }
+
+    fn settle(&mut self, out: &mut Vec<Out>) {
+        let (caught_up, has) = (self.caught_up, &self.relay_has.vv);
+        self.waiters.retain(|(t, id)| {
+            let done = caught_up && t.le(has);
+            if done {
+                out.push(Out::Settled(*id));
+            }
+            !done
+        });
+    }
+}
+
+/// The open documents, as a [`DocStore`] for the session.
+struct Docs<'a>(&'a mut VecMap<Entry>);
+
+impl DocStore for Docs<'_> {
+    fn doc(&mut self, id: &str) -> Option<&mut Document> {
+        self.0.get_mut(id).map(|e| &mut e.doc)
+    }
+}
+
+/// Why a call on a document failed.
+#[derive(Debug)]
+pub enum Refused {
+    /// The document is not open.
+    NotOpen,
+    /// The document refused the write.
+    Doc(DocError),
+}
+
+/// The replica.
+pub struct Replica {
+    replica: ReplicaId,
+    /// Draws a fresh random replica id.
+    fresh: fn() -> ReplicaId,
+    docs: VecMap<Entry>,
+    session: Option<Session>,
+    next_waiter: u32,
+    /// What the caller must do; drained with [`Replica::take`].
+    pub out: Vec<Out>,
+}
+
+fn keys_of(deltas: &[Delta]) -> Vec<String> {
+    deltas.iter().map(|d| d.key.clone()).collect()
+}
+
+/// Joins `other` into `base`: by deltas when `other`'s log reaches back, else by state.
+fn merge_into(base: &mut Document, other: &Document) {
+    if other.version().le(base.version()) {
+        return;
+    }
+    match other.deltas_since(base.version()) {
+        Some(ds) => {
+            for d in ds {
+                let _ = base.apply(d.clone());
+            }
+        }
+        None => {
+            let _ = base.merge_state(&other.all_fields(), other.context(), other.version());
+        }
+    }
+}
+
+impl Replica {
+    /// A replica whose ids (this session's, and a new one after amnesia) come from
+    /// `fresh`: random, never reused.
+    pub fn new(fresh: fn() -> ReplicaId) -> Replica {
+        Replica {
+            replica: fresh(),
+            fresh,
+            docs: VecMap::default(),
+            session: None,
+            next_waiter: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// This session's replica id.
+    pub fn id(&self) -> ReplicaId {
+        self.replica
+    }
+
+    /// Takes what the caller must do.
+    pub fn take(&mut self) -> Vec<Out> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn send(&mut self, msgs: Vec<Msg>) {
+        self.out.extend(msgs.iter().map(|m| Out::Relay(m.encode())));
+    }
+
+    /// Opens `doc` empty (no-op when open). Feed its stored state with
+    /// [`Replica::restore`], then call [`Replica::announce`].
+    pub fn open(&mut self, doc: &str) {
+        if !self.docs.contains_key(doc) {
+            self.docs.insert(doc.to_owned(), Entry::new(Document::new(self.replica)));
+        }
+    }
+
+    /// Folds a stored snapshot (`snapshot`) or outbox entry into `doc`. Returns false when
+    /// the bytes cannot be read (leave them in place: a newer version may read them).
+    pub fn restore(&mut self, doc: &str, bytes: &[u8], snapshot: bool) -> bool {
+        let replica = self.replica;
+        let Some(e) = self.docs.get_mut(doc) else { return false };
+        let ok = if snapshot {
+            match Document::decode(bytes, DocConfig::default()) {
+                Ok(mut d) => {
+                    d.reidentify(replica);
+                    if e.doc.version().is_empty() {
+                        e.doc = d;
+                    } else {
+                        merge_into(&mut e.doc, &d);
+                    }
+                    true
+                }
+                Err(_) => false,
+            }
+        } else {
+            match Delta::decode(bytes) {
+                Ok(d) => {
+                    let _ = e.doc.apply(d);
+                    true
+                }
+                Err(_) => false,
+            }
+        };
+        if ok {
+            self.out.push(Out::Dirty(doc.to_owned()));
+        }
+        ok
+    }
+
+    /// Tells the other tabs and the relay that `doc` is open here.
+    pub fn announce(&mut self, doc: &str) {
+        let Some(e) = self.docs.get(doc) else { return };
+        let vv = e.doc.version().clone();
+        self.out.push(Out::Tab(Msg::Subscribe(Subscribe { doc: doc.to_owned(), vv }).encode()));
+        if let Some(s) = &mut self.session {
+            let msgs = s.subscribe(doc, &mut Docs(&mut self.docs));
+            self.send(msgs);
+        }
+    }
+
+    /// Reads an open document.
+    pub fn read<T>(&self, doc: &str, f: impl FnOnce(&Document) -> T) -> Option<T> {
+        self.docs.get(doc).map(|e| f(&e.doc))
+    }
+
+    /// Makes a local write: `op` returns the delta (or `None` for a no-op).
+    pub fn write(
+        &mut self,
+        doc: &str,
+        op: &mut dyn FnMut(&mut Document) -> Result<Option<Delta>, DocError>,
+    ) -> Result<(), Refused> {
+        let e = self.docs.get_mut(doc).ok_or(Refused::NotOpen)?;
+        let Some(delta) = op(&mut e.doc).map_err(Refused::Doc)? else { return Ok(()) };
+        self.out.push(Out::Change { doc: doc.to_owned(), keys: vec![delta.key.clone()], local: true });
+        let frame = Msg::Deltas(Deltas { doc: doc.to_owned(), deltas: vec![delta.clone()] }).encode();
+        self.out.push(Out::Tab(frame));
+        self.forward(doc, std::slice::from_ref(&delta));
+        self.out.push(Out::Persist { doc: doc.to_owned(), seq: delta.dot.seq, bytes: delta.encode() });
+        Ok(())
+    }
+
+    /// Deltas applied here (local, or from another tab): to the relay; snapshot later.
+    fn forward(&mut self, doc: &str, deltas: &[Delta]) {
+        if let Some(s) = &mut self.session {
+            let msgs = s.on_local_deltas(doc, deltas);
+            self.send(msgs);
+        }
+        self.out.push(Out::Dirty(doc.to_owned()));
+    }
+
+    /// A waiter id for `synced()`, or `None` when `doc` is synced already.
+    pub fn wait_synced(&mut self, doc: &str) -> Result<Option<u32>, Refused> {
+        let e = self.docs.get_mut(doc).ok_or(Refused::NotOpen)?;
+        let target = e.doc.version().clone();
+        if e.caught_up && target.le(&e.relay_has.vv) {
+            return Ok(None);
+        }
+        self.next_waiter = self.next_waiter.wrapping_add(1);
+        e.waiters.push((target, self.next_waiter));
+        Ok(Some(self.next_waiter))
+    }
+
+    // ---- the relay ----
+
+    /// A relay connection opened: say hello and subscribe to every open document.
+    pub fn connected(&mut self, token: Option<String>) {
+        let mut s = Session::new(self.replica, SessionConfig::default());
+        let mut msgs = vec![s.hello(token)];
+        let ids: Vec<String> = self.docs.keys().cloned().collect();
+        for id in ids {
+            msgs.extend(s.subscribe(&id, &mut Docs(&mut self.docs)));
+        }
+        self.session = Some(s);
+        self.send(msgs);
+    }
+
+    /// The relay connection is gone.
+    pub fn disconnected(&mut self) {
+        self.session = None;
+    }
+
+    /// Call every second while connected: re-sends stalled subscriptions and refreshes
+    /// settled ones (their answers double as liveness probes).
+    pub fn tick(&mut self) {
+        if let Some(s) = &mut self.session {
+            let msgs = s.tick(&mut Docs(&mut self.docs));
+            self.send(msgs);
+        }
+    }
+
+    /// A frame from the relay.
+    pub fn relay(&mut self, bytes: &[u8]) {
+        let Some(session) = &mut self.session else { return };
+        match session.handle(bytes, &mut Docs(&mut self.docs)) {
+            Ok(out) => {
+                self.send(out.replies);
+                if self.on_events(out.events) {
+                    self.reidentify();
+                }
+            }
+            Err(SyncError::Doc { error: DocError::Amnesia { .. }, .. }) => self.reidentify(),
+            Err(e) => {
+                self.send(vec![e.to_msg()]);
+                self.out.push(Out::Error(e.to_string()));
+            }
+        }
+    }
+
+    /// Handles the session's events. Returns true when the replica must take a new id.
+    fn on_events(&mut self, events: Vec<Event>) -> bool {
+        let mut amnesia = false;
+        for ev in events {
+            match ev {
+                Event::PeerHello { .. } => self.out.push(Out::Online),
+                Event::Applied { doc, deltas } => {
+                    if let Some(e) = self.docs.get_mut(&doc) {
+                        for d in &deltas {
+                            e.relay_has.insert(d.dot);
+                        }
+                        self.out.push(Out::Change { doc: doc.clone(), keys: keys_of(&deltas), local: false });
+                        e.settle(&mut self.out);
+                        self.out.push(Out::Dirty(doc));
+                    }
+                }
+                Event::StateMerged { doc } => {
+                    if let Some(e) = self.docs.get(&doc) {
+                        let keys = e.doc.keys().map(str::to_owned).collect();
+                        self.out.push(Out::Change { doc: doc.clone(), keys, local: false });
+                        self.out.push(Out::Dirty(doc));
+                    }
+                }
+                Event::Synced { doc, vv } | Event::Acked { doc, vv } => {
+                    if let Some(e) = self.docs.get_mut(&doc) {
+                        e.caught_up |= self.session.as_ref().is_some_and(|s| s.is_synced(&doc));
+                        e.relay_has.absorb(&vv);
+                        e.settle(&mut self.out);
+                    }
+                }
+                Event::PeerError(m) if m.code == ErrorCode::AMNESIA => amnesia = true,
+                Event::PeerError(m) => {
+                    let mut msg = String::from("relay error (");
+                    msg.push_str(m.code.name());
+                    msg.push_str("): ");
+                    msg.push_str(&m.message);
+                    self.out.push(Out::Error(msg));
+                }
+                _ => {}
+            }
+        }
+        amnesia
+    }
+
+    /// We lost state a peer has seen: take a new id for every document.
+    fn reidentify(&mut self) {
+        let old = self.replica;
+        let new_id = (self.fresh)();
+        self.replica = new_id;
+        for (_, e) in self.docs.iter_mut() {
+            e.doc.reidentify(new_id);
+        }
+        self.session = None;
+        self.out.push(Out::Reidentified { old });
+    }
+
+    // ---- other tabs ----
+
+    /// A frame from another tab.
+    pub fn tab(&mut self, bytes: &[u8]) {
+        let mut amnesia = false;
+        if let Some((doc_id, snapshot)) = channel::decode_state(bytes) {
+            let Some(e) = self.docs.get_mut(doc_id) else { return };
+            let Ok(other) = Document::decode(snapshot, DocConfig::default()) else { return };
+            if e.doc.check_amnesia(other.version()).is_err() {
+                amnesia = true;
+            } else {
+                let before = e.doc.version().clone();
+                merge_into(&mut e.doc, &other);
+                if e.doc.version() != &before {
+                    let keys = e.doc.keys().map(str::to_owned).collect();
+                    self.out.push(Out::Change { doc: doc_id.to_owned(), keys, local: false });
+                    self.out.push(Out::Dirty(doc_id.to_owned()));
+                }
+            }
+        } else {
+            match Msg::decode(bytes) {
+                Ok(Msg::Deltas(m)) => {
+                    let Some(e) = self.docs.get_mut(&m.doc) else { return };
+                    let mut applied = Vec::new();
+                    for d in m.deltas {
+                        if let Err(DocError::Amnesia { .. }) = e.doc.apply_into(d, &mut applied) {
+                            amnesia = true;
+                        }
+                    }
+                    if !applied.is_empty() {
+                        self.out.push(Out::Change {
+                            doc: m.doc.clone(),
+                            keys: keys_of(&applied),
+                            local: false,
+                        });
+                        self.forward(&m.doc, &applied);
+                    }
+                }
+                Ok(Msg::Subscribe(m)) => {
+                    let Some(e) = self.docs.get_mut(&m.doc) else { return };
+                    if e.doc.check_amnesia(&m.vv).is_err() {
+                        amnesia = true;
+                    } else {
+                        answer_tab(&mut self.out, &m.doc, &e.doc, &m.vv);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if amnesia {
+            self.reidentify();
+        }
+    }
+
+    // ---- persistence ----
+
+    /// `Document::encode()` of `doc`, for a snapshot.
+    pub fn snapshot(&self, doc: &str) -> Option<Vec<u8>> {
+        self.docs.get(doc).map(|e| e.doc.encode())
+    }
+}
+
+/// Answers another tab's `Subscribe`: what it lacks, and a subscribe back if it has
+/// something we lack.
+fn answer_tab(out: &mut Vec<Out>, doc_id: &str, doc: &Document, theirs: &VersionVector) {
+    match doc.deltas_since(theirs) {
+        Some(ds) if ds.is_empty() => {}
+        Some(ds) => {
+            let deltas = ds.into_iter().cloned().collect();
+            out.push(Out::Tab(Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas }).encode()));
+        }
+        None => out.push(Out::Tab(channel::encode_state(doc_id, &doc.encode()))),
+    }
+    if !theirs.le(doc.version()) {
+        let vv = doc.version().clone();
+        out.push(Out::Tab(Msg::Subscribe(Subscribe { doc: doc_id.to_owned(), vv }).encode()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn fresh() -> ReplicaId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ReplicaId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Delivers every tab frame `from` produced to `to`; returns the other outputs.
+    fn tabs(from: &mut Replica, to: &mut Replica) -> Vec<Out> {
+        let mut rest = Vec::new();
+        for o in from.take() {
+            match o {
+                Out::Tab(f) => to.tab(&f),
+                o => rest.push(o),
+            }
+        }
+        rest
+    }
+
+    #[test]
+    fn a_local_write_goes_to_listeners_tabs_and_the_outbox() {
+        let mut r = Replica::new(fresh);
+        r.open("d");
+        r.announce("d");
+        assert!(matches!(&r.take()[..], [Out::Tab(_)]), "a subscribe to the other tabs");
+        r.write("d", &mut |d| d.increment("likes", 2).map(Some)).unwrap();
+        let out = r.take();
+        assert!(matches!(&out[0], Out::Change { keys, local: true, .. } if keys == &["likes"]));
+        assert!(matches!(&out[1], Out::Tab(_)));
+        assert!(matches!(&out[2], Out::Dirty(d) if d == "d"));
+        assert!(matches!(&out[3], Out::Persist { seq: 1, .. }));
+        assert!(matches!(r.write("nope", &mut |d| d.increment("x", 1).map(Some)), Err(Refused::NotOpen)));
+    }
+
+    #[test]
+    fn a_tab_that_opens_later_catches_up_and_both_converge() {
+        let (mut a, mut b) = (Replica::new(fresh), Replica::new(fresh));
+        a.open("d");
+        a.announce("d");
+        a.write("d", &mut |d| d.increment("likes", 5).map(Some)).unwrap();
+        a.take();
+        b.open("d");
+        b.announce("d");
+        b.write("d", &mut |d| d.pn_add("votes", -1).map(Some)).unwrap();
+        // b's subscribe reaches a, which answers with what b lacks and subscribes back.
+        for _ in 0..3 {
+            tabs(&mut b, &mut a);
+            tabs(&mut a, &mut b);
+        }
+        let json = |r: &Replica| r.read("d", |d| format!("{:?}", d.to_value())).unwrap();
+        assert_eq!(json(&a), json(&b));
+        assert_eq!(a.read("d", |d| (d.counter("likes"), d.pn_counter("votes"))), Some((5, -1)));
+    }
+
+    #[test]
+    fn synced_waits_for_a_relay() {
+        let mut r = Replica::new(fresh);
+        r.open("d");
+        assert_eq!(r.wait_synced("d").unwrap(), Some(1));
+        assert!(matches!(r.wait_synced("x"), Err(Refused::NotOpen)));
+    }
+}
