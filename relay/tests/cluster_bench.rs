@@ -6,17 +6,13 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{tempdir, Client, Relay};
+use common::{free_port, tempdir, Client, Relay};
 use concord_core::docset::{DocSet, DocSetDiff};
 use concord_core::{ReplicaId, VersionVector};
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn start_cluster(root: &Path, nodes: usize, w: usize) -> (Vec<Relay>, Vec<SocketAddr>) {
     let ports: Vec<u16> = (0..nodes).map(|_| free_port()).collect();

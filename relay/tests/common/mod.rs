@@ -244,3 +244,27 @@ pub fn tempdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("mkdir");
     dir
 }
+
+/// A port for a relay that must know its address before it starts (cluster members name
+/// each other in their configs). Drawn below the kernel's ephemeral range, so no outgoing
+/// connection and no bind to port 0 elsewhere on the machine — another test's relay, a
+/// load tool with thousands of clients — can take it between this check and the relay's
+/// own bind. Different test processes start at different points of the range.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32768)
+        .clamp(12000, 49152);
+    let (base, span) = (10000u32, low - 10000);
+    let start = std::process::id().wrapping_mul(7919);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + start.wrapping_add(n.wrapping_mul(104_729)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
