@@ -183,7 +183,49 @@ impl Default for StorageOptions {
 
 struct WriteRequest {
     ops: Vec<WriteOp>,
-    done: oneshot::Sender<Result<(), StorageError>>,
+    done: Done,
+}
+
+/// How a write request learns its outcome.
+enum Done {
+    /// [`Storage::write`] awaits it.
+    Channel(oneshot::Sender<Result<(), StorageError>>),
+    /// [`WriteSlot::submit`]: runs on the writer thread.
+    Call(Box<dyn FnOnce(Result<(), StorageError>) + Send>),
+}
+
+impl Done {
+    fn complete(self, result: Result<(), StorageError>) {
+        match self {
+            Done::Channel(tx) => {
+                let _ = tx.send(result);
+            }
+            Done::Call(f) => f(result),
+        }
+    }
+}
+
+/// A place in the write queue, reserved with [`Storage::reserve`] so that the write can
+/// later be queued without waiting — e.g. while holding a lock, so that writes reach the
+/// queue in the order their data changed.
+pub struct WriteSlot {
+    permit: mpsc::OwnedPermit<Command>,
+}
+
+impl std::fmt::Debug for WriteSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteSlot")
+    }
+}
+
+impl WriteSlot {
+    /// Queues `ops` (applied atomically, like [`Storage::write`]) without waiting.
+    /// `done` runs on the storage writer thread once the transaction containing them is
+    /// durably committed, or failed; keep it short (e.g. a channel send), it delays the
+    /// next commit. Dropping the slot instead gives the place back.
+    pub fn submit(self, ops: Vec<WriteOp>, done: impl FnOnce(Result<(), StorageError>) + Send + 'static) {
+        self.permit.send(Command::Write(WriteRequest { ops, done: Done::Call(Box::new(done)) }));
+    }
 }
 
 enum Command {
@@ -287,10 +329,16 @@ impl Storage {
         let (done, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Command::Write(WriteRequest { ops, done }))
+            .send(Command::Write(WriteRequest { ops, done: Done::Channel(done) }))
             .await
             .map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Reserves a place in the write queue (waiting while it is full); see [`WriteSlot`].
+    pub async fn reserve(&self) -> Result<WriteSlot, StorageError> {
+        let permit = self.inner.tx.clone().reserve_owned().await.map_err(|_| StorageError::Closed)?;
+        Ok(WriteSlot { permit })
     }
 
     /// Durably stores delta `seq` of `doc`.
@@ -515,7 +563,7 @@ fn commit_batch(db: &Database, batch: Vec<WriteRequest>, stats: &Stats) {
     if batch.iter().all(|r| r.ops.is_empty()) {
         // Only flush barriers: everything before them is already committed.
         for req in batch {
-            let _ = req.done.send(Ok(()));
+            req.done.complete(Ok(()));
         }
         return;
     }
@@ -525,12 +573,12 @@ fn commit_batch(db: &Database, batch: Vec<WriteRequest>, stats: &Stats) {
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats.writes.fetch_add(n, Ordering::Relaxed);
             for req in batch {
-                let _ = req.done.send(Ok(()));
+                req.done.complete(Ok(()));
             }
         }
         Err(e) if batch.len() == 1 => {
             if let Some(req) = batch.into_iter().next() {
-                let _ = req.done.send(Err(e));
+                req.done.complete(Err(e));
             }
         }
         Err(e) => {
@@ -541,7 +589,7 @@ fn commit_batch(db: &Database, batch: Vec<WriteRequest>, stats: &Stats) {
                     stats.commits.fetch_add(1, Ordering::Relaxed);
                     stats.writes.fetch_add(1, Ordering::Relaxed);
                 }
-                let _ = req.done.send(result);
+                req.done.complete(result);
             }
         }
     }
