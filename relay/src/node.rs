@@ -28,7 +28,7 @@ use concord_core::sync::msg::ErrorMsg;
 use concord_core::sync::{ErrorCode, Event, FrameError, Msg, Session, SessionConfig, SyncError};
 use concord_core::{CausalContext, Delta, DocConfig, Document, Dot, ReplicaId, VersionVector};
 
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{self, Access, Claims};
 use crate::cluster::ClusterView;
@@ -149,7 +149,7 @@ pub(crate) struct Inner {
     pub(crate) cluster: Option<ClusterView>,
     state: Mutex<State>,
     /// Where the storage writer reports commits (see [`Node::on_durable`]).
-    durable_tx: mpsc::UnboundedSender<Durable>,
+    durable: Arc<Mutex<Vec<Durable>>>,
     /// Durable acks that completed client write quorums, from owners and from fallbacks
     /// (Riak's node_confirms: durability is never overstated).
     owner_acks: AtomicU64,
@@ -191,17 +191,19 @@ struct Commit {
 
 /// What the storage writer reports to the completion task, in commit order.
 enum Durable {
-    Commit(Commit, Result<(), StorageError>),
+    /// The ops come back to be freed here, not on the writer thread.
+    Commit(Commit, Vec<WriteOp>, Result<(), StorageError>),
     /// Everything queued before it is durable and processed.
     Barrier(oneshot::Sender<()>),
 }
 
-/// Processes commit reports until the node is gone (the task holds no strong handle, so
-/// it does not keep the node alive).
-async fn run_completions(node: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Durable>) {
+/// Processes commit reports, woken once per storage batch, until the node is gone (the
+/// task holds no strong handle, so it does not keep the node alive).
+async fn run_completions(node: Weak<Inner>, mut completed: watch::Receiver<u64>) {
     let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 4096).await > 0 {
+    while completed.changed().await.is_ok() {
         let Some(inner) = node.upgrade() else { return };
+        std::mem::swap(&mut batch, &mut *inner.durable.lock().unwrap_or_else(|p| p.into_inner()));
         Node { inner }.on_durable(&mut batch);
     }
 }
@@ -231,8 +233,7 @@ impl Node {
         for doc in storage.list_docs().await? {
             state.stored.insert(doc);
         }
-        // Unbounded, yet bounded by the storage queue: one report per queued request.
-        let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+        let completed = storage.completed();
         let node = Node {
             inner: Arc::new(Inner {
                 replica,
@@ -241,12 +242,13 @@ impl Node {
                 options,
                 cluster,
                 state: Mutex::new(state),
-                durable_tx,
+                // Unbounded, yet bounded by the storage queue: one report per request.
+                durable: Arc::default(),
                 owner_acks: AtomicU64::new(0),
                 fallback_acks: AtomicU64::new(0),
             }),
         };
-        tokio::spawn(run_completions(Arc::downgrade(&node.inner), durable_rx));
+        tokio::spawn(run_completions(Arc::downgrade(&node.inner), completed));
         // Version digests of stored documents, for anti-entropy.
         if node.inner.cluster.is_some() {
             let ids: Vec<String> = node.lock().stored.iter().cloned().collect();
@@ -817,10 +819,10 @@ impl Node {
             for p in &mut pending[1..] {
                 ops.append(&mut p.ops);
             }
-            let report = self.inner.durable_tx.clone();
+            let report = self.inner.durable.clone();
             let commit = Commit { conn: conn.id, pending, _permit: permit };
-            slot.submit(ops, move |result| {
-                let _ = report.send(Durable::Commit(commit, result));
+            slot.submit(ops, move |ops, result| {
+                report.lock().unwrap_or_else(|p| p.into_inner()).push(Durable::Commit(commit, ops, result));
             });
         }
         r?;
@@ -836,9 +838,9 @@ impl Node {
     pub async fn settle(&self) {
         let Ok(slot) = self.inner.storage.reserve().await else { return };
         let (tx, rx) = oneshot::channel();
-        let report = self.inner.durable_tx.clone();
-        slot.submit(Vec::new(), move |_| {
-            let _ = report.send(Durable::Barrier(tx));
+        let report = self.inner.durable.clone();
+        slot.submit(Vec::new(), move |_, _| {
+            report.lock().unwrap_or_else(|p| p.into_inner()).push(Durable::Barrier(tx));
         });
         let _ = rx.await;
     }
@@ -856,7 +858,10 @@ impl Node {
                     barriers.push(tx);
                     continue;
                 }
-                Durable::Commit(commit, res) => (commit, res),
+                Durable::Commit(commit, ops, res) => {
+                    drop(ops);
+                    (commit, res)
+                }
             };
             for p in commit.pending {
                 let State { docs, conns, .. } = &mut *st;
