@@ -201,8 +201,12 @@ enum Durable {
 /// task holds no strong handle, so it does not keep the node alive).
 async fn run_completions(node: Weak<Inner>, mut completed: watch::Receiver<u64>) {
     let mut batch = Vec::new();
+    let mut commits = 0;
     while completed.changed().await.is_ok() {
         let Some(inner) = node.upgrade() else { return };
+        let now = inner.storage.commits();
+        inner.metrics.storage_commits.add(now.saturating_sub(commits));
+        commits = now;
         std::mem::swap(&mut batch, &mut *inner.durable.lock().unwrap_or_else(|p| p.into_inner()));
         Node { inner }.on_durable(&mut batch);
     }
@@ -502,8 +506,15 @@ impl Node {
                 }
             }
         }
-        let retry: Option<(String, Vec<Delta>)> = match &msg {
-            Msg::Deltas(d) => Some((d.doc.clone(), d.deltas.clone())),
+        // Kept in case nothing is new (a retry): the dots, and in a cluster the deltas
+        // themselves, to send them to the replicas again.
+        let coordinator = self.inner.cluster.is_some() && c.peer.is_none();
+        let retry: Option<(String, Vec<Dot>, Vec<Delta>)> = match &msg {
+            Msg::Deltas(d) => Some((
+                d.doc.clone(),
+                d.deltas.iter().map(|d| d.dot).collect(),
+                if coordinator { d.deltas.clone() } else { Vec::new() },
+            )),
             _ => None,
         };
         let State { docs, conns, links, hints, hint_deletes, .. } = st;
@@ -555,6 +566,8 @@ impl Node {
                     }
                     e.since_snapshot += deltas.len() as u64;
                     if e.since_snapshot >= SNAPSHOT_EVERY {
+                        // The snapshot holds this frame's deltas too: write it instead.
+                        ops.clear();
                         ops.push(WriteOp::PutSnapshot {
                             doc: doc.clone(),
                             bytes: e.doc.encode(),
@@ -565,8 +578,7 @@ impl Node {
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     e.inflight += 1;
                     let dots: Vec<Dot> = deltas.iter().map(|d| d.dot).collect();
-                    let coordinated = self.inner.cluster.is_some() && c.peer.is_none();
-                    if coordinated {
+                    if coordinator {
                         self.start_quorum(&doc, e, id, dots.clone(), links);
                         // The targets may have changed since the client subscribed (a node
                         // went down: a fallback takes its place).
@@ -577,7 +589,7 @@ impl Node {
                         ops,
                         dots,
                         absorb: None,
-                        ack_local: !coordinated,
+                        ack_local: !coordinator,
                     });
                     // Fan out at once; the ack waits for durability.
                     let members: Vec<u64> = e.members.iter().copied().filter(|m| *m != id).collect();
@@ -629,11 +641,10 @@ impl Node {
         }
         // A retried write (nothing new): ack what is durable, and in a cluster make sure
         // the write reaches its quorum again.
-        if let (false, Some((doc, deltas))) = (applied_any, retry) {
+        if let (false, Some((doc, dots, deltas))) = (applied_any, retry) {
             if let Some(e) = docs.get_mut(&doc) {
-                if self.inner.cluster.is_some() && c.peer.is_none() {
-                    let missing: Vec<Dot> =
-                        deltas.iter().map(|d| d.dot).filter(|d| !e.quorum.contains(*d)).collect();
+                if coordinator {
+                    let missing: Vec<Dot> = dots.into_iter().filter(|d| !e.quorum.contains(*d)).collect();
                     if !missing.is_empty() {
                         self.start_quorum(&doc, e, id, missing.clone(), links);
                         let resend: Vec<Delta> =
@@ -650,10 +661,10 @@ impl Node {
                     if missing.is_empty() {
                         self.send(&c.out, &c.session.ack(&doc, &e.quorum.vv));
                     }
-                } else if e.inflight == 0 || deltas.iter().all(|d| e.durable.contains(d.dot)) {
+                } else if e.inflight == 0 || dots.iter().all(|d| e.durable.contains(*d)) {
                     self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
                 } else {
-                    e.ack_waiters.push((id, deltas.iter().map(|d| d.dot).collect()));
+                    e.ack_waiters.push((id, dots));
                 }
             }
         }
@@ -893,12 +904,14 @@ impl Node {
                                     e.quorum.insert(*d);
                                 }
                             }
-                            acks.push((commit.conn, p.doc.clone()));
                         } else {
                             self.check_quorum(&p.doc, e, conns, None);
                         }
                         let vv = self.inner.cluster.is_some().then(|| e.doc.version().clone());
                         self.record_stored(st, &p.doc, vv.as_ref());
+                        if p.ack_local {
+                            acks.push((commit.conn, p.doc));
+                        }
                     }
                     Err(err) => {
                         tracing::error!(doc = %p.doc, error = %err, "persisting failed");
