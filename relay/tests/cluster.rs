@@ -18,8 +18,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 const T: Duration = Duration::from_secs(30);
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A free port, held by the returned listener until it is dropped: the proxies, bound
+/// to port 0 meanwhile, cannot be given it (drop it just before the relay binds it).
+fn reserve_port() -> (u16, StdListener) {
+    let l = StdListener::bind("127.0.0.1:0").unwrap();
+    (l.local_addr().unwrap().port(), l)
 }
 
 /// A TCP proxy that can cut (drop and refuse) its connections.
@@ -81,7 +84,7 @@ impl Cluster {
     async fn start(name: &str, n: usize) -> Cluster {
         let root = tempdir(name);
         let ids: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let (ports, reserved): (Vec<u16>, Vec<StdListener>) = (0..n).map(|_| reserve_port()).unzip();
         let mut proxies = HashMap::new();
         for i in 0..n {
             for (j, port) in ports.iter().enumerate() {
@@ -92,6 +95,7 @@ impl Cluster {
         }
         let dirs = ids.iter().map(|id| root.join(id)).collect();
         let mut c = Cluster { ids, ports, dirs, proxies, relays: Vec::new(), root };
+        drop(reserved);
         for i in 0..n {
             let r = c.spawn(i, n);
             c.relays.push(Some(r));
@@ -122,12 +126,14 @@ impl Cluster {
     async fn add_node(&mut self) {
         let n = self.ids.len();
         self.ids.push(format!("n{n}"));
-        self.ports.push(free_port());
+        let (port, reserved) = reserve_port();
+        self.ports.push(port);
         self.dirs.push(self.root.join(format!("n{n}")));
         for i in 0..n {
             self.proxies.insert((i, n), Proxy::start(self.ports[n]).await);
             self.proxies.insert((n, i), Proxy::start(self.ports[i]).await);
         }
+        drop(reserved);
     }
 
     fn spawn(&self, i: usize, members: usize) -> Relay {
