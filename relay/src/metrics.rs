@@ -122,6 +122,9 @@ pub struct Metrics {
     pub bytes_out: Counter,
     /// Deltas durably persisted by this node (updated by the sync handler).
     pub deltas_persisted: Counter,
+    /// Durable transactions (group commits) of this node's storage (updated by the sync
+    /// handler): deltas persisted per commit tells how well writes are grouped.
+    pub storage_commits: Counter,
     /// HTTP requests served (health, metrics, static files, bad requests).
     pub http_requests: Counter,
     /// Time from receiving a client's delta to acking it.
@@ -184,6 +187,12 @@ impl Metrics {
             "concord_deltas_persisted_total",
             "Deltas durably persisted by this node.",
             self.deltas_persisted.get(),
+        );
+        counter(
+            &mut out,
+            "concord_storage_commits_total",
+            "Durable storage transactions (group commits).",
+            self.storage_commits.get(),
         );
         counter(
             &mut out,

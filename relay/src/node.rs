@@ -4,23 +4,31 @@
 //! [`Node::on_binary`] → the frame is decoded and authorised → the connection's core
 //! [`Session`] applies it to the document (loaded from [`Storage`] on demand) → applied
 //! deltas are pushed at once to every other connection subscribed to the document
-//! (clients and peer relays alike) and written to storage, where the group-commit writer
+//! (clients and peer relays alike) and queued for storage, where the group-commit writer
 //! makes them durable together with other connections' writes → the writer is acked:
 //! standalone, once the local commit is durable; in a cluster, once W replicas of the
 //! document's preference list confirmed durability (see [`crate::cluster`]).
+//!
+//! The connection does not wait for the commit: its next frame is read while the
+//! previous ones are on their way to disk (at most [`MAX_UNCOMMITTED_FRAMES`] per
+//! connection). The storage thread reports each commit to one completion task, which
+//! takes the node's lock once per commit for every write in it and sends each
+//! connection one `Ack` per document — never before the data is durable.
 //!
 //! All protocol decisions are made by concord-core; this module moves bytes, keeps
 //! per-connection sessions, and decides what to persist and when to ack.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use concord_core::cluster::{quorum_version, write_targets, WriteQuorum};
 use concord_core::sync::msg::ErrorMsg;
 use concord_core::sync::{ErrorCode, Event, FrameError, Msg, Session, SessionConfig, SyncError};
 use concord_core::{CausalContext, Delta, DocConfig, Document, Dot, ReplicaId, VersionVector};
+
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{self, Access, Claims};
 use crate::cluster::ClusterView;
@@ -30,6 +38,9 @@ use crate::storage::{Storage, StorageError, WriteOp};
 
 /// Deltas written per document before a snapshot replaces them.
 const SNAPSHOT_EVERY: u64 = 512;
+/// Frames of one connection whose writes may be waiting for their commit at once; the
+/// connection's next frame is read only when one of them is durable.
+pub const MAX_UNCOMMITTED_FRAMES: usize = 32;
 /// Prefix of the `Hello` token of a relay peer link.
 pub const PEER_TOKEN_PREFIX: &str = "peer:";
 
@@ -77,9 +88,9 @@ pub(crate) struct DocEntry {
     next_seq: u64,
     since_snapshot: u64,
     inflight: u64,
-    /// Connections that sent deltas already applied but not yet durable: acked when the
-    /// in-flight writes commit.
-    ack_waiters: BTreeSet<u64>,
+    /// Connections that resent deltas already applied but not yet durable, with their
+    /// dots: acked once those are durable (or, failing that, when no write is in flight).
+    ack_waiters: Vec<(u64, Vec<Dot>)>,
     pub(crate) members: BTreeSet<u64>,
     last_used: u64,
 }
@@ -137,6 +148,8 @@ pub(crate) struct Inner {
     pub(crate) options: NodeOptions,
     pub(crate) cluster: Option<ClusterView>,
     state: Mutex<State>,
+    /// Where the storage writer reports commits (see [`Node::on_durable`]).
+    durable: Arc<Mutex<Vec<Durable>>>,
     /// Durable acks that completed client write quorums, from owners and from fallbacks
     /// (Riak's node_confirms: durability is never overstated).
     owner_acks: AtomicU64,
@@ -153,6 +166,8 @@ pub struct Node {
 pub struct NodeConn {
     pub(crate) id: u64,
     out: Outbox,
+    /// [`MAX_UNCOMMITTED_FRAMES`] permits: one per frame whose writes are not durable yet.
+    uncommitted: Arc<Semaphore>,
 }
 
 /// A write this frame must make durable before acking.
@@ -163,6 +178,38 @@ struct Pending {
     absorb: Option<VersionVector>,
     /// Ack the writer once locally durable (standalone, or a replica write from a peer).
     ack_local: bool,
+}
+
+/// One frame's writes, queued for storage as one atomic request.
+struct Commit {
+    conn: u64,
+    /// Their `ops` already went to storage.
+    pending: Vec<Pending>,
+    /// The connection's place for an uncommitted frame, given back once processed.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What the storage writer reports to the completion task, in commit order.
+enum Durable {
+    /// The ops come back to be freed here, not on the writer thread.
+    Commit(Commit, Vec<WriteOp>, Result<(), StorageError>),
+    /// Everything queued before it is durable and processed.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// Processes commit reports, woken once per storage batch, until the node is gone (the
+/// task holds no strong handle, so it does not keep the node alive).
+async fn run_completions(node: Weak<Inner>, mut completed: watch::Receiver<u64>) {
+    let mut batch = Vec::new();
+    let mut commits = 0;
+    while completed.changed().await.is_ok() {
+        let Some(inner) = node.upgrade() else { return };
+        let now = inner.storage.commits();
+        inner.metrics.storage_commits.add(now.saturating_sub(commits));
+        commits = now;
+        std::mem::swap(&mut batch, &mut *inner.durable.lock().unwrap_or_else(|p| p.into_inner()));
+        Node { inner }.on_durable(&mut batch);
+    }
 }
 
 impl Node {
@@ -190,6 +237,7 @@ impl Node {
         for doc in storage.list_docs().await? {
             state.stored.insert(doc);
         }
+        let completed = storage.completed();
         let node = Node {
             inner: Arc::new(Inner {
                 replica,
@@ -198,10 +246,13 @@ impl Node {
                 options,
                 cluster,
                 state: Mutex::new(state),
+                // Unbounded, yet bounded by the storage queue: one report per request.
+                durable: Arc::default(),
                 owner_acks: AtomicU64::new(0),
                 fallback_acks: AtomicU64::new(0),
             }),
         };
+        tokio::spawn(run_completions(Arc::downgrade(&node.inner), completed));
         // Version digests of stored documents, for anti-entropy.
         if node.inner.cluster.is_some() {
             let ids: Vec<String> = node.lock().stored.iter().cloned().collect();
@@ -209,7 +260,7 @@ impl Node {
                 node.ensure_loaded(&id).await?;
                 let mut st = node.lock();
                 let vv = st.docs.get(&id).map(|e| e.doc.version().clone()).unwrap_or_default();
-                node.record_stored(&mut st, &id, &vv);
+                node.record_stored(&mut st, &id, Some(&vv));
                 Self::evict(&mut st, node.inner.options.doc_cache_capacity);
             }
         }
@@ -327,7 +378,7 @@ impl Node {
             next_seq,
             since_snapshot: stored.deltas.len() as u64,
             inflight: 0,
-            ack_waiters: BTreeSet::new(),
+            ack_waiters: Vec::new(),
             members: BTreeSet::new(),
             last_used: clock,
         });
@@ -455,8 +506,15 @@ impl Node {
                 }
             }
         }
-        let retry: Option<(String, Vec<Delta>)> = match &msg {
-            Msg::Deltas(d) => Some((d.doc.clone(), d.deltas.clone())),
+        // Kept in case nothing is new (a retry): the dots, and in a cluster the deltas
+        // themselves, to send them to the replicas again.
+        let coordinator = self.inner.cluster.is_some() && c.peer.is_none();
+        let retry: Option<(String, Vec<Dot>, Vec<Delta>)> = match &msg {
+            Msg::Deltas(d) => Some((
+                d.doc.clone(),
+                d.deltas.iter().map(|d| d.dot).collect(),
+                if coordinator { d.deltas.clone() } else { Vec::new() },
+            )),
             _ => None,
         };
         let State { docs, conns, links, hints, hint_deletes, .. } = st;
@@ -508,6 +566,8 @@ impl Node {
                     }
                     e.since_snapshot += deltas.len() as u64;
                     if e.since_snapshot >= SNAPSHOT_EVERY {
+                        // The snapshot holds this frame's deltas too: write it instead.
+                        ops.clear();
                         ops.push(WriteOp::PutSnapshot {
                             doc: doc.clone(),
                             bytes: e.doc.encode(),
@@ -518,8 +578,7 @@ impl Node {
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     e.inflight += 1;
                     let dots: Vec<Dot> = deltas.iter().map(|d| d.dot).collect();
-                    let coordinated = self.inner.cluster.is_some() && c.peer.is_none();
-                    if coordinated {
+                    if coordinator {
                         self.start_quorum(&doc, e, id, dots.clone(), links);
                         // The targets may have changed since the client subscribed (a node
                         // went down: a fallback takes its place).
@@ -530,7 +589,7 @@ impl Node {
                         ops,
                         dots,
                         absorb: None,
-                        ack_local: !coordinated,
+                        ack_local: !coordinator,
                     });
                     // Fan out at once; the ack waits for durability.
                     let members: Vec<u64> = e.members.iter().copied().filter(|m| *m != id).collect();
@@ -582,11 +641,10 @@ impl Node {
         }
         // A retried write (nothing new): ack what is durable, and in a cluster make sure
         // the write reaches its quorum again.
-        if let (false, Some((doc, deltas))) = (applied_any, retry) {
+        if let (false, Some((doc, dots, deltas))) = (applied_any, retry) {
             if let Some(e) = docs.get_mut(&doc) {
-                if self.inner.cluster.is_some() && c.peer.is_none() {
-                    let missing: Vec<Dot> =
-                        deltas.iter().map(|d| d.dot).filter(|d| !e.quorum.contains(*d)).collect();
+                if coordinator {
+                    let missing: Vec<Dot> = dots.into_iter().filter(|d| !e.quorum.contains(*d)).collect();
                     if !missing.is_empty() {
                         self.start_quorum(&doc, e, id, missing.clone(), links);
                         let resend: Vec<Delta> =
@@ -603,10 +661,10 @@ impl Node {
                     if missing.is_empty() {
                         self.send(&c.out, &c.session.ack(&doc, &e.quorum.vv));
                     }
-                } else if e.inflight == 0 {
+                } else if e.inflight == 0 || dots.iter().all(|d| e.durable.contains(*d)) {
                     self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
                 } else {
-                    e.ack_waiters.insert(id);
+                    e.ack_waiters.push((id, dots));
                 }
             }
         }
@@ -729,6 +787,7 @@ impl Node {
                 return Ok(());
             }
         };
+        drop(frame);
         if let Some(doc) = msg.doc() {
             if !matches!(msg, Msg::Error(_)) {
                 if let Err(e) = self.ensure_loaded(doc).await {
@@ -742,76 +801,150 @@ impl Node {
                 }
             }
         }
+        // Any frame may end up writing (deltas, a finished catch-up): take its place among
+        // the connection's uncommitted frames and in the storage queue before the lock,
+        // so that the write can be queued under it, in the order the documents changed.
+        let Ok(permit) = conn.uncommitted.clone().acquire_owned().await else { return Ok(()) };
+        let slot = match self.inner.storage.reserve().await {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.error(
+                    &conn.out,
+                    ErrorCode::INTERNAL,
+                    msg.doc(),
+                    format!("storage failed: {e}; retry later"),
+                );
+                return Ok(());
+            }
+        };
         let mut pending: Vec<Pending> = Vec::new();
         let mut follow: Vec<String> = Vec::new();
-        {
-            let mut st = self.lock();
-            st.clock += 1;
-            let clock = st.clock;
-            let Some(mut c) = st.conns.remove(&conn.id) else { return Ok(()) };
-            let r = self.process(conn.id, &mut c, msg, &mut st, clock, &mut pending, &mut follow);
-            st.conns.insert(conn.id, c);
-            r?;
-            for doc in follow {
-                crate::cluster::follow(self, &mut st, &doc);
+        let mut st = self.lock();
+        st.clock += 1;
+        let clock = st.clock;
+        let Some(mut c) = st.conns.remove(&conn.id) else { return Ok(()) };
+        let r = self.process(conn.id, &mut c, msg, &mut st, clock, &mut pending, &mut follow);
+        st.conns.insert(conn.id, c);
+        if !pending.is_empty() {
+            let mut ops = std::mem::take(&mut pending[0].ops);
+            for p in &mut pending[1..] {
+                ops.append(&mut p.ops);
             }
-            Self::evict(&mut st, self.inner.options.doc_cache_capacity);
+            let report = self.inner.durable.clone();
+            let commit = Commit { conn: conn.id, pending, _permit: permit };
+            slot.submit(ops, move |ops, result| {
+                report.lock().unwrap_or_else(|p| p.into_inner()).push(Durable::Commit(commit, ops, result));
+            });
         }
-        for p in pending {
-            let n = p.dots.len() as u64;
-            let res = self.inner.storage.write(p.ops).await;
-            let mut st = self.lock();
-            let mut recorded: Option<VersionVector> = None;
-            let State { docs, conns, .. } = &mut *st;
-            let Some(e) = docs.get_mut(&p.doc) else { continue };
-            e.inflight = e.inflight.saturating_sub(1);
-            match res {
-                Ok(()) => {
-                    for d in &p.dots {
-                        e.durable.insert(*d);
-                    }
-                    if let Some(vv) = &p.absorb {
-                        e.durable.absorb(vv);
-                    }
-                    recorded = Some(e.doc.version().clone());
-                    if e.inflight == 0 {
-                        for w in std::mem::take(&mut e.ack_waiters) {
-                            if let Some(c) = conns.get(&w) {
-                                self.send(&c.out, &c.session.ack(&p.doc, &e.durable.vv));
-                            }
-                        }
-                    }
-                    self.inner.metrics.deltas_persisted.add(n);
-                    if p.ack_local {
-                        if self.inner.cluster.is_none() {
-                            for d in &p.dots {
-                                e.quorum.insert(*d);
-                            }
-                        }
-                        if let Some(c) = conns.get(&conn.id) {
-                            self.send(&c.out, &c.session.ack(&p.doc, &e.durable.vv));
-                        }
-                    } else {
-                        self.check_quorum(&p.doc, e, conns, None);
-                    }
-                }
-                Err(err) => {
-                    tracing::error!(doc = %p.doc, error = %err, "persisting failed");
-                    if let Some(c) = conns.get(&conn.id) {
-                        self.error(
-                            &c.out,
-                            ErrorCode::INTERNAL,
-                            Some(&p.doc),
-                            format!("storage failed: {err}; the write was not acknowledged, retry"),
-                        );
-                    }
-                }
-            }
-            if let Some(vv) = recorded {
-                self.record_stored(&mut st, &p.doc, &vv);
-            }
+        r?;
+        for doc in follow {
+            crate::cluster::follow(self, &mut st, &doc);
         }
+        Self::evict(&mut st, self.inner.options.doc_cache_capacity);
         Ok(())
+    }
+
+    /// Resolves once every write queued before the call is durable and its acks are
+    /// sent (for tests and the in-process profile).
+    pub async fn settle(&self) {
+        let Ok(slot) = self.inner.storage.reserve().await else { return };
+        let (tx, rx) = oneshot::channel();
+        let report = self.inner.durable.clone();
+        slot.submit(Vec::new(), move |_, _| {
+            report.lock().unwrap_or_else(|p| p.into_inner()).push(Durable::Barrier(tx));
+        });
+        let _ = rx.await;
+    }
+
+    /// Commit reports, in commit order: marks the writes durable, completes quorums, and
+    /// acks each writer once per document for the whole batch.
+    fn on_durable(&self, batch: &mut Vec<Durable>) {
+        let mut barriers = Vec::new();
+        let mut acks: Vec<(u64, String)> = Vec::new();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        for report in batch.drain(..) {
+            let (commit, res) = match report {
+                Durable::Barrier(tx) => {
+                    barriers.push(tx);
+                    continue;
+                }
+                Durable::Commit(commit, ops, res) => {
+                    drop(ops);
+                    (commit, res)
+                }
+            };
+            for p in commit.pending {
+                let State { docs, conns, .. } = &mut *st;
+                let Some(e) = docs.get_mut(&p.doc) else { continue };
+                e.inflight = e.inflight.saturating_sub(1);
+                match &res {
+                    Ok(()) => {
+                        for d in &p.dots {
+                            e.durable.insert(*d);
+                        }
+                        if let Some(vv) = &p.absorb {
+                            e.durable.absorb(vv);
+                        }
+                        if !e.ack_waiters.is_empty() {
+                            let idle = e.inflight == 0;
+                            let durable = &e.durable;
+                            e.ack_waiters.retain(|(w, dots)| {
+                                let done = idle || dots.iter().all(|d| durable.contains(*d));
+                                if done {
+                                    acks.push((*w, p.doc.clone()));
+                                }
+                                !done
+                            });
+                        }
+                        self.inner.metrics.deltas_persisted.add(p.dots.len() as u64);
+                        if p.ack_local {
+                            if self.inner.cluster.is_none() {
+                                for d in &p.dots {
+                                    e.quorum.insert(*d);
+                                }
+                            }
+                        } else {
+                            self.check_quorum(&p.doc, e, conns, None);
+                        }
+                        let vv = self.inner.cluster.is_some().then(|| e.doc.version().clone());
+                        self.record_stored(st, &p.doc, vv.as_ref());
+                        if p.ack_local {
+                            acks.push((commit.conn, p.doc));
+                        }
+                    }
+                    Err(err) => {
+                        tracing::error!(doc = %p.doc, error = %err, "persisting failed");
+                        if e.inflight == 0 {
+                            // Nothing else will make them durable: tell them what is.
+                            for (w, _) in std::mem::take(&mut e.ack_waiters) {
+                                acks.push((w, p.doc.clone()));
+                            }
+                        }
+                        if let Some(c) = conns.get(&commit.conn) {
+                            self.error(
+                                &c.out,
+                                ErrorCode::INTERNAL,
+                                Some(&p.doc),
+                                format!("storage failed: {err}; the write was not acknowledged, retry"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // One ack per connection and document, with everything durable by now.
+        acks.sort_unstable();
+        acks.dedup();
+        for (conn, doc) in acks {
+            if let (Some(c), Some(e)) = (st.conns.get(&conn), st.docs.get(&doc)) {
+                self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
+            }
+        }
+        drop(guard);
+        for tx in barriers {
+            let _ = tx.send(());
+        }
     }
 
     /// Registers a connection made by this node to a peer relay (a cluster link) and
@@ -847,7 +980,7 @@ impl Node {
         let session = Session::new(self.inner.replica, self.session_config());
         st.conns
             .insert(id, ConnEntry { session, out: out.clone(), claims: None, docs: BTreeSet::new(), peer });
-        NodeConn { id, out }
+        NodeConn { id, out, uncommitted: Arc::new(Semaphore::new(MAX_UNCOMMITTED_FRAMES)) }
     }
 
     /// Handles one frame of a connection (server connections and peer links alike).
@@ -862,9 +995,11 @@ impl Node {
 
     /// Notes that `doc` is durable here at `vv`: in the stored set and in the shared
     /// document-set tree of every peer that also owns it (O(peers) per commit).
-    fn record_stored(&self, st: &mut State, doc: &str, vv: &VersionVector) {
-        st.stored.insert(doc.to_owned());
-        let Some(cluster) = &self.inner.cluster else { return };
+    fn record_stored(&self, st: &mut State, doc: &str, vv: Option<&VersionVector>) {
+        if !st.stored.contains(doc) {
+            st.stored.insert(doc.to_owned());
+        }
+        let (Some(cluster), Some(vv)) = (&self.inner.cluster, vv) else { return };
         for peer in cluster.peers.keys() {
             if cluster.shares(peer, doc) {
                 st.shared.entry(peer.clone()).or_default().upsert(doc, vv);

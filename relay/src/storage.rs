@@ -1,13 +1,22 @@
 //! Embedded, crash-safe storage on [redb] with group commit.
 //!
-//! Four tables, all values opaque bytes (the caller encodes):
+//! Five tables, all payloads opaque bytes (the caller encodes):
 //!
-//! | table       | key                        | value                          |
-//! |-------------|----------------------------|--------------------------------|
-//! | `documents` | doc id                     | latest snapshot                |
-//! | `deltas`    | (doc id, seq)              | one delta of the log           |
-//! | `meta`      | key                        | e.g. this node's replica id    |
-//! | `hints`     | (target node, doc id, id)  | hinted-handoff payload         |
+//! | table        | key                        | value                                    |
+//! |--------------|----------------------------|------------------------------------------|
+//! | `documents`  | doc id                     | latest snapshot                          |
+//! | `delta_runs` | (doc id, last seq)         | a run of consecutive deltas of the log   |
+//! | `deltas`     | (doc id, seq)              | one delta (written by earlier versions)  |
+//! | `meta`       | key                        | e.g. this node's replica id              |
+//! | `hints`      | (target node, doc id, id)  | hinted-handoff payload                   |
+//!
+//! **One row per document per commit.** Consecutive deltas of a document written in one
+//! transaction are stored as one `delta_runs` row (each delta prefixed by its length as a
+//! LEB128 varint; the key names the run's last seq, so a run holding `n` deltas covers
+//! `last - n + 1 ..= last`). A busy document thus costs one B-tree insert per commit,
+//! not one per delta. Keying by the *last* seq keeps truncation safe: a snapshot that
+//! supersedes `..= upto` deletes only runs that end at or before `upto`. Rows of the
+//! older one-delta-per-row `deltas` table are still read, truncated and deleted.
 //!
 //! **Group commit.** Every write goes through one bounded channel to a single writer
 //! thread (a std thread: redb's commit blocks on `fsync`, which must not stall the tokio
@@ -35,7 +44,8 @@
 //! # });
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,10 +53,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents");
 const DELTAS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("deltas");
+const DELTA_RUNS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("delta_runs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const HINTS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("hints");
 
@@ -90,7 +101,9 @@ fn engine(e: impl Into<redb::Error>) -> StorageError {
 /// One write. A [`Storage::write`] of several ops is atomic: all or none.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
-    /// Append (or overwrite) delta `seq` of `doc`.
+    /// Append delta `seq` of `doc`. Seqs of a document are written once each, in
+    /// ascending order (a snapshot that truncates the log lets them start over); a run of
+    /// consecutive seqs in one transaction is stored as one row.
     PutDelta {
         /// Document id.
         doc: String,
@@ -183,7 +196,60 @@ impl Default for StorageOptions {
 
 struct WriteRequest {
     ops: Vec<WriteOp>,
-    done: oneshot::Sender<Result<(), StorageError>>,
+    done: Done,
+}
+
+/// What [`WriteSlot::submit`] runs once its request is committed or failed.
+type Callback = dyn FnOnce(Vec<WriteOp>, Result<(), StorageError>) + Send;
+
+/// How a write request learns its outcome.
+enum Done {
+    /// [`Storage::write`] awaits it.
+    Channel(oneshot::Sender<Result<(), StorageError>>),
+    /// [`WriteSlot::submit`]: runs on the writer thread.
+    Call(Box<Callback>),
+}
+
+impl WriteRequest {
+    fn complete(self, result: Result<(), StorageError>) {
+        match self.done {
+            Done::Channel(tx) => {
+                let _ = tx.send(result);
+            }
+            Done::Call(f) => f(self.ops, result),
+        }
+    }
+}
+
+/// A place in the write queue, reserved with [`Storage::reserve`] so that the write can
+/// later be queued without waiting — e.g. while holding a lock, so that writes reach the
+/// queue in the order their data changed.
+pub struct WriteSlot {
+    permit: mpsc::OwnedPermit<Command>,
+}
+
+impl std::fmt::Debug for WriteSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteSlot")
+    }
+}
+
+impl WriteSlot {
+    /// Queues `ops` (applied atomically, like [`Storage::write`]) without waiting.
+    /// `done` runs on the storage writer thread once the transaction containing them is
+    /// durably committed, or failed, and gets the ops back so that they can be freed on
+    /// the caller's side (freeing memory another thread allocated is slow, and the
+    /// writer thread is the bottleneck of durable writes). Keep it short (e.g. a push
+    /// onto a queue): it delays the next commit. Wake the consumer from
+    /// [`Storage::completed`], once per batch, rather than in `done`. Dropping the slot
+    /// instead of submitting gives the place back.
+    pub fn submit(
+        self,
+        ops: Vec<WriteOp>,
+        done: impl FnOnce(Vec<WriteOp>, Result<(), StorageError>) + Send + 'static,
+    ) {
+        self.permit.send(Command::Write(WriteRequest { ops, done: Done::Call(Box::new(done)) }));
+    }
 }
 
 enum Command {
@@ -191,10 +257,11 @@ enum Command {
     Close(oneshot::Sender<()>),
 }
 
-#[derive(Default)]
 struct Stats {
     commits: AtomicU64,
     writes: AtomicU64,
+    /// Batches completed: bumped after the callbacks of each batch ran.
+    batches: watch::Sender<u64>,
 }
 
 struct Inner {
@@ -241,6 +308,7 @@ impl Storage {
         let next_hint = {
             txn.open_table(DOCUMENTS).map_err(engine)?;
             txn.open_table(DELTAS).map_err(engine)?;
+            txn.open_table(DELTA_RUNS).map_err(engine)?;
             txn.open_table(META).map_err(engine)?;
             let hints = txn.open_table(HINTS).map_err(engine)?;
             let mut max = 0;
@@ -253,7 +321,11 @@ impl Storage {
         txn.commit().map_err(engine)?;
 
         let db = Arc::new(db);
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats {
+            commits: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            batches: watch::channel(0).0,
+        });
         let (tx, rx) = mpsc::channel(options.queue.max(1));
         let thread = {
             let db = db.clone();
@@ -287,10 +359,16 @@ impl Storage {
         let (done, rx) = oneshot::channel();
         self.inner
             .tx
-            .send(Command::Write(WriteRequest { ops, done }))
+            .send(Command::Write(WriteRequest { ops, done: Done::Channel(done) }))
             .await
             .map_err(|_| StorageError::Closed)?;
         rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Reserves a place in the write queue (waiting while it is full); see [`WriteSlot`].
+    pub async fn reserve(&self) -> Result<WriteSlot, StorageError> {
+        let permit = self.inner.tx.clone().reserve_owned().await.map_err(|_| StorageError::Closed)?;
+        Ok(WriteSlot { permit })
     }
 
     /// Durably stores delta `seq` of `doc`.
@@ -373,6 +451,13 @@ impl Storage {
         self.inner.stats.commits.load(Ordering::Relaxed)
     }
 
+    /// Changes each time the writer thread finished a batch of requests — after the
+    /// `done` callbacks of every [`WriteSlot::submit`] in it ran. One wake-up per group
+    /// commit for a consumer of those callbacks' results.
+    pub fn completed(&self) -> watch::Receiver<u64> {
+        self.inner.stats.batches.subscribe()
+    }
+
     /// Write requests committed so far.
     pub fn writes(&self) -> u64 {
         self.inner.stats.writes.load(Ordering::Relaxed)
@@ -393,12 +478,25 @@ impl Storage {
             let txn = db.begin_read().map_err(engine)?;
             let docs = txn.open_table(DOCUMENTS).map_err(engine)?;
             let snapshot = docs.get(doc.as_str()).map_err(engine)?.map(|v| v.value().to_vec());
-            let deltas_t = txn.open_table(DELTAS).map_err(engine)?;
+            let range = (doc.as_str(), 0u64)..=(doc.as_str(), u64::MAX);
             let mut deltas = Vec::new();
-            for entry in deltas_t.range((doc.as_str(), 0u64)..=(doc.as_str(), u64::MAX)).map_err(engine)? {
+            for entry in txn.open_table(DELTAS).map_err(engine)?.range(range.clone()).map_err(engine)? {
                 let (k, v) = entry.map_err(engine)?;
                 deltas.push((k.value().1, v.value().to_vec()));
             }
+            for entry in txn.open_table(DELTA_RUNS).map_err(engine)?.range(range).map_err(engine)? {
+                let (k, v) = entry.map_err(engine)?;
+                let last = k.value().1;
+                let Some(run) = split_run(v.value()) else {
+                    tracing::error!(doc = %doc, last, "skipping an unreadable run of stored deltas");
+                    continue;
+                };
+                let first = (last + 1).saturating_sub(run.len() as u64);
+                deltas.extend((first..).zip(run.into_iter().map(<[u8]>::to_vec)));
+            }
+            // Rows of both tables, in log order; a seq stored twice counts once.
+            deltas.sort_by_key(|(seq, _)| *seq);
+            deltas.dedup_by_key(|(seq, _)| *seq);
             Ok(StoredDoc { snapshot, deltas })
         })
         .await
@@ -412,26 +510,31 @@ impl Storage {
             for entry in txn.open_table(DOCUMENTS).map_err(engine)?.iter().map_err(engine)? {
                 out.insert(entry.map_err(engine)?.0.value().to_string());
             }
-            // Skip from one document's deltas to the next instead of reading them all.
-            let deltas = txn.open_table(DELTAS).map_err(engine)?;
-            let mut after: Option<String> = None;
-            loop {
-                let next = match &after {
-                    None => deltas.first().map_err(engine)?,
-                    Some(doc) => deltas
-                        .range::<(&str, u64)>((Bound::Excluded((doc.as_str(), u64::MAX)), Bound::Unbounded))
-                        .map_err(engine)?
-                        .next()
-                        .transpose()
-                        .map_err(engine)?,
-                };
-                match next {
-                    Some((k, _)) => {
-                        let doc = k.value().0.to_string();
-                        out.insert(doc.clone());
-                        after = Some(doc);
+            for table in [DELTAS, DELTA_RUNS] {
+                // Skip from one document's deltas to the next instead of reading them all.
+                let deltas = txn.open_table(table).map_err(engine)?;
+                let mut after: Option<String> = None;
+                loop {
+                    let next = match &after {
+                        None => deltas.first().map_err(engine)?,
+                        Some(doc) => deltas
+                            .range::<(&str, u64)>((
+                                Bound::Excluded((doc.as_str(), u64::MAX)),
+                                Bound::Unbounded,
+                            ))
+                            .map_err(engine)?
+                            .next()
+                            .transpose()
+                            .map_err(engine)?,
+                    };
+                    match next {
+                        Some((k, _)) => {
+                            let doc = k.value().0.to_string();
+                            out.insert(doc.clone());
+                            after = Some(doc);
+                        }
+                        None => break,
                     }
-                    None => break,
                 }
             }
             Ok(out.into_iter().collect())
@@ -504,6 +607,7 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Command>, max_batch: us
             }
         }
         commit_batch(&db, batch, &stats);
+        stats.batches.send_modify(|n| *n += 1);
         if let Some(done) = close {
             let _ = done.send(());
             return;
@@ -515,7 +619,7 @@ fn commit_batch(db: &Database, batch: Vec<WriteRequest>, stats: &Stats) {
     if batch.iter().all(|r| r.ops.is_empty()) {
         // Only flush barriers: everything before them is already committed.
         for req in batch {
-            let _ = req.done.send(Ok(()));
+            req.complete(Ok(()));
         }
         return;
     }
@@ -525,12 +629,12 @@ fn commit_batch(db: &Database, batch: Vec<WriteRequest>, stats: &Stats) {
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats.writes.fetch_add(n, Ordering::Relaxed);
             for req in batch {
-                let _ = req.done.send(Ok(()));
+                req.complete(Ok(()));
             }
         }
         Err(e) if batch.len() == 1 => {
             if let Some(req) = batch.into_iter().next() {
-                let _ = req.done.send(Err(e));
+                req.complete(Err(e));
             }
         }
         Err(e) => {
@@ -541,10 +645,51 @@ fn commit_batch(db: &Database, batch: Vec<WriteRequest>, stats: &Stats) {
                     stats.commits.fetch_add(1, Ordering::Relaxed);
                     stats.writes.fetch_add(1, Ordering::Relaxed);
                 }
-                let _ = req.done.send(result);
+                req.complete(result);
             }
         }
     }
+}
+
+/// Consecutive deltas of one document, collected for one `delta_runs` row.
+struct Run {
+    last: u64,
+    buf: Vec<u8>,
+}
+
+/// Appends `n` as a LEB128 varint.
+fn push_varint(buf: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        buf.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    buf.push(n as u8);
+}
+
+/// The deltas of a `delta_runs` value, or `None` if it is malformed.
+fn split_run(mut bytes: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let mut len: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let (&b, rest) = bytes.split_first()?;
+            bytes = rest;
+            if shift > 63 {
+                return None;
+            }
+            len |= u64::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let len = usize::try_from(len).ok().filter(|l| *l <= bytes.len())?;
+        let (delta, rest) = bytes.split_at(len);
+        out.push(delta);
+        bytes = rest;
+    }
+    Some(out)
 }
 
 /// One durable transaction with all of `ops`; dropped (aborted) on any error.
@@ -554,26 +699,52 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Result<()
     {
         let mut docs = txn.open_table(DOCUMENTS).map_err(engine)?;
         let mut deltas = txn.open_table(DELTAS).map_err(engine)?;
+        let mut runs_t = txn.open_table(DELTA_RUNS).map_err(engine)?;
         let mut meta = txn.open_table(META).map_err(engine)?;
         let mut hints = txn.open_table(HINTS).map_err(engine)?;
+        // Open runs by document, written when broken (a gap, a snapshot) or at the end.
+        let mut runs: HashMap<&'a str, Run> = HashMap::new();
+        let put = |t: &mut redb::Table<(&str, u64), &[u8]>, doc: &str, run: Run| {
+            t.insert((doc, run.last), run.buf.as_slice()).map(drop).map_err(engine)
+        };
         for op in ops {
             match op {
                 WriteOp::PutDelta { doc, seq, bytes } => {
-                    deltas.insert((doc.as_str(), *seq), bytes.as_slice()).map_err(engine)?;
+                    let run = match runs.entry(doc.as_str()) {
+                        Entry::Occupied(mut e) if e.get().last.checked_add(1) == Some(*seq) => {
+                            e.get_mut().last = *seq;
+                            e.into_mut()
+                        }
+                        Entry::Occupied(mut e) => {
+                            let done = std::mem::replace(e.get_mut(), Run { last: *seq, buf: Vec::new() });
+                            put(&mut runs_t, doc, done)?;
+                            e.into_mut()
+                        }
+                        Entry::Vacant(e) => e.insert(Run { last: *seq, buf: Vec::new() }),
+                    };
+                    push_varint(&mut run.buf, bytes.len() as u64);
+                    run.buf.extend_from_slice(bytes);
                 }
                 WriteOp::PutSnapshot { doc, bytes, truncate_through } => {
+                    if let Some(run) = runs.remove(doc.as_str()) {
+                        // A run the snapshot supersedes need not be written at all.
+                        if truncate_through.is_none_or(|upto| run.last > upto) {
+                            put(&mut runs_t, doc, run)?;
+                        }
+                    }
                     docs.insert(doc.as_str(), bytes.as_slice()).map_err(engine)?;
                     if let Some(upto) = truncate_through {
-                        deltas
-                            .retain_in((doc.as_str(), 0u64)..=(doc.as_str(), *upto), |_, _| false)
-                            .map_err(engine)?;
+                        let range = (doc.as_str(), 0u64)..=(doc.as_str(), *upto);
+                        deltas.retain_in(range.clone(), |_, _| false).map_err(engine)?;
+                        runs_t.retain_in(range, |_, _| false).map_err(engine)?;
                     }
                 }
                 WriteOp::DeleteDoc { doc } => {
+                    runs.remove(doc.as_str());
                     docs.remove(doc.as_str()).map_err(engine)?;
-                    deltas
-                        .retain_in((doc.as_str(), 0u64)..=(doc.as_str(), u64::MAX), |_, _| false)
-                        .map_err(engine)?;
+                    let range = (doc.as_str(), 0u64)..=(doc.as_str(), u64::MAX);
+                    deltas.retain_in(range.clone(), |_, _| false).map_err(engine)?;
+                    runs_t.retain_in(range, |_, _| false).map_err(engine)?;
                 }
                 WriteOp::PutMeta { key, bytes } => {
                     meta.insert(key.as_str(), bytes.as_slice()).map_err(engine)?;
@@ -585,6 +756,9 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Result<()
                     hints.remove((target.as_str(), doc.as_str(), *id)).map_err(engine)?;
                 }
             }
+        }
+        for (doc, run) in runs {
+            put(&mut runs_t, doc, run)?;
         }
     }
     txn.commit().map_err(engine)
@@ -670,6 +844,114 @@ mod tests {
         assert_eq!(s.load_doc("d").await.unwrap(), StoredDoc::default());
         assert_eq!(s.list_docs().await.unwrap(), vec!["e"]);
         s.close().await;
+    }
+
+    fn rows(s: &Storage, table: TableDefinition<(&str, u64), &[u8]>) -> Vec<(String, u64)> {
+        let db = s.inner.db.read().unwrap().clone().unwrap();
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(table).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|e| {
+                let (k, _) = e.unwrap();
+                (k.value().0.to_string(), k.value().1)
+            })
+            .collect()
+    }
+
+    fn delta(doc: &str, seq: u64) -> WriteOp {
+        WriteOp::PutDelta { doc: doc.into(), seq, bytes: format!("{doc}{seq}").into_bytes() }
+    }
+
+    fn expected(doc: &str, seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, Vec<u8>)> {
+        seqs.into_iter().map(|q| (q, format!("{doc}{q}").into_bytes())).collect()
+    }
+
+    #[tokio::test]
+    async fn consecutive_deltas_of_one_commit_share_one_row() {
+        let dir = TempDir::new("runs");
+        let s = Storage::open(&dir.0).unwrap();
+        // Interleaved documents, and a gap in "a" (7 is missing): three runs.
+        let ops =
+            vec![delta("a", 1), delta("b", 1), delta("a", 2), delta("a", 3), delta("b", 2), delta("a", 8)];
+        s.write(ops).await.unwrap();
+        assert_eq!(rows(&s, DELTA_RUNS), vec![("a".into(), 3), ("a".into(), 8), ("b".into(), 2)]);
+        assert!(rows(&s, DELTAS).is_empty());
+        s.write(vec![delta("a", 9), delta("a", 10)]).await.unwrap();
+        s.close().await;
+        drop(s);
+
+        let s = Storage::open(&dir.0).unwrap();
+        assert_eq!(s.load_doc("a").await.unwrap().deltas, expected("a", [1, 2, 3, 8, 9, 10]));
+        assert_eq!(s.load_doc("b").await.unwrap().deltas, expected("b", [1, 2]));
+        assert_eq!(s.list_docs().await.unwrap(), vec!["a", "b"]);
+        s.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_deletes_only_runs_it_fully_supersedes() {
+        let dir = TempDir::new("runs-snap");
+        let s = Storage::open(&dir.0).unwrap();
+        s.write(vec![delta("d", 1), delta("d", 2)]).await.unwrap();
+        s.write(vec![delta("d", 3), delta("d", 4), delta("d", 5)]).await.unwrap();
+        s.put_snapshot("d", b"snap".to_vec(), Some(4)).await.unwrap();
+        // The run 3..=5 holds seq 5, which the snapshot lacks: it stays whole (re-applying
+        // 3 and 4 over the snapshot is a no-op for a CRDT).
+        assert_eq!(rows(&s, DELTA_RUNS), vec![("d".into(), 5)]);
+        assert_eq!(s.load_doc("d").await.unwrap().deltas, expected("d", [3, 4, 5]));
+
+        // In one transaction, deltas a snapshot supersedes are never written.
+        s.write(vec![
+            delta("d", 6),
+            WriteOp::PutSnapshot { doc: "d".into(), bytes: b"snap2".to_vec(), truncate_through: Some(6) },
+            delta("d", 7),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(rows(&s, DELTA_RUNS), vec![("d".into(), 7)]);
+        let d = s.load_doc("d").await.unwrap();
+        assert_eq!((d.snapshot.as_deref(), d.deltas), (Some(&b"snap2"[..]), expected("d", [7])));
+        s.close().await;
+    }
+
+    #[tokio::test]
+    async fn rows_of_the_one_delta_per_row_table_are_still_read_and_truncated() {
+        let dir = TempDir::new("runs-old");
+        let s = Storage::open(&dir.0).unwrap();
+        {
+            let db = s.inner.db.read().unwrap().clone().unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(DELTAS).unwrap();
+                for seq in 1..=3u64 {
+                    t.insert(("old", seq), format!("old{seq}").as_bytes()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        s.write(vec![delta("old", 4), delta("old", 5)]).await.unwrap();
+        assert_eq!(s.list_docs().await.unwrap(), vec!["old"]);
+        assert_eq!(s.load_doc("old").await.unwrap().deltas, expected("old", 1..=5));
+        s.put_snapshot("old", b"snap".to_vec(), Some(5)).await.unwrap();
+        assert!(rows(&s, DELTAS).is_empty() && rows(&s, DELTA_RUNS).is_empty());
+        s.write(vec![WriteOp::DeleteDoc { doc: "old".into() }]).await.unwrap();
+        assert_eq!(s.load_doc("old").await.unwrap(), StoredDoc::default());
+        s.close().await;
+    }
+
+    #[test]
+    fn runs_split_back_into_their_deltas_and_malformed_ones_are_refused() {
+        let mut buf = Vec::new();
+        for d in [&b""[..], b"x", &[7u8; 300]] {
+            push_varint(&mut buf, d.len() as u64);
+            buf.extend_from_slice(d);
+        }
+        assert_eq!(buf[3..5], [0xac, 0x02], "300 as a varint");
+        assert_eq!(split_run(&buf), Some(vec![&b""[..], b"x", &[7u8; 300]]));
+        assert_eq!(split_run(&[]), Some(vec![]));
+        assert_eq!(split_run(&buf[..buf.len() - 1]), None, "truncated delta");
+        assert_eq!(split_run(&[0x80]), None, "truncated length");
+        assert_eq!(split_run(&[0xff; 11]), None, "overlong length");
     }
 
     #[tokio::test]

@@ -121,3 +121,61 @@ async fn every_acked_write_survives_kill_9_and_unacked_ones_are_resent_once() {
     r.pump_for(Duration::from_millis(200)).await;
     assert_eq!(r.docs["doc"].counter("n"), 300);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_writers_lose_no_acked_write_to_kill_9() {
+    let dir = tempdir("kill9-pipelined");
+    let mut relay = Relay::start(&dir, &[]);
+    let docs = ["p0", "p1", "p2", "p3"];
+    let mut writers = Vec::new();
+    for (i, doc) in docs.iter().enumerate() {
+        let mut w = Client::new(100 + i as u64);
+        w.open(doc).await;
+        w.connect(relay.addr, None).await;
+        assert!(w.pump_until(T, |c| c.synced.contains(*doc)).await);
+        writers.push(w);
+    }
+    // 1,200 increments per writer, one frame each, sent without waiting for acks: many
+    // frames are read while earlier ones commit, commits group several frames of one
+    // document into one row, and each document crosses two snapshots (every 512 deltas).
+    const N: u64 = 1_200;
+    for i in 0..N {
+        for (w, doc) in writers.iter_mut().zip(docs) {
+            w.increment(doc, "n", 1).await;
+            if i % 200 == 199 {
+                w.pump_for(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    for w in &mut writers {
+        w.pump_for(Duration::from_millis(5)).await;
+    }
+    let acked: Vec<u64> =
+        writers.iter().zip(docs).map(|(w, d)| w.acked.get(d).map_or(0, |v| v.get(w.replica))).collect();
+    relay.kill9();
+    assert!(acked.iter().sum::<u64>() > 0, "nothing was acked before the kill");
+
+    let relay = Relay::start(&dir, &[]);
+    let mut r = Client::new(199);
+    for (doc, acked) in docs.iter().zip(&acked) {
+        r.open(doc).await;
+        if r.ws.is_none() {
+            r.connect(relay.addr, None).await;
+        }
+        assert!(r.pump_until(T, |c| c.synced.contains(*doc)).await);
+        let seen = r.docs[*doc].counter("n");
+        assert!(seen >= *acked, "{doc}: relay lost acked writes: {seen} < {acked}");
+    }
+    // The writers reconnect and resend what the relay lacks; each write counts once.
+    for (w, doc) in writers.iter_mut().zip(docs) {
+        w.connect(relay.addr, None).await;
+        assert!(w.pump_until(T, |c| c.all_acked(doc)).await, "{doc}: errors {:?}", w.errors);
+    }
+    for doc in docs {
+        assert!(r.pump_until(T, |c| c.docs[doc].counter("n") == N).await, "{doc} did not reach {N}");
+    }
+    r.pump_for(Duration::from_millis(200)).await;
+    for doc in docs {
+        assert_eq!(r.docs[doc].counter("n"), N, "{doc}");
+    }
+}

@@ -377,7 +377,7 @@ impl Client {
                     }
                 }
                 _ = tick(&mut ticker), if writing => {
-                    if self.write(&mut ws).await.is_err() {
+                    if self.write(&mut ws).await.is_err() || self.flush(&mut ws).await.is_err() {
                         return;
                     }
                 }
@@ -386,12 +386,26 @@ impl Client {
         let _ = ws.close(None).await;
     }
 
-    /// Closed loop: tops up the window of unacknowledged frames.
+    /// Closed loop: tops up the window of unacknowledged frames, flushing once for all
+    /// of them (as a browser tab sends what its outbox holds in one go).
     async fn refill(&mut self, ws: &mut Ws) -> Result<(), Hangup> {
         let Pace::Closed { window } = self.spec.pace else { return Ok(()) };
         let Some(plan) = self.plan else { return Ok(()) };
+        let mut wrote = false;
         while self.inflight.len() < window && now_ns() < plan.measure_until {
             self.write(ws).await?;
+            wrote = true;
+        }
+        if wrote {
+            self.flush(ws).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, ws: &mut Ws) -> Result<(), Hangup> {
+        if let Err(e) = ws.flush().await {
+            self.stats.disconnected.get_or_insert_with(|| format!("write failed: {e}"));
+            return Err(Hangup);
         }
         Ok(())
     }
@@ -555,7 +569,8 @@ impl Client {
             self.inflight.pop_front();
         }
         self.inflight.push_back((last, now));
-        if let Err(e) = ws.send(Message::Binary(frame.into())).await {
+        // Queued only: the caller flushes.
+        if let Err(e) = ws.feed(Message::Binary(frame.into())).await {
             self.stats.disconnected.get_or_insert_with(|| format!("write failed: {e}"));
             return Err(Hangup);
         }

@@ -139,6 +139,8 @@ async fn run_node(members: usize, docs: usize, each: usize) -> Result<Run, Strin
     for t in tasks {
         let _ = t.await;
     }
+    // Frames return before their commit: wait for every write and ack.
+    node.settle().await;
     let wall_secs = t0.elapsed().as_secs_f64();
     let cpu_ns = procfs::this_thread_cpu_ns().unwrap_or(0).saturating_sub(c0);
     let storage_ns = storage_threads(procfs::thread_cpu_ns(me)).saturating_sub(s0);

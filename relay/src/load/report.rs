@@ -278,11 +278,19 @@ fn details(o: &Outcome, out: &mut String) {
         let per = |k: &str| m.get(k).map(|v| int(v / o.concord.window_secs.max(1e-9))).unwrap_or("—".into());
         let _ = writeln!(
             out,
-            "\nRelay `/metrics` over the window: messages in {}/s, out {}/s, deltas persisted {}/s, \
+            "\nRelay `/metrics` over the window: messages in {}/s, out {}/s, deltas persisted {}/s{}, \
              bytes out {}/s{}.",
             per("concord_messages_in_total"),
             per("concord_messages_out_total"),
             per("concord_deltas_persisted_total"),
+            match (m.get("concord_deltas_persisted_total"), m.get("concord_storage_commits_total")) {
+                (Some(d), Some(c)) if *c > 0.0 => format!(
+                    " in {} commits/s ({:.1} deltas per commit)",
+                    int(c / o.concord.window_secs.max(1e-9)),
+                    d / c
+                ),
+                _ => String::new(),
+            },
             per("concord_bytes_out_total"),
             m.iter()
                 .filter(|(k, v)| k.starts_with("concord_errors_total") && **v > 0.0)
