@@ -16,7 +16,7 @@
 //! the other is kept beside it (as Riak maps key fields by name *and* type), so nothing
 //! acknowledged is dropped and every replica reads the same thing.
 
-use crate::codec::{self, tag, DecodeError};
+use crate::codec::{self, put_bytes, put_seq, put_varint, tag, DecodeError, Reader, Wire, R};
 use crate::gcounter::GCounter;
 use crate::hash::{stable_hash, stable_hash_seeded};
 use crate::hlc::{Hlc, Timestamp};
@@ -125,6 +125,28 @@ impl Field {
     }
 }
 
+impl Wire for Field {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(self.kind() as u8);
+        match self {
+            Field::Counter(c) => c.put(out),
+            Field::PnCounter(c) => c.put(out),
+            Field::Register(r) => r.put(out),
+            Field::Set(s) => s.put(out),
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        Ok(match r.varint()? {
+            0 => Field::Counter(GCounter::read(r)?),
+            1 => Field::PnCounter(PnCounter::read(r)?),
+            2 => Field::Register(LwwRegister::read(r)?),
+            3 => Field::Set(OrSet::read(r)?),
+            _ => return Err("unknown field kind"),
+        })
+    }
+}
+
 /// One mutation: the dot that names it, the key it changed, and the CRDT delta.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Delta {
@@ -163,6 +185,18 @@ impl Delta {
         let d: Delta = codec::decode(tag::DELTA, bytes)?;
         d.validate()?;
         Ok(d)
+    }
+}
+
+impl Wire for Delta {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.dot.put(out);
+        put_bytes(out, self.key.as_bytes());
+        self.payload.put(out);
+    }
+
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        Ok(Delta { dot: Dot::read(r)?, key: r.string()?, payload: Field::read(r)? })
     }
 }
 
@@ -322,13 +356,13 @@ impl DeltaLog {
     }
 
     /// Every logged delta, oldest first.
-    fn in_order(&self) -> Vec<Delta> {
+    fn in_order(&self) -> Vec<&Delta> {
         let mut next: BTreeMap<ReplicaId, usize> = BTreeMap::new();
         let mut out = Vec::with_capacity(self.order.len());
         for r in &self.order {
             let i = next.entry(*r).or_default();
             if let Some(d) = self.by_replica.get(r).and_then(|q| q.get(*i)) {
-                out.push(d.clone());
+                out.push(d);
             }
             *i += 1;
         }
@@ -893,10 +927,13 @@ impl Document {
     // ---- Merkle tree over keys ----
 
     fn leaf_hash(key: &FieldKey, slot: &Slot) -> u64 {
-        // `to_extend`, as the codec: another postcard flavor would duplicate every
-        // serializer in the wasm build. Same bytes as `to_allocvec`.
-        let bytes = postcard::to_extend(&(&key.name, slot.fields().collect::<Vec<_>>()), Vec::new())
-            .unwrap_or_default();
+        // The encoding of `(name, [fields])`.
+        let mut bytes = Vec::new();
+        put_bytes(&mut bytes, key.name.as_bytes());
+        put_varint(&mut bytes, 1 + slot.others.len() as u64);
+        for f in slot.fields() {
+            f.put(&mut bytes);
+        }
         stable_hash_seeded(key.hash, &bytes) | 1
     }
 
@@ -932,22 +969,33 @@ impl Document {
 
     /// Encodes the whole document (fields, clocks, delta log, buffered deltas).
     pub fn encode(&self) -> Vec<u8> {
-        let repr = DocRepr {
-            replica: self.replica,
-            hlc: self.hlc.last(),
-            fields: self.all_fields(),
-            vv: self.vv.clone(),
-            ctx: self.ctx.clone(),
-            log: self.log.in_order(),
-            log_floor: self.log.floor.clone(),
-            pending: self.pending.values().cloned().collect(),
-        };
-        codec::encode(tag::DOCUMENT, &repr)
+        // Fields as `[(name, field)]`, then clocks, the log and the buffer.
+        let mut out = vec![tag::DOCUMENT, codec::FORMAT_VERSION];
+        self.replica.put(&mut out);
+        self.hlc.last().put(&mut out);
+        put_varint(&mut out, self.fields.values().map(|s| 1 + s.others.len() as u64).sum());
+        for (k, s) in &self.fields {
+            for f in s.fields() {
+                put_bytes(&mut out, k.name.as_bytes());
+                f.put(&mut out);
+            }
+        }
+        self.vv.put(&mut out);
+        self.ctx.put(&mut out);
+        let log = self.log.in_order();
+        put_seq(&mut out, &log, |d, out| d.put(out));
+        self.log.floor.put(&mut out);
+        put_varint(&mut out, self.pending.len() as u64);
+        for d in self.pending.values() {
+            d.put(&mut out);
+        }
+        out
     }
 
     /// Decodes and validates a document written by [`Document::encode`].
     pub fn decode(bytes: &[u8], config: DocConfig) -> Result<Document, DecodeError> {
-        let r: DocRepr = codec::decode(tag::DOCUMENT, bytes)?;
+        let body = codec::check_header(tag::DOCUMENT, bytes)?;
+        let r = DocRepr::parse(body).map_err(|e| DecodeError::Malformed(e.into()))?;
         r.vv.validate().map_err(InvalidState)?;
         r.ctx.validate().map_err(InvalidState)?;
         r.log_floor.validate().map_err(InvalidState)?;
@@ -977,7 +1025,6 @@ impl Document {
     }
 }
 
-#[derive(Serialize, Deserialize)]
 struct DocRepr {
     replica: ReplicaId,
     hlc: Timestamp,
@@ -987,4 +1034,24 @@ struct DocRepr {
     log: Vec<Delta>,
     log_floor: VersionVector,
     pending: Vec<Delta>,
+}
+
+impl DocRepr {
+    fn parse(body: &[u8]) -> R<DocRepr> {
+        let r = &mut Reader::new(body);
+        let repr = DocRepr {
+            replica: ReplicaId::read(r)?,
+            hlc: Timestamp::read(r)?,
+            fields: r.seq(|r| Ok((r.string()?, Field::read(r)?)))?,
+            vv: VersionVector::read(r)?,
+            ctx: CausalContext::read(r)?,
+            log: r.seq(Delta::read)?,
+            log_floor: VersionVector::read(r)?,
+            pending: r.seq(Delta::read)?,
+        };
+        if !r.is_empty() {
+            return Err("trailing bytes");
+        }
+        Ok(repr)
+    }
 }

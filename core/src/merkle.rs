@@ -134,6 +134,16 @@ impl KeyTree {
     }
 }
 
+impl crate::codec::Wire for NodeId {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(self.level);
+        crate::codec::put_varint(out, self.index.into());
+    }
+    fn read(r: &mut crate::codec::Reader<'_>) -> crate::codec::R<Self> {
+        Ok(NodeId { level: r.byte()?, index: r.u32()? })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

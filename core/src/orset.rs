@@ -8,6 +8,7 @@
 //! remover did not see, so it survives. Removed elements leave nothing behind but their
 //! dots in the (compressed) context.
 
+use crate::codec::{put_seq, put_varint, Reader, Wire, R};
 use crate::hash::FxHashMap;
 use crate::id::Dot;
 use crate::traits::{Crdt, InvalidState};
@@ -299,7 +300,7 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
 
 impl<V> Crdt for OrSet<V>
 where
-    V: Hash + Eq + Ord + Clone + Debug + Serialize + DeserializeOwned,
+    V: Hash + Eq + Ord + Clone + Debug + Serialize + DeserializeOwned + Wire,
 {
     type Value = Vec<V>;
 
@@ -384,6 +385,26 @@ impl<'de, V: Hash + Eq + Deserialize<'de>> Deserialize<'de> for OrSet<V> {
         let entries = entries_from_sorted(r.entries);
         let hinted = has_hints(&entries);
         Ok(OrSet { entries, ctx: r.ctx, hinted })
+    }
+}
+
+impl<V: Ord + Hash + Eq + Wire> Wire for OrSet<V> {
+    fn put(&self, out: &mut Vec<u8>) {
+        let mut sorted: Vec<(&V, &Dots)> = self.entries.iter().collect();
+        crate::sort::sort_by(&mut sorted, |a, b| a.0.cmp(b.0));
+        put_varint(out, sorted.len() as u64);
+        for (v, ds) in sorted {
+            v.put(out);
+            put_seq(out, ds.as_slice(), Dot::put);
+        }
+        self.ctx.put(out);
+    }
+
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        let pairs = r.seq(|r| Ok((V::read(r)?, r.seq(Dot::read)?)))?;
+        let entries = entries_from_sorted(pairs);
+        let hinted = has_hints(&entries);
+        Ok(OrSet { entries, ctx: CausalContext::read(r)?, hinted })
     }
 }
 

@@ -1,5 +1,6 @@
 //! JSON-compatible values stored in registers and sets.
 
+use crate::codec::{put_bytes, put_seq, put_varint, unzigzag, zigzag, Reader, Wire, R};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::cell::Cell;
 use std::cmp::Ordering;
@@ -152,6 +153,59 @@ impl<'de> Deserialize<'de> for Value {
             ValueRepr::Object(o) => Value::Object(o),
         })
     }
+}
+
+impl Wire for Value {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(self.rank());
+        match self {
+            Value::Null => {}
+            Value::Bool(b) => out.push(u8::from(*b)),
+            Value::Int(i) => put_varint(out, zigzag(*i)),
+            Value::Float(f) => out.extend_from_slice(&f.to_le_bytes()),
+            Value::Str(s) => put_bytes(out, s.as_bytes()),
+            Value::Array(a) => put_seq(out, a, Value::put),
+            Value::Object(o) => {
+                put_varint(out, o.len() as u64);
+                for (k, v) in o {
+                    put_bytes(out, k.as_bytes());
+                    v.put(out);
+                }
+            }
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        value_at(r, 0)
+    }
+}
+
+/// Reads a value nested `depth` containers deep.
+fn value_at(r: &mut Reader<'_>, depth: u32) -> R<Value> {
+    if depth > MAX_VALUE_DEPTH {
+        return Err("value nested too deeply");
+    }
+    Ok(match r.varint()? {
+        0 => Value::Null,
+        1 => Value::Bool(r.flag()?),
+        2 => Value::Int(unzigzag(r.varint()?)),
+        3 => {
+            let b = r.take(8)?;
+            Value::Float(f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        }
+        4 => Value::Str(r.string()?),
+        5 => Value::Array(r.seq(|r| value_at(r, depth + 1))?),
+        6 => {
+            let n = r.count()?;
+            let mut o = BTreeMap::new();
+            for _ in 0..n {
+                let k = r.string()?;
+                o.insert(k, value_at(r, depth + 1)?);
+            }
+            Value::Object(o)
+        }
+        _ => return Err("unknown value kind"),
+    })
 }
 
 impl From<&str> for Value {

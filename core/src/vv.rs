@@ -4,6 +4,7 @@
 //! no gaps below. A [`CausalContext`] adds a "dot cloud" of events seen out of order, as
 //! in Almeida, Shoker and Baquero, "Delta State Replicated Data Types" (2018), §5.
 
+use crate::codec::{put_seq, put_varint, Reader, Wire, R};
 use crate::id::{Dot, ReplicaId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -364,6 +365,34 @@ impl CausalContext {
             return Err("causal context is not compact");
         }
         Ok(())
+    }
+}
+
+impl Wire for VersionVector {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_seq(out, &self.entries, |&(r, s), out| {
+            put_varint(out, r.0);
+            put_varint(out, s);
+        });
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        let v = r.seq(|r| Ok((ReplicaId(r.varint()?), r.varint()?)))?;
+        Ok(VersionVector { entries: Pairs::from_vec(v) })
+    }
+}
+
+impl Wire for CausalContext {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.vv.put(out);
+        put_varint(out, self.cloud.len() as u64);
+        for d in &self.cloud {
+            d.put(out);
+        }
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        let vv = VersionVector::read(r)?;
+        let cloud = r.seq(Dot::read)?.into_iter().collect();
+        Ok(CausalContext { vv, cloud })
     }
 }
 

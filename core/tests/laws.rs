@@ -387,7 +387,7 @@ impl Model for PnCounterModel {
 // Element types for registers and sets
 // ---------------------------------------------------------------------------------------
 
-trait Element: Ord + Hash + Clone + Debug + Serialize + DeserializeOwned + 'static {
+trait Element: Ord + Hash + Clone + Debug + Serialize + DeserializeOwned + codec::Wire + 'static {
     /// A small domain, so operations collide.
     fn strategy() -> BoxedStrategy<Self>;
 }

@@ -1,10 +1,12 @@
-//! Protocol messages and their envelope: one tag byte, then a postcard body.
+//! Protocol messages and their envelope: one tag byte, then a postcard body (written by
+//! hand, see [`crate::codec`]).
 //!
 //! Tags live in [`tag`]. A receiver that meets a tag it does not know answers with an
 //! [`ErrorCode::UNKNOWN_TAG`] error and carries on (a newer peer may speak more). The
 //! protocol version is agreed in [`Hello`]. Golden byte vectors in the tests pin every
 //! message.
 
+use crate::codec::{put_varint, Reader, Wire, R};
 use crate::document::{Delta, Field};
 use crate::id::ReplicaId;
 use crate::merkle::NodeId;
@@ -288,19 +290,44 @@ pub enum FrameError {
     },
 }
 
-fn body<T: Serialize>(tag: u8, v: &T) -> Vec<u8> {
-    match postcard::to_extend(v, vec![tag]) {
-        Ok(b) => b,
-        Err(e) => unreachable!("encoding into a Vec failed: {e}"),
+/// Implements [`Wire`] for a message struct: its fields in order.
+macro_rules! wire_struct {
+    ($t:ident { $($f:ident),* }) => {
+        impl Wire for $t {
+            fn put(&self, out: &mut Vec<u8>) {
+                $(self.$f.put(out);)*
+            }
+            fn read(r: &mut Reader<'_>) -> R<Self> {
+                Ok($t { $($f: Wire::read(r)?),* })
+            }
+        }
+    };
+}
+
+impl Wire for ErrorCode {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.0.into());
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        r.u16().map(ErrorCode)
     }
 }
 
-fn parse<'a, T: Deserialize<'a>>(tag: u8, bytes: &'a [u8]) -> Result<T, FrameError> {
-    match postcard::take_from_bytes::<T>(bytes) {
-        Ok((v, [])) => Ok(v),
-        Ok((_, rest)) => Err(FrameError::Malformed { tag, reason: format!("{} trailing bytes", rest.len()) }),
-        Err(e) => Err(FrameError::Malformed { tag, reason: e.to_string() }),
-    }
+wire_struct!(Hello { protocol, min_protocol, replica, token });
+wire_struct!(Subscribe { doc, vv });
+wire_struct!(Synced { doc, vv });
+wire_struct!(Ack { doc, vv });
+wire_struct!(Unsubscribe { doc });
+wire_struct!(MerkleStart { doc, exchange, vv, ctx, children, full_chunks, keys });
+wire_struct!(MerkleQuery { doc, exchange, nodes });
+wire_struct!(MerkleNodes { doc, exchange, nodes });
+wire_struct!(MerkleLeaves { doc, exchange, buckets });
+wire_struct!(KeysQuery { doc, exchange, keys });
+wire_struct!(StateChunk { doc, exchange, chunk, answered, fields, done, total });
+wire_struct!(ErrorMsg { code, doc, message });
+
+fn parse<T: Wire>(tag: u8, bytes: &[u8]) -> Result<T, FrameError> {
+    crate::codec::whole(bytes).map_err(|reason| FrameError::Malformed { tag, reason: reason.into() })
 }
 
 impl Msg {
@@ -344,26 +371,24 @@ impl Msg {
 
     /// One frame: tag byte + postcard body.
     pub fn encode(&self) -> Vec<u8> {
-        let t = self.tag();
+        let mut out = vec![self.tag()];
+        let out_ = &mut out;
         match self {
-            Msg::Hello(m) => body(t, m),
-            Msg::Subscribe(m) => body(t, m),
-            Msg::Deltas(m) => {
-                let mut out = vec![t];
-                super::batch::encode(m, &mut out);
-                out
-            }
-            Msg::Synced(m) => body(t, m),
-            Msg::Ack(m) => body(t, m),
-            Msg::Unsubscribe(m) => body(t, m),
-            Msg::MerkleStart(m) => body(t, m),
-            Msg::MerkleQuery(m) => body(t, m),
-            Msg::MerkleNodes(m) => body(t, m),
-            Msg::MerkleLeaves(m) => body(t, m),
-            Msg::KeysQuery(m) => body(t, m),
-            Msg::State(m) => body(t, m),
-            Msg::Error(m) => body(t, m),
+            Msg::Hello(m) => m.put(out_),
+            Msg::Subscribe(m) => m.put(out_),
+            Msg::Deltas(m) => super::batch::encode(m, out_),
+            Msg::Synced(m) => m.put(out_),
+            Msg::Ack(m) => m.put(out_),
+            Msg::Unsubscribe(m) => m.put(out_),
+            Msg::MerkleStart(m) => m.put(out_),
+            Msg::MerkleQuery(m) => m.put(out_),
+            Msg::MerkleNodes(m) => m.put(out_),
+            Msg::MerkleLeaves(m) => m.put(out_),
+            Msg::KeysQuery(m) => m.put(out_),
+            Msg::State(m) => m.put(out_),
+            Msg::Error(m) => m.put(out_),
         }
+        out
     }
 
     /// Decodes one frame. Never panics; unknown tags are [`FrameError::UnknownTag`].
