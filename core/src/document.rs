@@ -25,11 +25,12 @@ use crate::lww::LwwRegister;
 use crate::merkle::{KeyTree, NodeId};
 use crate::orset::{join_entries, validate_entries, Dots, OrSet};
 use crate::pncounter::PnCounter;
+use crate::sorted::{SortedMap, SortedSet};
 use crate::traits::{Crdt, InvalidState};
 use crate::value::Value;
 use crate::vv::{CausalContext, VersionVector};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 /// The CRDT type of a field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -320,7 +321,7 @@ impl Slot {
 /// evicting the oldest a pop. `order` says whose delta each entry was, oldest first.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct DeltaLog {
-    by_replica: BTreeMap<ReplicaId, VecDeque<Delta>>,
+    by_replica: SortedMap<ReplicaId, VecDeque<Delta>>,
     order: VecDeque<ReplicaId>,
     /// Per replica, the highest sequence the log can no longer serve.
     floor: VersionVector,
@@ -329,7 +330,7 @@ struct DeltaLog {
 impl DeltaLog {
     fn push(&mut self, d: Delta, capacity: usize) {
         let r = d.dot.replica;
-        let q = self.by_replica.entry(r).or_default();
+        let q = self.by_replica.entry_or_default(r);
         if q.back().is_some_and(|last| last.dot.seq >= d.dot.seq) {
             return; // only a corrupt stored log could get here: keep each queue ascending
         }
@@ -357,10 +358,10 @@ impl DeltaLog {
 
     /// Every logged delta, oldest first.
     fn in_order(&self) -> Vec<&Delta> {
-        let mut next: BTreeMap<ReplicaId, usize> = BTreeMap::new();
+        let mut next: SortedMap<ReplicaId, usize> = SortedMap::new();
         let mut out = Vec::with_capacity(self.order.len());
         for r in &self.order {
-            let i = next.entry(*r).or_default();
+            let i = next.entry_or_default(*r);
             if let Some(d) = self.by_replica.get(r).and_then(|q| q.get(*i)) {
                 out.push(d);
             }
@@ -392,7 +393,9 @@ pub struct Document {
     vv: VersionVector,
     ctx: CausalContext,
     log: DeltaLog,
-    pending: BTreeMap<Dot, Delta>,
+    /// Out-of-order deltas: few, and a sorted `Vec` is less wasm than a B-tree. (An
+    /// adversary sending 16k deltas in reverse order costs O(n) moves per insert.)
+    pending: SortedMap<Dot, Delta>,
     tree: KeyTree,
     /// Keys changed since the Merkle tree was last updated. A `Vec` rather than a set:
     /// `Slot::queued` keeps it free of duplicates, and a set type costs wasm code.
@@ -430,7 +433,7 @@ impl Document {
             vv: VersionVector::new(),
             ctx: CausalContext::default(),
             log: DeltaLog::default(),
-            pending: BTreeMap::new(),
+            pending: SortedMap::new(),
             tree: KeyTree::default(),
             dirty: Vec::new(),
             config,
@@ -528,13 +531,8 @@ impl Document {
 
     /// The whole document as an object of plain values, keys sorted.
     pub fn to_value(&self) -> Value {
-        // Inserted one by one: `collect` into a map would sort first (a second sort in
-        // the wasm build), and the names are unique already.
-        let mut out = BTreeMap::new();
-        for (k, s) in &self.fields {
-            out.insert(k.name.to_string(), s.field.to_value());
-        }
-        Value::Object(out)
+        // The names are unique; collecting sorts them once (they are in hash order here).
+        Value::Object(self.fields.iter().map(|(k, s)| (k.name.to_string(), s.field.to_value())).collect())
     }
 
     // ---- writing locally ----
@@ -761,8 +759,8 @@ impl Document {
     /// version `since`, or `None` when the log can no longer tell (it was trimmed, or
     /// state arrived by transfer). A Merkle catch-up uses it to check that the state of
     /// the keys it sends is still the state at the version it announced.
-    pub fn keys_changed_since(&self, since: &VersionVector) -> Option<BTreeSet<u64>> {
-        let mut out = BTreeSet::new();
+    pub fn keys_changed_since(&self, since: &VersionVector) -> Option<SortedSet<u64>> {
+        let mut out = Vec::new();
         for (r, top) in self.vv.iter() {
             let from = since.get(r);
             if from >= top {
@@ -773,14 +771,14 @@ impl Document {
             }
             let mut n = 0;
             for d in self.log.range(r, from, top) {
-                out.insert(FieldKey::new(&d.key).hash);
+                out.push(FieldKey::new(&d.key).hash);
                 n += 1;
             }
             if n != top - from {
                 return None;
             }
         }
-        Some(out)
+        Some(out.into_iter().collect())
     }
 
     // ---- state transfer (Merkle catch-up, full sync) ----
@@ -912,11 +910,8 @@ impl Document {
         }
         self.ctx.merge(ctx);
         self.ctx.absorb(vv);
-        let stale: Vec<Dot> =
-            self.pending.range(..).filter(|(d, _)| self.vv.contains(**d)).map(|(d, _)| *d).collect();
-        for d in stale {
-            self.pending.remove(&d);
-        }
+        let vv = &self.vv;
+        self.pending.retain(|d, _| !vv.contains(*d));
         let replicas: Vec<ReplicaId> = self.vv.iter().map(|e| e.0).collect();
         for r in replicas {
             self.drain_pending(r, &mut Vec::new());

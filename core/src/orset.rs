@@ -330,7 +330,8 @@ where
 
 /// Checks that every supporting dot is seen by `ctx` and supports one element only.
 pub fn validate_entries<V: Hash + Eq>(entries: &Entries<V>, ctx: &CausalContext) -> Result<(), InvalidState> {
-    let mut seen = crate::hash::FxHashMap::default();
+    // Every dot, sorted, to find one used twice (a sort: no hash set type for dots).
+    let mut seen: Vec<Dot> = Vec::new();
     for ds in entries.values() {
         if let Dots::Many(v) = ds {
             if v.len() == 1 || v.windows(2).any(|w| w[0] >= w[1]) {
@@ -341,10 +342,12 @@ pub fn validate_entries<V: Hash + Eq>(entries: &Entries<V>, ctx: &CausalContext)
             if !ctx.contains(d) {
                 return Err(InvalidState("set element has a dot outside the causal context"));
             }
-            if seen.insert(d, ()).is_some() {
-                return Err(InvalidState("one dot supports two set elements"));
-            }
+            seen.push(d);
         }
+    }
+    crate::sort::sort(&mut seen);
+    if seen.windows(2).any(|w| w[0] == w[1]) {
+        return Err(InvalidState("one dot supports two set elements"));
     }
     Ok(())
 }

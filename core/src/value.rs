@@ -1,15 +1,18 @@
 //! JSON-compatible values stored in registers and sets.
 
 use crate::codec::{put_bytes, put_seq, put_varint, unzigzag, zigzag, Reader, Wire, R};
+use crate::sorted::SortedMap;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::cell::Cell;
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 /// Deepest nesting of arrays/objects accepted when decoding: untrusted bytes must not be
 /// able to overflow the stack.
 pub const MAX_VALUE_DEPTH: u32 = 32;
+
+/// A JSON object: keys sorted, unique.
+pub type Map = SortedMap<String, Value>;
 
 /// A JSON-compatible value. Totally ordered (floats by `total_cmp`) so it can live in sets
 /// and be hashed into Merkle trees.
@@ -36,7 +39,7 @@ pub enum Value {
     /// An array.
     Array(Vec<Value>),
     /// An object with keys in sorted order.
-    Object(BTreeMap<String, Value>),
+    Object(Map),
 }
 
 impl Value {
@@ -123,7 +126,7 @@ enum ValueRepr {
     Float(f64),
     Str(String),
     Array(Vec<Value>),
-    Object(BTreeMap<String, Value>),
+    Object(Map),
 }
 
 thread_local! {
@@ -197,7 +200,7 @@ fn value_at(r: &mut Reader<'_>, depth: u32) -> R<Value> {
         5 => Value::Array(r.seq(|r| value_at(r, depth + 1))?),
         6 => {
             let n = r.count()?;
-            let mut o = BTreeMap::new();
+            let mut o = Map::new();
             for _ in 0..n {
                 let k = r.string()?;
                 o.insert(k, value_at(r, depth + 1)?);

@@ -6,8 +6,8 @@
 
 use crate::codec::{put_seq, put_varint, Reader, Wire, R};
 use crate::id::{Dot, ReplicaId};
+use crate::sorted::SortedSet;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 
 /// How two version vectors (or the states they describe) relate causally.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,7 +296,7 @@ pub struct CausalContext {
     /// Events seen without gaps.
     pub vv: VersionVector,
     /// Events seen above a gap.
-    pub cloud: BTreeSet<Dot>,
+    pub cloud: SortedSet<Dot>,
 }
 
 impl CausalContext {
@@ -342,20 +342,20 @@ impl CausalContext {
 
     /// Moves `replica`'s cloud dots that became contiguous (or covered) into the vector.
     fn fold(&mut self, replica: ReplicaId) {
-        let lo = Dot::new(replica, 0);
-        let hi = Dot::new(replica, u64::MAX);
-        let dots: Vec<Dot> = self.cloud.range(lo..=hi).copied().collect();
-        for d in dots {
-            let top = self.vv.get(replica);
-            if d.seq <= top {
-                self.cloud.remove(&d);
-            } else if d.seq == top + 1 {
-                self.cloud.remove(&d);
-                self.vv.raise(replica, d.seq);
-            } else {
+        // `replica`'s dots are one sorted run of the cloud: take its covered or
+        // contiguous prefix.
+        let start = self.cloud.lower_bound(&Dot::new(replica, 0));
+        let mut end = start;
+        let mut top = self.vv.get(replica);
+        while let Some(d) = self.cloud.nth(end).filter(|d| d.replica == replica) {
+            if d.seq > top.saturating_add(1) {
                 break;
             }
+            top = top.max(d.seq);
+            end += 1;
         }
+        self.vv.raise(replica, top);
+        self.cloud.drain_range(start..end);
     }
 
     /// Checks the invariants a decoded context must hold.

@@ -426,7 +426,8 @@ impl Element for Value {
         leaf.prop_recursive(2, 6, 3, |inner| {
             prop_oneof![
                 vec(inner.clone(), 0..3).prop_map(Value::Array),
-                prop::collection::btree_map("[xy]", inner, 0..3).prop_map(Value::Object),
+                prop::collection::btree_map("[xy]", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
         .boxed()
