@@ -205,7 +205,8 @@ impl Wire for Delta {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DocError {
     /// The key already holds another type.
-    #[error("key {key:?} holds a {}, not a {}; use another key", .holds.name(), .wanted.name())]
+    // `"{key}"`, not `{key:?}`: Debug-escaping strings pulls ~3 KB of Unicode tables into wasm.
+    #[error("key \"{key}\" holds a {}, not a {}; use another key", .holds.name(), .wanted.name())]
     TypeMismatch {
         /// The key.
         key: String,

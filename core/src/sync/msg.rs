@@ -326,10 +326,6 @@ wire_struct!(KeysQuery { doc, exchange, keys });
 wire_struct!(StateChunk { doc, exchange, chunk, answered, fields, done, total });
 wire_struct!(ErrorMsg { code, doc, message });
 
-fn parse<T: Wire>(tag: u8, bytes: &[u8]) -> Result<T, FrameError> {
-    crate::codec::whole(bytes).map_err(|reason| FrameError::Malformed { tag, reason: reason.into() })
-}
-
 impl Msg {
     /// The message's tag byte.
     pub fn tag(&self) -> u8 {
@@ -371,24 +367,24 @@ impl Msg {
 
     /// One frame: tag byte + postcard body.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![self.tag()];
-        let out_ = &mut out;
+        let mut buf = vec![self.tag()];
+        let o = &mut buf;
         match self {
-            Msg::Hello(m) => m.put(out_),
-            Msg::Subscribe(m) => m.put(out_),
-            Msg::Deltas(m) => super::batch::encode(m, out_),
-            Msg::Synced(m) => m.put(out_),
-            Msg::Ack(m) => m.put(out_),
-            Msg::Unsubscribe(m) => m.put(out_),
-            Msg::MerkleStart(m) => m.put(out_),
-            Msg::MerkleQuery(m) => m.put(out_),
-            Msg::MerkleNodes(m) => m.put(out_),
-            Msg::MerkleLeaves(m) => m.put(out_),
-            Msg::KeysQuery(m) => m.put(out_),
-            Msg::State(m) => m.put(out_),
-            Msg::Error(m) => m.put(out_),
+            Msg::Hello(m) => m.put(o),
+            Msg::Subscribe(m) => m.put(o),
+            Msg::Deltas(m) => super::batch::encode(m, o),
+            Msg::Synced(m) => m.put(o),
+            Msg::Ack(m) => m.put(o),
+            Msg::Unsubscribe(m) => m.put(o),
+            Msg::MerkleStart(m) => m.put(o),
+            Msg::MerkleQuery(m) => m.put(o),
+            Msg::MerkleNodes(m) => m.put(o),
+            Msg::MerkleLeaves(m) => m.put(o),
+            Msg::KeysQuery(m) => m.put(o),
+            Msg::State(m) => m.put(o),
+            Msg::Error(m) => m.put(o),
         }
-        out
+        buf
     }
 
     /// Decodes one frame. Never panics; unknown tags are [`FrameError::UnknownTag`].
@@ -396,27 +392,38 @@ impl Msg {
     /// done here; CRDT invariants are checked when the payload is applied.
     pub fn decode(bytes: &[u8]) -> Result<Msg, FrameError> {
         let (&t, rest) = bytes.split_first().ok_or(FrameError::Empty)?;
-        let msg = match t {
-            tag::HELLO => Msg::Hello(parse(t, rest)?),
-            tag::SUBSCRIBE => Msg::Subscribe(parse(t, rest)?),
-            tag::DELTAS => Msg::Deltas(
-                super::batch::decode(rest)
-                    .map_err(|r| FrameError::Malformed { tag: t, reason: r.to_string() })?,
-            ),
-            tag::SYNCED => Msg::Synced(parse(t, rest)?),
-            tag::ACK => Msg::Ack(parse(t, rest)?),
-            tag::UNSUBSCRIBE => Msg::Unsubscribe(parse(t, rest)?),
-            tag::MERKLE_START => Msg::MerkleStart(parse(t, rest)?),
-            tag::MERKLE_QUERY => Msg::MerkleQuery(parse(t, rest)?),
-            tag::MERKLE_NODES => Msg::MerkleNodes(parse(t, rest)?),
-            tag::MERKLE_LEAVES => Msg::MerkleLeaves(parse(t, rest)?),
-            tag::KEYS_QUERY => Msg::KeysQuery(parse(t, rest)?),
-            tag::STATE => Msg::State(parse(t, rest)?),
-            tag::ERROR => Msg::Error(parse(t, rest)?),
-            other => return Err(FrameError::UnknownTag(other)),
+        let malformed = |reason: &str| FrameError::Malformed { tag: t, reason: reason.into() };
+        let msg = if t == tag::DELTAS {
+            Msg::Deltas(super::batch::decode(rest).map_err(malformed)?)
+        } else {
+            let mut r = Reader::new(rest);
+            let msg = Msg::read_body(t, &mut r).map_err(malformed)?.ok_or(FrameError::UnknownTag(t))?;
+            if !r.is_empty() {
+                return Err(malformed("trailing bytes"));
+            }
+            msg
         };
-        msg.check().map_err(|reason| FrameError::Malformed { tag: t, reason: reason.to_string() })?;
+        msg.check().map_err(malformed)?;
         Ok(msg)
+    }
+
+    /// The body of a message with tag `t` (not `Deltas`); `None` for an unknown tag.
+    fn read_body(t: u8, r: &mut Reader<'_>) -> R<Option<Msg>> {
+        Ok(Some(match t {
+            tag::HELLO => Msg::Hello(Wire::read(r)?),
+            tag::SUBSCRIBE => Msg::Subscribe(Wire::read(r)?),
+            tag::SYNCED => Msg::Synced(Wire::read(r)?),
+            tag::ACK => Msg::Ack(Wire::read(r)?),
+            tag::UNSUBSCRIBE => Msg::Unsubscribe(Wire::read(r)?),
+            tag::MERKLE_START => Msg::MerkleStart(Wire::read(r)?),
+            tag::MERKLE_QUERY => Msg::MerkleQuery(Wire::read(r)?),
+            tag::MERKLE_NODES => Msg::MerkleNodes(Wire::read(r)?),
+            tag::MERKLE_LEAVES => Msg::MerkleLeaves(Wire::read(r)?),
+            tag::KEYS_QUERY => Msg::KeysQuery(Wire::read(r)?),
+            tag::STATE => Msg::State(Wire::read(r)?),
+            tag::ERROR => Msg::Error(Wire::read(r)?),
+            _ => return Ok(None),
+        }))
     }
 
     fn check(&self) -> Result<(), &'static str> {

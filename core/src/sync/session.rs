@@ -154,7 +154,7 @@ pub enum SyncError {
     #[error("message before hello; send Hello first")]
     NoHello,
     /// One document refused the message; other documents are unaffected.
-    #[error("document {doc:?}: {error}")]
+    #[error("document \"{doc}\": {error}")]
     Doc {
         /// Document id.
         doc: String,
