@@ -4,8 +4,17 @@
 //! file). Decoding never panics: unknown tags, unknown versions, truncated or malformed
 //! bodies, and states that break their type's invariants are all typed errors. Golden
 //! byte vectors in the tests pin the format.
-
-use serde::{de::DeserializeOwned, Serialize};
+//!
+//! **Written by hand.** The bodies are postcard's encoding (LEB128 varints, zig-zag for
+//! signed integers, length-prefixed strings and sequences, enum variants as a varint
+//! index, `Option` as a 0/1 byte, structs as their fields in order, `u8` as one byte,
+//! `f64` as 8 little-endian bytes), but each type writes and reads itself through
+//! [`Wire`] instead of serde: serde's generic visitors and postcard's flavors cost ~30 KB
+//! of wasm, a direct walk a fraction of it. The types keep their serde derives for the
+//! relay and the tests, which check that both encodings agree byte for byte.
+//!
+//! [`Reader`] is a bounds-checked cursor: a count is never trusted beyond the bytes
+//! left, preallocation is capped, and [`crate::Value`] nesting is bounded.
 
 /// Version of the body format written by this build.
 pub const FORMAT_VERSION: u8 = 1;
@@ -53,24 +62,26 @@ pub enum DecodeError {
 }
 
 /// Encodes `value` under `tag`.
-pub fn encode<T: Serialize + ?Sized>(tag: u8, value: &T) -> Vec<u8> {
-    let out = vec![tag, FORMAT_VERSION];
-    // Serializing into a Vec cannot fail for our types (no maps with non-string keys
-    // that postcard rejects, no I/O).
-    match postcard::to_extend(value, out) {
-        Ok(v) => v,
-        Err(e) => unreachable!("postcard encoding into a Vec failed: {e}"),
-    }
+pub fn encode<T: Wire>(tag: u8, value: &T) -> Vec<u8> {
+    let mut out = vec![tag, FORMAT_VERSION];
+    value.put(&mut out);
+    out
 }
 
 /// Decodes a value written by [`encode`] under `tag`, rejecting trailing bytes.
-pub fn decode<T: DeserializeOwned>(tag: u8, bytes: &[u8]) -> Result<T, DecodeError> {
+pub fn decode<T: Wire>(tag: u8, bytes: &[u8]) -> Result<T, DecodeError> {
     let body = check_header(tag, bytes)?;
-    let (value, rest) = postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(DecodeError::Malformed(format!("{} trailing bytes", rest.len())));
+    whole(body).map_err(|e| DecodeError::Malformed(e.into()))
+}
+
+/// Reads one `T` that must span all of `body`.
+pub fn whole<T: Wire>(body: &[u8]) -> R<T> {
+    let mut r = Reader::new(body);
+    let v = T::read(&mut r)?;
+    if !r.is_empty() {
+        return Err("trailing bytes");
     }
-    Ok(value)
+    Ok(v)
 }
 
 /// Checks tag and version; returns the body.
@@ -83,5 +94,272 @@ pub fn check_header(tag: u8, bytes: &[u8]) -> Result<&[u8], DecodeError> {
             Err(DecodeError::UnsupportedVersion { found: *v, supported: FORMAT_VERSION })
         }
         [_, _, body @ ..] => Ok(body),
+    }
+}
+
+/// A decoding result: errors are short static descriptions.
+pub type R<T> = Result<T, &'static str>;
+
+/// A type with a hand-written postcard encoding.
+pub trait Wire: Sized {
+    /// Appends the encoding of `self`.
+    fn put(&self, out: &mut Vec<u8>);
+    /// Reads one value; never panics, whatever the bytes.
+    fn read(r: &mut Reader<'_>) -> R<Self>;
+}
+
+/// Appends `v` as a LEB128 varint.
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Appends a length-prefixed byte string.
+pub fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+/// Appends a sequence: its length, then each item.
+pub fn put_seq<T>(out: &mut Vec<u8>, items: &[T], each: impl Fn(&T, &mut Vec<u8>)) {
+    put_varint(out, items.len() as u64);
+    for x in items {
+        each(x, out);
+    }
+}
+
+/// Zig-zag: small negative numbers become small varints.
+pub fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+/// Inverse of [`zigzag`].
+pub fn unzigzag(v: u64) -> i64 {
+    (v >> 1) as i64 ^ -((v & 1) as i64)
+}
+
+/// Most bytes reserved ahead for a decoded sequence; longer ones grow as items arrive
+/// (each item consumes input, so memory stays a small multiple of the input).
+const MAX_PREALLOC: usize = 64 * 1024;
+
+/// A bounds-checked cursor over untrusted bytes.
+pub struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    /// A reader over `bytes`.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Reader(bytes)
+    }
+
+    /// Whether every byte was read.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Bytes not read yet.
+    pub fn left(&self) -> usize {
+        self.0.len()
+    }
+
+    /// One byte.
+    pub fn byte(&mut self) -> R<u8> {
+        let (&b, rest) = self.0.split_first().ok_or("truncated")?;
+        self.0 = rest;
+        Ok(b)
+    }
+
+    /// A LEB128 varint of at most 64 bits.
+    pub fn varint(&mut self) -> R<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            if shift == 63 && b > 1 {
+                return Err("varint overflows 64 bits");
+            }
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint overflows 64 bits")
+    }
+
+    /// A varint that must fit in 32 bits.
+    pub fn u32(&mut self) -> R<u32> {
+        u32::try_from(self.varint()?).map_err(|_| "integer out of range")
+    }
+
+    /// A varint that must fit in 16 bits.
+    pub fn u16(&mut self) -> R<u16> {
+        u16::try_from(self.varint()?).map_err(|_| "integer out of range")
+    }
+
+    /// The next `n` bytes.
+    pub fn take(&mut self, n: u64) -> R<&'a [u8]> {
+        let n = usize::try_from(n).map_err(|_| "length out of range")?;
+        if n > self.0.len() {
+            return Err("truncated");
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+
+    /// A length-prefixed UTF-8 string.
+    pub fn str(&mut self) -> R<&'a str> {
+        let n = self.varint()?;
+        std::str::from_utf8(self.take(n)?).map_err(|_| "string is not UTF-8")
+    }
+
+    /// A length-prefixed UTF-8 string, owned.
+    pub fn string(&mut self) -> R<String> {
+        self.str().map(str::to_owned)
+    }
+
+    /// `Option`'s tag: 0 (none) or 1 (some).
+    pub fn flag(&mut self) -> R<bool> {
+        match self.byte()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err("bad bool or option tag"),
+        }
+    }
+
+    /// A count of items each at least one byte long: never more than the bytes left, so a
+    /// forged count cannot make us reserve memory.
+    pub fn count(&mut self) -> R<usize> {
+        let n = self.varint()?;
+        usize::try_from(n).ok().filter(|n| *n <= self.0.len()).ok_or("count exceeds the input")
+    }
+
+    /// A sequence: a count, then each item.
+    pub fn seq<T>(&mut self, mut each: impl FnMut(&mut Self) -> R<T>) -> R<Vec<T>> {
+        let n = self.count()?;
+        let mut v = Vec::with_capacity(n.min(MAX_PREALLOC / std::mem::size_of::<T>().max(1)));
+        for _ in 0..n {
+            v.push(each(self)?);
+        }
+        Ok(v)
+    }
+}
+
+impl Wire for u64 {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(out, *self);
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        r.varint()
+    }
+}
+
+impl Wire for u8 {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(*self);
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        r.byte()
+    }
+}
+
+impl Wire for u32 {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(out, (*self).into());
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        r.u32()
+    }
+}
+
+impl Wire for u16 {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(out, (*self).into());
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        r.u16()
+    }
+}
+
+impl Wire for i64 {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(out, zigzag(*self));
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        r.varint().map(unzigzag)
+    }
+}
+
+impl Wire for String {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_bytes(out, self.as_bytes());
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        r.string()
+    }
+}
+
+impl<T: Wire> Wire for Vec<T> {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_seq(out, self, T::put);
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        r.seq(T::read)
+    }
+}
+
+impl<A: Wire, B: Wire> Wire for (A, B) {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.0.put(out);
+        self.1.put(out);
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        Ok((A::read(r)?, B::read(r)?))
+    }
+}
+
+impl<T: Wire> Wire for Option<T> {
+    fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            None => out.push(0),
+            Some(x) => {
+                out.push(1);
+                x.put(out);
+            }
+        }
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        Ok(if r.flag()? { Some(T::read(r)?) } else { None })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_and_zigzag_round_trip_at_the_edges() {
+        for v in [0, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX - 1, u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(Reader::new(&out).varint(), Ok(v));
+            assert_eq!(out, postcard::to_allocvec(&v).unwrap());
+        }
+        for v in [0, 1, -1, 63, -64, i64::MAX, i64::MIN] {
+            assert_eq!(unzigzag(zigzag(v)), v);
+            let mut out = Vec::new();
+            put_varint(&mut out, zigzag(v));
+            assert_eq!(out, postcard::to_allocvec(&v).unwrap());
+        }
+        // An 11th byte or a 10th byte above 1 overflows.
+        assert!(Reader::new(&[0xff; 10]).varint().is_err());
+        assert!(Reader::new(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]).varint().is_err());
+    }
+
+    #[test]
+    fn a_forged_count_is_refused_before_anything_is_reserved() {
+        let mut r = Reader::new(&[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2]);
+        assert!(r.seq(|r| r.byte()).is_err());
     }
 }

@@ -16,7 +16,7 @@
 //! the other is kept beside it (as Riak maps key fields by name *and* type), so nothing
 //! acknowledged is dropped and every replica reads the same thing.
 
-use crate::codec::{self, tag, DecodeError};
+use crate::codec::{self, put_bytes, put_seq, put_varint, tag, DecodeError, Reader, Wire, R};
 use crate::gcounter::GCounter;
 use crate::hash::{stable_hash, stable_hash_seeded};
 use crate::hlc::{Hlc, Timestamp};
@@ -25,11 +25,12 @@ use crate::lww::LwwRegister;
 use crate::merkle::{KeyTree, NodeId};
 use crate::orset::{join_entries, validate_entries, Dots, OrSet};
 use crate::pncounter::PnCounter;
+use crate::sorted::{SortedMap, SortedSet};
 use crate::traits::{Crdt, InvalidState};
 use crate::value::Value;
 use crate::vv::{CausalContext, VersionVector};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 /// The CRDT type of a field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -125,6 +126,28 @@ impl Field {
     }
 }
 
+impl Wire for Field {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(self.kind() as u8);
+        match self {
+            Field::Counter(c) => c.put(out),
+            Field::PnCounter(c) => c.put(out),
+            Field::Register(r) => r.put(out),
+            Field::Set(s) => s.put(out),
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        Ok(match r.varint()? {
+            0 => Field::Counter(GCounter::read(r)?),
+            1 => Field::PnCounter(PnCounter::read(r)?),
+            2 => Field::Register(LwwRegister::read(r)?),
+            3 => Field::Set(OrSet::read(r)?),
+            _ => return Err("unknown field kind"),
+        })
+    }
+}
+
 /// One mutation: the dot that names it, the key it changed, and the CRDT delta.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Delta {
@@ -166,11 +189,24 @@ impl Delta {
     }
 }
 
+impl Wire for Delta {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.dot.put(out);
+        put_bytes(out, self.key.as_bytes());
+        self.payload.put(out);
+    }
+
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        Ok(Delta { dot: Dot::read(r)?, key: r.string()?, payload: Field::read(r)? })
+    }
+}
+
 /// Why a document refused an operation.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DocError {
     /// The key already holds another type.
-    #[error("key {key:?} holds a {}, not a {}; use another key", .holds.name(), .wanted.name())]
+    // `"{key}"`, not `{key:?}`: Debug-escaping strings pulls ~3 KB of Unicode tables into wasm.
+    #[error("key \"{key}\" holds a {}, not a {}; use another key", .holds.name(), .wanted.name())]
     TypeMismatch {
         /// The key.
         key: String,
@@ -286,7 +322,7 @@ impl Slot {
 /// evicting the oldest a pop. `order` says whose delta each entry was, oldest first.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct DeltaLog {
-    by_replica: BTreeMap<ReplicaId, VecDeque<Delta>>,
+    by_replica: SortedMap<ReplicaId, VecDeque<Delta>>,
     order: VecDeque<ReplicaId>,
     /// Per replica, the highest sequence the log can no longer serve.
     floor: VersionVector,
@@ -295,7 +331,7 @@ struct DeltaLog {
 impl DeltaLog {
     fn push(&mut self, d: Delta, capacity: usize) {
         let r = d.dot.replica;
-        let q = self.by_replica.entry(r).or_default();
+        let q = self.by_replica.entry_or_default(r);
         if q.back().is_some_and(|last| last.dot.seq >= d.dot.seq) {
             return; // only a corrupt stored log could get here: keep each queue ascending
         }
@@ -322,13 +358,13 @@ impl DeltaLog {
     }
 
     /// Every logged delta, oldest first.
-    fn in_order(&self) -> Vec<Delta> {
-        let mut next: BTreeMap<ReplicaId, usize> = BTreeMap::new();
+    fn in_order(&self) -> Vec<&Delta> {
+        let mut next: SortedMap<ReplicaId, usize> = SortedMap::new();
         let mut out = Vec::with_capacity(self.order.len());
         for r in &self.order {
-            let i = next.entry(*r).or_default();
+            let i = next.entry_or_default(*r);
             if let Some(d) = self.by_replica.get(r).and_then(|q| q.get(*i)) {
-                out.push(d.clone());
+                out.push(d);
             }
             *i += 1;
         }
@@ -358,7 +394,9 @@ pub struct Document {
     vv: VersionVector,
     ctx: CausalContext,
     log: DeltaLog,
-    pending: BTreeMap<Dot, Delta>,
+    /// Out-of-order deltas: few, and a sorted `Vec` is less wasm than a B-tree. (An
+    /// adversary sending 16k deltas in reverse order costs O(n) moves per insert.)
+    pending: SortedMap<Dot, Delta>,
     tree: KeyTree,
     /// Keys changed since the Merkle tree was last updated. A `Vec` rather than a set:
     /// `Slot::queued` keeps it free of duplicates, and a set type costs wasm code.
@@ -396,7 +434,7 @@ impl Document {
             vv: VersionVector::new(),
             ctx: CausalContext::default(),
             log: DeltaLog::default(),
-            pending: BTreeMap::new(),
+            pending: SortedMap::new(),
             tree: KeyTree::default(),
             dirty: Vec::new(),
             config,
@@ -494,13 +532,8 @@ impl Document {
 
     /// The whole document as an object of plain values, keys sorted.
     pub fn to_value(&self) -> Value {
-        // Inserted one by one: `collect` into a map would sort first (a second sort in
-        // the wasm build), and the names are unique already.
-        let mut out = BTreeMap::new();
-        for (k, s) in &self.fields {
-            out.insert(k.name.to_string(), s.field.to_value());
-        }
-        Value::Object(out)
+        // The names are unique; collecting sorts them once (they are in hash order here).
+        Value::Object(self.fields.iter().map(|(k, s)| (k.name.to_string(), s.field.to_value())).collect())
     }
 
     // ---- writing locally ----
@@ -727,8 +760,8 @@ impl Document {
     /// version `since`, or `None` when the log can no longer tell (it was trimmed, or
     /// state arrived by transfer). A Merkle catch-up uses it to check that the state of
     /// the keys it sends is still the state at the version it announced.
-    pub fn keys_changed_since(&self, since: &VersionVector) -> Option<BTreeSet<u64>> {
-        let mut out = BTreeSet::new();
+    pub fn keys_changed_since(&self, since: &VersionVector) -> Option<SortedSet<u64>> {
+        let mut out = Vec::new();
         for (r, top) in self.vv.iter() {
             let from = since.get(r);
             if from >= top {
@@ -739,14 +772,14 @@ impl Document {
             }
             let mut n = 0;
             for d in self.log.range(r, from, top) {
-                out.insert(FieldKey::new(&d.key).hash);
+                out.push(FieldKey::new(&d.key).hash);
                 n += 1;
             }
             if n != top - from {
                 return None;
             }
         }
-        Some(out)
+        Some(out.into_iter().collect())
     }
 
     // ---- state transfer (Merkle catch-up, full sync) ----
@@ -878,11 +911,8 @@ impl Document {
         }
         self.ctx.merge(ctx);
         self.ctx.absorb(vv);
-        let stale: Vec<Dot> =
-            self.pending.range(..).filter(|(d, _)| self.vv.contains(**d)).map(|(d, _)| *d).collect();
-        for d in stale {
-            self.pending.remove(&d);
-        }
+        let vv = &self.vv;
+        self.pending.retain(|d, _| !vv.contains(*d));
         let replicas: Vec<ReplicaId> = self.vv.iter().map(|e| e.0).collect();
         for r in replicas {
             self.drain_pending(r, &mut Vec::new());
@@ -893,10 +923,13 @@ impl Document {
     // ---- Merkle tree over keys ----
 
     fn leaf_hash(key: &FieldKey, slot: &Slot) -> u64 {
-        // `to_extend`, as the codec: another postcard flavor would duplicate every
-        // serializer in the wasm build. Same bytes as `to_allocvec`.
-        let bytes = postcard::to_extend(&(&key.name, slot.fields().collect::<Vec<_>>()), Vec::new())
-            .unwrap_or_default();
+        // The encoding of `(name, [fields])`.
+        let mut bytes = Vec::new();
+        put_bytes(&mut bytes, key.name.as_bytes());
+        put_varint(&mut bytes, 1 + slot.others.len() as u64);
+        for f in slot.fields() {
+            f.put(&mut bytes);
+        }
         stable_hash_seeded(key.hash, &bytes) | 1
     }
 
@@ -932,22 +965,33 @@ impl Document {
 
     /// Encodes the whole document (fields, clocks, delta log, buffered deltas).
     pub fn encode(&self) -> Vec<u8> {
-        let repr = DocRepr {
-            replica: self.replica,
-            hlc: self.hlc.last(),
-            fields: self.all_fields(),
-            vv: self.vv.clone(),
-            ctx: self.ctx.clone(),
-            log: self.log.in_order(),
-            log_floor: self.log.floor.clone(),
-            pending: self.pending.values().cloned().collect(),
-        };
-        codec::encode(tag::DOCUMENT, &repr)
+        // Fields as `[(name, field)]`, then clocks, the log and the buffer.
+        let mut out = vec![tag::DOCUMENT, codec::FORMAT_VERSION];
+        self.replica.put(&mut out);
+        self.hlc.last().put(&mut out);
+        put_varint(&mut out, self.fields.values().map(|s| 1 + s.others.len() as u64).sum());
+        for (k, s) in &self.fields {
+            for f in s.fields() {
+                put_bytes(&mut out, k.name.as_bytes());
+                f.put(&mut out);
+            }
+        }
+        self.vv.put(&mut out);
+        self.ctx.put(&mut out);
+        let log = self.log.in_order();
+        put_seq(&mut out, &log, |d, out| d.put(out));
+        self.log.floor.put(&mut out);
+        put_varint(&mut out, self.pending.len() as u64);
+        for d in self.pending.values() {
+            d.put(&mut out);
+        }
+        out
     }
 
     /// Decodes and validates a document written by [`Document::encode`].
     pub fn decode(bytes: &[u8], config: DocConfig) -> Result<Document, DecodeError> {
-        let r: DocRepr = codec::decode(tag::DOCUMENT, bytes)?;
+        let body = codec::check_header(tag::DOCUMENT, bytes)?;
+        let r = DocRepr::parse(body).map_err(|e| DecodeError::Malformed(e.into()))?;
         r.vv.validate().map_err(InvalidState)?;
         r.ctx.validate().map_err(InvalidState)?;
         r.log_floor.validate().map_err(InvalidState)?;
@@ -977,7 +1021,6 @@ impl Document {
     }
 }
 
-#[derive(Serialize, Deserialize)]
 struct DocRepr {
     replica: ReplicaId,
     hlc: Timestamp,
@@ -987,4 +1030,24 @@ struct DocRepr {
     log: Vec<Delta>,
     log_floor: VersionVector,
     pending: Vec<Delta>,
+}
+
+impl DocRepr {
+    fn parse(body: &[u8]) -> R<DocRepr> {
+        let r = &mut Reader::new(body);
+        let repr = DocRepr {
+            replica: ReplicaId::read(r)?,
+            hlc: Timestamp::read(r)?,
+            fields: r.seq(|r| Ok((r.string()?, Field::read(r)?)))?,
+            vv: VersionVector::read(r)?,
+            ctx: CausalContext::read(r)?,
+            log: r.seq(Delta::read)?,
+            log_floor: VersionVector::read(r)?,
+            pending: r.seq(Delta::read)?,
+        };
+        if !r.is_empty() {
+            return Err("trailing bytes");
+        }
+        Ok(repr)
+    }
 }

@@ -50,3 +50,12 @@ impl Crdt for GCounter {
         self.0.validate().map_err(InvalidState)
     }
 }
+
+impl crate::codec::Wire for GCounter {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.0.put(out);
+    }
+    fn read(r: &mut crate::codec::Reader<'_>) -> crate::codec::R<Self> {
+        VersionVector::read(r).map(GCounter)
+    }
+}

@@ -90,6 +90,17 @@ impl Hlc {
     }
 }
 
+impl crate::codec::Wire for Timestamp {
+    fn put(&self, out: &mut Vec<u8>) {
+        crate::codec::put_varint(out, self.millis);
+        crate::codec::put_varint(out, self.counter.into());
+        crate::codec::put_varint(out, self.replica.0);
+    }
+    fn read(r: &mut crate::codec::Reader<'_>) -> crate::codec::R<Self> {
+        Ok(Timestamp { millis: r.varint()?, counter: r.u32()?, replica: ReplicaId(r.varint()?) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! Replica identities and dots.
 
+use crate::codec::{Reader, Wire, R};
 use core::fmt;
 use serde::{Deserialize, Serialize};
 
@@ -48,5 +49,24 @@ impl Dot {
 impl fmt::Display for Dot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.replica, self.seq)
+    }
+}
+
+impl Wire for ReplicaId {
+    fn put(&self, out: &mut Vec<u8>) {
+        crate::codec::put_varint(out, self.0);
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        r.varint().map(ReplicaId)
+    }
+}
+
+impl Wire for Dot {
+    fn put(&self, out: &mut Vec<u8>) {
+        crate::codec::put_varint(out, self.replica.0);
+        crate::codec::put_varint(out, self.seq);
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        Ok(Dot::new(ReplicaId(r.varint()?), r.varint()?))
     }
 }

@@ -17,6 +17,7 @@
 //! - [`docset`]: the document-set Merkle tree (`document id -> version digest`) relays
 //!   compare for anti-entropy.
 //! - [`sort`]: one stable sort shared by every element type (wasm code size).
+//! - [`sorted`]: sorted-vector maps and sets for the small collections (wasm code size).
 //! - [`ring`]: consistent hashing with virtual nodes: which relays own a document.
 //! - [`cluster`]: the relay cluster's decisions without I/O: failure detection, sloppy
 //!   quorum targets and ack counting, hinted handoff, anti-entropy planning.
@@ -35,6 +36,7 @@ pub mod orset;
 pub mod pncounter;
 pub mod ring;
 pub mod sort;
+pub mod sorted;
 pub mod sync;
 pub mod traits;
 pub mod value;

@@ -1,5 +1,6 @@
 //! Last-writer-wins register.
 
+use crate::codec::Wire;
 use crate::hlc::Timestamp;
 use crate::traits::{Crdt, InvalidState};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -47,7 +48,7 @@ impl<V: Clone> LwwRegister<V> {
 
 impl<V> Crdt for LwwRegister<V>
 where
-    V: Clone + Debug + Ord + Serialize + DeserializeOwned,
+    V: Clone + Debug + Ord + Serialize + DeserializeOwned + Wire,
 {
     type Value = Option<V>;
 
@@ -69,5 +70,14 @@ where
 
     fn validate(&self) -> Result<(), InvalidState> {
         Ok(())
+    }
+}
+
+impl<V: Wire> Wire for LwwRegister<V> {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.entry.put(out);
+    }
+    fn read(r: &mut crate::codec::Reader<'_>) -> crate::codec::R<Self> {
+        Ok(LwwRegister { entry: Option::read(r)? })
     }
 }

@@ -84,7 +84,7 @@ impl NodeId {
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeyTree {
-    levels: [FxHashMap<u32, u64>; DEPTH as usize + 1],
+    levels: [FxHashMap<u64, u64>; DEPTH as usize + 1],
 }
 
 impl KeyTree {
@@ -97,10 +97,10 @@ impl KeyTree {
         for level in 0..=DEPTH {
             let id = NodeId::of(key_hash, level);
             let map = &mut self.levels[usize::from(level)];
-            let v = map.entry(id.index).or_insert(0);
+            let v = map.entry(id.index.into()).or_insert(0);
             *v ^= leaf;
             if *v == 0 {
-                map.remove(&id.index);
+                map.remove(&id.index.into());
             }
         }
     }
@@ -120,7 +120,7 @@ impl KeyTree {
 
     /// A node's hash (0 when empty or out of range).
     pub fn node(&self, id: NodeId) -> u64 {
-        self.levels.get(usize::from(id.level)).and_then(|m| m.get(&id.index)).copied().unwrap_or(0)
+        self.levels.get(usize::from(id.level)).and_then(|m| m.get(&id.index.into())).copied().unwrap_or(0)
     }
 
     /// The hashes of a node's children, in order.
@@ -131,6 +131,16 @@ impl KeyTree {
     /// Number of non-empty buckets.
     pub fn buckets(&self) -> usize {
         self.levels[usize::from(DEPTH)].len()
+    }
+}
+
+impl crate::codec::Wire for NodeId {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(self.level);
+        crate::codec::put_varint(out, self.index.into());
+    }
+    fn read(r: &mut crate::codec::Reader<'_>) -> crate::codec::R<Self> {
+        Ok(NodeId { level: r.byte()?, index: r.u32()? })
     }
 }
 

@@ -8,6 +8,7 @@
 //! remover did not see, so it survives. Removed elements leave nothing behind but their
 //! dots in the (compressed) context.
 
+use crate::codec::{put_seq, put_varint, Reader, Wire, R};
 use crate::hash::FxHashMap;
 use crate::id::Dot;
 use crate::traits::{Crdt, InvalidState};
@@ -299,7 +300,7 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
 
 impl<V> Crdt for OrSet<V>
 where
-    V: Hash + Eq + Ord + Clone + Debug + Serialize + DeserializeOwned,
+    V: Hash + Eq + Ord + Clone + Debug + Serialize + DeserializeOwned + Wire,
 {
     type Value = Vec<V>;
 
@@ -329,7 +330,8 @@ where
 
 /// Checks that every supporting dot is seen by `ctx` and supports one element only.
 pub fn validate_entries<V: Hash + Eq>(entries: &Entries<V>, ctx: &CausalContext) -> Result<(), InvalidState> {
-    let mut seen = crate::hash::FxHashMap::default();
+    // Every dot, sorted, to find one used twice (a sort: no hash set type for dots).
+    let mut seen: Vec<Dot> = Vec::new();
     for ds in entries.values() {
         if let Dots::Many(v) = ds {
             if v.len() == 1 || v.windows(2).any(|w| w[0] >= w[1]) {
@@ -340,10 +342,12 @@ pub fn validate_entries<V: Hash + Eq>(entries: &Entries<V>, ctx: &CausalContext)
             if !ctx.contains(d) {
                 return Err(InvalidState("set element has a dot outside the causal context"));
             }
-            if seen.insert(d, ()).is_some() {
-                return Err(InvalidState("one dot supports two set elements"));
-            }
+            seen.push(d);
         }
+    }
+    crate::sort::sort(&mut seen);
+    if seen.windows(2).any(|w| w[0] == w[1]) {
+        return Err(InvalidState("one dot supports two set elements"));
     }
     Ok(())
 }
@@ -384,6 +388,26 @@ impl<'de, V: Hash + Eq + Deserialize<'de>> Deserialize<'de> for OrSet<V> {
         let entries = entries_from_sorted(r.entries);
         let hinted = has_hints(&entries);
         Ok(OrSet { entries, ctx: r.ctx, hinted })
+    }
+}
+
+impl<V: Ord + Hash + Eq + Wire> Wire for OrSet<V> {
+    fn put(&self, out: &mut Vec<u8>) {
+        let mut sorted: Vec<(&V, &Dots)> = self.entries.iter().collect();
+        crate::sort::sort_by(&mut sorted, |a, b| a.0.cmp(b.0));
+        put_varint(out, sorted.len() as u64);
+        for (v, ds) in sorted {
+            v.put(out);
+            put_seq(out, ds.as_slice(), Dot::put);
+        }
+        self.ctx.put(out);
+    }
+
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        let pairs = r.seq(|r| Ok((V::read(r)?, r.seq(Dot::read)?)))?;
+        let entries = entries_from_sorted(pairs);
+        let hinted = has_hints(&entries);
+        Ok(OrSet { entries, ctx: CausalContext::read(r)?, hinted })
     }
 }
 

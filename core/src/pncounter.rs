@@ -55,3 +55,13 @@ impl Crdt for PnCounter {
         self.n.validate()
     }
 }
+
+impl crate::codec::Wire for PnCounter {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.p.put(out);
+        self.n.put(out);
+    }
+    fn read(r: &mut crate::codec::Reader<'_>) -> crate::codec::R<Self> {
+        Ok(PnCounter { p: GCounter::read(r)?, n: GCounter::read(r)? })
+    }
+}

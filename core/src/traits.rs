@@ -6,6 +6,7 @@
 //! it never fails. Checking untrusted input is a separate, fallible step
 //! ([`Crdt::validate`]) done once when bytes are decoded.
 
+use crate::codec::Wire;
 use serde::{de::DeserializeOwned, Serialize};
 use std::fmt::Debug;
 
@@ -19,7 +20,7 @@ use std::fmt::Debug;
 /// c.merge(&delta);                          // ...then apply it
 /// assert_eq!(c.value(), 5);
 /// ```
-pub trait Crdt: Clone + Debug + PartialEq + Default + Serialize + DeserializeOwned {
+pub trait Crdt: Clone + Debug + PartialEq + Default + Serialize + DeserializeOwned + Wire {
     /// What a reader sees.
     type Value;
 

@@ -1,14 +1,18 @@
 //! JSON-compatible values stored in registers and sets.
 
+use crate::codec::{put_bytes, put_seq, put_varint, unzigzag, zigzag, Reader, Wire, R};
+use crate::sorted::SortedMap;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::cell::Cell;
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 /// Deepest nesting of arrays/objects accepted when decoding: untrusted bytes must not be
 /// able to overflow the stack.
 pub const MAX_VALUE_DEPTH: u32 = 32;
+
+/// A JSON object: keys sorted, unique.
+pub type Map = SortedMap<String, Value>;
 
 /// A JSON-compatible value. Totally ordered (floats by `total_cmp`) so it can live in sets
 /// and be hashed into Merkle trees.
@@ -35,7 +39,7 @@ pub enum Value {
     /// An array.
     Array(Vec<Value>),
     /// An object with keys in sorted order.
-    Object(BTreeMap<String, Value>),
+    Object(Map),
 }
 
 impl Value {
@@ -122,7 +126,7 @@ enum ValueRepr {
     Float(f64),
     Str(String),
     Array(Vec<Value>),
-    Object(BTreeMap<String, Value>),
+    Object(Map),
 }
 
 thread_local! {
@@ -152,6 +156,59 @@ impl<'de> Deserialize<'de> for Value {
             ValueRepr::Object(o) => Value::Object(o),
         })
     }
+}
+
+impl Wire for Value {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(self.rank());
+        match self {
+            Value::Null => {}
+            Value::Bool(b) => out.push(u8::from(*b)),
+            Value::Int(i) => put_varint(out, zigzag(*i)),
+            Value::Float(f) => out.extend_from_slice(&f.to_le_bytes()),
+            Value::Str(s) => put_bytes(out, s.as_bytes()),
+            Value::Array(a) => put_seq(out, a, Value::put),
+            Value::Object(o) => {
+                put_varint(out, o.len() as u64);
+                for (k, v) in o {
+                    put_bytes(out, k.as_bytes());
+                    v.put(out);
+                }
+            }
+        }
+    }
+
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        value_at(r, 0)
+    }
+}
+
+/// Reads a value nested `depth` containers deep.
+fn value_at(r: &mut Reader<'_>, depth: u32) -> R<Value> {
+    if depth > MAX_VALUE_DEPTH {
+        return Err("value nested too deeply");
+    }
+    Ok(match r.varint()? {
+        0 => Value::Null,
+        1 => Value::Bool(r.flag()?),
+        2 => Value::Int(unzigzag(r.varint()?)),
+        3 => {
+            let b = r.take(8)?;
+            Value::Float(f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+        }
+        4 => Value::Str(r.string()?),
+        5 => Value::Array(r.seq(|r| value_at(r, depth + 1))?),
+        6 => {
+            let n = r.count()?;
+            let mut o = Map::new();
+            for _ in 0..n {
+                let k = r.string()?;
+                o.insert(k, value_at(r, depth + 1)?);
+            }
+            Value::Object(o)
+        }
+        _ => return Err("unknown value kind"),
+    })
 }
 
 impl From<&str> for Value {

@@ -4,9 +4,10 @@
 //! no gaps below. A [`CausalContext`] adds a "dot cloud" of events seen out of order, as
 //! in Almeida, Shoker and Baquero, "Delta State Replicated Data Types" (2018), §5.
 
+use crate::codec::{put_seq, put_varint, Reader, Wire, R};
 use crate::id::{Dot, ReplicaId};
+use crate::sorted::SortedSet;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 
 /// How two version vectors (or the states they describe) relate causally.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -295,7 +296,7 @@ pub struct CausalContext {
     /// Events seen without gaps.
     pub vv: VersionVector,
     /// Events seen above a gap.
-    pub cloud: BTreeSet<Dot>,
+    pub cloud: SortedSet<Dot>,
 }
 
 impl CausalContext {
@@ -341,20 +342,20 @@ impl CausalContext {
 
     /// Moves `replica`'s cloud dots that became contiguous (or covered) into the vector.
     fn fold(&mut self, replica: ReplicaId) {
-        let lo = Dot::new(replica, 0);
-        let hi = Dot::new(replica, u64::MAX);
-        let dots: Vec<Dot> = self.cloud.range(lo..=hi).copied().collect();
-        for d in dots {
-            let top = self.vv.get(replica);
-            if d.seq <= top {
-                self.cloud.remove(&d);
-            } else if d.seq == top + 1 {
-                self.cloud.remove(&d);
-                self.vv.raise(replica, d.seq);
-            } else {
+        // `replica`'s dots are one sorted run of the cloud: take its covered or
+        // contiguous prefix.
+        let start = self.cloud.lower_bound(&Dot::new(replica, 0));
+        let mut end = start;
+        let mut top = self.vv.get(replica);
+        while let Some(d) = self.cloud.nth(end).filter(|d| d.replica == replica) {
+            if d.seq > top.saturating_add(1) {
                 break;
             }
+            top = top.max(d.seq);
+            end += 1;
         }
+        self.vv.raise(replica, top);
+        self.cloud.drain_range(start..end);
     }
 
     /// Checks the invariants a decoded context must hold.
@@ -364,6 +365,34 @@ impl CausalContext {
             return Err("causal context is not compact");
         }
         Ok(())
+    }
+}
+
+impl Wire for VersionVector {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_seq(out, &self.entries, |&(r, s), out| {
+            put_varint(out, r.0);
+            put_varint(out, s);
+        });
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        let v = r.seq(|r| Ok((ReplicaId(r.varint()?), r.varint()?)))?;
+        Ok(VersionVector { entries: Pairs::from_vec(v) })
+    }
+}
+
+impl Wire for CausalContext {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.vv.put(out);
+        put_varint(out, self.cloud.len() as u64);
+        for d in &self.cloud {
+            d.put(out);
+        }
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        let vv = VersionVector::read(r)?;
+        let cloud = r.seq(Dot::read)?.into_iter().collect();
+        Ok(CausalContext { vv, cloud })
     }
 }
 

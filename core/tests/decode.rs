@@ -10,7 +10,6 @@ use concord_core::{
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
-use serde::de::DeserializeOwned;
 use std::fmt::Debug;
 
 fn config() -> ProptestConfig {
@@ -111,7 +110,7 @@ fn decode_everything(bytes: &[u8]) {
     if let Ok(doc) = Document::decode(bytes, DocConfig { log_capacity: 1, pending_capacity: 1 }) {
         use_document(doc);
     }
-    fn generic<T: DeserializeOwned>(t: u8, bytes: &[u8], then: impl Fn(T)) {
+    fn generic<T: codec::Wire>(t: u8, bytes: &[u8], then: impl Fn(T)) {
         // Whatever the tag byte says, try this type's tag too.
         if let Ok(x) = codec::decode::<T>(t, bytes) {
             then(x);

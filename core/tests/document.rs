@@ -104,7 +104,7 @@ fn a_truncated_log_says_it_cannot_reach_back_instead_of_answering_partly() {
 fn a_set_delta_that_adds_with_another_dot_is_rejected_and_changes_nothing() {
     let mut entries: Entries<Value> = Entries::default();
     entries.insert(Value::from("x"), Dots::One(Dot::new(C, 7)));
-    let ctx = CausalContext { vv: VersionVector::from_iter([(C, 7)]), cloud: BTreeSet::new() };
+    let ctx = CausalContext { vv: VersionVector::from_iter([(C, 7)]), cloud: Default::default() };
     let forged = Delta {
         dot: Dot::new(B, 1),
         key: "tags".into(),

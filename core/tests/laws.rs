@@ -387,7 +387,7 @@ impl Model for PnCounterModel {
 // Element types for registers and sets
 // ---------------------------------------------------------------------------------------
 
-trait Element: Ord + Hash + Clone + Debug + Serialize + DeserializeOwned + 'static {
+trait Element: Ord + Hash + Clone + Debug + Serialize + DeserializeOwned + codec::Wire + 'static {
     /// A small domain, so operations collide.
     fn strategy() -> BoxedStrategy<Self>;
 }
@@ -426,7 +426,8 @@ impl Element for Value {
         leaf.prop_recursive(2, 6, 3, |inner| {
             prop_oneof![
                 vec(inner.clone(), 0..3).prop_map(Value::Array),
-                prop::collection::btree_map("[xy]", inner, 0..3).prop_map(Value::Object),
+                prop::collection::btree_map("[xy]", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
         .boxed()

@@ -9,10 +9,9 @@
 //! Object properties whose value is `undefined` are skipped, as `JSON.stringify` does.
 
 use crate::error::{range_error, type_error};
-use concord_core::value::MAX_VALUE_DEPTH;
+use concord_core::value::{Map, MAX_VALUE_DEPTH};
 use concord_core::Value;
 use js_sys::{Array, Object, Reflect};
-use std::collections::BTreeMap;
 use wasm_bindgen::{JsCast, JsValue};
 
 const MAX_SAFE: f64 = 9_007_199_254_740_991.0;
@@ -52,7 +51,7 @@ fn convert(v: &JsValue, depth: u32) -> Result<Value, JsValue> {
     }
     if is_plain_object(v) {
         let o: &Object = v.unchecked_ref();
-        let mut out = BTreeMap::new();
+        let mut out = Map::new();
         for k in Object::keys(o).iter() {
             let x = Reflect::get(o, &k)?;
             if !x.is_undefined() {

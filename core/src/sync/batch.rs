@@ -21,7 +21,7 @@
 //! - **Payloads** relative to the dot: a counter increment is its new total; a register
 //!   write is the gap (zig-zag) from the batch's previous write time plus the HLC counter
 //!   (`SHORT`: counter 0, omitted) and the value; a set add/remove is the element and the
-//!   dots it retires (`SHORT`: none). Anything else is the whole field (postcard).
+//!   dots it retires (`SHORT`: none). Anything else is the whole field.
 //! - **Runs**: consecutive deltas of one replica to one counter or register (a user
 //!   clicking "+1" a thousand times) are one item with `RUN` and `extra` more dots. Each
 //!   write of a counter or register by its own replica supersedes the previous one (a
@@ -32,11 +32,12 @@
 //!   one key; sets are never joined this way (their deltas carry causal context). A
 //!   batch expands to at most [`MAX_BATCH_DOTS`] dots when it uses runs.
 //!
-//! Values and whole fields inside use postcard, whose decoder bounds nesting depth.
+//! Values and whole fields inside use the codec's encoding, which bounds nesting depth.
 //! Decoding never panics and never allocates more than a small multiple of the input: a
 //! front-coded key may share at most [`MAX_SHARED`] bytes with its predecessor.
 
 use super::msg::Deltas;
+use crate::codec::{put_bytes, put_seq, put_varint, unzigzag, zigzag, Reader, Wire, R};
 use crate::document::{Delta, Field};
 use crate::hlc::Timestamp;
 use crate::id::{Dot, ReplicaId};
@@ -192,41 +193,16 @@ fn expand(dot: Dot, p: Payload) -> Field {
 
 // ---- writing ----
 
-fn varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
 fn bytes(out: &mut Vec<u8>, b: &[u8]) {
-    varint(out, b.len() as u64);
-    out.extend_from_slice(b);
+    put_bytes(out, b);
 }
 
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn unzigzag(v: u64) -> i64 {
-    (v >> 1) as i64 ^ -((v & 1) as i64)
-}
-
-fn postcard<T: serde::Serialize>(out: &mut Vec<u8>, v: &T) {
-    let buf = std::mem::take(out);
-    *out = match postcard::to_extend(v, buf) {
-        Ok(b) => b,
-        Err(e) => unreachable!("encoding into a Vec failed: {e}"),
-    };
+fn varint(out: &mut Vec<u8>, v: u64) {
+    put_varint(out, v);
 }
 
 fn dots(out: &mut Vec<u8>, ds: &[Dot]) {
-    varint(out, ds.len() as u64);
-    for d in ds {
-        varint(out, d.replica.0);
-        varint(out, d.seq);
-    }
+    put_seq(out, ds, Dot::put);
 }
 
 /// Appends the body of `m` (everything after the tag byte) to `out`.
@@ -245,7 +221,7 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
     }
 
     let mut keys: Vec<&str> = m.deltas.iter().map(|d| d.key.as_str()).collect();
-    keys.sort_unstable();
+    crate::sort::sort(&mut keys);
     keys.dedup();
     varint(out, keys.len() as u64);
     let mut prev: &[u8] = &[];
@@ -309,7 +285,7 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
             varint(out, (len - 1) as u64);
         }
         match payload {
-            Payload::Full(f) => postcard(out, &f),
+            Payload::Full(f) => f.put(out),
             Payload::Count(n) | Payload::PnUp(n) | Payload::PnDown(n) => varint(out, n),
             Payload::Write { millis: ms, counter, value } => {
                 varint(out, zigzag(ms.wrapping_sub(millis) as i64));
@@ -317,10 +293,10 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
                 if counter != 0 {
                     varint(out, counter.into());
                 }
-                postcard(out, &value);
+                value.put(out);
             }
             Payload::Add { value, retired } | Payload::Remove { value, retired } => {
-                postcard(out, &value);
+                value.put(out);
                 if !retired.is_empty() {
                     dots(out, &retired);
                 }
@@ -331,69 +307,9 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
 
 // ---- reading ----
 
-/// A bounds-checked cursor over untrusted bytes.
-struct Reader<'a>(&'a [u8]);
-
-type R<T> = Result<T, &'static str>;
-
-impl<'a> Reader<'a> {
-    fn byte(&mut self) -> R<u8> {
-        let (&b, rest) = self.0.split_first().ok_or("truncated")?;
-        self.0 = rest;
-        Ok(b)
-    }
-
-    fn varint(&mut self) -> R<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            if shift == 63 && b > 1 {
-                return Err("varint overflows 64 bits");
-            }
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err("varint overflows 64 bits")
-    }
-
-    fn take(&mut self, n: u64) -> R<&'a [u8]> {
-        let n = usize::try_from(n).map_err(|_| "length out of range")?;
-        if n > self.0.len() {
-            return Err("truncated");
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-
-    /// A count of items each at least one byte long: never more than the bytes left, so a
-    /// forged count cannot make us reserve memory.
-    fn count(&mut self) -> R<usize> {
-        let n = self.varint()?;
-        usize::try_from(n).ok().filter(|n| *n <= self.0.len()).ok_or("count exceeds the frame")
-    }
-
-    fn postcard<T: serde::de::DeserializeOwned>(&mut self) -> R<T> {
-        let (v, rest) = postcard::take_from_bytes(self.0).map_err(|_| "malformed value")?;
-        self.0 = rest;
-        Ok(v)
-    }
-
-    fn dots(&mut self) -> R<Vec<Dot>> {
-        let n = self.count()?;
-        let mut v = Vec::with_capacity(n);
-        for _ in 0..n {
-            v.push(Dot::new(ReplicaId(self.varint()?), self.varint()?));
-        }
-        Ok(v)
-    }
-}
-
 /// Decodes a body written by [`encode`].
 pub(super) fn decode(body: &[u8]) -> R<Deltas> {
-    let mut r = Reader(body);
+    let mut r = Reader::new(body);
     let len = r.varint()?;
     let doc = std::str::from_utf8(r.take(len)?).map_err(|_| "document id is not UTF-8")?.to_owned();
 
@@ -449,7 +365,7 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
             return Err("only counter and register writes form runs");
         }
         let payload = match kind {
-            KIND_FULL if !short => Payload::Full(r.postcard()?),
+            KIND_FULL if !short => Payload::Full(Wire::read(&mut r)?),
             KIND_COUNT if !short => Payload::Count(r.varint()?),
             KIND_PN_UP if !short => Payload::PnUp(r.varint()?),
             KIND_PN_DOWN if !short => Payload::PnDown(r.varint()?),
@@ -460,11 +376,11 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
                 } else {
                     u32::try_from(r.varint()?).map_err(|_| "HLC counter too large")?
                 };
-                Payload::Write { millis, counter, value: r.postcard()? }
+                Payload::Write { millis, counter, value: Wire::read(&mut r)? }
             }
             k @ (KIND_ADD | KIND_REMOVE) => {
-                let value = r.postcard()?;
-                let retired = if short { Vec::new() } else { r.dots()? };
+                let value = Wire::read(&mut r)?;
+                let retired = if short { Vec::new() } else { r.seq(Dot::read)? };
                 if k == KIND_ADD {
                     Payload::Add { value, retired }
                 } else {
@@ -480,7 +396,7 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
         }
         deltas.push(Delta { dot: Dot::new(replicas[idx], last), key: key.clone(), payload: field });
     }
-    if !r.0.is_empty() {
+    if !r.is_empty() {
         return Err("trailing bytes");
     }
     Ok(Deltas { doc, deltas })
@@ -489,21 +405,6 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn varints_and_zigzag_round_trip_at_the_edges() {
-        for v in [0, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX - 1, u64::MAX] {
-            let mut out = Vec::new();
-            varint(&mut out, v);
-            assert_eq!(Reader(&out).varint(), Ok(v));
-        }
-        for v in [0, 1, -1, 63, -64, i64::MAX, i64::MIN] {
-            assert_eq!(unzigzag(zigzag(v)), v);
-        }
-        // An 11th byte or a 10th byte above 1 overflows.
-        assert!(Reader(&[0xff; 10]).varint().is_err());
-        assert!(Reader(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]).varint().is_err());
-    }
 
     #[test]
     fn keys_are_front_coded_and_stored_once() {

@@ -1,10 +1,12 @@
-//! Protocol messages and their envelope: one tag byte, then a postcard body.
+//! Protocol messages and their envelope: one tag byte, then a postcard body (written by
+//! hand, see [`crate::codec`]).
 //!
 //! Tags live in [`tag`]. A receiver that meets a tag it does not know answers with an
 //! [`ErrorCode::UNKNOWN_TAG`] error and carries on (a newer peer may speak more). The
 //! protocol version is agreed in [`Hello`]. Golden byte vectors in the tests pin every
 //! message.
 
+use crate::codec::{put_varint, Reader, Wire, R};
 use crate::document::{Delta, Field};
 use crate::id::ReplicaId;
 use crate::merkle::NodeId;
@@ -288,20 +290,41 @@ pub enum FrameError {
     },
 }
 
-fn body<T: Serialize>(tag: u8, v: &T) -> Vec<u8> {
-    match postcard::to_extend(v, vec![tag]) {
-        Ok(b) => b,
-        Err(e) => unreachable!("encoding into a Vec failed: {e}"),
+/// Implements [`Wire`] for a message struct: its fields in order.
+macro_rules! wire_struct {
+    ($t:ident { $($f:ident),* }) => {
+        impl Wire for $t {
+            fn put(&self, out: &mut Vec<u8>) {
+                $(self.$f.put(out);)*
+            }
+            fn read(r: &mut Reader<'_>) -> R<Self> {
+                Ok($t { $($f: Wire::read(r)?),* })
+            }
+        }
+    };
+}
+
+impl Wire for ErrorCode {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.0.into());
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        r.u16().map(ErrorCode)
     }
 }
 
-fn parse<'a, T: Deserialize<'a>>(tag: u8, bytes: &'a [u8]) -> Result<T, FrameError> {
-    match postcard::take_from_bytes::<T>(bytes) {
-        Ok((v, [])) => Ok(v),
-        Ok((_, rest)) => Err(FrameError::Malformed { tag, reason: format!("{} trailing bytes", rest.len()) }),
-        Err(e) => Err(FrameError::Malformed { tag, reason: e.to_string() }),
-    }
-}
+wire_struct!(Hello { protocol, min_protocol, replica, token });
+wire_struct!(Subscribe { doc, vv });
+wire_struct!(Synced { doc, vv });
+wire_struct!(Ack { doc, vv });
+wire_struct!(Unsubscribe { doc });
+wire_struct!(MerkleStart { doc, exchange, vv, ctx, children, full_chunks, keys });
+wire_struct!(MerkleQuery { doc, exchange, nodes });
+wire_struct!(MerkleNodes { doc, exchange, nodes });
+wire_struct!(MerkleLeaves { doc, exchange, buckets });
+wire_struct!(KeysQuery { doc, exchange, keys });
+wire_struct!(StateChunk { doc, exchange, chunk, answered, fields, done, total });
+wire_struct!(ErrorMsg { code, doc, message });
 
 impl Msg {
     /// The message's tag byte.
@@ -344,26 +367,24 @@ impl Msg {
 
     /// One frame: tag byte + postcard body.
     pub fn encode(&self) -> Vec<u8> {
-        let t = self.tag();
+        let mut buf = vec![self.tag()];
+        let o = &mut buf;
         match self {
-            Msg::Hello(m) => body(t, m),
-            Msg::Subscribe(m) => body(t, m),
-            Msg::Deltas(m) => {
-                let mut out = vec![t];
-                super::batch::encode(m, &mut out);
-                out
-            }
-            Msg::Synced(m) => body(t, m),
-            Msg::Ack(m) => body(t, m),
-            Msg::Unsubscribe(m) => body(t, m),
-            Msg::MerkleStart(m) => body(t, m),
-            Msg::MerkleQuery(m) => body(t, m),
-            Msg::MerkleNodes(m) => body(t, m),
-            Msg::MerkleLeaves(m) => body(t, m),
-            Msg::KeysQuery(m) => body(t, m),
-            Msg::State(m) => body(t, m),
-            Msg::Error(m) => body(t, m),
+            Msg::Hello(m) => m.put(o),
+            Msg::Subscribe(m) => m.put(o),
+            Msg::Deltas(m) => super::batch::encode(m, o),
+            Msg::Synced(m) => m.put(o),
+            Msg::Ack(m) => m.put(o),
+            Msg::Unsubscribe(m) => m.put(o),
+            Msg::MerkleStart(m) => m.put(o),
+            Msg::MerkleQuery(m) => m.put(o),
+            Msg::MerkleNodes(m) => m.put(o),
+            Msg::MerkleLeaves(m) => m.put(o),
+            Msg::KeysQuery(m) => m.put(o),
+            Msg::State(m) => m.put(o),
+            Msg::Error(m) => m.put(o),
         }
+        buf
     }
 
     /// Decodes one frame. Never panics; unknown tags are [`FrameError::UnknownTag`].
@@ -371,27 +392,38 @@ impl Msg {
     /// done here; CRDT invariants are checked when the payload is applied.
     pub fn decode(bytes: &[u8]) -> Result<Msg, FrameError> {
         let (&t, rest) = bytes.split_first().ok_or(FrameError::Empty)?;
-        let msg = match t {
-            tag::HELLO => Msg::Hello(parse(t, rest)?),
-            tag::SUBSCRIBE => Msg::Subscribe(parse(t, rest)?),
-            tag::DELTAS => Msg::Deltas(
-                super::batch::decode(rest)
-                    .map_err(|r| FrameError::Malformed { tag: t, reason: r.to_string() })?,
-            ),
-            tag::SYNCED => Msg::Synced(parse(t, rest)?),
-            tag::ACK => Msg::Ack(parse(t, rest)?),
-            tag::UNSUBSCRIBE => Msg::Unsubscribe(parse(t, rest)?),
-            tag::MERKLE_START => Msg::MerkleStart(parse(t, rest)?),
-            tag::MERKLE_QUERY => Msg::MerkleQuery(parse(t, rest)?),
-            tag::MERKLE_NODES => Msg::MerkleNodes(parse(t, rest)?),
-            tag::MERKLE_LEAVES => Msg::MerkleLeaves(parse(t, rest)?),
-            tag::KEYS_QUERY => Msg::KeysQuery(parse(t, rest)?),
-            tag::STATE => Msg::State(parse(t, rest)?),
-            tag::ERROR => Msg::Error(parse(t, rest)?),
-            other => return Err(FrameError::UnknownTag(other)),
+        let malformed = |reason: &str| FrameError::Malformed { tag: t, reason: reason.into() };
+        let msg = if t == tag::DELTAS {
+            Msg::Deltas(super::batch::decode(rest).map_err(malformed)?)
+        } else {
+            let mut r = Reader::new(rest);
+            let msg = Msg::read_body(t, &mut r).map_err(malformed)?.ok_or(FrameError::UnknownTag(t))?;
+            if !r.is_empty() {
+                return Err(malformed("trailing bytes"));
+            }
+            msg
         };
-        msg.check().map_err(|reason| FrameError::Malformed { tag: t, reason: reason.to_string() })?;
+        msg.check().map_err(malformed)?;
         Ok(msg)
+    }
+
+    /// The body of a message with tag `t` (not `Deltas`); `None` for an unknown tag.
+    fn read_body(t: u8, r: &mut Reader<'_>) -> R<Option<Msg>> {
+        Ok(Some(match t {
+            tag::HELLO => Msg::Hello(Wire::read(r)?),
+            tag::SUBSCRIBE => Msg::Subscribe(Wire::read(r)?),
+            tag::SYNCED => Msg::Synced(Wire::read(r)?),
+            tag::ACK => Msg::Ack(Wire::read(r)?),
+            tag::UNSUBSCRIBE => Msg::Unsubscribe(Wire::read(r)?),
+            tag::MERKLE_START => Msg::MerkleStart(Wire::read(r)?),
+            tag::MERKLE_QUERY => Msg::MerkleQuery(Wire::read(r)?),
+            tag::MERKLE_NODES => Msg::MerkleNodes(Wire::read(r)?),
+            tag::MERKLE_LEAVES => Msg::MerkleLeaves(Wire::read(r)?),
+            tag::KEYS_QUERY => Msg::KeysQuery(Wire::read(r)?),
+            tag::STATE => Msg::State(Wire::read(r)?),
+            tag::ERROR => Msg::Error(Wire::read(r)?),
+            _ => return Ok(None),
+        }))
     }
 
     fn check(&self) -> Result<(), &'static str> {

@@ -24,7 +24,7 @@ use crate::hash::FxHashMap;
 use crate::id::ReplicaId;
 use crate::merkle::{NodeId, DEPTH};
 use crate::vv::{CausalContext, VersionVector};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 /// Where a session finds documents. A relay loads (or creates) them on demand; a browser
 /// replica answers only for documents it has open.
@@ -154,7 +154,7 @@ pub enum SyncError {
     #[error("message before hello; send Hello first")]
     NoHello,
     /// One document refused the message; other documents are unaffected.
-    #[error("document {doc:?}: {error}")]
+    #[error("document \"{doc}\": {error}")]
     Doc {
         /// Document id.
         doc: String,
@@ -186,23 +186,23 @@ struct Catchup {
     exchange: u64,
     vv: VersionVector,
     ctx: CausalContext,
-    /// Sets of nodes hold [`node_key`]s: one set type, `BTreeSet<u64>`, for all of them
+    /// Sets of nodes hold [`node_key`]s: one set type, [`U64Set`], for all of them
     /// (each distinct set type costs kilobytes of wasm code).
-    waiting_nodes: BTreeSet<u64>,
-    waiting_keys: BTreeSet<u64>,
+    waiting_nodes: U64Set,
+    waiting_keys: U64Set,
     /// Whole-state transfers: the number of chunks announced, and those received (a
     /// count, not a set of the missing ones: the peer chooses the number).
     chunks: u32,
-    chunks_got: BTreeSet<u64>,
+    chunks_got: U64Set,
     fields: Vec<(String, Field)>,
     done: u64,
     total: u64,
     /// Merkle transfers: every key asked for (its state comes from the peer)...
-    wanted: BTreeSet<u64>,
+    wanted: U64Set,
     /// ...and every subtree found equal, with this side's context at that moment (an
-    /// index into `seen`), by [`node_slot`]. See [`Document::merge_keys`] for why it
+    /// index into `seen`), by [`node_key`]. See [`Document::merge_keys`] for why it
     /// matters. (The Merkle tree's own map type, so no new map code.)
-    equal: FxHashMap<u32, u64>,
+    equal: FxHashMap<u64, u64>,
     seen: Vec<CausalContext>,
 }
 
@@ -223,7 +223,7 @@ impl Catchup {
             self.seen.push(ctx.clone());
         }
         let i = self.seen.len() as u64 - 1;
-        self.equal.extend(nodes.map(|n| (node_slot(n), i)));
+        self.equal.extend(nodes.map(|n| (node_key(n), i)));
     }
 
     /// This side's context when the key with hash `h` was found equal on both sides, or
@@ -233,7 +233,7 @@ impl Catchup {
             return None;
         }
         (0..=DEPTH)
-            .find_map(|level| self.equal.get(&node_slot(NodeId::of(h, level))))
+            .find_map(|level| self.equal.get(&node_key(NodeId::of(h, level))))
             .and_then(|&i| self.seen.get(i as usize))
     }
 }
@@ -243,9 +243,40 @@ fn node_key(n: NodeId) -> u64 {
     (u64::from(n.index) << 8) | u64::from(n.level)
 }
 
-/// A node id as a map key, exact for valid ids (index < 2^16): the only ones judged equal.
-fn node_slot(n: NodeId) -> u32 {
-    (n.index << 3) | u32::from(n.level)
+/// A set of `u64`s: the Merkle tree's hash map type (so no new set code). Node and key
+/// sets of a large transfer hold up to millions of entries, inserted and removed in
+/// any order: a hash set, not a sorted `Vec`.
+#[derive(Clone, Debug, Default)]
+struct U64Set(FxHashMap<u64, u64>);
+
+impl U64Set {
+    fn insert(&mut self, x: u64) -> bool {
+        self.0.insert(x, 0).is_none()
+    }
+
+    fn remove(&mut self, x: &u64) -> bool {
+        self.0.remove(x).is_some()
+    }
+
+    fn contains(&self, x: &u64) -> bool {
+        self.0.contains_key(x)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Extend<u64> for U64Set {
+    fn extend<I: IntoIterator<Item = u64>>(&mut self, iter: I) {
+        for x in iter {
+            self.insert(x);
+        }
+    }
 }
 
 /// What this side knows about one document with this peer.
@@ -586,7 +617,7 @@ impl Session {
             st.serving = Some((exchange, my_vv.clone()));
         }
         st.they_subscribed = true;
-        st.peer_has = CausalContext { vv: m.vv, cloud: BTreeSet::new() };
+        st.peer_has = CausalContext { vv: m.vv, cloud: Default::default() };
         // Subscribe back first: by the time the peer sees the answer's `Synced`, it
         // knows we want its deltas too.
         if !st.we_subscribed {
@@ -661,14 +692,14 @@ impl Session {
             exchange: m.exchange,
             vv: m.vv,
             ctx: m.ctx,
-            waiting_nodes: BTreeSet::new(),
-            waiting_keys: BTreeSet::new(),
+            waiting_nodes: Default::default(),
+            waiting_keys: Default::default(),
             chunks: m.full_chunks,
-            chunks_got: BTreeSet::new(),
+            chunks_got: Default::default(),
             fields: Vec::new(),
             done: 0,
             total: if m.full_chunks > 0 { m.keys } else { 0 },
-            wanted: BTreeSet::new(),
+            wanted: Default::default(),
             equal: FxHashMap::default(),
             seen: Vec::new(),
         };
