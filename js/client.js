@@ -369,6 +369,7 @@ export class Client {
       this.#bc = new BroadcastChannel(opts.channel);
       this.#bc.onmessage = (ev) => ev.data instanceof Uint8Array && !this.#closed && this.#r.tab(ev.data);
     }
+    this.#r.configure(this.#bc !== null, store !== null);
     this.#connect();
   }
 

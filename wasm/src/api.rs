@@ -132,6 +132,15 @@ impl Replica {
         Replica(Rc::new(Shared { r: RefCell::new(r), host, closed: Cell::new(false) }))
     }
 
+    /// Which outputs the host wants: frames for other tabs (`tabs`), and outbox entries
+    /// and snapshot marks (`persist`). Both are on until turned off; a client without a
+    /// BroadcastChannel or without storage turns them off so no work is done for them.
+    pub fn configure(&self, tabs: bool, persist: bool) {
+        let mut r = self.0.r.borrow_mut();
+        r.tabs = tabs;
+        r.persist = persist;
+    }
+
     /// This session's replica id, 16 hex digits (changes after amnesia).
     #[wasm_bindgen(getter, js_name = replicaId)]
     pub fn replica_id(&self) -> String {

@@ -106,6 +106,12 @@ pub struct Replica {
     next_waiter: u32,
     /// What the caller must do; drained with [`Replica::take`].
     pub out: Vec<Out>,
+    /// Whether the host has other tabs to talk to: without, no [`Out::Tab`] frames are
+    /// built for local writes.
+    pub tabs: bool,
+    /// Whether the host persists: without, no [`Out::Persist`] entries or
+    /// [`Out::Dirty`] marks are built.
+    pub persist: bool,
 }
 
 fn keys_of(deltas: &[Delta]) -> Vec<String> {
@@ -140,6 +146,8 @@ impl Replica {
             session: None,
             next_waiter: 0,
             out: Vec::new(),
+            tabs: true,
+            persist: true,
         }
     }
 
@@ -192,7 +200,7 @@ impl Replica {
                 Err(_) => false,
             }
         };
-        if ok {
+        if ok && self.persist {
             self.out.push(Out::Dirty(doc.to_owned()));
         }
         ok
@@ -202,7 +210,9 @@ impl Replica {
     pub fn announce(&mut self, doc: &str) {
         let Some(e) = self.docs.get(doc) else { return };
         let vv = e.doc.version().clone();
-        self.out.push(Out::Tab(Msg::Subscribe(Subscribe { doc: doc.to_owned(), vv }).encode()));
+        if self.tabs {
+            self.out.push(Out::Tab(Msg::Subscribe(Subscribe { doc: doc.to_owned(), vv }).encode()));
+        }
         if let Some(s) = &mut self.session {
             let msgs = s.subscribe(doc, &mut Docs(&mut self.docs));
             self.send(msgs);
@@ -223,10 +233,14 @@ impl Replica {
         let e = self.docs.get_mut(doc).ok_or(Refused::NotOpen)?;
         let Some(delta) = op(&mut e.doc).map_err(Refused::Doc)? else { return Ok(()) };
         self.out.push(Out::Change { doc: doc.to_owned(), keys: vec![delta.key.clone()], local: true });
-        let frame = Msg::Deltas(Deltas { doc: doc.to_owned(), deltas: vec![delta.clone()] }).encode();
-        self.out.push(Out::Tab(frame));
+        if self.tabs {
+            let frame = Msg::Deltas(Deltas { doc: doc.to_owned(), deltas: vec![delta.clone()] }).encode();
+            self.out.push(Out::Tab(frame));
+        }
         self.forward(doc, std::slice::from_ref(&delta));
-        self.out.push(Out::Persist { doc: doc.to_owned(), seq: delta.dot.seq, bytes: delta.encode() });
+        if self.persist {
+            self.out.push(Out::Persist { doc: doc.to_owned(), seq: delta.dot.seq, bytes: delta.encode() });
+        }
         Ok(())
     }
 
@@ -236,7 +250,9 @@ impl Replica {
             let msgs = s.on_local_deltas(doc, deltas);
             self.send(msgs);
         }
-        self.out.push(Out::Dirty(doc.to_owned()));
+        if self.persist {
+            self.out.push(Out::Dirty(doc.to_owned()));
+        }
     }
 
     /// A waiter id for `synced()`, or `None` when `doc` is synced already.
@@ -310,14 +326,18 @@ impl Replica {
                         }
                         self.out.push(Out::Change { doc: doc.clone(), keys: keys_of(&deltas), local: false });
                         e.settle(&mut self.out);
-                        self.out.push(Out::Dirty(doc));
+                        if self.persist {
+                            self.out.push(Out::Dirty(doc));
+                        }
                     }
                 }
                 Event::StateMerged { doc } => {
                     if let Some(e) = self.docs.get(&doc) {
                         let keys = e.doc.keys().map(str::to_owned).collect();
                         self.out.push(Out::Change { doc: doc.clone(), keys, local: false });
-                        self.out.push(Out::Dirty(doc));
+                        if self.persist {
+                            self.out.push(Out::Dirty(doc));
+                        }
                     }
                 }
                 Event::Synced { doc, vv } | Event::Acked { doc, vv } => {
@@ -369,7 +389,9 @@ impl Replica {
                 if e.doc.version() != &before {
                     let keys = e.doc.keys().map(str::to_owned).collect();
                     self.out.push(Out::Change { doc: doc_id.to_owned(), keys, local: false });
-                    self.out.push(Out::Dirty(doc_id.to_owned()));
+                    if self.persist {
+                        self.out.push(Out::Dirty(doc_id.to_owned()));
+                    }
                 }
             }
         } else {
@@ -467,6 +489,18 @@ mod tests {
         assert!(matches!(&out[2], Out::Dirty(d) if d == "d"));
         assert!(matches!(&out[3], Out::Persist { seq: 1, .. }));
         assert!(matches!(r.write("nope", &mut |d| d.increment("x", 1).map(Some)), Err(Refused::NotOpen)));
+    }
+
+    #[test]
+    fn without_tabs_or_storage_a_write_only_tells_its_listeners() {
+        let mut r = Replica::new(fresh);
+        (r.tabs, r.persist) = (false, false);
+        r.open("d");
+        r.announce("d");
+        r.write("d", &mut |d| d.increment("likes", 2).map(Some)).unwrap();
+        let out = r.take();
+        assert!(matches!(&out[..], [Out::Change { local: true, .. }]), "{} outputs", out.len());
+        assert_eq!(r.read("d", |d| d.counter("likes")), Some(2));
     }
 
     #[test]
