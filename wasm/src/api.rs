@@ -196,9 +196,12 @@ impl Replica {
         self.0.run(|r| r.tick())
     }
 
-    /// Every later call throws.
+    /// Every later call throws. The documents are dropped now, not when the garbage
+    /// collector finalizes the last JS handle: a page that opens and closes many clients
+    /// gets their wasm memory back at once.
     pub fn close(&self) {
         self.0.closed.set(true);
+        self.0.r.borrow_mut().clear();
     }
 }
 

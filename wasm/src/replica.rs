@@ -151,6 +151,13 @@ impl Replica {
         }
     }
 
+    /// Drops every document, the session and pending outputs (the client closed).
+    pub fn clear(&mut self) {
+        self.docs = VecMap::default();
+        self.session = None;
+        self.out = Vec::new();
+    }
+
     /// This session's replica id.
     pub fn id(&self) -> ReplicaId {
         self.replica
