@@ -93,32 +93,44 @@ fn only(c: &GCounter, own: ReplicaId) -> Option<u64> {
     (n > 0 && c.value() == n).then_some(n)
 }
 
-/// The kind of a delta that a later delta of the same replica and key supersedes, if any.
-fn run_kind(d: &Delta) -> Option<u8> {
-    let own = d.dot.replica;
-    match &d.payload {
-        Field::Counter(c) => only(c, own).map(|_| KIND_COUNT),
-        Field::PnCounter(c) => {
-            let (p, n) = c.parts();
-            match (only(p, own), only(n, own)) {
-                (Some(_), None) if n.value() == 0 => Some(KIND_PN_UP),
-                (None, Some(_)) if p.value() == 0 => Some(KIND_PN_DOWN),
-                _ => None,
-            }
+impl Payload {
+    /// The kind written in the item's head byte.
+    fn kind(&self) -> u8 {
+        match self {
+            Payload::Full(_) => KIND_FULL,
+            Payload::Count(_) => KIND_COUNT,
+            Payload::PnUp(_) => KIND_PN_UP,
+            Payload::PnDown(_) => KIND_PN_DOWN,
+            Payload::Write { .. } => KIND_WRITE,
+            Payload::Add { .. } => KIND_ADD,
+            Payload::Remove { .. } => KIND_REMOVE,
         }
-        Field::Register(r) => r.timestamp().filter(|ts| ts.replica == own).map(|_| KIND_WRITE),
-        Field::Set(_) => None,
+    }
+
+    /// Whether the item omits its HLC counter (0) or its retired dots (none).
+    fn short(&self) -> bool {
+        match self {
+            Payload::Write { counter, .. } => *counter == 0,
+            Payload::Add { retired, .. } | Payload::Remove { retired, .. } => retired.is_empty(),
+            _ => false,
+        }
     }
 }
 
-/// Whether `b` continues a run that `a` is in: same replica, next dot, same key, and a
-/// kind that supersedes.
-fn continues(a: &Delta, b: &Delta) -> bool {
+/// Whether a later write of this kind by the same replica to the same key supersedes an
+/// earlier one (so a run of them can travel as one item).
+fn supersedes(kind: u8) -> bool {
+    matches!(kind, KIND_COUNT | KIND_PN_UP | KIND_PN_DOWN | KIND_WRITE)
+}
+
+/// Whether delta `b` (payload `pb`) continues a run that `a` (payload `pa`) is in: same
+/// replica, next dot, same key, and the same superseding kind.
+fn continues((a, pa): (&Delta, &Payload), (b, pb): (&Delta, &Payload)) -> bool {
     b.dot.replica == a.dot.replica
         && Some(b.dot.seq) == a.dot.seq.checked_add(1)
         && b.key == a.key
-        && run_kind(b).is_some()
-        && run_kind(a) == run_kind(b)
+        && supersedes(pb.kind())
+        && pa.kind() == pb.kind()
 }
 
 fn compact(d: &Delta) -> Payload {
@@ -193,21 +205,9 @@ fn expand(dot: Dot, p: Payload) -> Field {
 
 // ---- writing ----
 
-fn bytes(out: &mut Vec<u8>, b: &[u8]) {
-    put_bytes(out, b);
-}
-
-fn varint(out: &mut Vec<u8>, v: u64) {
-    put_varint(out, v);
-}
-
-fn dots(out: &mut Vec<u8>, ds: &[Dot]) {
-    put_seq(out, ds, Dot::put);
-}
-
 /// Appends the body of `m` (everything after the tag byte) to `out`.
 pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
-    bytes(out, m.doc.as_bytes());
+    put_bytes(out, m.doc.as_bytes());
 
     let mut replicas: Vec<ReplicaId> = Vec::new();
     for d in &m.deltas {
@@ -215,23 +215,23 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
             replicas.push(d.dot.replica);
         }
     }
-    varint(out, replicas.len() as u64);
+    put_varint(out, replicas.len() as u64);
     for r in &replicas {
-        varint(out, r.0);
+        put_varint(out, r.0);
     }
 
     let mut keys: Vec<&str> = m.deltas.iter().map(|d| d.key.as_str()).collect();
     crate::sort::sort(&mut keys);
     keys.dedup();
-    varint(out, keys.len() as u64);
+    put_varint(out, keys.len() as u64);
     let mut prev: &[u8] = &[];
     for k in &keys {
         let k = k.as_bytes();
         let shared = prev.iter().zip(k).take_while(|(a, b)| a == b).count().min(MAX_SHARED);
         let suffix = &k[shared..];
-        varint(out, (shared as u64) << 4 | suffix.len().min(15) as u64);
+        put_varint(out, (shared as u64) << 4 | suffix.len().min(15) as u64);
         if suffix.len() >= 15 {
-            varint(out, (suffix.len() - 15) as u64);
+            put_varint(out, (suffix.len() - 15) as u64);
         }
         out.extend_from_slice(suffix);
         prev = k;
@@ -239,12 +239,13 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
 
     // Items: runs of superseding deltas become one item (when the batch is small enough).
     let ds = &m.deltas;
+    let mut payloads: Vec<Payload> = ds.iter().map(compact).collect();
     let mut items: Vec<(usize, usize)> = Vec::with_capacity(ds.len());
     let mut i = 0;
     while i < ds.len() {
         let mut j = i + 1;
         if ds.len() <= MAX_BATCH_DOTS {
-            while j < ds.len() && continues(&ds[j - 1], &ds[j]) {
+            while j < ds.len() && continues((&ds[j - 1], &payloads[j - 1]), (&ds[j], &payloads[j])) {
                 j += 1;
             }
         }
@@ -252,7 +253,7 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
         i = j;
     }
 
-    varint(out, items.len() as u64);
+    put_varint(out, items.len() as u64);
     let mut last_seq = vec![0u64; replicas.len()];
     let mut cur = 0usize;
     let mut millis = 0u64;
@@ -263,42 +264,35 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
         last_seq[r] = d.dot.seq;
         let next = r == cur && gap == 1;
         cur = r;
-        let payload = compact(d);
-        let (kind, short) = match &payload {
-            Payload::Full(_) => (KIND_FULL, false),
-            Payload::Count(_) => (KIND_COUNT, false),
-            Payload::PnUp(_) => (KIND_PN_UP, false),
-            Payload::PnDown(_) => (KIND_PN_DOWN, false),
-            Payload::Write { counter, .. } => (KIND_WRITE, *counter == 0),
-            Payload::Add { retired, .. } => (KIND_ADD, retired.is_empty()),
-            Payload::Remove { retired, .. } => (KIND_REMOVE, retired.is_empty()),
-        };
+        // The run's last payload stands for all of it.
+        let payload = std::mem::replace(&mut payloads[first + len - 1], Payload::Count(0));
+        let (kind, short) = (payload.kind(), payload.short());
         let flags =
             if next { NEXT_DOT } else { 0 } | if short { SHORT } else { 0 } | if len > 1 { RUN } else { 0 };
         out.push(kind | flags);
         if !next {
-            varint(out, r as u64);
-            varint(out, gap);
+            put_varint(out, r as u64);
+            put_varint(out, gap);
         }
-        varint(out, keys.binary_search(&d.key.as_str()).unwrap_or(0) as u64);
+        put_varint(out, keys.binary_search(&d.key.as_str()).unwrap_or(0) as u64);
         if len > 1 {
-            varint(out, (len - 1) as u64);
+            put_varint(out, (len - 1) as u64);
         }
         match payload {
             Payload::Full(f) => f.put(out),
-            Payload::Count(n) | Payload::PnUp(n) | Payload::PnDown(n) => varint(out, n),
+            Payload::Count(n) | Payload::PnUp(n) | Payload::PnDown(n) => put_varint(out, n),
             Payload::Write { millis: ms, counter, value } => {
-                varint(out, zigzag(ms.wrapping_sub(millis) as i64));
+                put_varint(out, zigzag(ms.wrapping_sub(millis) as i64));
                 millis = ms;
                 if counter != 0 {
-                    varint(out, counter.into());
+                    put_varint(out, counter.into());
                 }
                 value.put(out);
             }
             Payload::Add { value, retired } | Payload::Remove { value, retired } => {
                 value.put(out);
                 if !retired.is_empty() {
-                    dots(out, &retired);
+                    put_seq(out, &retired, Dot::put);
                 }
             }
         }
@@ -361,7 +355,7 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
         last_seq[idx] = last;
         cur = idx;
         let kind = head & KIND_MASK;
-        if extra > 0 && !matches!(kind, KIND_COUNT | KIND_PN_UP | KIND_PN_DOWN | KIND_WRITE) {
+        if extra > 0 && !supersedes(kind) {
             return Err("only counter and register writes form runs");
         }
         let payload = match kind {
@@ -429,10 +423,10 @@ mod tests {
     fn a_key_sharing_too_long_a_prefix_is_rejected() {
         // doc "", no replicas, 2 keys: 64 x 'a', then one sharing 64 bytes.
         let mut body = vec![0, 0, 2];
-        varint(&mut body, 15);
-        varint(&mut body, 64 - 15);
+        put_varint(&mut body, 15);
+        put_varint(&mut body, 64 - 15);
         body.extend([b'a'; 64]);
-        varint(&mut body, 64 << 4 | 1);
+        put_varint(&mut body, 64 << 4 | 1);
         body.push(b'b');
         body.push(0);
         assert_eq!(decode(&body), Err("key prefix out of range"));
