@@ -53,6 +53,14 @@ run(wasmBindgen, [wasm, "--out-dir", pkg, "--target", "web", "--no-typescript", 
 // 1 MiB), so addresses below 1 KiB are reached only by a stack that already overflowed;
 // assuming so lets wasm-opt fold more address offsets (~0.8 KB gzipped).
 const bg = join(pkg, "concord_wasm_bg.wasm");
+const FEATURES = [
+  "--enable-bulk-memory",
+  "--enable-sign-ext",
+  "--enable-mutable-globals",
+  "--enable-nontrapping-float-to-int",
+  "--enable-reference-types",
+  "--enable-multivalue",
+];
 if (!debug) {
   const wasmOpt = join(root, "node_modules", ".bin", "wasm-opt");
   if (!existsSync(wasmOpt)) {
@@ -63,18 +71,56 @@ if (!debug) {
     "-Oz",
     "--converge",
     "--low-memory-unused",
-    "--enable-bulk-memory",
-    "--enable-sign-ext",
-    "--enable-mutable-globals",
-    "--enable-nontrapping-float-to-int",
-    "--enable-reference-types",
-    "--enable-multivalue",
+    ...FEATURES,
     "--strip-debug",
     "--strip-producers",
     bg,
     "-o",
     bg,
   ]);
+  minifyNames(wasmOpt, bg, join(pkg, "concord_wasm.js"));
+}
+
+// 3b. Short import, export and module names. wasm-bindgen names each import after its
+// function plus a 16-hex-digit hash (`__wbg_relay_b96eaf1e91bc60f0`); the names sit in
+// the .wasm and again in the JS glue, and hashes do not compress (~1.3 KB gzipped in
+// all). binaryen renames imports and exports to `a`, `b`, ..., puts every import in
+// module "a", and prints the mapping, with which the glue is rewritten: the keys and
+// module name of its import object, and its `wasm.<export>` references (the only way it
+// reaches the exports).
+function minifyNames(wasmOpt, wasmFile, glueFile) {
+  const fail = (msg) => {
+    console.error(`build failed: minifying wasm names: ${msg}`);
+    process.exit(1);
+  };
+  console.log(`$ ${wasmOpt} --minify-imports-and-exports-and-modules ${wasmFile}`);
+  let map;
+  try {
+    const out = execFileSync(
+      wasmOpt,
+      [...FEATURES, "--minify-imports-and-exports-and-modules", wasmFile, "-o", wasmFile],
+      { cwd: root, encoding: "utf8", maxBuffer: 1 << 24 },
+    );
+    map = JSON.parse(out.slice(out.indexOf("{")));
+  } catch (e) {
+    fail(e.message);
+  }
+  const name = (n) => n.replace(/\$/g, "\\$");
+  let glue = readFileSync(glueFile, "utf8");
+  const modules = new Set(map.imports.map(([module]) => module));
+  if (modules.size !== 1 || !glue.includes(`"${[...modules][0]}": import0`)) fail("expected one import module");
+  glue = glue.replace(`"${[...modules][0]}": import0`, `a: import0`);
+  for (const [, base, short] of map.imports) {
+    const re = new RegExp(`(?<![\\w$])${name(base)}(?=: function\\()`, "g");
+    if ((glue.match(re) ?? []).length !== 1) fail(`import ${base} is not defined once in the glue`);
+    glue = glue.replace(re, short);
+  }
+  for (const [base, short] of map.exports) {
+    glue = glue.replace(new RegExp(`(?<![\\w$])wasm\\.${name(base)}(?![\\w$])`, "g"), `wasm.${short}`);
+  }
+  const left = glue.match(/(?<![\w$])wasm\.[\w$]{3,}/);
+  if (left) fail(`the glue still uses ${left[0]}`);
+  writeFileSync(glueFile, glue);
 }
 
 // 4. The hand-written glue and types.
