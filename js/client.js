@@ -162,6 +162,145 @@ async function openStore(name) {
   };
 }
 
+// ---- values ----
+//
+// Register and set values cross into wasm as bytes in the core's `Value` encoding
+// (core/src/value.rs, `impl Wire for Value`): a kind byte (0 null, 1 bool, 2 integer,
+// 3 float, 4 string, 5 array, 6 object), then a 0/1 byte, a zig-zag LEB128 varint, 8
+// little-endian bytes, or a length (LEB128) and the UTF-8 bytes / items / key-value
+// pairs. Walking a JS value here costs a few lines; from Rust it costs wasm code and one
+// imported glue function per JS operation. Safe integers are integers, other finite
+// numbers floats; like JSON.stringify, `undefined` properties are skipped and
+// `undefined` array items are null.
+
+const MAX_DEPTH = 32; // MAX_VALUE_DEPTH in core/src/value.rs
+const utf8 = new TextEncoder();
+const fromUtf8 = new TextDecoder();
+const f64 = new DataView(new ArrayBuffer(8));
+
+/** The bytes of a JSON-compatible value; throws TypeError/RangeError as JSON would. */
+function encodeValue(v) {
+  let b = new Uint8Array(64);
+  let n = 0;
+  // Room for `k` more bytes; the first of them is `x`.
+  const put = (k, x) => {
+    if (n + k > b.length) {
+      const g = new Uint8Array(2 * (n + k));
+      g.set(b);
+      b = g;
+    }
+    b[n++] = x;
+  };
+  // A non-negative integer below 2^53.
+  const varint = (x) => {
+    for (; x >= 128; x = Math.floor(x / 128)) put(9, (x % 128) | 128);
+    put(1, x);
+  };
+  const str = (s) => {
+    const u = utf8.encode(s);
+    varint(u.length);
+    if (u.length) put(u.length, u[0]), b.set(u, n - 1), (n += u.length - 1);
+  };
+  const value = (v, depth) => {
+    if (v === null) return put(1, 0);
+    switch (typeof v) {
+      case "boolean":
+        return put(2, 1), put(1, v ? 1 : 0);
+      case "number":
+        if (Number.isSafeInteger(v)) {
+          // Zig-zag (2v, or 2|v| - 1 for v < 0) without forming it: 2|v| - 1 may not be
+          // a double. Its low 7 bits first, then the rest as a varint.
+          const k = v < 0 ? -v - 1 : v;
+          const rest = Math.floor(k / 64);
+          put(11, 2);
+          put(1, (2 * (k % 64) + (v < 0)) | (rest ? 128 : 0));
+          return rest && varint(rest);
+        }
+        if (!Number.isFinite(v)) throw new RangeError("NaN and Infinity are not JSON values; store null or a string instead");
+        put(9, 3);
+        f64.setFloat64(0, v, true);
+        for (let i = 0; i < 8; i++) b[n++] = f64.getUint8(i);
+        return;
+      case "string":
+        return put(1, 4), str(v);
+      case "undefined":
+        throw new TypeError("undefined is not a JSON value; use null");
+      case "object": {
+        if (depth >= MAX_DEPTH) throw new RangeError("value is nested more than 32 levels deep (or is circular); flatten it");
+        if (Array.isArray(v)) {
+          put(1, 5);
+          varint(v.length);
+          for (let i = 0; i < v.length; i++) value(v[i] === undefined ? null : v[i], depth + 1);
+          return;
+        }
+        const p = Object.getPrototypeOf(v);
+        if (p === null || Object.getPrototypeOf(p) === null) {
+          const props = Object.entries(v).filter((e) => e[1] !== undefined);
+          put(1, 6);
+          varint(props.length);
+          for (const [k, x] of props) str(k), value(x, depth + 1);
+          return;
+        }
+      }
+    }
+    throw new TypeError(
+      "values must be JSON-compatible (null, boolean, number, string, array or plain object); " +
+        "convert BigInt, Date, Map, Set, class instances and functions first",
+    );
+  };
+  value(v, 0);
+  return b.subarray(0, n);
+}
+
+/** The JS value of bytes written by the core (plain data; `undefined` for no bytes). */
+function decodeValue(b) {
+  let i = 0;
+  const varint = () => {
+    let x = 0;
+    let scale = 1;
+    for (; b[i] & 128; scale *= 128) x += (b[i++] & 127) * scale;
+    return x + b[i++] * scale;
+  };
+  const str = () => {
+    const len = varint();
+    return fromUtf8.decode(b.subarray(i, (i += len)));
+  };
+  const value = () => {
+    switch (b[i++]) {
+      case 0:
+        return null;
+      case 1:
+        return b[i++] === 1;
+      case 2: {
+        // Zig-zag: the low bit of the first byte is the sign; |v| (or |v| - 1) is the
+        // rest. Exact below 2^53 (all JS writes), the nearest double or so beyond.
+        const c = b[i++];
+        const k = ((c & 127) >> 1) + (c & 128 ? 64 * varint() : 0);
+        return c & 1 ? -k - 1 : k;
+      }
+      case 3:
+        for (let k = 0; k < 8; k++) f64.setUint8(k, b[i++]);
+        return f64.getFloat64(0, true);
+      case 4:
+        return str();
+      case 5:
+        return Array.from({ length: varint() }, value);
+      default: {
+        const o = {};
+        for (let k = varint(); k > 0; k--) {
+          const key = str();
+          const x = value();
+          // `o[key] = x` would set the prototype for "__proto__".
+          if (key === "__proto__") Object.defineProperty(o, key, { value: x, writable: true, enumerable: true, configurable: true });
+          else o[key] = x;
+        }
+        return o;
+      }
+    }
+  };
+  return b.length ? value() : undefined;
+}
+
 // ---- the public API ----
 
 const KIND_NAMES = { counter: "counter", pnCounter: "pn-counter", register: "register", set: "set" };
@@ -217,11 +356,11 @@ export class Register {
     this.#key = key;
   }
   set(value) {
-    this.#h.setRegister(this.#key, value);
+    this.#h.setRegister(this.#key, encodeValue(value));
   }
   /** The value, or `undefined` when never set. */
   get() {
-    return this.#h.register(this.#key);
+    return decodeValue(this.#h.register(this.#key));
   }
   get value() {
     return this.get();
@@ -237,17 +376,17 @@ export class CrdtSet {
     this.#key = key;
   }
   add(value) {
-    this.#h.setAdd(this.#key, value);
+    this.#h.setAdd(this.#key, encodeValue(value));
   }
   remove(value) {
-    this.#h.setRemove(this.#key, value);
+    this.#h.setRemove(this.#key, encodeValue(value));
   }
   has(value) {
-    return this.#h.setHas(this.#key, value);
+    return this.#h.setHas(this.#key, encodeValue(value));
   }
   /** The elements, sorted. */
   values() {
-    return this.#h.setValues(this.#key);
+    return decodeValue(this.#h.setValues(this.#key));
   }
   get size() {
     return this.values().length;
@@ -319,7 +458,7 @@ export class Doc {
 
   /** The whole document as plain data. */
   toJSON() {
-    return this.#h.toJSON();
+    return decodeValue(this.#h.value());
   }
 }
 

@@ -83,6 +83,30 @@ test("integers and floats keep their JSON form", async () => {
   client.close();
 });
 
+test("values keep their JSON form at the edges: big integers, unicode, __proto__, undefined", async () => {
+  const client = await local();
+  const doc = await client.open("edges");
+  const r = doc.register("r");
+  for (const v of [-1, -64, 64, -65, 2 ** 52, -(2 ** 52) - 1, -(2 ** 53 - 1), 2 ** 53 - 1, "h\u00e9llo \u{1f600}", ""]) {
+    r.set(v);
+    assert.equal(r.get(), v);
+  }
+  r.set(-0);
+  assert.ok(Object.is(r.get(), 0), "-0 is the integer 0");
+  r.set(JSON.parse('{"__proto__": 5, "a": [1, {"b": null}]}'));
+  const got = r.get();
+  assert.equal(Object.getPrototypeOf(got), Object.prototype);
+  assert.deepEqual(Object.keys(got), ["__proto__", "a"]);
+  assert.equal(Object.getOwnPropertyDescriptor(got, "__proto__").value, 5);
+  r.set({ gone: undefined, kept: [undefined, 1], bare: Object.assign(Object.create(null), { x: 1 }) });
+  assert.deepEqual(r.get(), { kept: [null, 1], bare: { x: 1 } });
+  let deep = 1;
+  for (let i = 0; i < 32; i++) deep = [deep];
+  r.set(deep);
+  assert.throws(() => r.set([deep]), { name: "RangeError", message: /nested/ });
+  client.close();
+});
+
 test("subscribe reports local changes with their keys, and off stops it", async () => {
   const client = await local();
   const doc = await client.open("events");

@@ -4,11 +4,11 @@
 //! transports and builds the public `Client`/`Doc` API on top; its TypeScript types are
 //! authored in `js/index.d.ts`.
 
-use crate::error::{closed, doc_error, error, range_error};
+use crate::error::{closed, doc_error, error, range_error, type_error};
 use crate::replica::{Out, Refused};
-use crate::value::{from_js, to_js};
+use concord_core::codec::{whole, Wire};
 use concord_core::sync::msg::MAX_DOC_ID;
-use concord_core::{Delta, DocError, Document, ReplicaId};
+use concord_core::{Delta, DocError, Document, ReplicaId, Value};
 use js_sys::Array;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -212,6 +212,21 @@ pub struct DocHandle {
     id: String,
 }
 
+/// A register or set value from JS: a [`Value`] in its wire encoding. `js/client.js`
+/// walks JS values to and from these bytes (JSON rules: safe integers are `Int`, other
+/// finite numbers `Float`, depth bounded): in JS that walk is a few lines, through
+/// `js_sys` it was wasm code plus one imported glue function per JS operation.
+fn value_of(bytes: &[u8]) -> Result<Value, JsValue> {
+    whole(bytes).map_err(|_| type_error("malformed value bytes; pass values through the Doc API"))
+}
+
+/// A [`Value`] in its wire encoding, for `js/client.js` to turn into plain JS data.
+pub fn bytes_of(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    v.put(&mut out);
+    out
+}
+
 /// A counter increment from JS: a whole number of magnitude at most 2^53 - 1.
 fn count(n: f64) -> Result<i64, JsValue> {
     if n.fract() == 0.0 && n.abs() <= 9_007_199_254_740_991.0 {
@@ -262,25 +277,25 @@ impl DocHandle {
         self.write(&mut |d| d.pn_add(key, n).map(Some))
     }
 
-    /// Writes the register at `key`.
+    /// Writes the register at `key` (`value`: an encoded [`Value`]).
     #[wasm_bindgen(js_name = setRegister)]
-    pub fn set_register(&self, key: &str, value: &JsValue) -> Result<(), JsValue> {
-        let mut v = from_js(value)?;
+    pub fn set_register(&self, key: &str, value: &[u8]) -> Result<(), JsValue> {
+        let mut v = value_of(value)?;
         let now = js_sys::Date::now() as u64;
         self.write(&mut |d| d.set_register(key, std::mem::take(&mut v), now).map(Some))
     }
 
-    /// Adds `value` to the set at `key`.
+    /// Adds `value` (an encoded [`Value`]) to the set at `key`.
     #[wasm_bindgen(js_name = setAdd)]
-    pub fn set_add(&self, key: &str, value: &JsValue) -> Result<(), JsValue> {
-        let mut v = from_js(value)?;
+    pub fn set_add(&self, key: &str, value: &[u8]) -> Result<(), JsValue> {
+        let mut v = value_of(value)?;
         self.write(&mut |d| d.set_add(key, std::mem::take(&mut v)).map(Some))
     }
 
-    /// Removes `value` from the set at `key` (a no-op when absent).
+    /// Removes `value` (an encoded [`Value`]) from the set at `key` (a no-op when absent).
     #[wasm_bindgen(js_name = setRemove)]
-    pub fn set_remove(&self, key: &str, value: &JsValue) -> Result<(), JsValue> {
-        let v = from_js(value)?;
+    pub fn set_remove(&self, key: &str, value: &[u8]) -> Result<(), JsValue> {
+        let v = value_of(value)?;
         self.write(&mut |d| d.set_remove(key, &v))
     }
 
@@ -295,22 +310,22 @@ impl DocHandle {
         self.read(|d| d.pn_counter(key) as f64)
     }
 
-    /// The register's value, `undefined` when never written.
-    pub fn register(&self, key: &str) -> Result<JsValue, JsValue> {
-        self.read(|d| d.register(key).map_or(JsValue::UNDEFINED, |(v, _)| to_js(v)))
+    /// The register's value, encoded; empty when never written.
+    pub fn register(&self, key: &str) -> Result<Vec<u8>, JsValue> {
+        self.read(|d| d.register(key).map_or_else(Vec::new, |(v, _)| bytes_of(v)))
     }
 
-    /// Whether the set at `key` holds `value`.
+    /// Whether the set at `key` holds `value` (an encoded [`Value`]).
     #[wasm_bindgen(js_name = setHas)]
-    pub fn set_has(&self, key: &str, value: &JsValue) -> Result<bool, JsValue> {
-        let v = from_js(value)?;
+    pub fn set_has(&self, key: &str, value: &[u8]) -> Result<bool, JsValue> {
+        let v = value_of(value)?;
         self.read(|d| d.set_contains(key, &v))
     }
 
-    /// The set's elements, sorted.
+    /// The set's elements, sorted, as an encoded array.
     #[wasm_bindgen(js_name = setValues)]
-    pub fn set_values(&self, key: &str) -> Result<Array, JsValue> {
-        self.read(|d| d.set_values(key).iter().map(to_js).collect())
+    pub fn set_values(&self, key: &str) -> Result<Vec<u8>, JsValue> {
+        self.read(|d| bytes_of(&Value::Array(d.set_values(key))))
     }
 
     /// The type `key` holds: "counter" | "pn-counter" | "register" | "set" | undefined.
@@ -328,10 +343,9 @@ impl DocHandle {
         })
     }
 
-    /// The whole document as plain data: `{ likes: 1, tags: ["rust"], ... }`.
-    #[wasm_bindgen(js_name = toJSON)]
-    pub fn to_json(&self) -> Result<JsValue, JsValue> {
-        self.read(|d| to_js(&d.to_value()))
+    /// The whole document as plain data (`{ likes: 1, tags: ["rust"], ... }`), encoded.
+    pub fn value(&self) -> Result<Vec<u8>, JsValue> {
+        self.read(|d| bytes_of(&d.to_value()))
     }
 
     /// `undefined` when the relay holds everything this replica has of the document now

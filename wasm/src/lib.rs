@@ -8,7 +8,8 @@
 //! - [`replica`]: open documents and the relay session; frames and writes in, [`Out`]s
 //!   (frames for the relay and the other tabs, outbox entries, change events) out.
 //! - [`channel`]: the tab-to-tab whole-document frame.
-//! - [`value`]: JSON-compatible JS values <-> [`concord_core::Value`].
+//! - Register and set values cross as bytes in [`concord_core::Value`]'s wire encoding;
+//!   `js/client.js` converts them to and from JSON-compatible JS values.
 //! - [`error`]: JS error classes.
 //!
 //! **Why the transports are in JavaScript.** The WebSocket (failover, backoff, liveness),
@@ -24,7 +25,6 @@ pub mod api;
 pub mod channel;
 pub mod error;
 pub mod replica;
-pub mod value;
 pub mod vecmap;
 
 pub use api::{DocHandle, Replica};
