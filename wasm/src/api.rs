@@ -10,7 +10,7 @@ use concord_core::codec::{whole, Wire};
 use concord_core::sync::msg::MAX_DOC_ID;
 use concord_core::{Delta, DocError, Document, ReplicaId, Value};
 use js_sys::Array;
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, Ref, RefCell};
 use std::rc::Rc;
 use wasm_bindgen::prelude::*;
 
@@ -78,16 +78,25 @@ impl Shared {
     /// Runs `f` on the replica, then hands its outputs to the host (with no borrow held,
     /// so the host may call back in).
     fn run<T>(&self, f: impl FnOnce(&mut crate::replica::Replica) -> T) -> Result<T, JsValue> {
+        let mut f = Some(f);
+        let mut v = None;
+        self.run_dyn(&mut |r| v = f.take().map(|f| f(r)))?;
+        v.ok_or_else(closed)
+    }
+
+    /// [`Shared::run`]'s body, compiled once rather than once per call site (wasm size).
+    #[inline(never)]
+    fn run_dyn(&self, f: &mut dyn FnMut(&mut crate::replica::Replica)) -> Result<(), JsValue> {
         if self.closed.get() {
             return Err(closed());
         }
-        let (v, outs) = {
+        let outs = {
             let mut r = self.r.borrow_mut();
-            let v = f(&mut r);
-            (v, r.take())
+            f(&mut r);
+            r.take()
         };
         self.deliver(outs);
-        Ok(v)
+        Ok(())
     }
 
     #[inline(never)]
@@ -246,10 +255,16 @@ impl DocHandle {
     }
 
     fn read<T>(&self, f: impl FnOnce(&Document) -> T) -> Result<T, JsValue> {
+        self.doc().map(|d| f(&d))
+    }
+
+    /// The open document, borrowed (not generic: compiled once for every reader).
+    #[inline(never)]
+    fn doc(&self) -> Result<Ref<'_, Document>, JsValue> {
         if self.s.closed.get() {
             return Err(closed());
         }
-        self.s.r.borrow().read(&self.id, f).ok_or_else(|| refused(Refused::NotOpen))
+        Ref::filter_map(self.s.r.borrow(), |r| r.doc(&self.id)).map_err(|_| refused(Refused::NotOpen))
     }
 }
 

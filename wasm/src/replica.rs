@@ -228,7 +228,12 @@ impl Replica {
 
     /// Reads an open document.
     pub fn read<T>(&self, doc: &str, f: impl FnOnce(&Document) -> T) -> Option<T> {
-        self.docs.get(doc).map(|e| f(&e.doc))
+        self.doc(doc).map(f)
+    }
+
+    /// An open document.
+    pub fn doc(&self, doc: &str) -> Option<&Document> {
+        self.docs.get(doc).map(|e| &e.doc)
     }
 
     /// Makes a local write: `op` returns the delta (or `None` for a no-op).
