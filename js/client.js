@@ -303,7 +303,24 @@ function decodeValue(b) {
 
 // ---- the public API ----
 
-const KIND_NAMES = { counter: "counter", pnCounter: "pn-counter", register: "register", set: "set" };
+// Operation codes of the wasm `DocHandle` (`op` in wasm/src/api.rs): `write(op, key, n,
+// value)`, `number(op, key, value)`, `bytes(op, key)`.
+const INCREMENT = 0;
+const PN_ADD = 1;
+const SET_REGISTER = 2;
+const SET_ADD = 3;
+const SET_REMOVE = 4;
+const COUNTER = 0;
+const PN_COUNTER = 1;
+const KIND = 2;
+const SET_HAS = 3;
+const REGISTER = 0;
+const SET_VALUES = 1;
+const DOCUMENT = 2;
+const KEYS = 3;
+const NONE = new Uint8Array(0);
+/** Names of the types `number(KIND, ..)` reports, from 1. */
+const KINDS = [, "counter", "pn-counter", "register", "set"];
 
 function amount(n, what) {
   if (n === undefined) return 1;
@@ -321,10 +338,10 @@ export class Counter {
   }
   /** Adds `n` (default 1, must be >= 0). */
   increment(n) {
-    this.#h.increment(this.#key, amount(n, "increment"));
+    this.#h.write(INCREMENT, this.#key, amount(n, "increment"), NONE);
   }
   get value() {
-    return this.#h.counter(this.#key);
+    return this.#h.number(COUNTER, this.#key, NONE);
   }
 }
 
@@ -337,13 +354,13 @@ export class PnCounter {
     this.#key = key;
   }
   increment(n) {
-    this.#h.pnAdd(this.#key, amount(n, "increment"));
+    this.#h.write(PN_ADD, this.#key, amount(n, "increment"), NONE);
   }
   decrement(n) {
-    this.#h.pnAdd(this.#key, -amount(n, "decrement"));
+    this.#h.write(PN_ADD, this.#key, -amount(n, "decrement"), NONE);
   }
   get value() {
-    return this.#h.pnCounter(this.#key);
+    return this.#h.number(PN_COUNTER, this.#key, NONE);
   }
 }
 
@@ -356,11 +373,11 @@ export class Register {
     this.#key = key;
   }
   set(value) {
-    this.#h.setRegister(this.#key, encodeValue(value));
+    this.#h.write(SET_REGISTER, this.#key, 0, encodeValue(value));
   }
   /** The value, or `undefined` when never set. */
   get() {
-    return decodeValue(this.#h.register(this.#key));
+    return decodeValue(this.#h.bytes(REGISTER, this.#key));
   }
   get value() {
     return this.get();
@@ -376,17 +393,17 @@ export class CrdtSet {
     this.#key = key;
   }
   add(value) {
-    this.#h.setAdd(this.#key, encodeValue(value));
+    this.#h.write(SET_ADD, this.#key, 0, encodeValue(value));
   }
   remove(value) {
-    this.#h.setRemove(this.#key, encodeValue(value));
+    this.#h.write(SET_REMOVE, this.#key, 0, encodeValue(value));
   }
   has(value) {
-    return this.#h.setHas(this.#key, encodeValue(value));
+    return this.#h.number(SET_HAS, this.#key, encodeValue(value)) === 1;
   }
   /** The elements, sorted. */
   values() {
-    return decodeValue(this.#h.setValues(this.#key));
+    return decodeValue(this.#h.bytes(SET_VALUES, this.#key));
   }
   get size() {
     return this.values().length;
@@ -398,10 +415,12 @@ const INTERNAL = Symbol("concord");
 /** One open document. */
 export class Doc {
   #h;
+  #id;
   #synced;
   #changes = listeners();
-  constructor(key, handle, synced) {
+  constructor(key, id, handle, synced) {
     if (key !== INTERNAL) throw new TypeError("use `await client.open(id)`");
+    this.#id = id;
     this.#h = handle;
     this.#synced = synced;
   }
@@ -411,34 +430,35 @@ export class Doc {
   }
 
   get id() {
-    return this.#h.id;
+    return this.#id;
   }
 
+  /** An accessor of type `kind` (an index of KINDS) for `key`. */
   #typed(key, kind, Cls) {
     if (typeof key !== "string") throw new TypeError("keys are strings");
-    const holds = this.#h.kindOf(key);
-    if (holds !== undefined && holds !== KIND_NAMES[kind]) {
-      throw new TypeError(`key ${JSON.stringify(key)} holds a ${holds}, not a ${KIND_NAMES[kind]}; use another key`);
+    const holds = this.#h.number(KIND, key, NONE);
+    if (holds && holds !== kind) {
+      throw new TypeError(`key ${JSON.stringify(key)} holds a ${KINDS[holds]}, not a ${KINDS[kind]}; use another key`);
     }
     return new Cls(this.#h, key);
   }
 
   counter(key) {
-    return this.#typed(key, "counter", Counter);
+    return this.#typed(key, 1, Counter);
   }
   pnCounter(key) {
-    return this.#typed(key, "pnCounter", PnCounter);
+    return this.#typed(key, 2, PnCounter);
   }
   register(key) {
-    return this.#typed(key, "register", Register);
+    return this.#typed(key, 3, Register);
   }
   set(key) {
-    return this.#typed(key, "set", CrdtSet);
+    return this.#typed(key, 4, CrdtSet);
   }
 
   /** Keys written so far, sorted. */
   keys() {
-    return this.#h.keys();
+    return decodeValue(this.#h.bytes(KEYS, ""));
   }
 
   /** Calls `fn({ origin: "local" | "remote", keys })` after every change; returns `off`. */
@@ -458,7 +478,7 @@ export class Doc {
 
   /** The whole document as plain data. */
   toJSON() {
-    return decodeValue(this.#h.value());
+    return decodeValue(this.#h.bytes(DOCUMENT, ""));
   }
 }
 
@@ -601,7 +621,7 @@ export class Client {
     this.#stale.set(id, stale);
     this.#unsnapped.set(id, unsnapped);
     r.announce(id);
-    const doc = new Doc(INTERNAL, h, (handle) => this.#syncedPromise(handle));
+    const doc = new Doc(INTERNAL, id, h, (handle) => this.#syncedPromise(handle));
     this.#open.set(id, doc);
     return doc;
   }

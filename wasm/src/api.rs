@@ -247,15 +247,11 @@ fn count(n: f64) -> Result<i64, JsValue> {
 
 impl DocHandle {
     #[inline(never)]
-    fn write(
+    fn write_op(
         &self,
         op: &mut dyn FnMut(&mut Document) -> Result<Option<Delta>, DocError>,
     ) -> Result<(), JsValue> {
         self.s.run(|r| r.write(&self.id, op))?.map_err(refused)
-    }
-
-    fn read<T>(&self, f: impl FnOnce(&Document) -> T) -> Result<T, JsValue> {
-        self.doc().map(|d| f(&d))
     }
 
     /// The open document, borrowed (not generic: compiled once for every reader).
@@ -268,99 +264,101 @@ impl DocHandle {
     }
 }
 
+/// The operations of [`DocHandle::write`], [`DocHandle::number`] and [`DocHandle::bytes`]:
+/// one exported method per kind of result rather than one per operation, since each
+/// export costs a wasm shim and a JS wrapper (`js/client.js` names them).
+pub mod op {
+    /// `write`: add `n >= 0` to the G-Counter.
+    pub const INCREMENT: u8 = 0;
+    /// `write`: add `n` (may be negative) to the PN-Counter.
+    pub const PN_ADD: u8 = 1;
+    /// `write`: set the register to `value`.
+    pub const SET_REGISTER: u8 = 2;
+    /// `write`: add `value` to the set.
+    pub const SET_ADD: u8 = 3;
+    /// `write`: remove `value` from the set (a no-op when absent).
+    pub const SET_REMOVE: u8 = 4;
+
+    /// `number`: the G-Counter's value (0 when unset).
+    pub const COUNTER: u8 = 0;
+    /// `number`: the PN-Counter's value (0 when unset).
+    pub const PN_COUNTER: u8 = 1;
+    /// `number`: the type `key` holds: 0 none, else 1 + its [`concord_core::Kind`]'s
+    /// index (1 counter, 2 pn-counter, 3 register, 4 set).
+    pub const KIND: u8 = 2;
+    /// `number`: 1 when the set holds `value`, else 0.
+    pub const SET_HAS: u8 = 3;
+
+    /// `bytes`: the register's value, encoded; empty when never written.
+    pub const REGISTER: u8 = 0;
+    /// `bytes`: the set's elements, sorted, as an encoded array.
+    pub const SET_VALUES: u8 = 1;
+    /// `bytes`: the whole document as an encoded object (`{ likes: 1, tags: [..] }`).
+    pub const DOCUMENT: u8 = 2;
+    /// `bytes`: the keys, sorted, as an encoded array of strings.
+    pub const KEYS: u8 = 3;
+}
+
 #[wasm_bindgen]
 impl DocHandle {
-    /// The document id.
-    #[wasm_bindgen(getter)]
-    pub fn id(&self) -> String {
-        self.id.clone()
-    }
-
-    /// Adds `n >= 0` to the G-Counter at `key`.
-    pub fn increment(&self, key: &str, n: f64) -> Result<(), JsValue> {
-        let n = count(n)?;
-        if n < 0 {
-            return Err(range_error("a counter only grows: increment by n >= 0, or use a pnCounter"));
+    /// A local write: `op` (an [`op`] write) on `key`, with the amount `n` (counters) or
+    /// the encoded [`Value`] `value` (registers and sets).
+    pub fn write(&self, op: u8, key: &str, n: f64, value: &[u8]) -> Result<(), JsValue> {
+        match op {
+            op::INCREMENT | op::PN_ADD => {
+                let n = count(n)?;
+                if op == op::PN_ADD {
+                    return self.write_op(&mut |d| d.pn_add(key, n).map(Some));
+                }
+                if n < 0 {
+                    return Err(range_error("a counter only grows: increment by n >= 0, or use a pnCounter"));
+                }
+                self.write_op(&mut |d| d.increment(key, n as u64).map(Some))
+            }
+            op::SET_REGISTER => {
+                let mut v = value_of(value)?;
+                let now = js_sys::Date::now() as u64;
+                self.write_op(&mut |d| d.set_register(key, std::mem::take(&mut v), now).map(Some))
+            }
+            op::SET_ADD => {
+                let mut v = value_of(value)?;
+                self.write_op(&mut |d| d.set_add(key, std::mem::take(&mut v)).map(Some))
+            }
+            op::SET_REMOVE => {
+                let v = value_of(value)?;
+                self.write_op(&mut |d| d.set_remove(key, &v))
+            }
+            _ => Err(range_error("unknown write")),
         }
-        self.write(&mut |d| d.increment(key, n as u64).map(Some))
     }
 
-    /// Adds `n` (may be negative) to the PN-Counter at `key`.
-    #[wasm_bindgen(js_name = pnAdd)]
-    pub fn pn_add(&self, key: &str, n: f64) -> Result<(), JsValue> {
-        let n = count(n)?;
-        self.write(&mut |d| d.pn_add(key, n).map(Some))
-    }
-
-    /// Writes the register at `key` (`value`: an encoded [`Value`]).
-    #[wasm_bindgen(js_name = setRegister)]
-    pub fn set_register(&self, key: &str, value: &[u8]) -> Result<(), JsValue> {
-        let mut v = value_of(value)?;
-        let now = js_sys::Date::now() as u64;
-        self.write(&mut |d| d.set_register(key, std::mem::take(&mut v), now).map(Some))
-    }
-
-    /// Adds `value` (an encoded [`Value`]) to the set at `key`.
-    #[wasm_bindgen(js_name = setAdd)]
-    pub fn set_add(&self, key: &str, value: &[u8]) -> Result<(), JsValue> {
-        let mut v = value_of(value)?;
-        self.write(&mut |d| d.set_add(key, std::mem::take(&mut v)).map(Some))
-    }
-
-    /// Removes `value` (an encoded [`Value`]) from the set at `key` (a no-op when absent).
-    #[wasm_bindgen(js_name = setRemove)]
-    pub fn set_remove(&self, key: &str, value: &[u8]) -> Result<(), JsValue> {
-        let v = value_of(value)?;
-        self.write(&mut |d| d.set_remove(key, &v))
-    }
-
-    /// The G-Counter's value (0 when unset).
-    pub fn counter(&self, key: &str) -> Result<f64, JsValue> {
-        self.read(|d| d.counter(key) as f64)
-    }
-
-    /// The PN-Counter's value (0 when unset).
-    #[wasm_bindgen(js_name = pnCounter)]
-    pub fn pn_counter(&self, key: &str) -> Result<f64, JsValue> {
-        self.read(|d| d.pn_counter(key) as f64)
-    }
-
-    /// The register's value, encoded; empty when never written.
-    pub fn register(&self, key: &str) -> Result<Vec<u8>, JsValue> {
-        self.read(|d| d.register(key).map_or_else(Vec::new, |(v, _)| bytes_of(v)))
-    }
-
-    /// Whether the set at `key` holds `value` (an encoded [`Value`]).
-    #[wasm_bindgen(js_name = setHas)]
-    pub fn set_has(&self, key: &str, value: &[u8]) -> Result<bool, JsValue> {
-        let v = value_of(value)?;
-        self.read(|d| d.set_contains(key, &v))
-    }
-
-    /// The set's elements, sorted, as an encoded array.
-    #[wasm_bindgen(js_name = setValues)]
-    pub fn set_values(&self, key: &str) -> Result<Vec<u8>, JsValue> {
-        self.read(|d| bytes_of(&Value::Array(d.set_values(key))))
-    }
-
-    /// The type `key` holds: "counter" | "pn-counter" | "register" | "set" | undefined.
-    #[wasm_bindgen(js_name = kindOf)]
-    pub fn kind_of(&self, key: &str) -> Result<Option<String>, JsValue> {
-        self.read(|d| d.kind_of(key).map(|k| k.name().to_owned()))
-    }
-
-    /// Keys, sorted.
-    pub fn keys(&self) -> Result<Array, JsValue> {
-        self.read(|d| {
-            let mut keys: Vec<&str> = d.keys().collect();
-            concord_core::sort::sort(&mut keys);
-            keys.into_iter().map(JsValue::from_str).collect()
+    /// A number about `key`: `op` is an [`op`] read (`value`: for `SET_HAS`).
+    pub fn number(&self, op: u8, key: &str, value: &[u8]) -> Result<f64, JsValue> {
+        let v = if op == op::SET_HAS { Some(value_of(value)?) } else { None };
+        let d = self.doc()?;
+        Ok(match (op, v) {
+            (op::COUNTER, _) => d.counter(key) as f64,
+            (op::PN_COUNTER, _) => d.pn_counter(key) as f64,
+            (op::KIND, _) => d.kind_of(key).map_or(0.0, |k| f64::from(k as u8 + 1)),
+            (_, Some(v)) => f64::from(u8::from(d.set_contains(key, &v))),
+            _ => return Err(range_error("unknown read")),
         })
     }
 
-    /// The whole document as plain data (`{ likes: 1, tags: ["rust"], ... }`), encoded.
-    pub fn value(&self) -> Result<Vec<u8>, JsValue> {
-        self.read(|d| bytes_of(&d.to_value()))
+    /// Encoded [`Value`]s: `op` is an [`op`] read of bytes.
+    pub fn bytes(&self, op: u8, key: &str) -> Result<Vec<u8>, JsValue> {
+        let d = self.doc()?;
+        Ok(match op {
+            op::REGISTER => d.register(key).map_or_else(Vec::new, |(v, _)| bytes_of(v)),
+            op::SET_VALUES => bytes_of(&Value::Array(d.set_values(key))),
+            op::DOCUMENT => bytes_of(&d.to_value()),
+            op::KEYS => {
+                let mut keys: Vec<&str> = d.keys().collect();
+                concord_core::sort::sort(&mut keys);
+                bytes_of(&Value::Array(keys.into_iter().map(Value::from).collect()))
+            }
+            _ => return Err(range_error("unknown read")),
+        })
     }
 
     /// `undefined` when the relay holds everything this replica has of the document now

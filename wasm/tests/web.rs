@@ -13,7 +13,7 @@
 
 use concord_core::codec::whole;
 use concord_core::Value;
-use concord_wasm::api::{bytes_of, Host};
+use concord_wasm::api::{bytes_of, op, Host};
 use concord_wasm::{DocHandle, Replica};
 use js_sys::{Array, Function, Object, Reflect};
 use wasm_bindgen::prelude::*;
@@ -52,7 +52,7 @@ fn open(r: &Replica, id: &str) -> DocHandle {
 }
 
 fn json(h: &DocHandle) -> Value {
-    dec(&h.value().unwrap())
+    dec(&h.bytes(op::DOCUMENT, "").unwrap())
 }
 
 fn class_of(e: &JsValue) -> String {
@@ -66,25 +66,28 @@ fn every_crdt_works_through_the_api() {
     assert_eq!(r.replica_id().len(), 16);
     let d = open(&r, "board-1");
 
-    d.increment("likes", 1.0).unwrap();
-    d.increment("likes", 2.0).unwrap();
-    d.pn_add("votes", 2.0).unwrap();
-    d.pn_add("votes", -3.0).unwrap();
-    d.set_register("title", &enc("Hello")).unwrap();
-    d.set_register("title", &enc("Hello, world")).unwrap();
-    d.set_add("tags", &enc("rust")).unwrap();
-    d.set_add("tags", &enc("wasm")).unwrap();
-    d.set_remove("tags", &enc("wasm")).unwrap();
-    d.set_remove("tags", &enc("never-added")).unwrap();
+    d.write(op::INCREMENT, "likes", 1.0, &[]).unwrap();
+    d.write(op::INCREMENT, "likes", 2.0, &[]).unwrap();
+    d.write(op::PN_ADD, "votes", 2.0, &[]).unwrap();
+    d.write(op::PN_ADD, "votes", -3.0, &[]).unwrap();
+    d.write(op::SET_REGISTER, "title", 0.0, &enc("Hello")).unwrap();
+    d.write(op::SET_REGISTER, "title", 0.0, &enc("Hello, world")).unwrap();
+    d.write(op::SET_ADD, "tags", 0.0, &enc("rust")).unwrap();
+    d.write(op::SET_ADD, "tags", 0.0, &enc("wasm")).unwrap();
+    d.write(op::SET_REMOVE, "tags", 0.0, &enc("wasm")).unwrap();
+    d.write(op::SET_REMOVE, "tags", 0.0, &enc("never-added")).unwrap();
 
-    assert_eq!(d.counter("likes").unwrap(), 3.0);
-    assert_eq!(d.pn_counter("votes").unwrap(), -1.0);
-    assert_eq!(dec(&d.register("title").unwrap()), Value::from("Hello, world"));
-    assert!(d.register("nothing").unwrap().is_empty(), "no bytes: undefined");
-    assert!(d.set_has("tags", &enc("rust")).unwrap());
-    assert!(!d.set_has("tags", &enc("wasm")).unwrap());
-    assert_eq!(dec(&d.set_values("tags").unwrap()), Value::Array(vec!["rust".into()]));
-    assert_eq!(d.kind_of("votes").unwrap().as_deref(), Some("pn-counter"));
+    assert_eq!(d.number(op::COUNTER, "likes", &[]).unwrap(), 3.0);
+    assert_eq!(d.number(op::PN_COUNTER, "votes", &[]).unwrap(), -1.0);
+    assert_eq!(dec(&d.bytes(op::REGISTER, "title").unwrap()), Value::from("Hello, world"));
+    assert!(d.bytes(op::REGISTER, "nothing").unwrap().is_empty(), "no bytes: undefined");
+    assert_eq!(d.number(op::SET_HAS, "tags", &enc("rust")).unwrap(), 1.0);
+    assert_eq!(d.number(op::SET_HAS, "tags", &enc("wasm")).unwrap(), 0.0);
+    assert_eq!(dec(&d.bytes(op::SET_VALUES, "tags").unwrap()), Value::Array(vec!["rust".into()]));
+    assert_eq!(d.number(op::KIND, "votes", &[]).unwrap(), 2.0, "a pn-counter");
+    assert_eq!(d.number(op::KIND, "nothing", &[]).unwrap(), 0.0);
+    let keys = ["likes", "tags", "title", "votes"].map(Value::from);
+    assert_eq!(dec(&d.bytes(op::KEYS, "").unwrap()), Value::Array(keys.to_vec()));
     let expected = object(vec![
         ("likes", 3.into()),
         ("tags", Value::Array(vec!["rust".into()])),
@@ -118,13 +121,13 @@ fn encoded_values_round_trip_with_integers_and_floats_apart() {
             ]),
         ),
     ]);
-    d.set_register("v", &bytes_of(&v)).unwrap();
-    assert_eq!(dec(&d.register("v").unwrap()), v);
-    d.set_add("s", &enc(1)).unwrap();
-    d.set_add("s", &enc(1.5)).unwrap();
-    assert!(d.set_has("s", &enc(1)).unwrap());
-    assert!(!d.set_has("s", &enc(2)).unwrap());
-    assert!(!d.set_has("s", &enc(1.0)).unwrap(), "Int(1) and Float(1.0) are different values");
+    d.write(op::SET_REGISTER, "v", 0.0, &bytes_of(&v)).unwrap();
+    assert_eq!(dec(&d.bytes(op::REGISTER, "v").unwrap()), v);
+    d.write(op::SET_ADD, "s", 0.0, &enc(1)).unwrap();
+    d.write(op::SET_ADD, "s", 0.0, &enc(1.5)).unwrap();
+    assert_eq!(d.number(op::SET_HAS, "s", &enc(1)).unwrap(), 1.0);
+    assert_eq!(d.number(op::SET_HAS, "s", &enc(2)).unwrap(), 0.0);
+    assert_eq!(d.number(op::SET_HAS, "s", &enc(1.0)).unwrap(), 0.0, "Int(1) and Float(1.0) differ");
     r.close();
 }
 
@@ -133,23 +136,23 @@ fn bad_input_throws_js_errors_that_say_what_to_do() {
     let r = replica(&Array::new());
     let d = open(&r, "errors");
     assert_eq!(class_of(&r.open("").err().unwrap()), "RangeError");
-    d.increment("likes", 1.0).unwrap();
+    d.write(op::INCREMENT, "likes", 1.0, &[]).unwrap();
 
-    let e = d.set_add("likes", &enc("x")).unwrap_err();
+    let e = d.write(op::SET_ADD, "likes", 0.0, &enc("x")).unwrap_err();
     assert_eq!(class_of(&e), "TypeError");
     assert!(e.unchecked_ref::<js_sys::Error>().message().as_string().unwrap().contains("use another key"));
 
-    assert_eq!(class_of(&d.increment("likes", -1.0).unwrap_err()), "RangeError");
-    assert_eq!(class_of(&d.increment("likes", 0.5).unwrap_err()), "RangeError");
+    assert_eq!(class_of(&d.write(op::INCREMENT, "likes", -1.0, &[]).unwrap_err()), "RangeError");
+    assert_eq!(class_of(&d.write(op::INCREMENT, "likes", 0.5, &[]).unwrap_err()), "RangeError");
     // Bytes that are not an encoded value (JS values are checked by js/client.js).
-    assert_eq!(class_of(&d.set_register("r", &[]).unwrap_err()), "TypeError");
-    assert_eq!(class_of(&d.set_add("s", &[9]).unwrap_err()), "TypeError");
-    assert_eq!(class_of(&d.set_register("r", &[4, 5, b'a']).unwrap_err()), "TypeError");
+    assert_eq!(class_of(&d.write(op::SET_REGISTER, "r", 0.0, &[]).unwrap_err()), "TypeError");
+    assert_eq!(class_of(&d.write(op::SET_ADD, "s", 0.0, &[9]).unwrap_err()), "TypeError");
+    assert_eq!(class_of(&d.write(op::SET_REGISTER, "r", 0.0, &[4, 5, b'a']).unwrap_err()), "TypeError");
     // Nothing above was written.
     assert_eq!(json(&d), object(vec![("likes", 1.into())]));
 
     // No relay has acknowledged anything: a waiter.
     assert!(d.wait_synced().unwrap().is_some());
     r.close();
-    assert!(d.increment("likes", 1.0).is_err(), "a closed client refuses writes");
+    assert!(d.write(op::INCREMENT, "likes", 1.0, &[]).is_err(), "a closed client refuses writes");
 }
