@@ -178,127 +178,200 @@ const utf8 = new TextEncoder();
 const fromUtf8 = new TextDecoder();
 const f64 = new DataView(new ArrayBuffer(8));
 
-/** The bytes of a JSON-compatible value; throws TypeError/RangeError as JSON would. */
-function encodeValue(v) {
-  let b = new Uint8Array(64);
-  let n = 0;
-  // Room for `k` more bytes; the first of them is `x`.
-  const put = (k, x) => {
-    if (n + k > b.length) {
-      const g = new Uint8Array(2 * (n + k));
-      g.set(b);
-      b = g;
+// The encoder's buffer, reused across calls (the glue copies the result into wasm memory
+// at once), and its length.
+let buf = new Uint8Array(256);
+let len = 0;
+
+/** Room for `k` more bytes. */
+function room(k) {
+  if (len + k > buf.length) {
+    const b = new Uint8Array(2 * (len + k));
+    b.set(buf.subarray(0, len));
+    buf = b;
+  }
+}
+
+/** A non-negative integer below 2^53, as a LEB128 varint. */
+function putVarint(x) {
+  room(8);
+  for (; x >= 128; x = Math.floor(x / 128)) buf[len++] = (x % 128) | 128;
+  buf[len++] = x;
+}
+
+function putStr(s) {
+  const n = s.length;
+  room(n + 1);
+  if (n < 128) {
+    // ASCII fast path: one length byte, one byte per character.
+    let i = 0;
+    const at = len++;
+    for (; i < n; i++) {
+      const c = s.charCodeAt(i);
+      if (c > 127) break;
+      buf[len++] = c;
     }
-    b[n++] = x;
-  };
-  // A non-negative integer below 2^53.
-  const varint = (x) => {
-    for (; x >= 128; x = Math.floor(x / 128)) put(9, (x % 128) | 128);
-    put(1, x);
-  };
-  const str = (s) => {
-    const u = utf8.encode(s);
-    varint(u.length);
-    if (u.length) put(u.length, u[0]), b.set(u, n - 1), (n += u.length - 1);
-  };
-  const value = (v, depth) => {
-    if (v === null) return put(1, 0);
-    switch (typeof v) {
-      case "boolean":
-        return put(2, 1), put(1, v ? 1 : 0);
-      case "number":
-        if (Number.isSafeInteger(v)) {
-          // Zig-zag (2v, or 2|v| - 1 for v < 0) without forming it: 2|v| - 1 may not be
-          // a double. Its low 7 bits first, then the rest as a varint.
-          const k = v < 0 ? -v - 1 : v;
-          const rest = Math.floor(k / 64);
-          put(11, 2);
-          put(1, (2 * (k % 64) + (v < 0)) | (rest ? 128 : 0));
-          return rest && varint(rest);
-        }
-        if (!Number.isFinite(v)) throw new RangeError("NaN and Infinity are not JSON values; store null or a string instead");
-        put(9, 3);
-        f64.setFloat64(0, v, true);
-        for (let i = 0; i < 8; i++) b[n++] = f64.getUint8(i);
+    if (i === n) return void (buf[at] = n);
+    len = at;
+  }
+  const u = utf8.encode(s);
+  putVarint(u.length);
+  room(u.length);
+  buf.set(u, len);
+  len += u.length;
+}
+
+function putValue(v, depth) {
+  room(10);
+  if (v === null) return void (buf[len++] = 0);
+  switch (typeof v) {
+    case "boolean":
+      buf[len++] = 1;
+      buf[len++] = v ? 1 : 0;
+      return;
+    case "number":
+      if (Number.isSafeInteger(v)) {
+        // Zig-zag (2v, or 2|v| - 1 for v < 0) without forming it: 2|v| - 1 may not be a
+        // double. Its low 7 bits first, then the rest as a varint.
+        const k = v < 0 ? -v - 1 : v;
+        const rest = Math.floor(k / 64);
+        buf[len++] = 2;
+        buf[len++] = (2 * (k % 64) + (v < 0)) | (rest ? 128 : 0);
+        if (rest) putVarint(rest);
         return;
-      case "string":
-        return put(1, 4), str(v);
-      case "undefined":
-        throw new TypeError("undefined is not a JSON value; use null");
-      case "object": {
-        if (depth >= MAX_DEPTH) throw new RangeError("value is nested more than 32 levels deep (or is circular); flatten it");
-        if (Array.isArray(v)) {
-          put(1, 5);
-          varint(v.length);
-          for (let i = 0; i < v.length; i++) value(v[i] === undefined ? null : v[i], depth + 1);
-          return;
+      }
+      if (!Number.isFinite(v)) throw new RangeError("NaN and Infinity are not JSON values; store null or a string instead");
+      buf[len++] = 3;
+      f64.setFloat64(0, v, true);
+      for (let i = 0; i < 8; i++) buf[len++] = f64.getUint8(i);
+      return;
+    case "string":
+      buf[len++] = 4;
+      return putStr(v);
+    case "undefined":
+      throw new TypeError("undefined is not a JSON value; use null");
+    case "object": {
+      if (depth >= MAX_DEPTH) throw new RangeError("value is nested more than 32 levels deep (or is circular); flatten it");
+      if (Array.isArray(v)) {
+        buf[len++] = 5;
+        putVarint(v.length);
+        for (let i = 0; i < v.length; i++) putValue(v[i] === undefined ? null : v[i], depth + 1);
+        return;
+      }
+      const p = Object.getPrototypeOf(v);
+      if (p === null || Object.getPrototypeOf(p) === null) {
+        // The count goes first but is known only after the walk (undefined values are
+        // skipped): reserve as many bytes as the key count takes, then fill them in as a
+        // varint padded with continuation bytes (which the core reads as the same number).
+        const keys = Object.keys(v);
+        let w = 1;
+        for (let m = keys.length; m >= 128; m = Math.floor(m / 128)) w++;
+        buf[len++] = 6;
+        const at = len;
+        room(w);
+        len += w;
+        let count = 0;
+        for (const k of keys) {
+          const x = v[k];
+          if (x !== undefined) putStr(k), putValue(x, depth + 1), count++;
         }
-        const p = Object.getPrototypeOf(v);
-        if (p === null || Object.getPrototypeOf(p) === null) {
-          const props = Object.entries(v).filter((e) => e[1] !== undefined);
-          put(1, 6);
-          varint(props.length);
-          for (const [k, x] of props) str(k), value(x, depth + 1);
-          return;
-        }
+        for (let i = 0; i < w; i++, count = Math.floor(count / 128)) buf[at + i] = (count % 128) | (i < w - 1 ? 128 : 0);
+        return;
       }
     }
-    throw new TypeError(
-      "values must be JSON-compatible (null, boolean, number, string, array or plain object); " +
-        "convert BigInt, Date, Map, Set, class instances and functions first",
-    );
-  };
-  value(v, 0);
-  return b.subarray(0, n);
+  }
+  throw new TypeError(
+    "values must be JSON-compatible (null, boolean, number, string, array or plain object); " +
+      "convert BigInt, Date, Map, Set, class instances and functions first",
+  );
+}
+
+/** The bytes of a JSON-compatible value, valid until the next call; throws
+ * TypeError/RangeError as JSON would. A getter of `v` that encodes a value itself
+ * (re-entrance) gets a buffer of its own. */
+function encodeValue(v) {
+  const [outer, outerLen] = [buf, len];
+  if (outerLen) buf = new Uint8Array(64); // re-entered from a getter
+  len = 0;
+  try {
+    putValue(v, 0);
+    return buf.subarray(0, len);
+  } finally {
+    if (outerLen) [buf, len] = [outer, outerLen];
+    else len = 0;
+  }
+}
+
+// The decoder's input and position.
+let inp;
+let pos = 0;
+
+function getVarint() {
+  let x = 0;
+  let scale = 1;
+  for (; inp[pos] & 128; scale *= 128) x += (inp[pos++] & 127) * scale;
+  return x + inp[pos++] * scale;
+}
+
+function getStr() {
+  const n = getVarint();
+  if (n < 32) {
+    // Short ASCII fast path (TextDecoder has a fixed cost per call).
+    let s = "";
+    for (let i = pos; i < pos + n; i++) {
+      if (inp[i] > 127) return fromUtf8.decode(inp.subarray(pos, (pos += n)));
+      s += String.fromCharCode(inp[i]);
+    }
+    pos += n;
+    return s;
+  }
+  return fromUtf8.decode(inp.subarray(pos, (pos += n)));
+}
+
+function getValue() {
+  switch (inp[pos++]) {
+    case 0:
+      return null;
+    case 1:
+      return inp[pos++] === 1;
+    case 2: {
+      // Zig-zag: the low bit of the first byte is the sign; |v| (or |v| - 1) is the
+      // rest. Exact below 2^53 (all JS writes), the nearest double or so beyond.
+      const c = inp[pos++];
+      const k = ((c & 127) >> 1) + (c & 128 ? 64 * getVarint() : 0);
+      return c & 1 ? -k - 1 : k;
+    }
+    case 3:
+      for (let k = 0; k < 8; k++) f64.setUint8(k, inp[pos++]);
+      return f64.getFloat64(0, true);
+    case 4:
+      return getStr();
+    case 5: {
+      const a = new Array(getVarint());
+      for (let k = 0; k < a.length; k++) a[k] = getValue();
+      return a;
+    }
+    default: {
+      const o = {};
+      for (let k = getVarint(); k > 0; k--) {
+        const key = getStr();
+        const x = getValue();
+        // `o[key] = x` would set the prototype for "__proto__".
+        if (key === "__proto__") Object.defineProperty(o, key, { value: x, writable: true, enumerable: true, configurable: true });
+        else o[key] = x;
+      }
+      return o;
+    }
+  }
 }
 
 /** The JS value of bytes written by the core (plain data; `undefined` for no bytes). */
 function decodeValue(b) {
-  let i = 0;
-  const varint = () => {
-    let x = 0;
-    let scale = 1;
-    for (; b[i] & 128; scale *= 128) x += (b[i++] & 127) * scale;
-    return x + b[i++] * scale;
-  };
-  const str = () => {
-    const len = varint();
-    return fromUtf8.decode(b.subarray(i, (i += len)));
-  };
-  const value = () => {
-    switch (b[i++]) {
-      case 0:
-        return null;
-      case 1:
-        return b[i++] === 1;
-      case 2: {
-        // Zig-zag: the low bit of the first byte is the sign; |v| (or |v| - 1) is the
-        // rest. Exact below 2^53 (all JS writes), the nearest double or so beyond.
-        const c = b[i++];
-        const k = ((c & 127) >> 1) + (c & 128 ? 64 * varint() : 0);
-        return c & 1 ? -k - 1 : k;
-      }
-      case 3:
-        for (let k = 0; k < 8; k++) f64.setUint8(k, b[i++]);
-        return f64.getFloat64(0, true);
-      case 4:
-        return str();
-      case 5:
-        return Array.from({ length: varint() }, value);
-      default: {
-        const o = {};
-        for (let k = varint(); k > 0; k--) {
-          const key = str();
-          const x = value();
-          // `o[key] = x` would set the prototype for "__proto__".
-          if (key === "__proto__") Object.defineProperty(o, key, { value: x, writable: true, enumerable: true, configurable: true });
-          else o[key] = x;
-        }
-        return o;
-      }
-    }
-  };
-  return b.length ? value() : undefined;
+  if (!b.length) return undefined;
+  [inp, pos] = [b, 0];
+  const v = getValue();
+  inp = null;
+  return v;
 }
 
 // ---- the public API ----
