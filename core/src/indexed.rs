@@ -80,6 +80,11 @@ fn slot_hash(s: u64) -> u32 {
 }
 
 impl<K, V> IndexedMap<K, V> {
+    /// The map of one entry (inline: no allocation).
+    pub fn one(k: K, v: V) -> Self {
+        IndexedMap { entries: OneOrVec::One((k, v)), index: Vec::new() }
+    }
+
     /// Number of entries.
     #[inline]
     pub fn len(&self) -> usize {

@@ -114,6 +114,10 @@ fn drop_removed<V: Hash + Eq>(mine: &mut Entries<V>, theirs: &Entries<V>, their_
         usize::try_from(their_ctx.vv.total()).unwrap_or(usize::MAX).saturating_add(their_ctx.cloud.len());
     if ctx_dots <= 64 {
         let in_theirs = |d: Dot| theirs.values().any(|ds| ds.contains(d));
+        // A fresh add: its context is its own dot, nothing to drop.
+        if their_ctx.vv.is_empty() && their_ctx.cloud.iter().all(|&d| in_theirs(d)) {
+            return;
+        }
         let mut loose: Vec<Dot> = Vec::new();
         for (r, top) in their_ctx.vv.iter() {
             loose.extend((1..=top).map(|q| Dot::new(r, q)).filter(|&d| !in_theirs(d)));
@@ -301,9 +305,7 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
                 ctx.insert(d);
             }
         }
-        let mut entries = Entries::default();
-        entries.insert(v, Dots::One(dot));
-        OrSet { entries, ctx, hinted: false }
+        OrSet { entries: Entries::one(v, Dots::One(dot)), ctx, hinted: false }
     }
 
     /// The delta that removes `v` as observed here: the dots it retires, and a removal
