@@ -219,11 +219,15 @@ fn join_dots(mine: &mut Dots, my_ctx: &CausalContext, theirs: &Dots, their_ctx: 
 /// element: reads, equality and joins treat it as absent, and no join leaves one in a
 /// state that did not already carry one.
 ///
+/// A local add is `let d = set.add(dot, v);`, then ship `d` (encode or clone it) and
+/// `set.apply(d)`: applying by value moves the element in; `merge(&d)` clones it.
+///
 /// ```
 /// use concord_core::{Crdt, OrSet, ReplicaId};
 /// let (a, b) = (ReplicaId(1), ReplicaId(2));
 /// let mut x: OrSet<String> = OrSet::default();
-/// x.merge(&x.add(x.next_dot(a), "milk".into()));
+/// let d = x.add(x.next_dot(a), "milk".into());
+/// x.apply(d);
 /// let mut y = x.clone();
 /// y.merge(&y.remove(&"milk".into()));            // b removes what it saw...
 /// x.merge(&x.add(x.next_dot(a), "milk".into())); // ...while a adds again
