@@ -18,6 +18,7 @@
 //!   compare for anti-entropy.
 //! - [`sort`]: one stable sort shared by every element type (wasm code size).
 //! - [`sorted`]: sorted-vector maps and sets for the small collections (wasm code size).
+//! - [`indexed`]: the dense, insertion-ordered hash map that holds OR-Set elements.
 //! - [`ring`]: consistent hashing with virtual nodes: which relays own a document.
 //! - [`cluster`]: the relay cluster's decisions without I/O: failure detection, sloppy
 //!   quorum targets and ack counting, hinted handoff, anti-entropy planning.
@@ -30,8 +31,10 @@ pub mod gcounter;
 pub mod hash;
 pub mod hlc;
 pub mod id;
+pub mod indexed;
 pub mod lww;
 pub mod merkle;
+mod onevec;
 pub mod orset;
 pub mod pncounter;
 pub mod ring;

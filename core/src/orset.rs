@@ -7,13 +7,20 @@
 //! it has a dot. A remove ships the dots it observed; a concurrent add has a dot the
 //! remover did not see, so it survives. Removed elements leave nothing behind but their
 //! dots in the (compressed) context.
+//!
+//! The elements live in an [`IndexedMap`]: entries appended to a dense `Vec`, found
+//! through a small table of positions and stored hashes, so a local add is an append, and
+//! growing never re-hashes an element (see [`crate::indexed`] for why that matters for
+//! large sets of strings). A local add makes a one-element delta that allocates nothing,
+//! and [`Crdt::apply`] joins it by moving the element in instead of cloning it.
 
 use crate::codec::{put_seq, put_varint, Reader, Wire, R};
-use crate::hash::FxHashMap;
 use crate::id::Dot;
+use crate::indexed::IndexedMap;
 use crate::traits::{Crdt, InvalidState};
 use crate::vv::CausalContext;
 use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
+use std::borrow::Borrow;
 use std::fmt::Debug;
 use std::hash::Hash;
 
@@ -62,7 +69,7 @@ fn has_hints<V>(entries: &Entries<V>) -> bool {
 }
 
 /// Elements and their supporting dots.
-pub type Entries<V> = FxHashMap<V, Dots>;
+pub type Entries<V> = IndexedMap<V, Dots>;
 
 /// Joins `theirs` (seen under `their_ctx`) into `mine` (seen under `my_ctx`), element by
 /// element: a dot survives if both sides have it, or if the side lacking it never saw it.
@@ -76,61 +83,105 @@ pub fn join_entries<V: Hash + Eq + Clone>(
     theirs: &Entries<V>,
     their_ctx: &CausalContext,
 ) {
+    drop_removed(mine, theirs, their_ctx);
+    for (v, their_dots) in theirs {
+        join_element(mine, my_ctx, their_ctx, v, their_dots, V::clone);
+    }
+}
+
+/// [`join_entries`] taking `theirs` by value: new elements move in instead of being cloned.
+fn join_entries_owned<V: Hash + Eq>(
+    mine: &mut Entries<V>,
+    my_ctx: &CausalContext,
+    theirs: Entries<V>,
+    their_ctx: &CausalContext,
+) {
+    drop_removed(mine, &theirs, their_ctx);
+    for (v, their_dots) in theirs {
+        join_element(mine, my_ctx, their_ctx, v, &their_dots, |v| v);
+    }
+}
+
+/// The first half of a join: the dots of `mine`'s elements that `theirs` does not mention
+/// but whose removal `their_ctx` records are dropped (elements left without one go).
+/// Elements `theirs` mentions are left to [`join_element`]. Touches nothing, after a
+/// check, when every dot of a small `their_ctx` is accounted for (the common delta).
+fn drop_removed<V: Hash + Eq>(mine: &mut Entries<V>, theirs: &Entries<V>, their_ctx: &CausalContext) {
     // Dots of `their_ctx` that may remove elements `theirs` does not mention. For small
     // contexts (deltas) enumerate them; if all are accounted for, skip the full scan.
     // (Saturating: a context from the wire may claim up to 2^64 dots per replica.)
     let ctx_dots =
         usize::try_from(their_ctx.vv.total()).unwrap_or(usize::MAX).saturating_add(their_ctx.cloud.len());
-    let mut loose: Option<Vec<Dot>> = (ctx_dots <= 64).then(|| {
-        let vv_dots = their_ctx.vv.iter().flat_map(|(r, s)| (1..=s).map(move |q| Dot::new(r, q)));
-        vv_dots
-            .chain(their_ctx.cloud.iter().copied())
-            .filter(|d| !theirs.values().any(|ds| ds.contains(*d)))
-            .collect()
-    });
-
-    for (v, their_dots) in theirs {
-        match mine.get_mut(v) {
-            None => {
-                let merged = match their_dots {
-                    Dots::One(d) if my_ctx.contains(*d) => continue,
-                    Dots::One(d) => Dots::One(*d),
-                    Dots::Many(ds) => {
-                        let keep: Vec<Dot> = ds.iter().copied().filter(|d| !my_ctx.contains(*d)).collect();
-                        if keep.is_empty() {
-                            continue;
-                        }
-                        Dots::from_vec(keep)
-                    }
-                };
-                mine.insert(v.clone(), merged);
+    if ctx_dots <= 64 {
+        let in_theirs = |d: Dot| theirs.values().any(|ds| ds.contains(d));
+        // A fresh add: its context is its own dot, nothing to drop.
+        if their_ctx.vv.is_empty() && their_ctx.cloud.iter().all(|&d| in_theirs(d)) {
+            return;
+        }
+        let mut loose: Vec<Dot> = Vec::new();
+        for (r, top) in their_ctx.vv.iter() {
+            loose.extend((1..=top).map(|q| Dot::new(r, q)).filter(|&d| !in_theirs(d)));
+        }
+        loose.extend(their_ctx.cloud.iter().copied().filter(|&d| !in_theirs(d)));
+        // A dot that supports, in `mine`, an element `theirs` mentions is joined there.
+        for (v, _) in theirs {
+            if loose.is_empty() {
+                return;
             }
-            Some(my_dots) => {
-                if let Some(l) = loose.as_mut() {
-                    l.retain(|d| !my_dots.contains(*d));
-                }
-                if *my_dots == *their_dots {
-                    continue;
-                }
-                if !join_dots(my_dots, my_ctx, their_dots, their_ctx) {
-                    mine.remove(v);
-                }
+            if let Some(my_dots) = mine.get(v) {
+                loose.retain(|d| !my_dots.contains(*d));
             }
         }
+        if loose.is_empty() {
+            return;
+        }
     }
+    mine.retain(|v, ds| {
+        if !ds.as_slice().iter().any(|d| their_ctx.contains(*d)) || theirs.contains_key(v) {
+            return true;
+        }
+        let keep: Vec<Dot> = ds.as_slice().iter().copied().filter(|d| !their_ctx.contains(*d)).collect();
+        if keep.is_empty() {
+            return false;
+        }
+        *ds = Dots::from_vec(keep);
+        true
+    });
+}
 
-    if loose.is_none_or(|l| !l.is_empty()) {
-        mine.retain(|v, ds| {
-            if !ds.as_slice().iter().any(|d| their_ctx.contains(*d)) || theirs.contains_key(v) {
-                return true;
+/// Joins one element of the other side, `v` with `their_dots`, into `mine`; `own` makes
+/// the element to store when `mine` lacks it (a clone, or the value itself).
+#[inline]
+fn join_element<V: Hash + Eq, T: Borrow<V>>(
+    mine: &mut Entries<V>,
+    my_ctx: &CausalContext,
+    their_ctx: &CausalContext,
+    v: T,
+    their_dots: &Dots,
+    own: impl FnOnce(T) -> V,
+) {
+    let (hash, found) = mine.locate(v.borrow());
+    match found {
+        Err(free) => {
+            let merged = match their_dots {
+                Dots::One(d) if my_ctx.contains(*d) => return,
+                Dots::One(d) => Dots::One(*d),
+                Dots::Many(ds) => {
+                    let keep: Vec<Dot> = ds.iter().copied().filter(|d| !my_ctx.contains(*d)).collect();
+                    if keep.is_empty() {
+                        return;
+                    }
+                    Dots::from_vec(keep)
+                }
+            };
+            mine.push_new(hash, free, own(v), merged);
+        }
+        Ok(pos) => {
+            let my_dots = mine.value_at_mut(pos);
+            if *my_dots != *their_dots && !join_dots(my_dots, my_ctx, their_dots, their_ctx) {
+                mine.remove_at(hash, pos);
             }
-            let keep: Vec<Dot> = ds.as_slice().iter().copied().filter(|d| !their_ctx.contains(*d)).collect();
-            if keep.is_empty() {
-                return false;
-            }
-            *ds = Dots::from_vec(keep);
-            true
-        });
+        }
     }
 }
 
@@ -168,11 +219,15 @@ fn join_dots(mine: &mut Dots, my_ctx: &CausalContext, theirs: &Dots, their_ctx: 
 /// element: reads, equality and joins treat it as absent, and no join leaves one in a
 /// state that did not already carry one.
 ///
+/// A local add is `let d = set.add(dot, v);`, then ship `d` (encode or clone it) and
+/// `set.apply(d)`: applying by value moves the element in; `merge(&d)` clones it.
+///
 /// ```
 /// use concord_core::{Crdt, OrSet, ReplicaId};
 /// let (a, b) = (ReplicaId(1), ReplicaId(2));
 /// let mut x: OrSet<String> = OrSet::default();
-/// x.merge(&x.add(x.next_dot(a), "milk".into()));
+/// let d = x.add(x.next_dot(a), "milk".into());
+/// x.apply(d);
 /// let mut y = x.clone();
 /// y.merge(&y.remove(&"milk".into()));            // b removes what it saw...
 /// x.merge(&x.add(x.next_dot(a), "milk".into())); // ...while a adds again
@@ -254,9 +309,7 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
                 ctx.insert(d);
             }
         }
-        let mut entries = Entries::default();
-        entries.insert(v, Dots::One(dot));
-        OrSet { entries, ctx, hinted: false }
+        OrSet { entries: Entries::one(v, Dots::One(dot)), ctx, hinted: false }
     }
 
     /// The delta that removes `v` as observed here: the dots it retires, and a removal
@@ -298,6 +351,19 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
     }
 }
 
+impl<V: Hash + Eq> OrSet<V> {
+    /// Finishes a join of elements seen under `their_ctx`.
+    fn joined(&mut self, their_ctx: &CausalContext) {
+        self.ctx.merge(their_ctx);
+        // A join never adds hints, but a delta joined into may carry its own: a merged
+        // state is no longer a single remove, so drop them.
+        if self.hinted {
+            self.entries.retain(|_, ds| !ds.is_empty());
+            self.hinted = false;
+        }
+    }
+}
+
 impl<V> Crdt for OrSet<V>
 where
     V: Hash + Eq + Ord + Clone + Debug + Serialize + DeserializeOwned + Wire,
@@ -306,13 +372,15 @@ where
 
     fn merge(&mut self, other: &Self) {
         join_entries(&mut self.entries, &self.ctx, &other.entries, &other.ctx);
-        self.ctx.merge(&other.ctx);
-        // A join never adds hints, but a delta joined into may carry its own: a merged
-        // state is no longer a single remove, so drop them.
-        if self.hinted {
-            self.entries.retain(|_, ds| !ds.is_empty());
-            self.hinted = false;
-        }
+        self.joined(&other.ctx);
+    }
+
+    /// Moves the delta's new elements in instead of cloning them: the cheap way to apply
+    /// a local [`OrSet::add`] (encode or clone the delta first to ship it).
+    fn apply(&mut self, delta: Self) {
+        let OrSet { entries, ctx, .. } = delta;
+        join_entries_owned(&mut self.entries, &self.ctx, entries, &ctx);
+        self.joined(&ctx);
     }
 
     /// The elements in sorted order.

@@ -8,6 +8,7 @@
 //! moves, so this is not for the document's field map (up to millions of keys), which
 //! stays a `BTreeMap`. Appending in order — decoding a canonical encoding — is O(log n).
 
+use crate::onevec::OneOrVec;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::borrow::Borrow;
 use std::cmp::Ordering;
@@ -226,19 +227,22 @@ impl<'de, K: Ord + Deserialize<'de>, V: Deserialize<'de>> Deserialize<'de> for S
 /// assert!(!s.insert(2));
 /// assert_eq!(s.iter().copied().collect::<Vec<_>>(), [1, 2, 3]);
 /// ```
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SortedSet<T>(SortedMap<T, ()>);
+///
+/// A lone element is kept inline (a causal context's cloud in a delta holds one dot), so
+/// a set of one allocates nothing.
+#[derive(Clone)]
+pub struct SortedSet<T>(OneOrVec<T>);
 
 impl<T> Default for SortedSet<T> {
     fn default() -> Self {
-        SortedSet(SortedMap::new())
+        SortedSet::new()
     }
 }
 
 impl<T> SortedSet<T> {
     /// The empty set.
     pub const fn new() -> Self {
-        SortedSet(SortedMap::new())
+        SortedSet(OneOrVec::new())
     }
 
     /// Number of elements.
@@ -253,12 +257,12 @@ impl<T> SortedSet<T> {
 
     /// Elements in order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = &T> + ExactSizeIterator {
-        self.0.keys()
+        self.0.iter()
     }
 
     /// Element at position `i` of the sorted order.
     pub fn nth(&self, i: usize) -> Option<&T> {
-        self.0.as_slice().get(i).map(|e| &e.0)
+        self.0.get(i)
     }
 
     /// Position of the first element not less than `x`.
@@ -266,7 +270,7 @@ impl<T> SortedSet<T> {
     where
         T: Ord,
     {
-        self.0.lower_bound(x)
+        self.0.partition_point(|e| e < x)
     }
 
     /// Removes the elements at positions `range` of the sorted order.
@@ -276,30 +280,80 @@ impl<T> SortedSet<T> {
 
     /// Keeps the elements for which `keep` says so.
     pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
-        self.0.retain(|k, _| keep(k));
+        self.0.retain_mut(|x| keep(x));
     }
 }
 
 impl<T: Ord> SortedSet<T> {
+    fn find(&self, x: &T) -> Result<usize, usize> {
+        // Appending in order is the common way in: check the end first.
+        match self.0.last().map(|e| e.cmp(x)) {
+            None | Some(Ordering::Less) => Err(self.0.len()),
+            Some(Ordering::Equal) => Ok(self.0.len() - 1),
+            Some(Ordering::Greater) => self.0.binary_search(x),
+        }
+    }
+
     /// Whether `x` is an element.
     pub fn contains(&self, x: &T) -> bool {
-        self.0.contains_key(x)
+        self.find(x).is_ok()
     }
 
     /// Adds `x`; false when it was there already.
     pub fn insert(&mut self, x: T) -> bool {
-        self.0.insert(x, ()).is_none()
+        match self.find(&x) {
+            Ok(_) => false,
+            Err(i) => {
+                self.0.insert(i, x);
+                true
+            }
+        }
     }
 
     /// Removes `x`; false when it was absent.
     pub fn remove(&mut self, x: &T) -> bool {
-        self.0.remove(x).is_some()
+        match self.find(x) {
+            Ok(i) => {
+                self.0.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+impl<T: PartialEq> PartialEq for SortedSet<T> {
+    fn eq(&self, other: &Self) -> bool {
+        *self.0 == *other.0
+    }
+}
+
+impl<T: Eq> Eq for SortedSet<T> {}
+
+impl<T: PartialOrd> PartialOrd for SortedSet<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        (*self.0).partial_cmp(&*other.0)
+    }
+}
+
+impl<T: Ord> Ord for SortedSet<T> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (*self.0).cmp(&*other.0)
+    }
+}
+
+impl<T: std::hash::Hash> std::hash::Hash for SortedSet<T> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (*self.0).hash(state);
     }
 }
 
 impl<T: Ord> FromIterator<T> for SortedSet<T> {
     fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
-        SortedSet(iter.into_iter().map(|x| (x, ())).collect())
+        let mut v: Vec<T> = iter.into_iter().collect();
+        crate::sort::sort(&mut v);
+        v.dedup();
+        SortedSet(OneOrVec::from(v))
     }
 }
 
@@ -313,9 +367,9 @@ impl<T: Ord> Extend<T> for SortedSet<T> {
 
 impl<'a, T> IntoIterator for &'a SortedSet<T> {
     type Item = &'a T;
-    type IntoIter = std::iter::Map<std::slice::Iter<'a, (T, ())>, fn(&'a (T, ())) -> &'a T>;
+    type IntoIter = std::slice::Iter<'a, T>;
     fn into_iter(self) -> Self::IntoIter {
-        self.0.as_slice().iter().map(|e| &e.0)
+        self.0.iter()
     }
 }
 

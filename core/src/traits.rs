@@ -27,6 +27,24 @@ pub trait Crdt: Clone + Debug + PartialEq + Default + Serialize + DeserializeOwn
     /// Joins `other` into `self` (least upper bound). Never fails.
     fn merge(&mut self, other: &Self);
 
+    /// Joins `delta` into `self`, consuming it: the same result as [`Crdt::merge`], but a
+    /// type may move the delta's contents in instead of cloning them. The way to apply a
+    /// local mutation, as the `crdts` crate's `apply(op)`: make the delta, encode (or clone)
+    /// it for the peers, then `apply` it.
+    ///
+    /// ```
+    /// use concord_core::{codec::Wire, Crdt, OrSet, ReplicaId};
+    /// let mut s: OrSet<String> = OrSet::default();
+    /// let delta = s.add(s.next_dot(ReplicaId(1)), "milk".into());
+    /// let mut for_peers = Vec::new();
+    /// delta.put(&mut for_peers);
+    /// s.apply(delta);
+    /// assert!(s.contains(&"milk".into()) && !for_peers.is_empty());
+    /// ```
+    fn apply(&mut self, delta: Self) {
+        self.merge(&delta);
+    }
+
     /// The current value.
     fn value(&self) -> Self::Value;
 

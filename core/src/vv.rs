@@ -312,7 +312,9 @@ impl CausalContext {
         }
         if Some(dot.seq) == self.vv.get(dot.replica).checked_add(1) {
             self.vv.raise(dot.replica, dot.seq);
-            self.fold(dot.replica);
+            if !self.cloud.is_empty() {
+                self.fold(dot.replica);
+            }
         } else {
             self.cloud.insert(dot);
         }

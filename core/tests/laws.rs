@@ -152,7 +152,8 @@ impl<M: Model> World<M> {
                 Step::Op { at, op } => {
                     let op = M::resolve(&w.states[*at], w.ids[*at], &mut w.knows[*at], op);
                     let delta = M::delta(&w.states[*at], &op);
-                    w.states[*at].merge(&delta);
+                    // A local mutation is applied the documented way: by value.
+                    w.states[*at].apply(delta.clone());
                     let msg = M::record(&mut w.knows[*at], &mut w.reference, &op);
                     w.deltas[*at].push((delta, msg));
                 }
@@ -210,6 +211,15 @@ fn check_idempotent<M: Model>(sc: &Scenario<M::Op>, picks: &[Index; 3]) -> Resul
     prop_assert_eq!(&join(a, a), a);
     let ab = join(a, b);
     prop_assert_eq!(join(&ab, b), ab);
+    Ok(())
+}
+
+fn check_apply_equals_merge<M: Model>(sc: &Scenario<M::Op>, picks: &[Index; 3]) -> Result<(), TestCaseError> {
+    let pool = World::<M>::run(sc).reachable();
+    let (a, b) = (picks[0].get(&pool), picks[1].get(&pool));
+    let mut applied = a.clone();
+    applied.apply(b.clone());
+    prop_assert_eq!(applied, join(a, b));
     Ok(())
 }
 
@@ -275,6 +285,11 @@ macro_rules! law_suite {
                 #[test]
                 fn merge_is_idempotent(sc in scenario::<$model>(), picks in any::<[Index; 3]>()) {
                     check_idempotent::<$model>(&sc, &picks)?;
+                }
+
+                #[test]
+                fn apply_by_value_equals_merge(sc in scenario::<$model>(), picks in any::<[Index; 3]>()) {
+                    check_apply_equals_merge::<$model>(&sc, &picks)?;
                 }
 
                 #[test]
