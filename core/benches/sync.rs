@@ -230,10 +230,11 @@ fn state_bytes(fields: Vec<(String, Field)>) -> usize {
 
 // ---------------------------------------------------------------------------------------
 
-fn delta_sync(c: &mut Criterion, rows: &mut Vec<Row>) {
+/// The delta-sync workload: `a` holds a 10,000-key document, `b` the same 100 operations
+/// behind; also the deltas `b` lacks, by kind.
+fn delta_sync_docs() -> (Store, Store, BTreeMap<&'static str, Vec<concord_core::Delta>>) {
     let keys: u64 = 10_000;
     let behind: u64 = 100;
-    let scen = "delta sync: 10k keys, peer 100 ops behind";
     let width = 4;
     let mut a = build(ReplicaId(1), keys, DocConfig::default());
     let mut b = a.clone();
@@ -250,6 +251,12 @@ fn delta_sync(c: &mut Criterion, rows: &mut Vec<Row>) {
     }
     let a_docs: Store = HashMap::from([(DOC.to_string(), a)]);
     let b_docs: Store = HashMap::from([(DOC.to_string(), b)]);
+    (a_docs, b_docs, by_kind)
+}
+
+fn delta_sync(c: &mut Criterion, rows: &mut Vec<Row>) {
+    let scen = "delta sync: 10k keys, peer 100 ops behind";
+    let (a_docs, b_docs, by_kind) = delta_sync_docs();
 
     // One probe run for bytes and convergence.
     let (mut ad, mut bd) = (a_docs.clone(), b_docs.clone());
@@ -546,7 +553,28 @@ fn docset_diff(c: &mut Criterion, rows: &mut Vec<Row>, full: bool) {
     row(rows, "", "one-time: build one set", ms(build_time), String::new());
 }
 
+/// `SYNC_PROFILE=N`: runs the delta-sync exchange N times without criterion, for
+/// `valgrind --tool=callgrind --toggle-collect='*profile_exchange*'` (instruction counts do
+/// not depend on what else the machine is doing).
+fn profile_delta_sync(iters: usize) {
+    let (a_docs, b_docs, _) = delta_sync_docs();
+    for _ in 0..iters {
+        let (mut ad, mut bd) = (a_docs.clone(), b_docs.clone());
+        let (mut sa, mut sb) = connect(&mut ad, &mut bd);
+        black_box(profile_exchange(&mut sa, &mut ad, &mut sb, &mut bd));
+    }
+}
+
+#[inline(never)]
+fn profile_exchange(a: &mut Session, a_docs: &mut Store, b: &mut Session, b_docs: &mut Store) -> Traffic {
+    exchange(a, a_docs, b, b_docs)
+}
+
 fn main() {
+    if let Some(n) = std::env::var("SYNC_PROFILE").ok().and_then(|v| v.parse().ok()) {
+        profile_delta_sync(n);
+        return;
+    }
     // `cargo bench` passes --bench; anything else (cargo test --benches) is a smoke run.
     let args: Vec<String> = std::env::args().collect();
     let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test");
@@ -555,10 +583,35 @@ fn main() {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
+    // A plain-word filter (`-- delta_sync`) that matches some benchmark ids skips building
+    // the other scenarios' million-entry inputs. Arguments that match none (an option's
+    // value, say) or look like regexes leave every scenario in, for criterion to filter.
+    let ids = [
+        "sync/delta_sync_10k_keys_100_behind",
+        if full {
+            "sync/merkle_catchup_1m_keys_100_differ"
+        } else {
+            "sync/merkle_catchup_20k_keys_100_differ"
+        },
+        if full { "sync/docset_diff_1m_docs_1pct" } else { "sync/docset_diff_20k_docs_1pct" },
+    ];
+    let plain = |a: &str| a.chars().all(|ch| ch.is_alphanumeric() || "_/".contains(ch));
+    let filters: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-') && plain(a) && ids.iter().any(|id| id.contains(a.as_str())))
+        .collect();
+    let wanted = |id: &str| filters.is_empty() || filters.iter().any(|f| id.contains(f.as_str()));
     let mut rows = Vec::new();
-    delta_sync(&mut c, &mut rows);
-    merkle_catchup(&mut c, &mut rows, full);
-    docset_diff(&mut c, &mut rows, full);
+    if wanted(ids[0]) {
+        delta_sync(&mut c, &mut rows);
+    }
+    if wanted(ids[1]) {
+        merkle_catchup(&mut c, &mut rows, full);
+    }
+    if wanted(ids[2]) {
+        docset_diff(&mut c, &mut rows, full);
+    }
     c.final_summary();
 
     let w = [44, 32, 40];
