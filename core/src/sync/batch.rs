@@ -246,6 +246,54 @@ pub(super) fn size_bound(doc: &str, deltas: &[Delta]) -> usize {
     varint_len(doc.len() as u64) + doc.len() + 3 * 10 + per_delta
 }
 
+/// `(prefix, index)` of every delta, ordered by key (stably): a least-significant-digit
+/// radix sort on the keys' first eight bytes read as a big-endian number (which orders
+/// like the bytes), one pass per byte position where the keys differ, then runs of equal
+/// prefixes by the whole key. Most batches' keys differ in their first bytes, so no
+/// string is compared.
+fn by_key(ds: &[Delta]) -> Vec<(u64, u32)> {
+    let prefix = |k: &str| {
+        let mut b = [0u8; 8];
+        let n = k.len().min(8);
+        b[..n].copy_from_slice(&k.as_bytes()[..n]);
+        u64::from_be_bytes(b)
+    };
+    let mut items: Vec<(u64, u32)> = ds.iter().enumerate().map(|(i, d)| (prefix(&d.key), i as u32)).collect();
+    let n = items.len();
+    let mut spare = items.clone();
+    for shift in (0..64).step_by(8) {
+        let digit = |p: u64| (p >> shift) as usize & 0xff;
+        let mut at = [0usize; 256];
+        for &(p, _) in &items {
+            at[digit(p)] += 1;
+        }
+        if at.contains(&n) {
+            continue; // every key has the same byte here
+        }
+        let mut sum = 0;
+        for slot in at.iter_mut() {
+            let c = *slot;
+            *slot = sum;
+            sum += c;
+        }
+        for &it in &items {
+            let d = digit(it.0);
+            spare[at[d]] = it;
+            at[d] += 1;
+        }
+        std::mem::swap(&mut items, &mut spare);
+    }
+    let mut i = 0;
+    while i < n {
+        let j = i + items[i..].iter().take_while(|it| it.0 == items[i].0).count();
+        if j - i > 1 {
+            crate::sort::sort_by(&mut items[i..j], |a, b| ds[a.1 as usize].key.cmp(&ds[b.1 as usize].key));
+        }
+        i = j;
+    }
+    items
+}
+
 /// Appends the body of `m` (everything after the tag byte) to `out`.
 pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
     let ds = &m.deltas;
@@ -262,29 +310,16 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
         put_varint(out, r.0);
     }
 
-    // The key table: the deltas' keys sorted (a stable sort, by their first eight bytes
-    // as a big-endian number first, which orders like the bytes and settles most
-    // comparisons without a string compare), then each delta's index into it.
-    let prefix = |k: &str| {
-        let mut b = [0u8; 8];
-        let n = k.len().min(8);
-        b[..n].copy_from_slice(&k.as_bytes()[..n]);
-        u64::from_be_bytes(b)
-    };
-    let mut sorted: Vec<(u64, &str, usize)> =
-        ds.iter().enumerate().map(|(i, d)| (prefix(&d.key), d.key.as_str(), i)).collect();
-    crate::sort::sort_by(&mut sorted, |a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    // The key table: the deltas' keys sorted and deduplicated, and each delta's index
+    // into it.
     let mut key_of = vec![0usize; ds.len()];
-    let mut keys = 0usize;
-    let mut prev: Option<&str> = None;
-    let mut table = Vec::with_capacity(ds.len());
-    for &(_, k, i) in &sorted {
-        if prev != Some(k) {
+    let mut table: Vec<&str> = Vec::with_capacity(ds.len());
+    for (_, i) in by_key(ds) {
+        let k = ds[i as usize].key.as_str();
+        if table.last() != Some(&k) {
             table.push(k);
-            keys += 1;
-            prev = Some(k);
         }
-        key_of[i] = keys - 1;
+        key_of[i as usize] = table.len() - 1;
     }
     put_varint(out, table.len() as u64);
     let mut prev: &[u8] = &[];
@@ -396,9 +431,10 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
     }
 
     let n = r.count()?;
-    // Each delta with its key's index; keys are filled in at the end, moved into the last
-    // delta that uses them (most keys occur once in a batch) and cloned for the others.
-    let mut deltas: Vec<(Dot, usize, Field)> = Vec::with_capacity(n);
+    // Keys are filled in at the end (`key_of` holds each delta's key index), moved into
+    // the last delta that uses them (most keys occur once in a batch), cloned for others.
+    let mut deltas: Vec<Delta> = Vec::with_capacity(n);
+    let mut key_of: Vec<usize> = Vec::with_capacity(n);
     let max_dots = MAX_BATCH_DOTS.max(body.len());
     let mut last_seq = vec![0u64; replicas.len()];
     let mut cur = 0usize;
@@ -455,25 +491,22 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
             _ => return Err("unknown delta kind"),
         };
         for q in seq..last {
-            deltas.push((Dot::new(own, q), key, field.clone()));
+            deltas.push(Delta { dot: Dot::new(own, q), key: String::new(), payload: field.clone() });
+            key_of.push(key);
         }
-        deltas.push((dot, key, field));
+        deltas.push(Delta { dot, key: String::new(), payload: field });
+        key_of.push(key);
     }
     if !r.is_empty() {
         return Err("trailing bytes");
     }
     let mut last_use = vec![usize::MAX; keys.len()];
-    for (i, d) in deltas.iter().enumerate() {
-        last_use[d.1] = i;
+    for (i, &k) in key_of.iter().enumerate() {
+        last_use[k] = i;
     }
-    let deltas = deltas
-        .into_iter()
-        .enumerate()
-        .map(|(i, (dot, k, payload))| {
-            let key = if last_use[k] == i { std::mem::take(&mut keys[k]) } else { keys[k].clone() };
-            Delta { dot, key, payload }
-        })
-        .collect();
+    for (i, (d, &k)) in deltas.iter_mut().zip(&key_of).enumerate() {
+        d.key = if last_use[k] == i { std::mem::take(&mut keys[k]) } else { keys[k].clone() };
+    }
     Ok(Deltas { doc, deltas })
 }
 
@@ -572,6 +605,50 @@ mod tests {
                 assert_eq!(names(&back.deltas), names(&m.deltas));
             }
         }
+    }
+
+    #[test]
+    fn keys_are_ordered_like_strings() {
+        let names =
+            ["b", "", "a", "counter/010", "counter/002", "ab\0", "ab", "é", "counter/010", "zz", "a\u{1}"];
+        let ds: Vec<Delta> = names
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Delta {
+                dot: Dot::new(ReplicaId(1), i as u64 + 1),
+                key: k.to_string(),
+                payload: Field::Counter(GCounter::default()),
+            })
+            .collect();
+        let got: Vec<&str> = by_key(&ds).iter().map(|&(_, i)| ds[i as usize].key.as_str()).collect();
+        let mut want = names.to_vec();
+        want.sort();
+        assert_eq!(got, want);
+        // Stable: equal keys keep their order.
+        let tens: Vec<u32> =
+            by_key(&ds).iter().map(|x| x.1).filter(|&i| names[i as usize] == "counter/010").collect();
+        assert_eq!(tens, [3, 8]);
+        // Random keys over a small alphabet, short and long, sharing prefixes.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let ds: Vec<Delta> = (0..500u64)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let key: String = (0..x % 13)
+                    .map(|j| [b'a', b'b', b'\0', 0xc3][((x >> (4 * j)) % 4) as usize] as char)
+                    .collect();
+                Delta {
+                    dot: Dot::new(ReplicaId(1), i + 1),
+                    key,
+                    payload: Field::Counter(GCounter::default()),
+                }
+            })
+            .collect();
+        let got: Vec<u32> = by_key(&ds).iter().map(|x| x.1).collect();
+        let mut want: Vec<u32> = (0..500).collect();
+        want.sort_by(|a, b| ds[*a as usize].key.cmp(&ds[*b as usize].key));
+        assert_eq!(got, want);
     }
 
     #[test]
