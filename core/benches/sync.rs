@@ -147,11 +147,38 @@ fn exchange(a: &mut Session, a_docs: &mut Store, b: &mut Session, b_docs: &mut S
 }
 
 /// Median and fastest of the measured runs (the fastest is the least disturbed by other
-/// processes on a shared machine).
+/// processes on a shared machine): CPU time of this thread, which runs both sides, and
+/// wall-clock time (which also counts time the thread waited for a core).
 #[derive(Clone, Copy)]
 struct Timing {
     median: Duration,
     min: Duration,
+    wall_median: Duration,
+    wall_min: Duration,
+}
+
+/// CPU time this thread has used (`CLOCK_THREAD_CPUTIME_ID`), where the platform has it.
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+fn thread_cpu() -> Option<Duration> {
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: i64,
+        tv_nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut ts = Timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec with the C layout of 64-bit Linux; the
+    // call writes only it.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+fn thread_cpu() -> Option<Duration> {
+    None
 }
 
 /// Runs `routine` under criterion and also keeps every measured duration, so the summary
@@ -164,6 +191,7 @@ fn timed<S, R>(
     mut routine: impl FnMut(S) -> R,
 ) -> Timing {
     let mut seen: Vec<Duration> = Vec::new();
+    let mut seen_cpu: Vec<Duration> = Vec::new();
     let mut g = c.benchmark_group("sync");
     g.sampling_mode(SamplingMode::Flat);
     g.bench_function(name, |bch| {
@@ -171,11 +199,15 @@ fn timed<S, R>(
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let s = setup();
+                let c0 = thread_cpu();
                 let t0 = Instant::now();
                 let out = routine(s);
                 let dt = t0.elapsed();
+                let c1 = thread_cpu();
                 drop(out); // freeing the documents is not part of the exchange
                 seen.push(dt);
+                // The wall-clock time where the CPU clock is missing.
+                seen_cpu.push(c0.zip(c1).map_or(dt, |(a, b)| b.saturating_sub(a)));
                 total += dt;
             }
             total
@@ -183,9 +215,14 @@ fn timed<S, R>(
     });
     g.finish();
     seen.sort();
+    seen_cpu.sort();
+    let median = |v: &[Duration]| v.get(v.len() / 2).copied().unwrap_or_default();
+    let min = |v: &[Duration]| v.first().copied().unwrap_or_default();
     Timing {
-        median: seen.get(seen.len() / 2).copied().unwrap_or_default(),
-        min: seen.first().copied().unwrap_or_default(),
+        median: median(&seen_cpu),
+        min: min(&seen_cpu),
+        wall_median: median(&seen),
+        wall_min: min(&seen),
     }
 }
 
@@ -216,6 +253,10 @@ fn ms2(t: Timing) -> String {
     format!("{} (min {})", ms(t.median), ms(t.min))
 }
 
+fn wall2(t: Timing) -> String {
+    format!("{} (min {})", ms(t.wall_median), ms(t.wall_min))
+}
+
 fn kib(b: usize) -> String {
     if b < 10 * 1024 {
         format!("{b} B")
@@ -230,10 +271,11 @@ fn state_bytes(fields: Vec<(String, Field)>) -> usize {
 
 // ---------------------------------------------------------------------------------------
 
-fn delta_sync(c: &mut Criterion, rows: &mut Vec<Row>) {
+/// The delta-sync workload: `a` holds a 10,000-key document, `b` the same 100 operations
+/// behind; also the deltas `b` lacks, by kind.
+fn delta_sync_docs() -> (Store, Store, BTreeMap<&'static str, Vec<concord_core::Delta>>) {
     let keys: u64 = 10_000;
     let behind: u64 = 100;
-    let scen = "delta sync: 10k keys, peer 100 ops behind";
     let width = 4;
     let mut a = build(ReplicaId(1), keys, DocConfig::default());
     let mut b = a.clone();
@@ -250,6 +292,12 @@ fn delta_sync(c: &mut Criterion, rows: &mut Vec<Row>) {
     }
     let a_docs: Store = HashMap::from([(DOC.to_string(), a)]);
     let b_docs: Store = HashMap::from([(DOC.to_string(), b)]);
+    (a_docs, b_docs, by_kind)
+}
+
+fn delta_sync(c: &mut Criterion, rows: &mut Vec<Row>) {
+    let scen = "delta sync: 10k keys, peer 100 ops behind";
+    let (a_docs, b_docs, by_kind) = delta_sync_docs();
 
     // One probe run for bytes and convergence.
     let (mut ad, mut bd) = (a_docs.clone(), b_docs.clone());
@@ -338,6 +386,7 @@ fn delta_sync(c: &mut Criterion, rows: &mut Vec<Row>) {
         ms2(cpu),
         format!("<= 0.2 ms  {}", verdict(cpu.median <= Duration::from_micros(200))),
     );
+    row(rows, "", "wall clock: median (min)", wall2(cpu), String::new());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -426,6 +475,7 @@ fn merkle_catchup(c: &mut Criterion, rows: &mut Vec<Row>, full: bool) {
         ms2(cpu),
         format!("<= 5 ms  {}", verdict(cpu.median <= Duration::from_millis(5))),
     );
+    row(rows, "", "wall clock: median (min)", wall2(cpu), String::new());
     row(rows, "", "reference", "negentropy, 1M items".into(), "25 ms + 39 ms (published)".into());
     row(rows, "", "one-time: build doc (ops)", ms(build_time), String::new());
     row(rows, "", "one-time: build tree", ms(tree_time), String::new());
@@ -543,10 +593,32 @@ fn docset_diff(c: &mut Criterion, rows: &mut Vec<Row>, full: bool) {
     }
     row(rows, "", "bytes per differing doc", format!("{:.0} B", bytes as f64 / found as f64), String::new());
     row(rows, "", "cpu, both sides, with codec", ms2(cpu), String::new());
+    row(rows, "", "wall clock: median (min)", wall2(cpu), String::new());
     row(rows, "", "one-time: build one set", ms(build_time), String::new());
 }
 
+/// `SYNC_PROFILE=N`: runs the delta-sync exchange N times without criterion, for
+/// `valgrind --tool=callgrind --toggle-collect='*profile_exchange*'` (instruction counts do
+/// not depend on what else the machine is doing).
+fn profile_delta_sync(iters: usize) {
+    let (a_docs, b_docs, _) = delta_sync_docs();
+    for _ in 0..iters {
+        let (mut ad, mut bd) = (a_docs.clone(), b_docs.clone());
+        let (mut sa, mut sb) = connect(&mut ad, &mut bd);
+        black_box(profile_exchange(&mut sa, &mut ad, &mut sb, &mut bd));
+    }
+}
+
+#[inline(never)]
+fn profile_exchange(a: &mut Session, a_docs: &mut Store, b: &mut Session, b_docs: &mut Store) -> Traffic {
+    exchange(a, a_docs, b, b_docs)
+}
+
 fn main() {
+    if let Some(n) = std::env::var("SYNC_PROFILE").ok().and_then(|v| v.parse().ok()) {
+        profile_delta_sync(n);
+        return;
+    }
     // `cargo bench` passes --bench; anything else (cargo test --benches) is a smoke run.
     let args: Vec<String> = std::env::args().collect();
     let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test");
@@ -555,15 +627,43 @@ fn main() {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
+    // A plain-word filter (`-- delta_sync`) that matches some benchmark ids skips building
+    // the other scenarios' million-entry inputs. Arguments that match none (an option's
+    // value, say) or look like regexes leave every scenario in, for criterion to filter.
+    let ids = [
+        "sync/delta_sync_10k_keys_100_behind",
+        if full {
+            "sync/merkle_catchup_1m_keys_100_differ"
+        } else {
+            "sync/merkle_catchup_20k_keys_100_differ"
+        },
+        if full { "sync/docset_diff_1m_docs_1pct" } else { "sync/docset_diff_20k_docs_1pct" },
+    ];
+    let plain = |a: &str| a.chars().all(|ch| ch.is_alphanumeric() || "_/".contains(ch));
+    let filters: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-') && plain(a) && ids.iter().any(|id| id.contains(a.as_str())))
+        .collect();
+    let wanted = |id: &str| filters.is_empty() || filters.iter().any(|f| id.contains(f.as_str()));
     let mut rows = Vec::new();
-    delta_sync(&mut c, &mut rows);
-    merkle_catchup(&mut c, &mut rows, full);
-    docset_diff(&mut c, &mut rows, full);
+    if wanted(ids[0]) {
+        delta_sync(&mut c, &mut rows);
+    }
+    if wanted(ids[1]) {
+        merkle_catchup(&mut c, &mut rows, full);
+    }
+    if wanted(ids[2]) {
+        docset_diff(&mut c, &mut rows, full);
+    }
     c.final_summary();
 
     let w = [44, 32, 40];
     println!();
-    println!("concord sync summary (times: median and fastest of the criterion runs above)");
+    println!(
+        "concord sync summary (times: median and fastest of the criterion runs above; cpu = this \
+         thread's CPU time, which runs both sides)"
+    );
     println!(
         "{:<w0$} {:<w1$} {:<w2$} target / baseline",
         "scenario",

@@ -166,14 +166,14 @@ impl Delta {
         if self.dot.seq == 0 {
             return Err(InvalidState("delta dot has sequence 0"));
         }
+        // The payload's own check covers a set's context and entries (in that order).
+        self.payload.validate()?;
         if let Field::Set(s) = &self.payload {
-            s.context().validate().map_err(InvalidState)?;
-            validate_entries(s.entries(), s.context())?;
             if s.entries().values().flat_map(Dots::as_slice).any(|d| *d != self.dot) {
                 return Err(InvalidState("set delta adds with a dot other than its own"));
             }
         }
-        self.payload.validate()
+        Ok(())
     }
 
     /// Encodes with tag and version.
@@ -263,19 +263,98 @@ impl Default for DocConfig {
     }
 }
 
-/// A key in the document's ordered map: hash first, so Merkle buckets are ranges.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct FieldKey {
-    /// [`stable_hash`] of the name.
-    pub hash: u64,
-    /// The key as users write it.
-    pub name: Box<str>,
+/// The keys of one [`stable_hash`]: almost always exactly one, stored inline; keys whose
+/// hashes collide follow in `more`. Sorted by name, `name` first.
+#[derive(Clone, Debug)]
+struct Group {
+    name: Box<str>,
+    slot: Slot,
+    more: Vec<(Box<str>, Slot)>,
 }
 
-impl FieldKey {
-    /// The key for `name`.
-    pub fn new(name: &str) -> FieldKey {
-        FieldKey { hash: stable_hash(name.as_bytes()), name: name.into() }
+impl Group {
+    fn iter(&self) -> impl Iterator<Item = (&str, &Slot)> {
+        std::iter::once((&*self.name, &self.slot)).chain(self.more.iter().map(|(n, s)| (&**n, s)))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Slot)> {
+        std::iter::once((&*self.name, &mut self.slot)).chain(self.more.iter_mut().map(|(n, s)| (&**n, s)))
+    }
+}
+
+/// The document's fields by key, ordered by (hash of the name, name): Merkle buckets are
+/// ranges of it, and every replica iterates (and encodes) it in the same order.
+///
+/// A B-tree on the bare 64-bit hash, not on `(hash, name)`: a lookup compares integers
+/// only (one string compare at the end), with no key to allocate or borrow.
+#[derive(Clone, Debug, Default)]
+struct FieldMap {
+    groups: BTreeMap<u64, Group>,
+    len: usize,
+}
+
+impl FieldMap {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, hash: u64, name: &str) -> Option<&Slot> {
+        self.groups.get(&hash)?.iter().find(|(n, _)| *n == name).map(|(_, s)| s)
+    }
+
+    /// The slot of `name`, made by `make` if the key is new.
+    fn get_or_insert(&mut self, hash: u64, name: &str, make: impl FnOnce() -> Slot) -> &mut Slot {
+        use std::collections::btree_map::Entry;
+        let g = match self.groups.entry(hash) {
+            Entry::Vacant(v) => {
+                self.len += 1;
+                return &mut v.insert(Group { name: name.into(), slot: make(), more: Vec::new() }).slot;
+            }
+            Entry::Occupied(o) => o.into_mut(),
+        };
+        // Found, or a new key whose hash collides with another's (sorted in by name).
+        let at = if *g.name == *name {
+            None
+        } else if let Some(i) = g.more.iter().position(|(n, _)| **n == *name) {
+            Some(i)
+        } else {
+            self.len += 1;
+            let (new_name, new_slot) = (Box::<str>::from(name), make());
+            if *name < *g.name {
+                let old_name = std::mem::replace(&mut g.name, new_name);
+                let old_slot = std::mem::replace(&mut g.slot, new_slot);
+                g.more.insert(0, (old_name, old_slot));
+                None
+            } else {
+                let i = g.more.partition_point(|(n, _)| **n < *name);
+                g.more.insert(i, (new_name, new_slot));
+                Some(i)
+            }
+        };
+        match at {
+            None => &mut g.slot,
+            Some(i) => &mut g.more[i].1,
+        }
+    }
+
+    /// `(hash, name, slot)` in order.
+    fn iter(&self) -> impl Iterator<Item = (u64, &str, &Slot)> {
+        self.groups.iter().flat_map(|(&h, g)| g.iter().map(move |(n, s)| (h, n, s)))
+    }
+
+    /// `(hash, name, slot)` in order, mutably.
+    fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &str, &mut Slot)> {
+        self.groups.iter_mut().flat_map(|(&h, g)| g.iter_mut().map(move |(n, s)| (h, n, s)))
+    }
+
+    /// `(hash, name, slot)` of the keys whose hashes are in `lo..=hi`, in order.
+    fn range(&self, lo: u64, hi: u64) -> impl Iterator<Item = (u64, &str, &Slot)> {
+        self.groups.range(lo..=hi).flat_map(|(&h, g)| g.iter().map(move |(n, s)| (h, n, s)))
+    }
+
+    /// The keys of one hash, mutably.
+    fn with_hash_mut(&mut self, hash: u64) -> impl Iterator<Item = (&str, &mut Slot)> {
+        self.groups.get_mut(&hash).into_iter().flat_map(Group::iter_mut)
     }
 }
 
@@ -331,22 +410,28 @@ struct DeltaLog {
 impl DeltaLog {
     fn push(&mut self, d: Delta, capacity: usize) {
         let r = d.dot.replica;
-        let q = self.by_replica.entry_or_default(r);
-        if q.back().is_some_and(|last| last.dot.seq >= d.dot.seq) {
+        if self.by_replica.get(&r).and_then(VecDeque::back).is_some_and(|last| last.dot.seq >= d.dot.seq) {
             return; // only a corrupt stored log could get here: keep each queue ascending
         }
-        q.push_back(d);
-        self.order.push_back(r);
-        while self.order.len() > capacity {
+        if capacity == 0 {
+            self.floor.raise(r, d.dot.seq);
+            return;
+        }
+        // Evict before appending, so a full log's queues never grow: a log that was cloned
+        // or decoded (its queues allocated to their length) would otherwise reallocate
+        // and copy thousands of deltas on its first new one.
+        while self.order.len() >= capacity {
             let Some(old) = self.order.pop_front() else { break };
             let Some(q) = self.by_replica.get_mut(&old) else { continue };
             if let Some(x) = q.pop_front() {
                 self.floor.raise(old, x.dot.seq);
             }
-            if q.is_empty() {
+            if q.is_empty() && old != r {
                 self.by_replica.remove(&old);
             }
         }
+        self.by_replica.entry_or_default(r).push_back(d);
+        self.order.push_back(r);
     }
 
     /// The logged deltas of `r` with a sequence in `from + 1..=to`, ascending.
@@ -390,7 +475,7 @@ impl DeltaLog {
 pub struct Document {
     replica: ReplicaId,
     hlc: Hlc,
-    fields: BTreeMap<FieldKey, Slot>,
+    fields: FieldMap,
     vv: VersionVector,
     ctx: CausalContext,
     log: DeltaLog,
@@ -398,9 +483,11 @@ pub struct Document {
     /// adversary sending 16k deltas in reverse order costs O(n) moves per insert.)
     pending: SortedMap<Dot, Delta>,
     tree: KeyTree,
-    /// Keys changed since the Merkle tree was last updated. A `Vec` rather than a set:
-    /// `Slot::queued` keeps it free of duplicates, and a set type costs wasm code.
-    dirty: Vec<FieldKey>,
+    /// Hashes of the keys changed since the Merkle tree was last updated (hashes, not
+    /// keys: listing one allocates nothing). A `Vec` rather than a set: `Slot::queued`
+    /// keeps it free of duplicates (but for keys whose hashes collide), and a set type
+    /// costs wasm code.
+    dirty: Vec<u64>,
     config: DocConfig,
 }
 
@@ -411,11 +498,9 @@ impl PartialEq for Document {
         self.vv == other.vv
             && self.ctx == other.ctx
             && self.fields.len() == other.fields.len()
-            && self
-                .fields
-                .iter()
-                .zip(other.fields.iter())
-                .all(|((k1, s1), (k2, s2))| k1 == k2 && s1.field == s2.field && s1.others == s2.others)
+            && self.fields.iter().zip(other.fields.iter()).all(|((h1, k1, s1), (h2, k2, s2))| {
+                h1 == h2 && k1 == k2 && s1.field == s2.field && s1.others == s2.others
+            })
     }
 }
 
@@ -430,7 +515,7 @@ impl Document {
         Self {
             replica,
             hlc: Hlc::new(replica),
-            fields: BTreeMap::new(),
+            fields: FieldMap::default(),
             vv: VersionVector::new(),
             ctx: CausalContext::default(),
             log: DeltaLog::default(),
@@ -468,7 +553,7 @@ impl Document {
 
     /// Whether no key has been written.
     pub fn is_empty(&self) -> bool {
-        self.fields.is_empty()
+        self.fields.len() == 0
     }
 
     /// The bounds this document was made with.
@@ -480,7 +565,7 @@ impl Document {
 
     /// The field stored at `key`.
     pub fn get(&self, key: &str) -> Option<&Field> {
-        self.fields.get(&FieldKey::new(key)).map(|s| &s.field)
+        self.fields.get(stable_hash(key.as_bytes()), key).map(|s| &s.field)
     }
 
     /// The type `key` holds, if written.
@@ -490,7 +575,7 @@ impl Document {
 
     /// Keys in the document's internal (hash) order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.fields.keys().map(|k| &*k.name)
+        self.fields.iter().map(|(_, k, _)| k)
     }
 
     /// A G-Counter's value (0 when absent or another type).
@@ -533,7 +618,7 @@ impl Document {
     /// The whole document as an object of plain values, keys sorted.
     pub fn to_value(&self) -> Value {
         // The names are unique; collecting sorts them once (they are in hash order here).
-        Value::Object(self.fields.iter().map(|(k, s)| (k.name.to_string(), s.field.to_value())).collect())
+        Value::Object(self.fields.iter().map(|(_, k, s)| (k.to_string(), s.field.to_value())).collect())
     }
 
     // ---- writing locally ----
@@ -660,23 +745,29 @@ impl Document {
     /// relay must persist and forward.
     pub fn apply_into(&mut self, delta: Delta, applied: &mut Vec<Delta>) -> Result<Applied, DocError> {
         self.check(&delta)?;
+        Ok(self.apply_checked(delta, applied))
+    }
+
+    /// [`Document::apply_into`] for a delta that already passed [`Document::check`] (a
+    /// session checks a whole frame before applying any of it, and need not check twice).
+    pub(crate) fn apply_checked(&mut self, delta: Delta, applied: &mut Vec<Delta>) -> Applied {
         let dot = delta.dot;
         if self.vv.contains(dot) {
-            return Ok(Applied::Duplicate);
+            return Applied::Duplicate;
         }
         if dot.seq != self.vv.get(dot.replica) + 1 {
             if self.pending.contains_key(&dot) {
-                return Ok(Applied::Buffered);
+                return Applied::Buffered;
             }
             if self.pending.len() >= self.config.pending_capacity {
-                return Ok(Applied::Dropped);
+                return Applied::Dropped;
             }
             self.pending.insert(dot, delta);
-            return Ok(Applied::Buffered);
+            return Applied::Buffered;
         }
         applied.push(delta.clone());
         self.apply_now(delta);
-        Ok(Applied::Applied(self.drain_pending(dot.replica, applied)))
+        Applied::Applied(self.drain_pending(dot.replica, applied))
     }
 
     fn drain_pending(&mut self, replica: ReplicaId, applied: &mut Vec<Delta>) -> usize {
@@ -691,32 +782,32 @@ impl Document {
 
     /// Joins a delta that is next in sequence.
     fn apply_now(&mut self, delta: Delta) {
+        let none = CausalContext::default();
         let their_ctx = match &delta.payload {
-            Field::Set(s) => s.context().clone(),
-            _ => CausalContext::default(),
+            Field::Set(s) => s.context(),
+            _ => &none,
         };
         if let Field::Register(r) = &delta.payload {
             if let Some(ts) = r.timestamp() {
                 self.hlc.observe(ts);
             }
         }
-        self.join_field(&delta.key, &delta.payload, &their_ctx);
+        self.join_field(&delta.key, &delta.payload, their_ctx);
         self.vv.raise(delta.dot.replica, delta.dot.seq);
-        self.ctx.merge(&their_ctx);
+        self.ctx.merge(their_ctx);
         self.ctx.insert(delta.dot);
         self.log.push(delta, self.config.log_capacity);
     }
 
     fn join_field(&mut self, key: &str, theirs: &Field, their_ctx: &CausalContext) {
-        let fk = FieldKey::new(key);
+        let hash = stable_hash(key.as_bytes());
         let kind = theirs.kind();
-        // Look up before inserting: `entry` would need an owned key even for the usual
-        // case of a key that exists.
-        if !self.fields.contains_key(&fk) {
-            let empty = Slot { field: Field::empty(kind), others: Vec::new(), leaf: 0, queued: false };
-            self.fields.insert(fk.clone(), empty);
-        }
-        let Some(slot) = self.fields.get_mut(&fk) else { unreachable!("inserted above") };
+        let slot = self.fields.get_or_insert(hash, key, || Slot {
+            field: Field::empty(kind),
+            others: Vec::new(),
+            leaf: 0,
+            queued: false,
+        });
         match slot.get_mut(kind) {
             Some(f) => f.join(&self.ctx, theirs, their_ctx),
             None => {
@@ -728,7 +819,7 @@ impl Document {
         // A set that ended empty still holds its key (its kind stays fixed).
         if !slot.queued {
             slot.queued = true;
-            self.dirty.push(fk);
+            self.dirty.push(hash);
         }
     }
 
@@ -772,7 +863,7 @@ impl Document {
             }
             let mut n = 0;
             for d in self.log.range(r, from, top) {
-                out.push(FieldKey::new(&d.key).hash);
+                out.push(stable_hash(d.key.as_bytes()));
                 n += 1;
             }
             if n != top - from {
@@ -789,9 +880,8 @@ impl Document {
     pub fn fields_by_hash(&self, key_hashes: &[u64]) -> Vec<(String, Field)> {
         let mut out = Vec::new();
         for &h in key_hashes {
-            let lo = FieldKey { hash: h, name: "".into() };
-            for (k, s) in self.fields.range(lo..).take_while(|(k, _)| k.hash == h) {
-                out.extend(s.fields().map(|f| (k.name.to_string(), f.clone())));
+            for (_, k, s) in self.fields.range(h, h) {
+                out.extend(s.fields().map(|f| (k.to_string(), f.clone())));
             }
         }
         out
@@ -799,7 +889,7 @@ impl Document {
 
     /// Every field, for a full-state transfer.
     pub fn all_fields(&self) -> Vec<(String, Field)> {
-        self.fields.iter().flat_map(|(k, s)| s.fields().map(|f| (k.name.to_string(), f.clone()))).collect()
+        self.fields.iter().flat_map(|(_, k, s)| s.fields().map(|f| (k.to_string(), f.clone()))).collect()
     }
 
     /// Joins the whole state of a peer — every field it had at version `vv` (context
@@ -878,12 +968,12 @@ impl Document {
         if let Some(seen_when_equal) = seen_when_equal {
             let mut sent: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
             crate::sort::sort(&mut sent);
-            for (k, slot) in self.fields.iter_mut() {
+            for (hash, k, slot) in self.fields.iter_mut() {
                 let Some(Field::Set(set)) = slot.get_mut(Kind::Set) else { continue };
-                if sent.binary_search(&&*k.name).is_ok() {
+                if sent.binary_search(&k).is_ok() {
                     continue;
                 }
-                let Some(then) = seen_when_equal(k.hash) else { continue };
+                let Some(then) = seen_when_equal(hash) else { continue };
                 let gone = |d: &Dot| ctx.contains(*d) && !then.contains(*d);
                 if !set.entries().values().any(|ds| ds.as_slice().iter().any(gone)) {
                     continue;
@@ -898,7 +988,7 @@ impl Document {
                 });
                 if !slot.queued {
                     slot.queued = true;
-                    self.dirty.push(k.clone());
+                    self.dirty.push(hash);
                 }
             }
         }
@@ -922,26 +1012,29 @@ impl Document {
 
     // ---- Merkle tree over keys ----
 
-    fn leaf_hash(key: &FieldKey, slot: &Slot) -> u64 {
+    fn leaf_hash(hash: u64, name: &str, slot: &Slot) -> u64 {
         // The encoding of `(name, [fields])`.
         let mut bytes = Vec::new();
-        put_bytes(&mut bytes, key.name.as_bytes());
+        put_bytes(&mut bytes, name.as_bytes());
         put_varint(&mut bytes, 1 + slot.others.len() as u64);
         for f in slot.fields() {
             f.put(&mut bytes);
         }
-        stable_hash_seeded(key.hash, &bytes) | 1
+        stable_hash_seeded(hash, &bytes) | 1
     }
 
     /// Folds pending changes into the Merkle tree and returns it.
     pub fn merkle(&mut self) -> &KeyTree {
         let dirty = std::mem::take(&mut self.dirty);
-        for k in dirty {
-            if let Some(slot) = self.fields.get_mut(&k) {
-                slot.queued = false;
-                let new = Self::leaf_hash(&k, slot);
-                self.tree.update(k.hash, slot.leaf, new);
-                slot.leaf = new;
+        for h in dirty {
+            // Every queued key with this hash (names may collide).
+            for (k, slot) in self.fields.with_hash_mut(h) {
+                if slot.queued {
+                    slot.queued = false;
+                    let new = Self::leaf_hash(h, k, slot);
+                    self.tree.update(h, slot.leaf, new);
+                    slot.leaf = new;
+                }
             }
         }
         &self.tree
@@ -950,12 +1043,11 @@ impl Document {
     /// `(key hash, leaf hash)` of every key in a bucket (call [`Document::merkle`] first).
     pub fn bucket_leaves(&self, bucket: NodeId) -> Vec<(u64, u64)> {
         let (lo, hi) = bucket.key_range();
-        let start = FieldKey { hash: lo, name: "".into() };
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for (k, s) in self.fields.range(start..).take_while(|(k, _)| k.hash <= hi) {
+        for (h, _, s) in self.fields.range(lo, hi) {
             match out.last_mut() {
-                Some(last) if last.0 == k.hash => last.1 ^= s.leaf,
-                _ => out.push((k.hash, s.leaf)),
+                Some(last) if last.0 == h => last.1 ^= s.leaf,
+                _ => out.push((h, s.leaf)),
             }
         }
         out
@@ -969,10 +1061,10 @@ impl Document {
         let mut out = vec![tag::DOCUMENT, codec::FORMAT_VERSION];
         self.replica.put(&mut out);
         self.hlc.last().put(&mut out);
-        put_varint(&mut out, self.fields.values().map(|s| 1 + s.others.len() as u64).sum());
-        for (k, s) in &self.fields {
+        put_varint(&mut out, self.fields.iter().map(|(_, _, s)| 1 + s.others.len() as u64).sum());
+        for (_, k, s) in self.fields.iter() {
             for f in s.fields() {
-                put_bytes(&mut out, k.name.as_bytes());
+                put_bytes(&mut out, k.as_bytes());
                 f.put(&mut out);
             }
         }
@@ -1049,5 +1141,43 @@ impl DocRepr {
             return Err("trailing bytes");
         }
         Ok(repr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(n: u64) -> Slot {
+        Slot {
+            field: Field::Counter(GCounter::default().increment(ReplicaId(1), n)),
+            others: Vec::new(),
+            leaf: 0,
+            queued: false,
+        }
+    }
+
+    #[test]
+    fn keys_whose_hashes_collide_are_kept_apart_in_name_order() {
+        let mut m = FieldMap::default();
+        // Hashes are passed in, so collisions can be made up.
+        for (i, (h, name)) in
+            [(7, "m"), (7, "z"), (3, "q"), (7, "a"), (7, "n"), (9, "b")].into_iter().enumerate()
+        {
+            m.get_or_insert(h, name, || slot(i as u64 + 1));
+        }
+        // Found again, not inserted twice.
+        m.get_or_insert(7, "n", || unreachable!("exists")).leaf = 99;
+        let order: Vec<(u64, &str)> = m.iter().map(|(h, n, _)| (h, n)).collect();
+        assert_eq!(order, [(3, "q"), (7, "a"), (7, "m"), (7, "n"), (7, "z"), (9, "b")]);
+        assert_eq!(m.len(), 6);
+        assert_eq!(m.get(7, "n").map(|s| s.leaf), Some(99));
+        assert_eq!(m.get(7, "a").map(|s| s.field.clone()), Some(slot(4).field));
+        assert!(m.get(7, "b").is_none());
+        assert!(m.get(8, "m").is_none());
+        let in_range: Vec<&str> = m.range(4, 8).map(|(_, n, _)| n).collect();
+        assert_eq!(in_range, ["a", "m", "n", "z"]);
+        assert_eq!(m.with_hash_mut(7).count(), 4);
+        assert_eq!(m.iter_mut().count(), 6);
     }
 }

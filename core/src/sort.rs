@@ -45,6 +45,9 @@ fn order(n: usize, less: &dyn Fn(usize, usize) -> bool) -> Vec<usize> {
 /// assert_eq!(v, [(1, 'b'), (2, 'a'), (2, 'c')]);
 /// ```
 pub fn sort_by<T>(v: &mut [T], cmp: impl Fn(&T, &T) -> Ordering) {
+    if v.len() < 2 {
+        return; // the usual one-dot set delta: nothing to sort, nothing to allocate
+    }
     let mut order = order(v.len(), &|a, b| cmp(&v[a], &v[b]) == Ordering::Less);
     // Apply the permutation in place, one cycle at a time (usize::MAX marks done).
     for start in 0..order.len() {

@@ -69,10 +69,10 @@ const SHORT: u8 = 1 << 4;
 /// The item stands for a run of dots (a count of extra dots follows the key index).
 const RUN: u8 = 1 << 5;
 
-/// A delta's payload, written relative to its dot.
-enum Payload {
+/// A delta's payload, written relative to its dot (borrowed from the delta).
+enum Payload<'a> {
     /// Any field, written out in full.
-    Full(Field),
+    Full(&'a Field),
     /// G-Counter delta of the dot's own replica: its new total.
     Count(u64),
     /// PN-Counter delta of the dot's own replica: new P total (N absent).
@@ -80,11 +80,11 @@ enum Payload {
     /// PN-Counter delta of the dot's own replica: new N total (P absent).
     PnDown(u64),
     /// Register write stamped by the dot's own replica.
-    Write { millis: u64, counter: u32, value: Value },
+    Write { millis: u64, counter: u32, value: &'a Value },
     /// Set add with the dot's own dot, retiring `retired` (the element's old dots).
-    Add { value: Value, retired: Vec<Dot> },
+    Add { value: &'a Value, retired: Vec<Dot> },
     /// Set remove retiring `retired`.
-    Remove { value: Value, retired: Vec<Dot> },
+    Remove { value: &'a Value, retired: Vec<Dot> },
 }
 
 /// A single-replica G-Counter holding `n` for `own`.
@@ -93,7 +93,7 @@ fn only(c: &GCounter, own: ReplicaId) -> Option<u64> {
     (n > 0 && c.value() == n).then_some(n)
 }
 
-impl Payload {
+impl Payload<'_> {
     /// The kind written in the item's head byte.
     fn kind(&self) -> u8 {
         match self {
@@ -115,6 +115,45 @@ impl Payload {
             _ => false,
         }
     }
+
+    /// At least the bytes [`encode`] writes for this payload (the register write's time
+    /// gap counted at its largest).
+    fn size_bound(&self) -> usize {
+        match self {
+            Payload::Full(f) => {
+                let mut scratch = Vec::new();
+                f.put(&mut scratch);
+                scratch.len()
+            }
+            Payload::Count(n) | Payload::PnUp(n) | Payload::PnDown(n) => varint_len(*n),
+            Payload::Write { counter, value, .. } => 10 + varint_len((*counter).into()) + value_len(value),
+            Payload::Add { value, retired } | Payload::Remove { value, retired } => {
+                let dots: usize = retired.iter().map(|d| varint_len(d.replica.0) + varint_len(d.seq)).sum();
+                value_len(value) + varint_len(retired.len() as u64) + dots
+            }
+        }
+    }
+}
+
+/// The length of `v` as a LEB128 varint.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// The length of `v`'s encoding (`Value::put`).
+fn value_len(v: &Value) -> usize {
+    1 + match v {
+        Value::Null => 0,
+        Value::Bool(_) => 1,
+        Value::Int(i) => varint_len(zigzag(*i)),
+        Value::Float(_) => 8,
+        Value::Str(s) => varint_len(s.len() as u64) + s.len(),
+        Value::Array(a) => varint_len(a.len() as u64) + a.iter().map(value_len).sum::<usize>(),
+        Value::Object(o) => {
+            varint_len(o.len() as u64)
+                + o.iter().map(|(k, v)| varint_len(k.len() as u64) + k.len() + value_len(v)).sum::<usize>()
+        }
+    }
 }
 
 /// Whether a later write of this kind by the same replica to the same key supersedes an
@@ -123,19 +162,19 @@ fn supersedes(kind: u8) -> bool {
     matches!(kind, KIND_COUNT | KIND_PN_UP | KIND_PN_DOWN | KIND_WRITE)
 }
 
-/// Whether delta `b` (payload `pb`) continues a run that `a` (payload `pa`) is in: same
+/// Whether delta `b` (payload `pb`, key index `kb`) continues a run that `a` is in: same
 /// replica, next dot, same key, and the same superseding kind.
-fn continues((a, pa): (&Delta, &Payload), (b, pb): (&Delta, &Payload)) -> bool {
+fn continues((a, pa, ka): (&Delta, &Payload, usize), (b, pb, kb): (&Delta, &Payload, usize)) -> bool {
     b.dot.replica == a.dot.replica
         && Some(b.dot.seq) == a.dot.seq.checked_add(1)
-        && b.key == a.key
+        && ka == kb
         && supersedes(pb.kind())
         && pa.kind() == pb.kind()
 }
 
-fn compact(d: &Delta) -> Payload {
+fn compact(d: &Delta) -> Payload<'_> {
     let own = d.dot.replica;
-    let full = || Payload::Full(d.payload.clone());
+    let full = || Payload::Full(&d.payload);
     match &d.payload {
         Field::Counter(c) => only(c, own).map_or_else(full, Payload::Count),
         Field::PnCounter(c) => {
@@ -147,8 +186,8 @@ fn compact(d: &Delta) -> Payload {
             }
         }
         Field::Register(r) => match (r.timestamp(), r.get()) {
-            (Some(ts), Some(v)) if ts.replica == own => {
-                Payload::Write { millis: ts.millis, counter: ts.counter, value: v.clone() }
+            (Some(ts), Some(value)) if ts.replica == own => {
+                Payload::Write { millis: ts.millis, counter: ts.counter, value }
             }
             _ => full(),
         },
@@ -163,12 +202,8 @@ fn compact(d: &Delta) -> Payload {
                 .filter(|x| *x != d.dot)
                 .collect();
             match dots {
-                Dots::One(x) if *x == d.dot && ctx.contains(d.dot) => {
-                    Payload::Add { value: value.clone(), retired }
-                }
-                Dots::Many(v) if v.is_empty() && !ctx.contains(d.dot) => {
-                    Payload::Remove { value: value.clone(), retired }
-                }
+                Dots::One(x) if *x == d.dot && ctx.contains(d.dot) => Payload::Add { value, retired },
+                Dots::Many(v) if v.is_empty() && !ctx.contains(d.dot) => Payload::Remove { value, retired },
                 _ => full(),
             }
         }
@@ -176,41 +211,96 @@ fn compact(d: &Delta) -> Payload {
     }
 }
 
-fn expand(dot: Dot, p: Payload) -> Field {
-    let own = dot.replica;
-    let set = |value: Value, dots: Dots, retired: Vec<Dot>, with_own: bool| {
-        let mut ctx = CausalContext::default();
-        for d in retired {
-            ctx.insert(d);
-        }
-        if with_own {
-            ctx.insert(dot);
-        }
-        let mut e = Entries::default();
-        e.insert(value, dots);
-        Field::Set(OrSet::from_parts(e, ctx))
-    };
-    match p {
-        Payload::Full(f) => f,
-        Payload::Count(n) => Field::Counter(GCounter::default().increment(own, n)),
-        Payload::PnUp(n) => Field::PnCounter(PnCounter::default().increment(own, n)),
-        Payload::PnDown(n) => Field::PnCounter(PnCounter::default().decrement(own, n)),
-        Payload::Write { millis, counter, value } => {
-            Field::Register(LwwRegister::default().set(Timestamp { millis, counter, replica: own }, value))
-        }
-        Payload::Add { value, retired } => set(value, Dots::One(dot), retired, true),
-        Payload::Remove { value, retired } => set(value, Dots::Many(Vec::new()), retired, false),
+/// A set delta with one element.
+fn set_delta(dot: Dot, value: Value, dots: Dots, retired: Vec<Dot>, with_own: bool) -> Field {
+    let mut ctx = CausalContext::default();
+    for d in retired {
+        ctx.insert(d);
     }
+    if with_own {
+        ctx.insert(dot);
+    }
+    let mut e = Entries::default();
+    e.insert(value, dots);
+    Field::Set(OrSet::from_parts(e, ctx))
 }
 
 // ---- writing ----
 
+/// At least the number of bytes [`encode`] writes for `Deltas { doc, deltas }`, found
+/// without writing them: a session checks batches against its frame limit with this,
+/// and encodes to measure only when the bound is over the limit. Every delta is counted
+/// as an item of its own (runs only save bytes) and every table index at its widest.
+pub(super) fn size_bound(doc: &str, deltas: &[Delta]) -> usize {
+    let idx = varint_len(deltas.len() as u64);
+    let per_delta: usize = deltas
+        .iter()
+        .map(|d| {
+            let k = d.key.len();
+            // Key table entry (header, long-suffix length, suffix) + replica table entry
+            // + head byte, replica index, sequence gap, key index, run length.
+            let tables = 2 + varint_len(k as u64) + k + 10;
+            tables + 1 + idx + 10 + idx + idx + compact(d).size_bound()
+        })
+        .sum();
+    varint_len(doc.len() as u64) + doc.len() + 3 * 10 + per_delta
+}
+
+/// `(prefix, index)` of every delta, ordered by key (stably): a least-significant-digit
+/// radix sort on the keys' first eight bytes read as a big-endian number (which orders
+/// like the bytes), one pass per byte position where the keys differ, then runs of equal
+/// prefixes by the whole key. Most batches' keys differ in their first bytes, so no
+/// string is compared.
+fn by_key(ds: &[Delta]) -> Vec<(u64, u32)> {
+    let prefix = |k: &str| {
+        let mut b = [0u8; 8];
+        let n = k.len().min(8);
+        b[..n].copy_from_slice(&k.as_bytes()[..n]);
+        u64::from_be_bytes(b)
+    };
+    let mut items: Vec<(u64, u32)> = ds.iter().enumerate().map(|(i, d)| (prefix(&d.key), i as u32)).collect();
+    let n = items.len();
+    let mut spare = items.clone();
+    for shift in (0..64).step_by(8) {
+        let digit = |p: u64| (p >> shift) as usize & 0xff;
+        let mut at = [0usize; 256];
+        for &(p, _) in &items {
+            at[digit(p)] += 1;
+        }
+        if at.contains(&n) {
+            continue; // every key has the same byte here
+        }
+        let mut sum = 0;
+        for slot in at.iter_mut() {
+            let c = *slot;
+            *slot = sum;
+            sum += c;
+        }
+        for &it in &items {
+            let d = digit(it.0);
+            spare[at[d]] = it;
+            at[d] += 1;
+        }
+        std::mem::swap(&mut items, &mut spare);
+    }
+    let mut i = 0;
+    while i < n {
+        let j = i + items[i..].iter().take_while(|it| it.0 == items[i].0).count();
+        if j - i > 1 {
+            crate::sort::sort_by(&mut items[i..j], |a, b| ds[a.1 as usize].key.cmp(&ds[b.1 as usize].key));
+        }
+        i = j;
+    }
+    items
+}
+
 /// Appends the body of `m` (everything after the tag byte) to `out`.
 pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
+    let ds = &m.deltas;
     put_bytes(out, m.doc.as_bytes());
 
     let mut replicas: Vec<ReplicaId> = Vec::new();
-    for d in &m.deltas {
+    for d in ds {
         if !replicas.contains(&d.dot.replica) {
             replicas.push(d.dot.replica);
         }
@@ -220,12 +310,20 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
         put_varint(out, r.0);
     }
 
-    let mut keys: Vec<&str> = m.deltas.iter().map(|d| d.key.as_str()).collect();
-    crate::sort::sort(&mut keys);
-    keys.dedup();
-    put_varint(out, keys.len() as u64);
+    // The key table: the deltas' keys sorted and deduplicated, and each delta's index
+    // into it.
+    let mut key_of = vec![0usize; ds.len()];
+    let mut table: Vec<&str> = Vec::with_capacity(ds.len());
+    for (_, i) in by_key(ds) {
+        let k = ds[i as usize].key.as_str();
+        if table.last() != Some(&k) {
+            table.push(k);
+        }
+        key_of[i as usize] = table.len() - 1;
+    }
+    put_varint(out, table.len() as u64);
     let mut prev: &[u8] = &[];
-    for k in &keys {
+    for k in &table {
         let k = k.as_bytes();
         let shared = prev.iter().zip(k).take_while(|(a, b)| a == b).count().min(MAX_SHARED);
         let suffix = &k[shared..];
@@ -238,14 +336,15 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
     }
 
     // Items: runs of superseding deltas become one item (when the batch is small enough).
-    let ds = &m.deltas;
     let mut payloads: Vec<Payload> = ds.iter().map(compact).collect();
     let mut items: Vec<(usize, usize)> = Vec::with_capacity(ds.len());
     let mut i = 0;
     while i < ds.len() {
         let mut j = i + 1;
         if ds.len() <= MAX_BATCH_DOTS {
-            while j < ds.len() && continues((&ds[j - 1], &payloads[j - 1]), (&ds[j], &payloads[j])) {
+            while j < ds.len()
+                && continues((&ds[j - 1], &payloads[j - 1], key_of[j - 1]), (&ds[j], &payloads[j], key_of[j]))
+            {
                 j += 1;
             }
         }
@@ -274,7 +373,7 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
             put_varint(out, r as u64);
             put_varint(out, gap);
         }
-        put_varint(out, keys.binary_search(&d.key.as_str()).unwrap_or(0) as u64);
+        put_varint(out, key_of[first + len - 1] as u64);
         if len > 1 {
             put_varint(out, (len - 1) as u64);
         }
@@ -328,11 +427,14 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
         }
         prev.truncate(shared);
         prev.extend_from_slice(r.take(len)?);
-        keys.push(String::from_utf8(prev.clone()).map_err(|_| "key is not UTF-8")?);
+        keys.push(std::str::from_utf8(&prev).map_err(|_| "key is not UTF-8")?.to_owned());
     }
 
     let n = r.count()?;
-    let mut deltas = Vec::with_capacity(n);
+    // Keys are filled in at the end (`key_of` holds each delta's key index), moved into
+    // the last delta that uses them (most keys occur once in a batch), cloned for others.
+    let mut deltas: Vec<Delta> = Vec::with_capacity(n);
+    let mut key_of: Vec<usize> = Vec::with_capacity(n);
     let max_dots = MAX_BATCH_DOTS.max(body.len());
     let mut last_seq = vec![0u64; replicas.len()];
     let mut cur = 0usize;
@@ -345,7 +447,8 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
         let short = head & SHORT != 0;
         let (idx, gap) = if head & NEXT_DOT != 0 { (cur, 1) } else { (r.varint()? as usize, r.varint()?) };
         let seq = last_seq.get(idx).ok_or("replica index out of range")?.wrapping_add(gap);
-        let key = keys.get(r.varint()? as usize).ok_or("key index out of range")?;
+        let key =
+            usize::try_from(r.varint()?).ok().filter(|&k| k < keys.len()).ok_or("key index out of range")?;
         let extra = if head & RUN != 0 { r.varint()? } else { 0 };
         let last = seq.checked_add(extra).ok_or("run passes the last sequence number")?;
         let run = usize::try_from(extra).ok().and_then(|e| e.checked_add(1)).unwrap_or(usize::MAX);
@@ -358,11 +461,14 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
         if extra > 0 && !supersedes(kind) {
             return Err("only counter and register writes form runs");
         }
-        let payload = match kind {
-            KIND_FULL if !short => Payload::Full(Wire::read(&mut r)?),
-            KIND_COUNT if !short => Payload::Count(r.varint()?),
-            KIND_PN_UP if !short => Payload::PnUp(r.varint()?),
-            KIND_PN_DOWN if !short => Payload::PnDown(r.varint()?),
+        // Every dot of a run carries the run's last payload (see the module docs).
+        let own = replicas[idx];
+        let dot = Dot::new(own, last);
+        let field = match kind {
+            KIND_FULL if !short => Wire::read(&mut r)?,
+            KIND_COUNT if !short => Field::Counter(GCounter::default().increment(own, r.varint()?)),
+            KIND_PN_UP if !short => Field::PnCounter(PnCounter::default().increment(own, r.varint()?)),
+            KIND_PN_DOWN if !short => Field::PnCounter(PnCounter::default().decrement(own, r.varint()?)),
             KIND_WRITE => {
                 millis = millis.wrapping_add(unzigzag(r.varint()?) as u64);
                 let counter = if short {
@@ -370,28 +476,36 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
                 } else {
                     u32::try_from(r.varint()?).map_err(|_| "HLC counter too large")?
                 };
-                Payload::Write { millis, counter, value: Wire::read(&mut r)? }
+                let ts = Timestamp { millis, counter, replica: own };
+                Field::Register(LwwRegister::default().set(ts, Wire::read(&mut r)?))
             }
             k @ (KIND_ADD | KIND_REMOVE) => {
                 let value = Wire::read(&mut r)?;
                 let retired = if short { Vec::new() } else { r.seq(Dot::read)? };
                 if k == KIND_ADD {
-                    Payload::Add { value, retired }
+                    set_delta(dot, value, Dots::One(dot), retired, true)
                 } else {
-                    Payload::Remove { value, retired }
+                    set_delta(dot, value, Dots::Many(Vec::new()), retired, false)
                 }
             }
             _ => return Err("unknown delta kind"),
         };
-        // Every dot of a run carries the run's last payload (see the module docs).
-        let field = expand(Dot::new(replicas[idx], last), payload);
         for q in seq..last {
-            deltas.push(Delta { dot: Dot::new(replicas[idx], q), key: key.clone(), payload: field.clone() });
+            deltas.push(Delta { dot: Dot::new(own, q), key: String::new(), payload: field.clone() });
+            key_of.push(key);
         }
-        deltas.push(Delta { dot: Dot::new(replicas[idx], last), key: key.clone(), payload: field });
+        deltas.push(Delta { dot, key: String::new(), payload: field });
+        key_of.push(key);
     }
     if !r.is_empty() {
         return Err("trailing bytes");
+    }
+    let mut last_use = vec![usize::MAX; keys.len()];
+    for (i, &k) in key_of.iter().enumerate() {
+        last_use[k] = i;
+    }
+    for (i, (d, &k)) in deltas.iter_mut().zip(&key_of).enumerate() {
+        d.key = if last_use[k] == i { std::mem::take(&mut keys[k]) } else { keys[k].clone() };
     }
     Ok(Deltas { doc, deltas })
 }
@@ -417,6 +531,124 @@ mod tests {
         let expected = 2 + 2 + (1 + 12 + 3 * 3) + 1 + 20 * 3;
         assert_eq!(out.len(), expected);
         assert_eq!(decode(&out), Ok(m));
+    }
+
+    /// Values of every shape, nested.
+    fn values() -> Vec<Value> {
+        let long = "x".repeat(300);
+        let mut obj = crate::value::Map::new();
+        obj.insert("k".to_string(), Value::Array(vec![Value::Int(-70), Value::Null]));
+        obj.insert(long.clone(), Value::Float(0.5));
+        vec![
+            Value::Null,
+            Value::Bool(true),
+            Value::Int(0),
+            Value::Int(i64::MIN),
+            Value::Int(1 << 40),
+            Value::Float(-1.25),
+            Value::from(""),
+            Value::from(long),
+            Value::Array(vec![Value::from("a"), Value::Array(vec![Value::Int(5)])]),
+            Value::Object(obj),
+        ]
+    }
+
+    #[test]
+    fn value_len_is_the_length_of_the_encoding() {
+        for v in values() {
+            let mut out = Vec::new();
+            v.put(&mut out);
+            assert_eq!(value_len(&v), out.len(), "{v:?}");
+        }
+        for x in [0, 1, 127, 128, 16_383, 16_384, u64::MAX >> 1, u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, x);
+            assert_eq!(varint_len(x), out.len(), "{x}");
+        }
+    }
+
+    #[test]
+    fn size_bound_is_never_below_the_encoding() {
+        let (a, b) = (ReplicaId(3), ReplicaId(u64::MAX));
+        let mut da = crate::Document::new(a);
+        let mut db = crate::Document::new(b);
+        let mut all = Vec::new();
+        let mut wall = 1u64 << 50;
+        for (i, v) in values().into_iter().enumerate() {
+            let key = format!("{}/{i}", "k".repeat(i * 7));
+            wall += 1 << (i * 3);
+            all.push(da.increment(&key, 1 << (i * 5)).unwrap());
+            all.push(db.pn_add(&format!("pn{i}"), -(1 << (i * 4))).unwrap());
+            all.push(db.pn_add(&format!("pn{i}"), 3).unwrap());
+            all.push(da.set_register(&format!("r{i}"), v.clone(), wall).unwrap());
+            all.push(da.set_register(&format!("r{i}"), v.clone(), wall).unwrap()); // HLC counter > 0
+            all.push(db.set_add("s", v.clone()).unwrap());
+            all.push(db.set_add("s", v.clone()).unwrap()); // retires the first add
+            all.push(db.set_remove("s", &v).unwrap().unwrap());
+        }
+        // Deltas of one counter from two replicas: a full payload.
+        let mut merged = crate::Document::new(ReplicaId(7));
+        for d in all.iter().filter(|d| d.key.starts_with("pn0")) {
+            merged.apply(d.clone()).unwrap();
+        }
+        all.push(merged.pn_add("pn0", 1).unwrap());
+        for n in [0, 1, 2, 5, all.len()] {
+            for start in [0, all.len() / 3] {
+                let ds: Vec<Delta> = all.iter().skip(start).take(n).cloned().collect();
+                let m = Deltas { doc: "some/doc".into(), deltas: ds };
+                let mut out = Vec::new();
+                encode(&m, &mut out);
+                assert!(size_bound(&m.doc, &m.deltas) >= out.len(), "{n} deltas from {start}");
+                // Runs arrive with their last payload: compare dots and keys.
+                let back = decode(&out).unwrap();
+                let names = |ds: &[Delta]| ds.iter().map(|d| (d.dot, d.key.clone())).collect::<Vec<_>>();
+                assert_eq!(names(&back.deltas), names(&m.deltas));
+            }
+        }
+    }
+
+    #[test]
+    fn keys_are_ordered_like_strings() {
+        let names =
+            ["b", "", "a", "counter/010", "counter/002", "ab\0", "ab", "é", "counter/010", "zz", "a\u{1}"];
+        let ds: Vec<Delta> = names
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Delta {
+                dot: Dot::new(ReplicaId(1), i as u64 + 1),
+                key: k.to_string(),
+                payload: Field::Counter(GCounter::default()),
+            })
+            .collect();
+        let got: Vec<&str> = by_key(&ds).iter().map(|&(_, i)| ds[i as usize].key.as_str()).collect();
+        let mut want = names.to_vec();
+        want.sort();
+        assert_eq!(got, want);
+        // Stable: equal keys keep their order.
+        let tens: Vec<u32> =
+            by_key(&ds).iter().map(|x| x.1).filter(|&i| names[i as usize] == "counter/010").collect();
+        assert_eq!(tens, [3, 8]);
+        // Random keys over a small alphabet, short and long, sharing prefixes.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let ds: Vec<Delta> = (0..500u64)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let key: String = (0..x % 13)
+                    .map(|j| [b'a', b'b', b'\0', 0xc3][((x >> (4 * j)) % 4) as usize] as char)
+                    .collect();
+                Delta {
+                    dot: Dot::new(ReplicaId(1), i + 1),
+                    key,
+                    payload: Field::Counter(GCounter::default()),
+                }
+            })
+            .collect();
+        let got: Vec<u32> = by_key(&ds).iter().map(|x| x.1).collect();
+        let mut want: Vec<u32> = (0..500).collect();
+        want.sort_by(|a, b| ds[*a as usize].key.cmp(&ds[*b as usize].key));
+        assert_eq!(got, want);
     }
 
     #[test]

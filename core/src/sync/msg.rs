@@ -367,7 +367,8 @@ impl Msg {
 
     /// One frame: tag byte + postcard body.
     pub fn encode(&self) -> Vec<u8> {
-        let mut buf = vec![self.tag()];
+        let mut buf = Vec::with_capacity(64);
+        buf.push(self.tag());
         let o = &mut buf;
         match self {
             Msg::Hello(m) => m.put(o),

@@ -634,19 +634,20 @@ impl Session {
 
     fn on_deltas(&mut self, m: Deltas, store: &mut impl DocStore, out: &mut Output) -> Result<(), SyncError> {
         let Some(doc) = store.doc(&m.doc) else { return Ok(()) };
+        // All or nothing: check the whole frame before applying any of it.
         for d in &m.deltas {
             doc.check(d).map_err(|error| SyncError::Doc { doc: m.doc.clone(), error })?;
         }
-        let mut applied = Vec::new();
-        for d in m.deltas.iter().cloned() {
-            // Checked above, so apply cannot fail.
-            let _ = doc.apply_into(d, &mut applied);
+        if !self.docs.contains_key(&m.doc) {
+            self.docs.insert(m.doc.clone(), DocSync::default());
+        }
+        let Some(st) = self.docs.get_mut(&m.doc) else { unreachable!("inserted above") };
+        let mut applied = Vec::with_capacity(m.deltas.len());
+        for d in m.deltas {
+            st.peer_has.insert(d.dot);
+            doc.apply_checked(d, &mut applied);
         }
         let covered = |vv: &VersionVector| vv.le(doc.version());
-        let st = self.docs.entry(m.doc.clone()).or_default();
-        for d in &m.deltas {
-            st.peer_has.insert(d.dot);
-        }
         if st.we_subscribed && st.synced.is_none() && st.catchup.is_none() {
             st.progress_tick = self.ticks; // the answer to our subscription is arriving
         }
@@ -1001,9 +1002,10 @@ fn start_transfer(doc: &mut Document, doc_id: &str, exchange: u64, cfg: &Session
     vec![Msg::MerkleStart(start(children, 0, doc))]
 }
 
-/// [`split`] for deltas, without cloning them to measure: a batch that fits (the usual
-/// case) is encoded once to check and moved into its message. Batches hold at most
-/// `MAX_BATCH_DOTS` deltas, so runs of superseding writes always travel as runs.
+/// [`split`] for deltas, without cloning them to measure: a batch whose size bound fits
+/// (the usual case) goes as one message without being encoded here; only a batch over
+/// the bound is encoded to measure. Batches hold at most `MAX_BATCH_DOTS` deltas, so runs
+/// of superseding writes always travel as runs.
 fn chunk_deltas(doc_id: &str, deltas: Vec<Delta>, max: usize) -> Vec<Msg> {
     if deltas.is_empty() {
         return Vec::new();
@@ -1019,8 +1021,10 @@ fn chunk_deltas(doc_id: &str, deltas: Vec<Delta>, max: usize) -> Vec<Msg> {
         }
         return out;
     }
+    // The tag byte, then the body.
+    let bound = 1 + super::batch::size_bound(doc_id, &deltas);
     let msg = Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas });
-    if msg.encode().len() <= max {
+    if bound <= max || msg.encode().len() <= max {
         return vec![msg];
     }
     let Msg::Deltas(Deltas { deltas, .. }) = msg else { unreachable!("built as Deltas above") };
