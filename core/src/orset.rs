@@ -341,8 +341,7 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
     /// The delta that adds `v` with the fresh dot `dot`; it also retires the dots that
     /// supported `v` so far (one dot per element in the common case).
     pub fn add(&self, dot: Dot, v: V) -> OrSet<V> {
-        let mut ctx = CausalContext::default();
-        ctx.insert(dot);
+        let mut ctx = CausalContext::of_dot(dot);
         if let Some(ds) = self.entries.get(&v) {
             for &d in ds.as_slice() {
                 ctx.insert(d);

@@ -314,6 +314,20 @@ pub struct CausalContext {
 }
 
 impl CausalContext {
+    /// The context of `dot` alone (what [`Self::insert`] makes of an empty context,
+    /// without searching it).
+    #[inline]
+    pub fn of_dot(dot: Dot) -> Self {
+        match dot.seq {
+            0 => CausalContext::default(),
+            1 => CausalContext {
+                vv: VersionVector { entries: Pairs::One((dot.replica, 1)) },
+                cloud: SortedSet::new(),
+            },
+            _ => CausalContext { vv: VersionVector::new(), cloud: SortedSet::one(dot) },
+        }
+    }
+
     /// Whether `dot` has been seen.
     pub fn contains(&self, dot: Dot) -> bool {
         self.vv.contains(dot) || self.cloud.contains(&dot)
@@ -471,6 +485,16 @@ mod tests {
             raised.raise(r, s);
         }
         assert_eq!(m, raised);
+    }
+
+    #[test]
+    fn the_context_of_one_dot_is_that_of_inserting_it() {
+        for dot in [Dot::new(A, 0), Dot::new(A, 1), Dot::new(A, 2), Dot::new(B, 9)] {
+            let mut cc = CausalContext::default();
+            cc.insert(dot);
+            assert_eq!(CausalContext::of_dot(dot), cc);
+            assert_eq!(format!("{:?}", CausalContext::of_dot(dot)), format!("{cc:?}"));
+        }
     }
 
     #[test]
