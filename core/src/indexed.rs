@@ -85,6 +85,16 @@ impl<K, V> IndexedMap<K, V> {
         IndexedMap { entries: OneOrVec::One((k, v)), index: Vec::new() }
     }
 
+    /// The map's only entry, if it has exactly one and no table (a one-element delta);
+    /// otherwise the map back.
+    #[inline]
+    pub(crate) fn into_single(self) -> Result<(K, V), Self> {
+        match self.entries {
+            OneOrVec::One(e) if self.index.is_empty() => Ok(e),
+            entries => Err(IndexedMap { entries, index: self.index }),
+        }
+    }
+
     /// Number of entries.
     #[inline]
     pub fn len(&self) -> usize {
@@ -177,6 +187,12 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
     {
         let hash = self.hash_for(k);
         (hash, self.find(hash, k))
+    }
+
+    /// The value at position `pos`.
+    #[inline]
+    pub(crate) fn value_at(&self, pos: usize) -> &V {
+        &self.entries[pos].1
     }
 
     /// The value at position `pos`, mutably.

@@ -161,6 +161,23 @@ fn join_element<V: Hash + Eq, T: Borrow<V>>(
     own: impl FnOnce(T) -> V,
 ) {
     let (hash, found) = mine.locate(v.borrow());
+    join_located(mine, my_ctx, their_ctx, hash, found, v, their_dots, own);
+}
+
+/// [`join_element`] once `v` is located in `mine` (`hash` and `found` from
+/// [`IndexedMap::locate`]).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn join_located<V: Hash + Eq, T>(
+    mine: &mut Entries<V>,
+    my_ctx: &CausalContext,
+    their_ctx: &CausalContext,
+    hash: u32,
+    found: Result<usize, usize>,
+    v: T,
+    their_dots: &Dots,
+    own: impl FnOnce(T) -> V,
+) {
     match found {
         Err(free) => {
             let merged = match their_dots {
@@ -183,6 +200,28 @@ fn join_element<V: Hash + Eq, T: Borrow<V>>(
             }
         }
     }
+}
+
+/// Whether every dot of `ctx` is `d` or one of `mine`, with few enough of them that
+/// [`drop_removed`] would enumerate them (and so find nothing to drop): the context of a
+/// local add, which retires the dots the element had.
+#[inline]
+fn only_dots_of(ctx: &CausalContext, d: Dot, mine: Option<&Dots>) -> bool {
+    let mine = mine.map_or(&[][..], Dots::as_slice);
+    let ok = |x: Dot| x == d || mine.contains(&x);
+    let Some(mut budget) = (mine.len() + 1).checked_sub(ctx.cloud.len()).filter(|_| mine.len() < 64) else {
+        return false;
+    };
+    for (r, top) in ctx.vv.iter() {
+        if top > budget as u64 {
+            return false;
+        }
+        budget -= top as usize;
+        if !(1..=top).all(|q| ok(Dot::new(r, q))) {
+            return false;
+        }
+    }
+    ctx.cloud.iter().all(|&x| ok(x))
 }
 
 /// Joins the dots of one element present on both sides into `mine`: a dot survives if
@@ -302,8 +341,7 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
     /// The delta that adds `v` with the fresh dot `dot`; it also retires the dots that
     /// supported `v` so far (one dot per element in the common case).
     pub fn add(&self, dot: Dot, v: V) -> OrSet<V> {
-        let mut ctx = CausalContext::default();
-        ctx.insert(dot);
+        let mut ctx = CausalContext::of_dot(dot);
         if let Some(ds) = self.entries.get(&v) {
             for &d in ds.as_slice() {
                 ctx.insert(d);
@@ -379,6 +417,22 @@ where
     /// a local [`OrSet::add`] (encode or clone the delta first to ship it).
     fn apply(&mut self, delta: Self) {
         let OrSet { entries, ctx, .. } = delta;
+        // The common delta, a local add: one element with one dot, whose context holds
+        // nothing but that dot and dots the element has here. Such a context removes no
+        // other element, so the join is that element's alone: locate it once.
+        let entries = match entries.into_single() {
+            Ok((v, Dots::One(d))) => {
+                let (hash, found) = self.entries.locate(&v);
+                if only_dots_of(&ctx, d, found.ok().map(|pos| self.entries.value_at(pos))) {
+                    join_located(&mut self.entries, &self.ctx, &ctx, hash, found, v, &Dots::One(d), |v| v);
+                    self.joined(&ctx);
+                    return;
+                }
+                Entries::one(v, Dots::One(d))
+            }
+            Ok((v, ds)) => Entries::one(v, ds),
+            Err(entries) => entries,
+        };
         join_entries_owned(&mut self.entries, &self.ctx, entries, &ctx);
         self.joined(&ctx);
     }
@@ -559,5 +613,67 @@ mod tests {
         c.merge(&rm);
         c.merge(&add_x);
         assert!(!c.contains(&s("x")));
+    }
+    /// `apply` (with its fast path for one-element deltas) against the general join.
+    fn apply_matches_merge(state: &OrSet<String>, delta: &OrSet<String>) {
+        let mut fast = state.clone();
+        fast.apply(delta.clone());
+        let mut general = state.clone();
+        general.merge(delta);
+        assert_eq!(fast, general, "state {state:?}, delta {delta:?}");
+        assert_eq!(fast.entries().len(), general.entries().len());
+        for (v, ds) in general.entries() {
+            assert_eq!(fast.entries().get(v), Some(ds));
+        }
+    }
+
+    #[test]
+    fn the_one_element_apply_fast_path_joins_like_merge() {
+        let mut one = OrSet::default();
+        add(&mut one, A, "x");
+        add(&mut one, A, "y");
+        // Element present with one dot: a local re-add retires it.
+        apply_matches_merge(&one, &one.add(one.next_dot(A), s("x")));
+        // Absent element, first dot of the replica (the context is a vector, not a cloud).
+        apply_matches_merge(&OrSet::default(), &OrSet::default().add(Dot::new(A, 1), s("x")));
+        apply_matches_merge(&one, &one.add(one.next_dot(B), s("z")));
+
+        // Element present with several (concurrent) dots.
+        let mut other = OrSet::default();
+        add(&mut other, B, "x");
+        let mut many = one.clone();
+        many.merge(&other);
+        assert_eq!(many.entries().get(&s("x")).map(|d| d.as_slice().len()), Some(2));
+        apply_matches_merge(&many, &many.add(many.next_dot(A), s("x")));
+        // A delta made before the concurrent dot arrived retires only one of them.
+        apply_matches_merge(&many, &one.add(one.next_dot(A), s("x")));
+        // ...and one whose dot that state has already seen.
+        let stale = one.add(one.next_dot(A), s("x"));
+        let mut seen = many.clone();
+        seen.apply(stale.clone());
+        apply_matches_merge(&seen, &stale);
+
+        // A context with concurrent dots (removing "y" elsewhere): the general path.
+        let mut wide = one.add(one.next_dot(A), s("x"));
+        wide.ctx.insert(Dot::new(A, 2));
+        wide.ctx.insert(Dot::new(B, 7));
+        apply_matches_merge(&one, &wide);
+        apply_matches_merge(&many, &wide);
+        // A context missing the element's old dot keeps it beside the new one.
+        let mut narrow = OrSet::default();
+        narrow.ctx.insert(Dot::new(A, 9));
+        narrow.entries = Entries::one(s("x"), Dots::One(Dot::new(A, 9)));
+        apply_matches_merge(&one, &narrow);
+        // A delta whose dot this state has seen (and removed): nothing comes back.
+        let mut removed = one.clone();
+        removed.merge(&removed.remove(&s("x")));
+        let mut old = OrSet { entries: Entries::one(s("x"), Dots::One(Dot::new(A, 1))), ..OrSet::default() };
+        old.ctx.insert(Dot::new(A, 1));
+        apply_matches_merge(&removed, &old);
+        apply_matches_merge(&one, &old);
+        // Into a remove delta, which carries a removal hint.
+        let rm = one.remove(&s("y"));
+        apply_matches_merge(&rm, &one.add(one.next_dot(A), s("y")));
+        apply_matches_merge(&rm, &one.add(one.next_dot(A), s("w")));
     }
 }

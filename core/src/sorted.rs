@@ -245,6 +245,11 @@ impl<T> SortedSet<T> {
         SortedSet(OneOrVec::new())
     }
 
+    /// The set of `x` alone (inline: no allocation).
+    pub fn one(x: T) -> Self {
+        SortedSet(OneOrVec::One(x))
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.0.len()

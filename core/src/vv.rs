@@ -155,6 +155,20 @@ impl VersionVector {
         }
     }
 
+    /// `replica`'s entry, mutably, or where it would go (one search; none for the common
+    /// one-replica vector).
+    #[inline]
+    fn entry_mut(&mut self, replica: ReplicaId) -> Result<&mut u64, usize> {
+        match &mut self.entries {
+            Pairs::One((r, s)) if *r == replica => Ok(s),
+            Pairs::One((r, _)) => Err(usize::from(*r < replica)),
+            Pairs::Many(v) => match v.binary_search_by_key(&replica, |e| e.0) {
+                Ok(i) => Ok(&mut v[i].1),
+                Err(i) => Err(i),
+            },
+        }
+    }
+
     /// Whether `dot` is covered by this vector.
     #[inline]
     pub fn contains(&self, dot: Dot) -> bool {
@@ -300,29 +314,51 @@ pub struct CausalContext {
 }
 
 impl CausalContext {
+    /// The context of `dot` alone (what [`Self::insert`] makes of an empty context,
+    /// without searching it).
+    #[inline]
+    pub fn of_dot(dot: Dot) -> Self {
+        match dot.seq {
+            0 => CausalContext::default(),
+            1 => CausalContext {
+                vv: VersionVector { entries: Pairs::One((dot.replica, 1)) },
+                cloud: SortedSet::new(),
+            },
+            _ => CausalContext { vv: VersionVector::new(), cloud: SortedSet::one(dot) },
+        }
+    }
+
     /// Whether `dot` has been seen.
     pub fn contains(&self, dot: Dot) -> bool {
         self.vv.contains(dot) || self.cloud.contains(&dot)
     }
 
     /// Records `dot` as seen.
+    #[inline]
     pub fn insert(&mut self, dot: Dot) {
-        if self.vv.contains(dot) || dot.seq == 0 {
+        if dot.seq == 0 {
             return;
         }
-        if Some(dot.seq) == self.vv.get(dot.replica).checked_add(1) {
-            self.vv.raise(dot.replica, dot.seq);
-            if !self.cloud.is_empty() {
-                self.fold(dot.replica);
+        // One search of the vector: the next dot of a replica (a local event) raises it.
+        match self.vv.entry_mut(dot.replica) {
+            Ok(top) if dot.seq <= *top => return,
+            Ok(top) if dot.seq == *top + 1 => *top = dot.seq,
+            Err(i) if dot.seq == 1 => self.vv.entries.insert(i, (dot.replica, 1)),
+            _ => {
+                self.cloud.insert(dot);
+                return;
             }
-        } else {
-            self.cloud.insert(dot);
+        }
+        if !self.cloud.is_empty() {
+            self.fold(dot.replica);
         }
     }
 
     /// Joins another context into this one.
     pub fn merge(&mut self, other: &CausalContext) {
-        self.absorb(&other.vv);
+        if !other.vv.is_empty() {
+            self.absorb(&other.vv);
+        }
         for &d in &other.cloud {
             self.insert(d);
         }
@@ -449,6 +485,16 @@ mod tests {
             raised.raise(r, s);
         }
         assert_eq!(m, raised);
+    }
+
+    #[test]
+    fn the_context_of_one_dot_is_that_of_inserting_it() {
+        for dot in [Dot::new(A, 0), Dot::new(A, 1), Dot::new(A, 2), Dot::new(B, 9)] {
+            let mut cc = CausalContext::default();
+            cc.insert(dot);
+            assert_eq!(CausalContext::of_dot(dot), cc);
+            assert_eq!(format!("{:?}", CausalContext::of_dot(dot)), format!("{cc:?}"));
+        }
     }
 
     #[test]
