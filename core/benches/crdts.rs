@@ -567,7 +567,10 @@ fn summary() {
             }
             Goal::WithinOf(g) => {
                 let x = o / t;
-                (format!("{x:.2}x slower"), format!("within {g}x: {}", if x <= g { "met" } else { "MISSED" }))
+                // Below 1 the baseline is the slower one: say so instead of "0.41x slower".
+                let shown =
+                    if x >= 1.0 { format!("{x:.2}x slower") } else { format!("{:.2}x faster", 1.0 / x) };
+                (shown, format!("within {g}x: {}", if x <= g { "met" } else { "MISSED" }))
             }
         };
         println!("{label:<36} {o:>12.1} {t:>12.1} {shown:>14}  {verdict}");
