@@ -38,7 +38,7 @@ const SMALL: usize = 8;
 /// assert_eq!(m.insert("milk".to_string(), 1), None);
 /// assert_eq!(m.insert("eggs".to_string(), 2), None);
 /// assert_eq!(m.insert("milk".to_string(), 3), Some(1));
-/// assert_eq!(m["milk"], 3);
+/// assert_eq!(m.get("milk"), Some(&3));
 /// assert_eq!(m.remove("milk"), Some(3));
 /// assert_eq!(m.iter().collect::<Vec<_>>(), [(&"eggs".to_string(), &2)]);
 /// ```
@@ -112,19 +112,9 @@ impl<K, V> IndexedMap<K, V> {
         self.entries.iter().map(|(k, v)| (k, v))
     }
 
-    /// The keys, in storage order.
-    pub fn keys(&self) -> impl Iterator<Item = &K> {
-        self.entries.iter().map(|e| &e.0)
-    }
-
     /// The values, in storage order.
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.entries.iter().map(|e| &e.1)
-    }
-
-    /// The values, mutably, in storage order.
-    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
-        self.entries.iter_mut().map(|e| &mut e.1)
     }
 
     /// Room for `additional` more entries without reallocating the entries.
@@ -249,22 +239,12 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
     /// Sets the value under `k`; returns the old one.
     #[inline]
     pub fn insert(&mut self, k: K, v: V) -> Option<V> {
-        match self.entry(k) {
-            Entry::Occupied(o) => Some(std::mem::replace(o.into_mut(), v)),
-            Entry::Vacant(e) => {
-                e.insert(v);
+        match self.locate(&k) {
+            (_, Ok(pos)) => Some(std::mem::replace(self.value_at_mut(pos), v)),
+            (hash, Err(free)) => {
+                self.push_new(hash, free, k, v);
                 None
             }
-        }
-    }
-
-    /// The entry of `k`, to read, change or fill with one lookup.
-    #[inline]
-    pub fn entry(&mut self, k: K) -> Entry<'_, K, V> {
-        let hash = self.hash_for(&k);
-        match self.find(hash, &k) {
-            Ok(pos) => Entry::Occupied(OccupiedEntry { map: self, pos }),
-            Err(free) => Entry::Vacant(VacantEntry { map: self, key: k, hash, free }),
         }
     }
 
@@ -464,69 +444,6 @@ impl<K: Hash + Eq, V: Eq> Eq for IndexedMap<K, V> {}
 impl<K: fmt::Debug, V: fmt::Debug> fmt::Debug for IndexedMap<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map().entries(self.iter()).finish()
-    }
-}
-
-/// One key's place in an [`IndexedMap`], found with one lookup.
-pub enum Entry<'a, K, V> {
-    /// The key has a value.
-    Occupied(OccupiedEntry<'a, K, V>),
-    /// The key is absent.
-    Vacant(VacantEntry<'a, K, V>),
-}
-
-/// A key that has a value.
-pub struct OccupiedEntry<'a, K, V> {
-    map: &'a mut IndexedMap<K, V>,
-    pos: usize,
-}
-
-impl<'a, K: Hash + Eq, V> OccupiedEntry<'a, K, V> {
-    /// The key.
-    pub fn key(&self) -> &K {
-        &self.map.entries[self.pos].0
-    }
-
-    /// The value.
-    pub fn get(&self) -> &V {
-        &self.map.entries[self.pos].1
-    }
-
-    /// The value, mutably.
-    pub fn get_mut(&mut self) -> &mut V {
-        &mut self.map.entries[self.pos].1
-    }
-
-    /// The value, mutably, for as long as the map is borrowed.
-    pub fn into_mut(self) -> &'a mut V {
-        &mut self.map.entries[self.pos].1
-    }
-
-    /// Removes the entry; returns its value.
-    pub fn remove(self) -> V {
-        let hash = self.map.hash_for(self.key());
-        self.map.remove_at(hash, self.pos)
-    }
-}
-
-/// A key that is absent, with the table slot it would take.
-pub struct VacantEntry<'a, K, V> {
-    map: &'a mut IndexedMap<K, V>,
-    key: K,
-    hash: u32,
-    free: usize,
-}
-
-impl<'a, K: Hash + Eq, V> VacantEntry<'a, K, V> {
-    /// The key.
-    pub fn key(&self) -> &K {
-        &self.key
-    }
-
-    /// Inserts `v` under the key; returns it, mutably.
-    pub fn insert(self, v: V) -> &'a mut V {
-        let pos = self.map.push_new(self.hash, self.free, self.key, v);
-        &mut self.map.entries[pos].1
     }
 }
 
