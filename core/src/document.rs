@@ -23,6 +23,7 @@ use crate::hlc::{Hlc, Timestamp};
 use crate::id::{Dot, ReplicaId};
 use crate::lww::LwwRegister;
 use crate::merkle::{KeyTree, NodeId};
+use crate::onevec::OneOrVec;
 use crate::orset::{join_entries, validate_entries, Dots, OrSet};
 use crate::pncounter::PnCounter;
 use crate::sorted::{SortedMap, SortedSet};
@@ -263,24 +264,9 @@ impl Default for DocConfig {
     }
 }
 
-/// The keys of one [`stable_hash`]: almost always exactly one, stored inline; keys whose
-/// hashes collide follow in `more`. Sorted by name, `name` first.
-#[derive(Clone, Debug)]
-struct Group {
-    name: Box<str>,
-    slot: Slot,
-    more: Vec<(Box<str>, Slot)>,
-}
-
-impl Group {
-    fn iter(&self) -> impl Iterator<Item = (&str, &Slot)> {
-        std::iter::once((&*self.name, &self.slot)).chain(self.more.iter().map(|(n, s)| (&**n, s)))
-    }
-
-    fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Slot)> {
-        std::iter::once((&*self.name, &mut self.slot)).chain(self.more.iter_mut().map(|(n, s)| (&**n, s)))
-    }
-}
+/// The keys of one [`stable_hash`], sorted by name: almost always exactly one, kept inline;
+/// more only when hashes collide.
+type Group = OneOrVec<(Box<str>, Slot)>;
 
 /// The document's fields by key, ordered by (hash of the name, name): Merkle buckets are
 /// ranges of it, and every replica iterates (and encodes) it in the same order.
@@ -299,62 +285,41 @@ impl FieldMap {
     }
 
     fn get(&self, hash: u64, name: &str) -> Option<&Slot> {
-        self.groups.get(&hash)?.iter().find(|(n, _)| *n == name).map(|(_, s)| s)
+        self.groups.get(&hash)?.iter().find(|(n, _)| **n == *name).map(|(_, s)| s)
     }
 
     /// The slot of `name`, made by `make` if the key is new.
     fn get_or_insert(&mut self, hash: u64, name: &str, make: impl FnOnce() -> Slot) -> &mut Slot {
-        use std::collections::btree_map::Entry;
-        let g = match self.groups.entry(hash) {
-            Entry::Vacant(v) => {
+        let g = self.groups.entry(hash).or_default();
+        let i = match g.binary_search_by(|(n, _)| (**n).cmp(name)) {
+            Ok(i) => i,
+            Err(i) => {
                 self.len += 1;
-                return &mut v.insert(Group { name: name.into(), slot: make(), more: Vec::new() }).slot;
-            }
-            Entry::Occupied(o) => o.into_mut(),
-        };
-        // Found, or a new key whose hash collides with another's (sorted in by name).
-        let at = if *g.name == *name {
-            None
-        } else if let Some(i) = g.more.iter().position(|(n, _)| **n == *name) {
-            Some(i)
-        } else {
-            self.len += 1;
-            let (new_name, new_slot) = (Box::<str>::from(name), make());
-            if *name < *g.name {
-                let old_name = std::mem::replace(&mut g.name, new_name);
-                let old_slot = std::mem::replace(&mut g.slot, new_slot);
-                g.more.insert(0, (old_name, old_slot));
-                None
-            } else {
-                let i = g.more.partition_point(|(n, _)| **n < *name);
-                g.more.insert(i, (new_name, new_slot));
-                Some(i)
+                g.insert(i, (name.into(), make()));
+                i
             }
         };
-        match at {
-            None => &mut g.slot,
-            Some(i) => &mut g.more[i].1,
-        }
+        &mut g[i].1
     }
 
     /// `(hash, name, slot)` in order.
     fn iter(&self) -> impl Iterator<Item = (u64, &str, &Slot)> {
-        self.groups.iter().flat_map(|(&h, g)| g.iter().map(move |(n, s)| (h, n, s)))
+        self.groups.iter().flat_map(|(&h, g)| g.iter().map(move |(n, s)| (h, &**n, s)))
     }
 
     /// `(hash, name, slot)` in order, mutably.
     fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &str, &mut Slot)> {
-        self.groups.iter_mut().flat_map(|(&h, g)| g.iter_mut().map(move |(n, s)| (h, n, s)))
+        self.groups.iter_mut().flat_map(|(&h, g)| g.iter_mut().map(move |(n, s)| (h, &**n, s)))
     }
 
     /// `(hash, name, slot)` of the keys whose hashes are in `lo..=hi`, in order.
     fn range(&self, lo: u64, hi: u64) -> impl Iterator<Item = (u64, &str, &Slot)> {
-        self.groups.range(lo..=hi).flat_map(|(&h, g)| g.iter().map(move |(n, s)| (h, n, s)))
+        self.groups.range(lo..=hi).flat_map(|(&h, g)| g.iter().map(move |(n, s)| (h, &**n, s)))
     }
 
     /// The keys of one hash, mutably.
     fn with_hash_mut(&mut self, hash: u64) -> impl Iterator<Item = (&str, &mut Slot)> {
-        self.groups.get_mut(&hash).into_iter().flat_map(Group::iter_mut)
+        self.groups.get_mut(&hash).into_iter().flat_map(|g| g.iter_mut().map(|(n, s)| (&**n, s)))
     }
 }
 

@@ -144,6 +144,12 @@ impl<T> From<Vec<T>> for OneOrVec<T> {
     }
 }
 
+impl<T: std::fmt::Debug> std::fmt::Debug for OneOrVec<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
 impl<T> Deref for OneOrVec<T> {
     type Target = [T];
     #[inline]
