@@ -534,6 +534,15 @@ enum Goal {
     WithinOf(f64),
 }
 
+/// `theirs / ours` as words: "3.72x faster", or "3.16x slower" below 1 (never "0.31x faster").
+fn speed(x: f64) -> String {
+    if x >= 1.0 {
+        format!("{x:.2}x faster")
+    } else {
+        format!("{:.2}x slower", 1.0 / x)
+    }
+}
+
 fn summary() {
     println!();
     println!("== Concord vs crdts v7 (and HashSet<String>), same run, median ns per element ==");
@@ -563,14 +572,11 @@ fn summary() {
                 let x = t / o;
                 let verdict =
                     target.map(|g| format!(">= {g}x faster: {}", if x >= g { "met" } else { "MISSED" }));
-                (format!("{x:.2}x faster"), verdict.unwrap_or_default())
+                (speed(x), verdict.unwrap_or_default())
             }
             Goal::WithinOf(g) => {
                 let x = o / t;
-                // Below 1 the baseline is the slower one: say so instead of "0.41x slower".
-                let shown =
-                    if x >= 1.0 { format!("{x:.2}x slower") } else { format!("{:.2}x faster", 1.0 / x) };
-                (shown, format!("within {g}x: {}", if x <= g { "met" } else { "MISSED" }))
+                (speed(1.0 / x), format!("within {g}x: {}", if x <= g { "met" } else { "MISSED" }))
             }
         };
         println!("{label:<36} {o:>12.1} {t:>12.1} {shown:>14}  {verdict}");
