@@ -20,7 +20,7 @@
 // and a few lines of JS (`Pipe`, below) stand in for a relay: they forward whole frames,
 // unchanged, between the merging replica's channel and the others'. The merging replica's
 // `Subscribe` (sent when it opens the doc) is answered by every other replica with the
-// deltas it lacks, or with a whole-document frame when the delta log does not reach back:
+// deltas it lacks, or with a state frame (no delta log) when the log does not reach back:
 // these are the protocol's own frames, counted byte for byte. For row 4 the lagging peer
 // must ask "what did I miss since version V", which Concord only does when a doc is
 // opened; the bench builds that `Subscribe` frame itself (tag 0x02 + postcard
@@ -931,7 +931,7 @@ function render(summaries, meta) {
     [
       "- Every operation is its own change: Yjs one transaction per `set`/`delete` (rows 1–3; row 4's 10,000-key base is one transaction), Automerge one `change` per op, Loro `commit()` after each op, Concord one accessor call per op. Results are checked (counter sums, set sizes, register values) after every run.",
       "- Row 1: Yjs emulates the counter with a `Y.Map` key per replica holding its count (value = sum); Automerge clones a base doc holding `new Counter(0)` and merges with `saveSince(replica, baseHeads)` + `loadIncremental`; Loro uses a root `LoroCounter` and `export({mode: 'update'})` + `import`; Concord uses `doc.counter('c')` (G-Counter).",
-      "- Row 2: the peers emulate the set with a map (set key / delete key); Concord uses `doc.set('s')` (add-wins OR-Set). The fresh peer gets `encodeStateAsUpdate` (Yjs), `save`/`load` (Automerge), `export({mode: 'update'})` (Loro), and Concord's answer to its `Subscribe` (a whole-document frame: 15,000 deltas exceed the 4,096-entry delta log).",
+      "- Row 2: the peers emulate the set with a map (set key / delete key); Concord uses `doc.set('s')` (add-wins OR-Set). The fresh peer gets `encodeStateAsUpdate` (Yjs), `save`/`load` (Automerge), `export({mode: 'update'})` (Loro), and Concord's answer to its `Subscribe` (a state frame, `Document::encode_without_log`: 15,000 deltas exceed the 4,096-entry delta log).",
       "- Row 3: every writer is its own replica/doc (Concord: its own `Client`); payloads are applied one at a time to the merging replica.",
       "- Row 4: the peers use `encodeStateAsUpdate(doc, stateVectorOfPeer)`, `saveSince(doc, heads)` + `loadIncremental`, `export({mode: 'update', from: version})`; Concord's up-to-date replica answers a `Subscribe` carrying the lagging peer's version vector with one `Deltas` frame. Only the catch-up is timed (setup untimed).",
       "- Concord replicas: `Client.connect({ urls: [], persist: false, broadcast: <own channel> })`. The public API has no export/import of state or deltas, so sync goes through the tab-to-tab BroadcastChannel protocol with a JS frame forwarder standing in for a relay (see the header of bench/compare.mjs). Concord's times therefore include one frame encode + `postMessage` per local write, and event-loop hops in the sync phase; both are shown separately above.",

@@ -1022,6 +1022,19 @@ impl Document {
 
     /// Encodes the whole document (fields, clocks, delta log, buffered deltas).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with(true)
+    }
+
+    /// Encodes the state only: fields and clocks, without the delta log and the buffered
+    /// deltas, for a peer that merges it (a full-state transfer). It decodes with
+    /// [`Document::decode`] as a document whose log answers nothing (its floor is the
+    /// version), like one kept with `log_capacity: 0`. The log is most of a document
+    /// that was written much (up to `log_capacity` deltas, each with its key and payload).
+    pub fn encode_without_log(&self) -> Vec<u8> {
+        self.encode_with(false)
+    }
+
+    fn encode_with(&self, log: bool) -> Vec<u8> {
         // Fields as `[(name, field)]`, then clocks, the log and the buffer.
         let mut out = vec![tag::DOCUMENT, codec::FORMAT_VERSION];
         self.replica.put(&mut out);
@@ -1035,6 +1048,12 @@ impl Document {
         }
         self.vv.put(&mut out);
         self.ctx.put(&mut out);
+        if !log {
+            put_varint(&mut out, 0); // no logged deltas,
+            self.vv.put(&mut out); // so the floor is the version,
+            put_varint(&mut out, 0); // and nothing buffered
+            return out;
+        }
         let log = self.log.in_order();
         put_seq(&mut out, &log, |d, out| d.put(out));
         self.log.floor.put(&mut out);

@@ -140,6 +140,42 @@ fn a_full_state_transfer_brings_a_document_level_with_its_peer() {
     assert_eq!(b.set_values("tags"), vec![Value::from("y")]);
 }
 
+#[test]
+fn a_document_encoded_without_its_log_carries_the_state_and_answers_no_delta_request() {
+    let (mut a, mut b) = (Document::new(A), Document::new(B));
+    for i in 0..50 {
+        likes(&mut a, 1);
+        a.set_add("tags", Value::from(format!("t{i}"))).unwrap();
+    }
+    a.set_remove("tags", &Value::from("t3")).unwrap();
+    a.set_register("title", Value::from("t"), 10).unwrap();
+    b.set_add("tags", Value::from("mine")).unwrap();
+
+    let (whole, state) = (a.encode(), a.encode_without_log());
+    assert!(
+        state.len() * 2 < whole.len(),
+        "the log is most of this document: {} vs {} B",
+        state.len(),
+        whole.len()
+    );
+    let bare = Document::decode(&state, DocConfig::default()).expect("decodes as a document");
+    assert_eq!(bare.version(), a.version());
+    assert_eq!(bare.context(), a.context());
+    assert_eq!(bare.all_fields(), a.all_fields());
+    assert!(bare.deltas_since(b.version()).is_none(), "no log: it cannot answer by deltas");
+    assert_eq!(bare.deltas_since(a.version()).map(|d| d.len()), Some(0), "but knows the peer is level");
+    assert_eq!(bare.pending_len(), 0);
+
+    // A peer merges it as a state transfer and ends level with `a` (plus its own write).
+    b.merge_state(&bare.all_fields(), bare.context(), bare.version()).unwrap();
+    for d in b.deltas_since(a.version()).unwrap().into_iter().cloned().collect::<Vec<_>>() {
+        a.apply(d).unwrap();
+    }
+    assert_eq!(a.all_fields(), b.all_fields());
+    assert_eq!(a.version(), b.version());
+    assert_eq!(b.set_values("tags").len(), 50, "49 of a's tags and b's own");
+}
+
 // ---- Merkle catch-up ----
 
 /// Key hashes whose leaves differ between `a` and `b`, found by descending only into

@@ -9,8 +9,9 @@
 //!   document when the log does not reach back; if the asker has something the answerer
 //!   lacks, the answerer subscribes back. Deltas are idempotent, so several answers are
 //!   harmless.
-//! - [`STATE`] — a private frame (tag outside the protocol's range): a whole document,
-//!   `[STATE, doc id length (u16 LE), doc id, Document::encode()]`.
+//! - [`STATE`] — a private frame (tag outside the protocol's range): a document's state,
+//!   `[STATE, doc id length (u16 LE), doc id, Document::encode_without_log()]` (the
+//!   answering tab's log stays with it: the asker only merges the state).
 //!
 //! There is no per-tab session: a channel is shared by every tab of the origin, delivery
 //! between live tabs is reliable and ordered, and tabs come and go without a goodbye.

@@ -458,7 +458,7 @@ fn answer_tab(out: &mut Vec<Out>, doc_id: &str, doc: &Document, theirs: &Version
             let deltas = ds.into_iter().cloned().collect();
             out.push(Out::Tab(Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas }).encode()));
         }
-        None => out.push(Out::Tab(channel::encode_state(doc_id, &doc.encode()))),
+        None => out.push(Out::Tab(channel::encode_state(doc_id, &doc.encode_without_log()))),
     }
     if !theirs.le(doc.version()) {
         let vv = doc.version().clone();
@@ -469,6 +469,7 @@ fn answer_tab(out: &mut Vec<Out>, doc_id: &str, doc: &Document, theirs: &Version
 #[cfg(test)]
 mod tests {
     use super::*;
+    use concord_core::Value;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     fn fresh() -> ReplicaId {
@@ -533,6 +534,42 @@ mod tests {
         let json = |r: &Replica| r.read("d", |d| format!("{:?}", d.to_value())).unwrap();
         assert_eq!(json(&a), json(&b));
         assert_eq!(a.read("d", |d| (d.counter("likes"), d.pn_counter("votes"))), Some((5, -1)));
+    }
+
+    #[test]
+    fn a_tab_beyond_the_log_gets_the_state_without_the_log_and_converges() {
+        let (mut a, mut b) = (Replica::new(fresh), Replica::new(fresh));
+        a.open("d");
+        a.announce("d");
+        let writes = DocConfig::default().log_capacity + 10;
+        for i in 0..writes {
+            a.write("d", &mut |d| d.set_add("s", Value::from(format!("e{i}"))).map(Some)).unwrap();
+        }
+        a.take();
+        b.open("d");
+        b.announce("d");
+        // b's subscribe reaches a, whose log no longer reaches back: a STATE frame.
+        let mut state = None;
+        for o in b.take() {
+            if let Out::Tab(f) = o {
+                a.tab(&f);
+            }
+        }
+        for o in a.take() {
+            if let Out::Tab(f) = o {
+                if f[0] == channel::STATE {
+                    state = Some(f.len());
+                }
+                b.tab(&f);
+            }
+        }
+        let state = state.expect("a answers with its state");
+        let whole = a.snapshot("d").unwrap().len();
+        assert!(state * 2 < whole, "the frame leaves the log out: {state} B vs {whole} B with it");
+        let values = |r: &Replica| r.read("d", |d| d.set_values("s")).unwrap();
+        assert_eq!(values(&b).len(), writes);
+        assert_eq!(values(&a), values(&b));
+        assert_eq!(a.read("d", |d| d.version().clone()), b.read("d", |d| d.version().clone()));
     }
 
     #[test]
