@@ -391,6 +391,7 @@ const REGISTER = 0;
 const SET_VALUES = 1;
 const DOCUMENT = 2;
 const KEYS = 3;
+const VERSION = 4;
 const NONE = new Uint8Array(0);
 /** Names of the types `number(KIND, ..)` reports, from 1. */
 const KINDS = [, "counter", "pn-counter", "register", "set"];
@@ -552,6 +553,29 @@ export class Doc {
   /** The whole document as plain data. */
   toJSON() {
     return decodeValue(this.#h.bytes(DOCUMENT, ""));
+  }
+
+  /** This replica's version vector of the document, encoded: give it to another replica's
+   * `encodeUpdate` to learn what this one lacks. */
+  version() {
+    return this.#h.bytes(VERSION, "");
+  }
+
+  /** What a replica at `since` (a `version()` from it; omitted: a replica with nothing)
+   * lacks of this document, as bytes for its `applyUpdate`: the missing deltas, or the
+   * state when the delta log does not reach back that far. Any transport will do. */
+  encodeUpdate(since) {
+    if (since !== undefined && !(since instanceof Uint8Array)) throw new TypeError("since must be a Uint8Array from doc.version()");
+    return this.#h.update(since ?? NONE);
+  }
+
+  /** Joins an update made by `encodeUpdate` (of this document on another replica, or of
+   * any document) into this one. Listeners hear of the change (origin "remote"); the
+   * relay, the other tabs and storage get what is new. Bytes that are not an update throw
+   * a TypeError and change nothing. */
+  applyUpdate(bytes) {
+    if (!(bytes instanceof Uint8Array)) throw new TypeError("applyUpdate takes the Uint8Array of encodeUpdate()");
+    this.#h.applyUpdate(bytes);
   }
 }
 

@@ -79,6 +79,14 @@ export class Doc {
   synced(): Promise<void>;
   /** Counters as numbers, registers as their value, sets as sorted arrays. */
   toJSON(): { [key: string]: Json };
+  /** This replica's version vector of the document, encoded (for another's `encodeUpdate`). */
+  version(): Uint8Array;
+  /** What a replica at `since` (its `version()`; omitted: nothing) lacks, for its
+   * `applyUpdate`: the missing deltas, or the state when the log does not reach back. */
+  encodeUpdate(since?: Uint8Array): Uint8Array;
+  /** Joins an update from `encodeUpdate`; throws a TypeError (changing nothing) for bytes
+   * that are not one. Listeners, the relay, other tabs and storage hear of what is new. */
+  applyUpdate(update: Uint8Array): void;
 }
 
 export class Client {

@@ -229,3 +229,42 @@ test("two clients converge over BroadcastChannel with no relay", async () => {
   assert.equal(db.set("tags").has("x"), false);
   b.close();
 });
+
+test("encodeUpdate / applyUpdate carry what the other replica lacks, over any transport", async () => {
+  const [a, b] = [await local(), await local()];
+  const [da, db] = [await a.open("left"), await b.open("right")];
+  da.counter("likes").increment(3);
+  da.set("tags").add("rust");
+  db.pnCounter("votes").decrement(2);
+
+  const heard = [];
+  db.subscribe((e) => heard.push(e));
+  const full = da.encodeUpdate();
+  assert.ok(full instanceof Uint8Array && full.length > 0);
+  db.applyUpdate(full);
+  assert.deepEqual(db.toJSON(), { likes: 3, tags: ["rust"], votes: -2 });
+  assert.equal(heard.length, 1);
+  assert.equal(heard[0].origin, "remote");
+
+  // Incremental: a asks for what it lacks since its own version.
+  const back = db.encodeUpdate(da.version());
+  assert.ok(back.length < full.length + 16, `one delta (${back.length} B) is small`);
+  da.applyUpdate(back);
+  assert.deepEqual(da.toJSON(), db.toJSON());
+  // Nothing lacking: an update that changes nothing, applied twice harmlessly.
+  const none = da.encodeUpdate(db.version());
+  da.applyUpdate(none);
+  da.applyUpdate(back);
+  assert.deepEqual(da.toJSON(), { likes: 3, tags: ["rust"], votes: -2 });
+
+  // Bad input throws a TypeError that says what to pass, and changes nothing.
+  const before = JSON.stringify(db);
+  assert.throws(() => db.applyUpdate(new Uint8Array([3, 1, 2, 3])), (e) => e instanceof TypeError && /encodeUpdate/.test(e.message));
+  assert.throws(() => db.applyUpdate(full.subarray(0, full.length - 2)), TypeError);
+  assert.throws(() => db.applyUpdate("nope"), TypeError);
+  assert.throws(() => da.encodeUpdate(new Uint8Array([9, 9])), (e) => e instanceof TypeError && /version/.test(e.message));
+  assert.equal(JSON.stringify(db), before);
+  a.close();
+  b.close();
+  assert.throws(() => da.encodeUpdate(), /closed/);
+});

@@ -8,7 +8,7 @@ use crate::error::{closed, doc_error, error, range_error, type_error};
 use crate::replica::{Out, Refused};
 use concord_core::codec::{whole, Wire};
 use concord_core::sync::msg::MAX_DOC_ID;
-use concord_core::{Delta, DocError, Document, ReplicaId, Value};
+use concord_core::{Delta, DocError, Document, ReplicaId, Value, VersionVector};
 use js_sys::Array;
 use std::cell::{Cell, Ref, RefCell};
 use std::rc::Rc;
@@ -124,6 +124,7 @@ fn refused(e: Refused) -> JsValue {
     match e {
         Refused::NotOpen => error("document is not open; call client.open(id) first"),
         Refused::Doc(e) => doc_error(&e),
+        Refused::NotAnUpdate => type_error("not a Concord update; pass the bytes of doc.encodeUpdate()"),
     }
 }
 
@@ -297,6 +298,8 @@ pub mod op {
     pub const DOCUMENT: u8 = 2;
     /// `bytes`: the keys, sorted, as an encoded array of strings.
     pub const KEYS: u8 = 3;
+    /// `bytes`: the document's version vector, encoded (for [`super::DocHandle::update`]).
+    pub const VERSION: u8 = 4;
 }
 
 #[wasm_bindgen]
@@ -357,8 +360,35 @@ impl DocHandle {
                 concord_core::sort::sort(&mut keys);
                 bytes_of(&Value::Array(keys.into_iter().map(Value::from).collect()))
             }
+            op::VERSION => {
+                let mut out = Vec::new();
+                d.version().put(&mut out);
+                out
+            }
             _ => return Err(range_error("unknown read")),
         })
+    }
+
+    /// What a replica at version `since` (the bytes of a `VERSION` read; empty: a replica
+    /// with nothing) lacks of this document, as one update for [`DocHandle::apply_update`].
+    pub fn update(&self, since: &[u8]) -> Result<Vec<u8>, JsValue> {
+        let since: Option<VersionVector> = if since.is_empty() {
+            None
+        } else {
+            let vv: VersionVector =
+                whole(since).map_err(|_| type_error("not a version; pass the bytes of doc.version()"))?;
+            vv.validate().map_err(|_| type_error("not a version; pass the bytes of doc.version()"))?;
+            Some(vv)
+        };
+        drop(self.doc()?); // closed or not open: the usual errors
+        Ok(self.s.r.borrow().encode_update(&self.id, since.as_ref()).unwrap_or_default())
+    }
+
+    /// Joins an update from [`DocHandle::update`] (of this or any other document) into
+    /// this document; listeners, other tabs, the relay and storage hear of what is new.
+    #[wasm_bindgen(js_name = applyUpdate)]
+    pub fn apply_update(&self, bytes: &[u8]) -> Result<(), JsValue> {
+        self.s.run(|r| r.apply_update(&self.id, bytes))?.map_err(refused)
     }
 
     /// `undefined` when the relay holds everything this replica has of the document now

@@ -94,6 +94,8 @@ pub enum Refused {
     NotOpen,
     /// The document refused the write.
     Doc(DocError),
+    /// The bytes given to [`Replica::apply_update`] are not an update.
+    NotAnUpdate,
 }
 
 /// The replica.
@@ -441,6 +443,71 @@ impl Replica {
         }
     }
 
+    // ---- updates: state and deltas handed over by the application ----
+
+    /// What a replica of `doc` at version `since` lacks (everything when `since` is
+    /// `None`), as one frame for [`Replica::apply_update`]: the protocol's `Deltas` frame
+    /// when the delta log reaches back, else a state frame (the tab protocol's [`channel::STATE`]).
+    /// `None` when `doc` is not open.
+    pub fn encode_update(&self, doc: &str, since: Option<&VersionVector>) -> Option<Vec<u8>> {
+        let d = &self.docs.get(doc)?.doc;
+        Some(match since.and_then(|vv| d.deltas_since(vv)) {
+            Some(ds) => {
+                let deltas = ds.into_iter().cloned().collect();
+                Msg::Deltas(Deltas { doc: doc.to_owned(), deltas }).encode()
+            }
+            None => channel::encode_state(doc, &d.encode_without_log()),
+        })
+    }
+
+    /// Joins an update made by [`Replica::encode_update`] (from any replica's copy of a
+    /// document, whatever its id there) into `doc`. What is new goes to the listeners as a
+    /// remote change, to the other tabs and the relay (as deltas, or for a state by
+    /// subscribing again), and to storage. Bytes that are not an update change nothing; a
+    /// batch with an invalid delta applies the valid ones and reports the first error.
+    pub fn apply_update(&mut self, doc: &str, bytes: &[u8]) -> Result<(), Refused> {
+        let e = self.docs.get_mut(doc).ok_or(Refused::NotOpen)?;
+        if let Some((_, snapshot)) = channel::decode_state(bytes) {
+            let other = Document::decode(snapshot, DocConfig::default()).map_err(|_| Refused::NotAnUpdate)?;
+            if e.doc.check_amnesia(other.version()).is_err() {
+                self.reidentify();
+                return Ok(());
+            }
+            let before = e.doc.version().clone();
+            merge_into(&mut e.doc, &other);
+            if e.doc.version() != &before {
+                let keys = e.doc.keys().map(str::to_owned).collect();
+                self.out.push(Out::Change { doc: doc.to_owned(), keys, local: false });
+                if self.persist {
+                    self.out.push(Out::Dirty(doc.to_owned()));
+                }
+                self.announce(doc);
+            }
+            return Ok(());
+        }
+        let Ok(Msg::Deltas(m)) = Msg::decode(bytes) else { return Err(Refused::NotAnUpdate) };
+        let (mut applied, mut first_error) = (Vec::new(), None);
+        for d in m.deltas {
+            match e.doc.apply_into(d, &mut applied) {
+                Err(DocError::Amnesia { .. }) => {
+                    self.reidentify();
+                    return Ok(());
+                }
+                Err(err) => first_error = first_error.or(Some(err)),
+                Ok(_) => {}
+            }
+        }
+        if !applied.is_empty() {
+            self.out.push(Out::Change { doc: doc.to_owned(), keys: keys_of(&applied), local: false });
+            if self.tabs {
+                let frame = Msg::Deltas(Deltas { doc: doc.to_owned(), deltas: applied.clone() }).encode();
+                self.out.push(Out::Tab(frame));
+            }
+            self.forward(doc, &applied);
+        }
+        first_error.map_or(Ok(()), |err| Err(Refused::Doc(err)))
+    }
+
     // ---- persistence ----
 
     /// `Document::encode()` of `doc`, for a snapshot.
@@ -570,6 +637,53 @@ mod tests {
         assert_eq!(values(&b).len(), writes);
         assert_eq!(values(&a), values(&b));
         assert_eq!(a.read("d", |d| d.version().clone()), b.read("d", |d| d.version().clone()));
+    }
+
+    #[test]
+    fn updates_carry_what_the_other_lacks_between_documents_of_any_id() {
+        let (mut a, mut b) = (Replica::new(fresh), Replica::new(fresh));
+        a.open("a-copy");
+        b.open("b-copy");
+        a.write("a-copy", &mut |d| d.increment("likes", 3).map(Some)).unwrap();
+        a.write("a-copy", &mut |d| d.set_add("tags", Value::from("x")).map(Some)).unwrap();
+        b.write("b-copy", &mut |d| d.pn_add("votes", -2).map(Some)).unwrap();
+        (a.take(), b.take());
+
+        // Everything (no version): a state frame; b merges it and tells its listeners.
+        let full = a.encode_update("a-copy", None).unwrap();
+        assert_eq!(full[0], channel::STATE);
+        b.apply_update("b-copy", &full).unwrap();
+        let out = b.take();
+        assert!(out.iter().any(|o| matches!(o, Out::Change { local: false, .. })));
+        assert!(out.iter().any(|o| matches!(o, Out::Tab(_))), "re-announced to the other tabs");
+
+        // Since b's version: only b's own write, as deltas.
+        let v = b.read("b-copy", |d| d.version().clone()).unwrap();
+        let none = a.encode_update("a-copy", Some(&v)).unwrap();
+        assert!(matches!(Msg::decode(&none), Ok(Msg::Deltas(m)) if m.deltas.is_empty()));
+        let back = b.encode_update("b-copy", a.read("a-copy", |d| d.version().clone()).as_ref()).unwrap();
+        assert!(matches!(Msg::decode(&back), Ok(Msg::Deltas(ref m)) if m.deltas.len() == 1));
+        a.apply_update("a-copy", &back).unwrap();
+        assert!(a
+            .take()
+            .iter()
+            .any(|o| matches!(o, Out::Change { keys, local: false, .. } if keys == &["votes"])));
+        let json = |r: &Replica, d: &str| r.read(d, |d| format!("{:?}", d.to_value())).unwrap();
+        assert_eq!(json(&a, "a-copy"), json(&b, "b-copy"));
+
+        // Applying again changes nothing and says nothing.
+        a.apply_update("a-copy", &back).unwrap();
+        assert!(a.take().is_empty());
+
+        // Garbage is refused and changes nothing; a closed document is not open.
+        let before = json(&a, "a-copy");
+        for bad in [&b""[..], b"\x03garbage", &full[..full.len() - 3], &[channel::STATE, 1, 0, b'x', 9, 9]] {
+            assert!(matches!(a.apply_update("a-copy", bad), Err(Refused::NotAnUpdate)), "{bad:?}");
+        }
+        assert_eq!(json(&a, "a-copy"), before);
+        assert!(a.take().is_empty());
+        assert!(matches!(a.apply_update("nope", &back), Err(Refused::NotOpen)));
+        assert!(a.encode_update("nope", None).is_none());
     }
 
     #[test]
