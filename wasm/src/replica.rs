@@ -647,7 +647,8 @@ mod tests {
         a.write("a-copy", &mut |d| d.increment("likes", 3).map(Some)).unwrap();
         a.write("a-copy", &mut |d| d.set_add("tags", Value::from("x")).map(Some)).unwrap();
         b.write("b-copy", &mut |d| d.pn_add("votes", -2).map(Some)).unwrap();
-        (a.take(), b.take());
+        a.take();
+        b.take();
 
         // Everything (no version): a state frame; b merges it and tells its listeners.
         let full = a.encode_update("a-copy", None).unwrap();
