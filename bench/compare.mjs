@@ -13,20 +13,12 @@
 // "bytes" is what crosses the wire for the sync step. The table goes to stdout and to
 // bench/results/compare.md.
 //
-// How Concord is driven. Its public JS API (`Client`/`Doc`, pkg/index.d.ts) and the wasm
-// shim under it (`Replica`/`DocHandle`) have no call that exports or imports a document's
-// state or deltas. The only in-process path between two replicas is the tab-to-tab sync
-// over a BroadcastChannel (Node 20 has one). So every Concord replica gets its own channel,
-// and a few lines of JS (`Pipe`, below) stand in for a relay: they forward whole frames,
-// unchanged, between the merging replica's channel and the others'. The merging replica's
-// `Subscribe` (sent when it opens the doc) is answered by every other replica with the
-// deltas it lacks, or with a state frame (no delta log) when the log does not reach back:
-// these are the protocol's own frames, counted byte for byte. For row 4 the lagging peer
-// must ask "what did I miss since version V", which Concord only does when a doc is
-// opened; the bench builds that `Subscribe` frame itself (tag 0x02 + postcard
-// {doc, vv}; checked against a frame Concord produced) and posts it to the up-to-date
-// replica. The transport's own cost (structured clones, event-loop hops) is measured with
-// the same frame sizes and shown in the details so it can be told apart from Concord's.
+// How Concord is driven: like the peers, through its public API. Every replica is a
+// `Client` with no relay, no persistence and no BroadcastChannel; state and deltas move
+// with `doc.encodeUpdate(since?)` and `doc.applyUpdate(bytes)` (the peers' counterparts:
+// `encodeStateAsUpdate`/`applyUpdate`, `save`/`saveSince`/`loadIncremental`,
+// `export`/`import`). An update is the sync protocol's own `Deltas` frame, or a state
+// frame without the delta log when the log does not reach back to `since`.
 //
 // Usage: node bench/compare.mjs [--runs N] [--warmup N] [--rows 1,2,3,4]
 //          [--libs concord,yjs,automerge,loro] [--pkg DIR] [--write | --no-write]
@@ -82,7 +74,6 @@ const median = (xs) => {
 function check(cond, what) {
   if (!cond) throw new Error(`wrong result: ${what}`);
 }
-const macrotask = () => new Promise((r) => setImmediate(r));
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 /** Collects garbage and lets FinalizationRegistry callbacks run: closed Concord clients
@@ -94,142 +85,9 @@ async function settle() {
   await sleep(20);
 }
 
-let channelSeq = 0;
-const channelPrefix = `concord-bench-${process.pid}`;
-const newChannel = (tag) => `${channelPrefix}-${channelSeq++}-${tag}`;
-
-/** A Concord replica with no relay and no persistence, on its own BroadcastChannel. */
-async function concordReplica(channel) {
-  return Client.connect({ urls: [], persist: false, broadcast: channel });
-}
-
-/** Resolves when `pred()` holds, checked now and after each change event of `doc`. */
-function until(doc, pred, what, timeoutMs = 300_000) {
-  if (pred()) return Promise.resolve();
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      off();
-      reject(new Error(`timed out waiting for ${what}`));
-    }, timeoutMs);
-    const off = doc.subscribe(() => {
-      if (pred()) {
-        clearTimeout(timer);
-        off();
-        resolve();
-      }
-    });
-  });
-}
-
-/**
- * Stand-in for a relay between BroadcastChannels: frames posted on the `hub` channel go to
- * every leaf channel, frames posted on a leaf go to the hub. Frames are forwarded as they
- * are and counted (`up`: leaf -> hub, the sync payload; `down`: hub -> leaves, requests).
- * While `paused`, leaf frames are counted in `dropped*` and not forwarded.
- */
-class Pipe {
-  up = 0;
-  upFrames = 0;
-  upTags = {};
-  down = 0;
-  downFrames = 0;
-  downLog = [];
-  paused = false;
-  dropped = 0;
-  droppedFrames = 0;
-  constructor(hub, leaves) {
-    this.hub = new BroadcastChannel(hub);
-    this.hub.onmessage = (e) => this.fromHub(e.data);
-    this.leaves = leaves.map((name) => {
-      const ch = new BroadcastChannel(name);
-      ch.onmessage = (e) => this.fromLeaf(e.data);
-      return ch;
-    });
-  }
-  fromLeaf(f) {
-    if (this.paused) {
-      this.dropped += f.byteLength;
-      this.droppedFrames++;
-      return;
-    }
-    this.up += f.byteLength;
-    this.upFrames++;
-    const tag = `0x${f[0].toString(16).padStart(2, "0")}`;
-    this.upTags[tag] = (this.upTags[tag] ?? 0) + 1;
-    this.hub.postMessage(f);
-  }
-  fromHub(f) {
-    this.down += f.byteLength;
-    this.downFrames++;
-    if (this.downLog.length < 4) this.downLog.push(f);
-    for (const l of this.leaves) l.postMessage(f);
-  }
-  /** Posts `frame` on leaf `i`'s channel as if it came from the hub. */
-  ask(i, frame) {
-    this.down += frame.byteLength;
-    this.downFrames++;
-    this.leaves[i].postMessage(frame);
-  }
-  close() {
-    this.hub.close();
-    for (const l of this.leaves) l.close();
-  }
-}
-
-function varint(n) {
-  n = BigInt(n);
-  const out = [];
-  while (n >= 0x80n) {
-    out.push(Number(n & 0x7fn) | 0x80);
-    n >>= 7n;
-  }
-  out.push(Number(n));
-  return out;
-}
-
-/** Concord's `Subscribe { doc, vv }` frame: tag 0x02, then postcard (core/src/sync/msg.rs). */
-function subscribeFrame(doc, vv /* [[replicaIdHex, seq]] */) {
-  const d = new TextEncoder().encode(doc);
-  const pairs = [...vv].sort((a, b) => (BigInt(`0x${a[0]}`) < BigInt(`0x${b[0]}`) ? -1 : 1));
-  return Uint8Array.from([
-    0x02,
-    ...varint(d.length),
-    ...d,
-    ...varint(pairs.length),
-    ...pairs.flatMap(([id, seq]) => [...varint(BigInt(`0x${id}`)), ...varint(seq)]),
-  ]);
-}
-const sameBytes = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
-
-/**
- * The transport alone: `leaves` plain BroadcastChannels that answer one request from a hub
- * with a frame of `bytes` bytes each, through a Pipe, until the hub has all answers. The
- * same hops and clones as the Concord runs, with no Concord in them.
- */
-async function transportOnly(leaves, bytes, { direct = false } = {}) {
-  const names = Array.from({ length: leaves }, () => newChannel("t"));
-  const hubName = newChannel("th");
-  const pipe = new Pipe(hubName, names);
-  const payload = new Uint8Array(bytes).fill(7);
-  const echoes = names.map((n) => {
-    const ch = new BroadcastChannel(n);
-    ch.onmessage = () => ch.postMessage(payload);
-    return ch;
-  });
-  const hub = new BroadcastChannel(hubName);
-  const t0 = now();
-  await new Promise((resolve) => {
-    let got = 0;
-    hub.onmessage = () => ++got === leaves && resolve();
-    // Rows 1-3: the request goes hub -> pipe -> leaves; row 4: the pipe posts it itself.
-    if (direct) pipe.ask(0, new Uint8Array(18));
-    else hub.postMessage(new Uint8Array(8));
-  });
-  const ms = now() - t0;
-  hub.close();
-  for (const e of echoes) e.close();
-  pipe.close();
-  return ms;
+/** A Concord replica with no relay, no persistence and no BroadcastChannel. */
+async function concordReplica() {
+  return Client.connect({ urls: [], persist: false, broadcast: false });
 }
 
 // ---------------------------------------------------------------- rows
@@ -253,29 +111,32 @@ const rows = {
     impl: {
       async concord() {
         const { replicas, incs } = ROW1;
-        const names = Array.from({ length: replicas }, () => newChannel("r"));
         const t0 = now();
         const clients = [];
-        for (const name of names) {
-          const c = await concordReplica(name);
-          const ctr = (await c.open("doc")).counter("c");
+        const docs = [];
+        for (let i = 0; i < replicas; i++) {
+          const c = await concordReplica();
+          const d = await c.open("doc");
+          const ctr = d.counter("c");
           for (let k = 0; k < incs; k++) ctr.increment(1);
           clients.push(c);
+          docs.push(d);
         }
         const t1 = now();
-        const hub = newChannel("m");
-        const pipe = new Pipe(hub, names);
-        const m = await concordReplica(hub);
+        const m = await concordReplica();
         const md = await m.open("doc");
-        const ctr = md.counter("c");
-        await until(md, () => ctr.value === replicas * incs, "row 1 merge");
+        let bytes = 0;
+        for (const d of docs) {
+          const u = d.encodeUpdate();
+          bytes += u.byteLength;
+          md.applyUpdate(u);
+        }
+        const v = md.counter("c").value;
         const t2 = now();
-        check(ctr.value === replicas * incs, `concord counter ${ctr.value}`);
-        const extra = { frames: pipe.upFrames, tags: pipe.upTags, request: pipe.down };
-        pipe.close();
+        check(v === replicas * incs, `concord counter ${v}`);
         m.close();
         for (const c of clients) c.close();
-        return { ms: t2 - t0, bytes: pipe.up, phases: { local: t1 - t0, sync: t2 - t1 }, extra };
+        return { ms: t2 - t0, bytes, phases: { local: t1 - t0, sync: t2 - t1 } };
       },
       async yjs() {
         const { replicas, incs } = ROW1;
@@ -356,22 +217,6 @@ const rows = {
         return { ms: t2 - t0, bytes, phases: { local: t1 - t0, sync: t2 - t1 } };
       },
     },
-    // Concord's writes without the channel: what the local phase costs on its own.
-    async concordLocalOnly() {
-      const { replicas, incs } = ROW1;
-      const t0 = now();
-      const clients = [];
-      for (let i = 0; i < replicas; i++) {
-        const c = await Client.connect({ urls: [], persist: false, broadcast: false });
-        const ctr = (await c.open("doc")).counter("c");
-        for (let k = 0; k < incs; k++) ctr.increment(1);
-        clients.push(c);
-      }
-      const ms = now() - t0;
-      for (const c of clients) c.close();
-      return ms;
-    },
-    transport: (res) => transportOnly(ROW1.replicas, Math.round(res.bytes / ROW1.replicas)),
   },
 
   2: {
@@ -381,27 +226,24 @@ const rows = {
     impl: {
       async concord() {
         const { adds } = ROW2;
-        const a = newChannel("a");
         const t0 = now();
-        const ca = await concordReplica(a);
-        const s = (await ca.open("doc")).set("s");
+        const ca = await concordReplica();
+        const ad = await ca.open("doc");
+        const s = ad.set("s");
         for (let i = 0; i < adds; i++) s.add(el(i));
         for (let i = 0; i < adds; i++) if (removed(i)) s.remove(el(i));
         const t1 = now();
-        const hub = newChannel("b");
-        const pipe = new Pipe(hub, [a]);
-        const cb = await concordReplica(hub);
+        const cb = await concordReplica();
         const bd = await cb.open("doc");
+        const u = ad.encodeUpdate();
+        bd.applyUpdate(u);
         const bs = bd.set("s");
-        const last = el(adds - 1);
-        await until(bd, () => bs.has(last), "row 2 sync");
+        const ok = bs.has(el(adds - 1));
         const t2 = now();
-        check(bs.size === adds - ROW2.removes && !bs.has(el(0)) && bs.has(el(1)), `concord set size ${bs.size}`);
-        const extra = { frames: pipe.upFrames, tags: pipe.upTags, request: pipe.down };
-        pipe.close();
+        check(ok && bs.size === adds - ROW2.removes && !bs.has(el(0)) && bs.has(el(1)), `concord set size ${bs.size}`);
         ca.close();
         cb.close();
-        return { ms: t2 - t0, bytes: pipe.up, phases: { local: t1 - t0, sync: t2 - t1 }, extra };
+        return { ms: t2 - t0, bytes: u.byteLength, phases: { local: t1 - t0, sync: t2 - t1 } };
       },
       async yjs() {
         const { adds } = ROW2;
@@ -466,18 +308,6 @@ const rows = {
         return { ms: t2 - t0, bytes: u.byteLength, phases: { local: t1 - t0, sync: t2 - t1 } };
       },
     },
-    async concordLocalOnly() {
-      const { adds } = ROW2;
-      const t0 = now();
-      const c = await Client.connect({ urls: [], persist: false, broadcast: false });
-      const s = (await c.open("doc")).set("s");
-      for (let i = 0; i < adds; i++) s.add(el(i));
-      for (let i = 0; i < adds; i++) if (removed(i)) s.remove(el(i));
-      const ms = now() - t0;
-      c.close();
-      return ms;
-    },
-    transport: (res) => transportOnly(1, res.bytes),
   },
 
   3: {
@@ -487,33 +317,31 @@ const rows = {
     impl: {
       async concord() {
         const { writers } = ROW3;
-        const names = Array.from({ length: writers }, () => newChannel("w"));
         const t0 = now();
         const clients = [];
+        const docs = [];
         for (let i = 0; i < writers; i++) {
-          const c = await concordReplica(names[i]);
-          (await c.open("doc")).register("k").set(i);
+          const c = await concordReplica();
+          const d = await c.open("doc");
+          d.register("k").set(i);
           clients.push(c);
+          docs.push(d);
         }
         const t1 = now();
-        const hub = newChannel("m");
-        const pipe = new Pipe(hub, names);
-        const m = await concordReplica(hub);
+        const m = await concordReplica();
         const md = await m.open("doc");
-        let events = 0;
-        const off = md.subscribe(() => events++);
-        // Every writer answers with one frame; done when the merger applied all of them.
-        await until(md, () => events >= writers, "row 3 merge");
-        off();
-        const t2 = now();
+        let bytes = 0;
+        for (const d of docs) {
+          const u = d.encodeUpdate();
+          bytes += u.byteLength;
+          md.applyUpdate(u);
+        }
         const v = md.register("k").get();
+        const t2 = now();
         check(Number.isInteger(v) && v >= 0 && v < writers, `concord register ${v}`);
-        check(pipe.upFrames === writers, `concord answers ${pipe.upFrames}`);
-        const extra = { frames: pipe.upFrames, tags: pipe.upTags, request: pipe.down, winner: v };
-        pipe.close();
         m.close();
         for (const c of clients) c.close();
-        return { ms: t2 - t0, bytes: pipe.up, phases: { local: t1 - t0, sync: t2 - t1 }, extra };
+        return { ms: t2 - t0, bytes, phases: { local: t1 - t0, sync: t2 - t1 }, extra: { winner: v } };
       },
       async yjs() {
         const { writers } = ROW3;
@@ -579,19 +407,6 @@ const rows = {
         return { ms: t2 - t0, bytes, phases: { local: t1 - t0, sync: t2 - t1 }, extra: { winner: v } };
       },
     },
-    async concordLocalOnly() {
-      const t0 = now();
-      const clients = [];
-      for (let i = 0; i < ROW3.writers; i++) {
-        const c = await Client.connect({ urls: [], persist: false, broadcast: false });
-        (await c.open("doc")).register("k").set(i);
-        clients.push(c);
-      }
-      const ms = now() - t0;
-      for (const c of clients) c.close();
-      return ms;
-    },
-    transport: (res) => transportOnly(ROW3.writers, Math.round(res.bytes / ROW3.writers)),
   },
 
   4: {
@@ -603,58 +418,34 @@ const rows = {
     impl: {
       async concord() {
         const { keys, behind, rounds } = ROW4;
-        const a = newChannel("a");
-        const ca = await concordReplica(a);
+        const ca = await concordReplica();
         const ad = await ca.open("doc");
         for (let i = 0; i < keys; i++) ad.register(`k${i}`).set(i);
-        const hub = newChannel("b");
-        const pipe = new Pipe(hub, [a]);
-        const cb = await concordReplica(hub);
+        const cb = await concordReplica();
         const bd = await cb.open("doc");
-        await until(bd, () => bd.register(`k${keys - 1}`).get() === keys - 1, "row 4 setup");
-        // Concord's own Subscribe (empty version) checks our encoding of the frame.
-        const own = pipe.downLog[0];
-        check(own && sameBytes(own, subscribeFrame("doc", [])), "crafted Subscribe differs from Concord's");
-        const setupTags = { ...pipe.upTags };
+        bd.applyUpdate(ad.encodeUpdate());
         const regsA = Array.from({ length: behind }, (_, i) => ad.register(`k${i}`));
         const regsB = Array.from({ length: behind }, (_, i) => bd.register(`k${i}`));
+        check(bd.register(`k${keys - 1}`).get() === keys - 1, "concord setup");
         const ms = [];
         const bytes = [];
-        let seq = keys; // a's writes so far = what b has of a (b itself writes nothing)
-        let liveBytes = 0;
-        let liveFrames = 0;
         let request = 0;
         for (let r = 1; r <= rounds; r++) {
-          // The peer falls behind: a's next writes do not reach it.
-          pipe.paused = true;
-          const d0 = pipe.dropped;
-          const f0 = pipe.droppedFrames;
           for (let i = 0; i < behind; i++) regsA[i].set(keys * (r + 1) + i);
-          await macrotask();
-          await macrotask();
-          liveBytes = pipe.dropped - d0;
-          liveFrames = pipe.droppedFrames - f0;
-          pipe.paused = false;
-          const up0 = pipe.up;
-          const down0 = pipe.down;
-          const frames0 = pipe.upFrames;
           const t0 = now();
-          pipe.ask(0, subscribeFrame("doc", [[ca.replicaId, seq]]));
-          await until(bd, () => regsB.every((x, i) => x.get() === keys * (r + 1) + i), "row 4 catch-up");
+          const v = bd.version();
+          const u = ad.encodeUpdate(v);
+          bd.applyUpdate(u);
           const t1 = now();
           ms.push(t1 - t0);
-          bytes.push(pipe.up - up0);
-          request = pipe.down - down0;
-          check(pipe.upFrames === frames0 + 1, "one answer frame");
-          seq += behind;
+          bytes.push(u.byteLength);
+          request = v.byteLength;
+          check(regsB.every((x, i) => x.get() === keys * (r + 1) + i), "concord catch-up");
         }
-        // A wrong version in the request would send more each round (too low) or nothing.
-        check(Math.max(...bytes) < 1.2 * Math.min(...bytes), `catch-up sizes ${bytes}`);
-        const extra = { request, liveBytes, liveFrames, setupTags, tags: pipe.upTags };
-        pipe.close();
+        check(bd.keys().length === keys, "concord keys");
         ca.close();
         cb.close();
-        return { ms: median(ms), bytes: median(bytes), phases: { sync: median(ms) }, extra };
+        return { ms: median(ms), bytes: median(bytes), phases: { sync: median(ms) }, extra: { request } };
       },
       async yjs() {
         const { keys, behind, rounds } = ROW4;
@@ -737,7 +528,6 @@ const rows = {
         return { ms: median(ms), bytes: median(bytes), phases: { sync: median(ms) }, extra: { request } };
       },
     },
-    transport: (res) => transportOnly(1, res.bytes, { direct: true }),
   },
 };
 
@@ -758,7 +548,6 @@ function libVersion(name) {
 async function measureRow(n) {
   const row = rows[n];
   const results = Object.fromEntries(LIBS.map((l) => [l, []]));
-  const localOnly = [];
   const slow = new Set();
   const total = WARMUP + RUNS;
   for (let r = 0; r < total; r++) {
@@ -773,11 +562,6 @@ async function measureRow(n) {
       process.stderr.write(
         `  row ${n} ${r < WARMUP ? "warm-up" : `run ${r - WARMUP + 1}/${RUNS}`} ${lib}: ${res.ms.toFixed(1)} ms, ${res.bytes} B\n`,
       );
-    }
-    if (row.concordLocalOnly) {
-      await settle();
-      const ms = await row.concordLocalOnly();
-      if (r >= WARMUP) localOnly.push(ms);
     }
   }
   const summary = {};
@@ -795,11 +579,6 @@ async function measureRow(n) {
       extra: rs[rs.length - 1].extra ?? {},
     };
   }
-  if (localOnly.length) summary.concord.localOnly = median(localOnly);
-  // The transport alone, same frame sizes (median of 5).
-  const tr = [];
-  for (let i = 0; i < 5; i++) tr.push(await row.transport(summary.concord));
-  summary.concord.transport = median(tr);
   return summary;
 }
 
@@ -899,26 +678,11 @@ function render(summaries, meta) {
       `Concord / fastest peer (${v.fastest}): time ${fmtRatio(v.timeRatio)}, bytes ${fmtRatio(v.sizeVsFastest)}; ` +
         `bytes vs smallest peer (${v.smallest}): ${fmtRatio(v.sizeRatio)}.`,
     );
-    if (c.localOnly !== undefined) {
-      const fastestLocal = PEERS.reduce((a, b) => (s[b].phases.local < s[a].phases.local ? b : a));
-      notes.push(
-        `Concord's local phase with \`broadcast: false\` (no frame posted per write; the replicas then cannot sync): ` +
-          `${fmtMs(c.localOnly)}, vs ${fmtMs(c.phases.local)} with a channel; fastest peer local phase: ` +
-          `${fastestLocal} ${fmtMs(s[fastestLocal].phases.local)}.`,
-      );
-    }
-    notes.push(
-      `Transport alone (plain BroadcastChannels + the same forwarding, same frame count and sizes, no Concord): ` +
-        `${fmtMs(c.transport)} of Concord's ${fmtMs(c.phases.sync)} sync phase.`,
-    );
     const ex = c.extra;
-    if (ex.frames !== undefined)
-      notes.push(`Concord answer frames: ${ex.frames} (by tag: ${JSON.stringify(ex.tags)}); request bytes: ${ex.request}.`);
-    if (ex.liveBytes !== undefined)
+    if (ex.request !== undefined)
       notes.push(
-        `Concord catch-up request (crafted Subscribe with the peer's version): ${ex.request} B. ` +
-          `The same ${ROW4.behind} ops as live broadcast frames: ${ex.liveFrames} frames, ${ex.liveBytes.toLocaleString("en")} B. ` +
-          `Request bytes of the peers: ${PEERS.map((p) => `${p} ${s[p].extra.request} B`).join(", ")}.`,
+        `Catch-up request (the lagging peer's version): Concord ${ex.request} B; ` +
+          `${PEERS.map((p) => `${p} ${s[p].extra.request} B`).join(", ")}.`,
       );
     if (n === 3)
       notes.push(`LWW winners (writer index): ${LIBS.map((l) => `${l} ${s[l].extra.winner}`).join(", ")} (each library has its own tie-break).`);
@@ -931,30 +695,10 @@ function render(summaries, meta) {
     [
       "- Every operation is its own change: Yjs one transaction per `set`/`delete` (rows 1–3; row 4's 10,000-key base is one transaction), Automerge one `change` per op, Loro `commit()` after each op, Concord one accessor call per op. Results are checked (counter sums, set sizes, register values) after every run.",
       "- Row 1: Yjs emulates the counter with a `Y.Map` key per replica holding its count (value = sum); Automerge clones a base doc holding `new Counter(0)` and merges with `saveSince(replica, baseHeads)` + `loadIncremental`; Loro uses a root `LoroCounter` and `export({mode: 'update'})` + `import`; Concord uses `doc.counter('c')` (G-Counter).",
-      "- Row 2: the peers emulate the set with a map (set key / delete key); Concord uses `doc.set('s')` (add-wins OR-Set). The fresh peer gets `encodeStateAsUpdate` (Yjs), `save`/`load` (Automerge), `export({mode: 'update'})` (Loro), and Concord's answer to its `Subscribe` (a state frame, `Document::encode_without_log`: 15,000 deltas exceed the 4,096-entry delta log).",
+      "- Row 2: the peers emulate the set with a map (set key / delete key); Concord uses `doc.set('s')` (add-wins OR-Set). The fresh peer gets `encodeStateAsUpdate` (Yjs), `save`/`load` (Automerge), `export({mode: 'update'})` (Loro), `encodeUpdate()` (Concord: a state frame without the delta log).",
       "- Row 3: every writer is its own replica/doc (Concord: its own `Client`); payloads are applied one at a time to the merging replica.",
-      "- Row 4: the peers use `encodeStateAsUpdate(doc, stateVectorOfPeer)`, `saveSince(doc, heads)` + `loadIncremental`, `export({mode: 'update', from: version})`; Concord's up-to-date replica answers a `Subscribe` carrying the lagging peer's version vector with one `Deltas` frame. Only the catch-up is timed (setup untimed).",
-      "- Concord replicas: `Client.connect({ urls: [], persist: false, broadcast: <own channel> })`. The public API has no export/import of state or deltas, so sync goes through the tab-to-tab BroadcastChannel protocol with a JS frame forwarder standing in for a relay (see the header of bench/compare.mjs). Concord's times therefore include one frame encode + `postMessage` per local write, and event-loop hops in the sync phase; both are shown separately above.",
-    ].join("\n"),
-  );
-  L.push("");
-  L.push("## What a direct Concord row needs");
-  L.push("");
-  L.push(
-    [
-      "The package has no way to hand state or deltas from one in-process document to another, so rows 1–3 go through " +
-        "BroadcastChannel frames and row 4 through a hand-built `Subscribe` frame. A direct, transport-free comparison " +
-        "(what the peers get with `encodeStateAsUpdate`/`applyUpdate`, `saveSince`/`loadIncremental`, `export`/`import`) " +
-        "needs, on `Doc` (and `DocHandle` under it), over what `concord-core` already has:",
-      "",
-      "- `doc.version(): Uint8Array` — the encoded `VersionVector` (`Document::version`), the peer's \"state vector\".",
-      "- `doc.encodeUpdate(since?: Uint8Array): Uint8Array` — the deltas since `since` (`Document::deltas_since`, " +
-        "encoded like `Msg::Deltas`), or the whole state when the log does not reach back or `since` is absent " +
-        "(`all_fields` + `context` + `version`, without the delta log and pending buffer that `Document::encode` carries).",
-      "- `doc.applyUpdate(bytes: Uint8Array): void` — `Document::apply` for deltas, `Document::merge_state` for state; " +
-        "fires the change listener with `origin: \"remote\"`, like a frame from another tab.",
-      "- optionally `Client.free()` (or freeing on `close()`): a closed client's wasm memory comes back only when the " +
-        "garbage collector finalizes it; the bench forces a GC between runs for that reason.",
+      "- Row 4: the peers use `encodeStateAsUpdate(doc, stateVectorOfPeer)`, `saveSince(doc, heads)` + `loadIncremental`, `export({mode: 'update', from: version})`; Concord `encodeUpdate(peer.version())` + `applyUpdate` (one `Deltas` frame). Only the catch-up is timed (setup untimed).",
+      "- Concord replicas: `Client.connect({ urls: [], persist: false, broadcast: false })`; full updates with `encodeUpdate()` and `applyUpdate(bytes)`, the counterparts of the peers' calls. Closed clients give their wasm memory back when the garbage collector finalizes them, so the bench forces a GC between runs.",
     ].join("\n"),
   );
   return L.join("\n") + "\n";

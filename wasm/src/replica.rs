@@ -447,11 +447,13 @@ impl Replica {
 
     /// What a replica of `doc` at version `since` lacks (everything when `since` is
     /// `None`), as one frame for [`Replica::apply_update`]: the protocol's `Deltas` frame
-    /// when the delta log reaches back, else a state frame (the tab protocol's [`channel::STATE`]).
-    /// `None` when `doc` is not open.
+    /// when the delta log reaches back (batched deltas are the compact form: a replica's
+    /// run of writes to one counter is one item), else a state frame (the tab protocol's
+    /// [`channel::STATE`]). `None` when `doc` is not open.
     pub fn encode_update(&self, doc: &str, since: Option<&VersionVector>) -> Option<Vec<u8>> {
         let d = &self.docs.get(doc)?.doc;
-        Some(match since.and_then(|vv| d.deltas_since(vv)) {
+        let nothing = VersionVector::new();
+        Some(match d.deltas_since(since.unwrap_or(&nothing)) {
             Some(ds) => {
                 let deltas = ds.into_iter().cloned().collect();
                 Msg::Deltas(Deltas { doc: doc.to_owned(), deltas }).encode()
@@ -650,9 +652,10 @@ mod tests {
         a.take();
         b.take();
 
-        // Everything (no version): a state frame; b merges it and tells its listeners.
+        // Everything (no version): the log reaches back to the start, so deltas; b
+        // applies them and tells its listeners.
         let full = a.encode_update("a-copy", None).unwrap();
-        assert_eq!(full[0], channel::STATE);
+        assert!(matches!(Msg::decode(&full), Ok(Msg::Deltas(ref m)) if m.deltas.len() == 2));
         b.apply_update("b-copy", &full).unwrap();
         let out = b.take();
         assert!(out.iter().any(|o| matches!(o, Out::Change { local: false, .. })));
@@ -685,6 +688,26 @@ mod tests {
         assert!(a.take().is_empty());
         assert!(matches!(a.apply_update("nope", &back), Err(Refused::NotOpen)));
         assert!(a.encode_update("nope", None).is_none());
+
+        // Beyond the delta log: the state, without the log; the receiver re-announces.
+        a.open("big");
+        b.open("big");
+        let writes = DocConfig::default().log_capacity + 5;
+        for i in 0..writes {
+            a.write("big", &mut |d| d.set_add("s", Value::from(format!("e{i}"))).map(Some)).unwrap();
+        }
+        a.take();
+        b.take();
+        let state = a.encode_update("big", None).unwrap();
+        assert_eq!(state[0], channel::STATE);
+        assert!(state.len() * 2 < a.snapshot("big").unwrap().len());
+        b.apply_update("big", &state).unwrap();
+        let out = b.take();
+        assert!(out.iter().any(|o| matches!(o, Out::Change { local: false, .. })));
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Out::Tab(f) if matches!(Msg::decode(f), Ok(Msg::Subscribe(_))))));
+        assert_eq!(b.read("big", |d| d.set_values("s").len()), Some(writes));
     }
 
     #[test]
