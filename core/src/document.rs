@@ -32,6 +32,8 @@ use crate::value::Value;
 use crate::vv::{CausalContext, VersionVector};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
 
 /// The CRDT type of a field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -149,9 +151,19 @@ impl Wire for Field {
     }
 }
 
-/// One mutation: the dot that names it, the key it changed, and the CRDT delta.
+/// One mutation: the dot that names it, the key it changed, and the CRDT delta
+/// ([`DeltaBody`], read through `Deref`: `d.dot`, `d.key`, `d.payload`).
+///
+/// Shared, not copied: a delta is immutable once made, and the same one sits in the
+/// document's log, in the [`crate::sync::Event::Applied`] a session hands back for
+/// persisting and forwarding, and in the `Deltas` messages to every subscriber. Cloning is
+/// a reference-count increment.
+#[derive(Clone, PartialEq)]
+pub struct Delta(Arc<DeltaBody>);
+
+/// The contents of a [`Delta`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Delta {
+pub struct DeltaBody {
     /// Unique name of this mutation.
     pub dot: Dot,
     /// The key it changed.
@@ -160,7 +172,58 @@ pub struct Delta {
     pub payload: Field,
 }
 
+impl std::ops::Deref for Delta {
+    type Target = DeltaBody;
+    #[inline]
+    fn deref(&self) -> &DeltaBody {
+        &self.0
+    }
+}
+
+impl From<DeltaBody> for Delta {
+    fn from(b: DeltaBody) -> Delta {
+        Delta(Arc::new(b))
+    }
+}
+
+impl fmt::Debug for Delta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delta")
+            .field("dot", &self.dot)
+            .field("key", &self.key)
+            .field("payload", &self.payload)
+            .finish()
+    }
+}
+
+impl Serialize for Delta {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Delta {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Delta, D::Error> {
+        DeltaBody::deserialize(d).map(Delta::from)
+    }
+}
+
 impl Delta {
+    /// The delta of `dot` changing `key` by `payload`.
+    pub fn new(dot: Dot, key: impl Into<String>, payload: Field) -> Delta {
+        Delta::from(DeltaBody { dot, key: key.into(), payload })
+    }
+
+    /// The contents, to change: copied first if the delta is shared.
+    pub fn body_mut(&mut self) -> &mut DeltaBody {
+        Arc::make_mut(&mut self.0)
+    }
+
+    /// The contents, by value: moved out when this is the only reference, else copied.
+    pub fn into_body(self) -> DeltaBody {
+        Arc::try_unwrap(self.0).unwrap_or_else(|shared| (*shared).clone())
+    }
+
     /// Checks a delta that came from outside: its payload's invariants, and for sets that
     /// it adds with its own dot only and its context covers that dot.
     pub fn validate(&self) -> Result<(), InvalidState> {
@@ -198,7 +261,7 @@ impl Wire for Delta {
     }
 
     fn read(r: &mut Reader<'_>) -> R<Self> {
-        Ok(Delta { dot: Dot::read(r)?, key: r.string()?, payload: Field::read(r)? })
+        Ok(Delta::new(Dot::read(r)?, r.string()?, Field::read(r)?))
     }
 }
 
@@ -602,7 +665,7 @@ impl Document {
     }
 
     fn commit_local(&mut self, key: &str, payload: Field) -> Delta {
-        let delta = Delta { dot: self.next_dot(), key: key.to_owned(), payload };
+        let delta = Delta::new(self.next_dot(), key, payload);
         self.apply_now(delta.clone());
         delta
     }

@@ -48,7 +48,7 @@ pub mod vv;
 pub use cluster::{FailureDetector, Health, HintQueue, Target, WriteQuorum};
 pub use codec::DecodeError;
 pub use docset::{DocSet, DocSetDiff};
-pub use document::{Delta, DocConfig, DocError, Document, Field, Kind};
+pub use document::{Delta, DeltaBody, DocConfig, DocError, Document, Field, Kind};
 pub use gcounter::GCounter;
 pub use hlc::{Hlc, Timestamp};
 pub use id::{Dot, ReplicaId};

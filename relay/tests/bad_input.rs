@@ -98,7 +98,7 @@ async fn an_invalid_delta_is_rejected_and_nothing_of_it_is_persisted() {
     // A delta with sequence 0 breaks an invariant.
     let mut d = Document::new(ReplicaId(1));
     let mut bad = d.increment("n", 5).unwrap();
-    bad.dot.seq = 0;
+    bad.body_mut().dot.seq = 0;
     c.send_raw(Msg::Deltas(Deltas { doc: "doc".into(), deltas: vec![bad] }).encode()).await;
     assert!(c.pump_until(T, |c| has_error(c, ErrorCode::INVALID)).await);
     let mut r = Client::new(77);

@@ -38,6 +38,8 @@
 
 use super::msg::Deltas;
 use crate::codec::{put_bytes, put_seq, put_varint, unzigzag, zigzag, Reader, Wire, R};
+#[cfg(test)]
+use crate::document::DeltaBody;
 use crate::document::{Delta, Field};
 use crate::hlc::Timestamp;
 use crate::id::{Dot, ReplicaId};
@@ -433,7 +435,7 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
     let n = r.count()?;
     // Keys are filled in at the end (`key_of` holds each delta's key index), moved into
     // the last delta that uses them (most keys occur once in a batch), cloned for others.
-    let mut deltas: Vec<Delta> = Vec::with_capacity(n);
+    let mut parts: Vec<(Dot, Field)> = Vec::with_capacity(n);
     let mut key_of: Vec<usize> = Vec::with_capacity(n);
     let max_dots = MAX_BATCH_DOTS.max(body.len());
     let mut last_seq = vec![0u64; replicas.len()];
@@ -452,7 +454,7 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
         let extra = if head & RUN != 0 { r.varint()? } else { 0 };
         let last = seq.checked_add(extra).ok_or("run passes the last sequence number")?;
         let run = usize::try_from(extra).ok().and_then(|e| e.checked_add(1)).unwrap_or(usize::MAX);
-        if run > max_dots - deltas.len().min(max_dots) {
+        if run > max_dots - parts.len().min(max_dots) {
             return Err("batch expands to too many deltas");
         }
         last_seq[idx] = last;
@@ -491,10 +493,10 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
             _ => return Err("unknown delta kind"),
         };
         for q in seq..last {
-            deltas.push(Delta { dot: Dot::new(own, q), key: String::new(), payload: field.clone() });
+            parts.push((Dot::new(own, q), field.clone()));
             key_of.push(key);
         }
-        deltas.push(Delta { dot, key: String::new(), payload: field });
+        parts.push((dot, field));
         key_of.push(key);
     }
     if !r.is_empty() {
@@ -504,8 +506,10 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
     for (i, &k) in key_of.iter().enumerate() {
         last_use[k] = i;
     }
-    for (i, (d, &k)) in deltas.iter_mut().zip(&key_of).enumerate() {
-        d.key = if last_use[k] == i { std::mem::take(&mut keys[k]) } else { keys[k].clone() };
+    let mut deltas = Vec::with_capacity(parts.len());
+    for (i, ((dot, payload), &k)) in parts.into_iter().zip(&key_of).enumerate() {
+        let key = if last_use[k] == i { std::mem::take(&mut keys[k]) } else { keys[k].clone() };
+        deltas.push(Delta::new(dot, key, payload));
     }
     Ok(Deltas { doc, deltas })
 }
@@ -614,10 +618,12 @@ mod tests {
         let ds: Vec<Delta> = names
             .iter()
             .enumerate()
-            .map(|(i, k)| Delta {
-                dot: Dot::new(ReplicaId(1), i as u64 + 1),
-                key: k.to_string(),
-                payload: Field::Counter(GCounter::default()),
+            .map(|(i, k)| {
+                Delta::from(DeltaBody {
+                    dot: Dot::new(ReplicaId(1), i as u64 + 1),
+                    key: k.to_string(),
+                    payload: Field::Counter(GCounter::default()),
+                })
             })
             .collect();
         let got: Vec<&str> = by_key(&ds).iter().map(|&(_, i)| ds[i as usize].key.as_str()).collect();
@@ -638,11 +644,11 @@ mod tests {
                 let key: String = (0..x % 13)
                     .map(|j| [b'a', b'b', b'\0', 0xc3][((x >> (4 * j)) % 4) as usize] as char)
                     .collect();
-                Delta {
+                Delta::from(DeltaBody {
                     dot: Dot::new(ReplicaId(1), i + 1),
                     key,
                     payload: Field::Counter(GCounter::default()),
-                }
+                })
             })
             .collect();
         let got: Vec<u32> = by_key(&ds).iter().map(|x| x.1).collect();
