@@ -59,7 +59,10 @@ function listeners() {
       return () => set.delete(fn);
     },
     emit(arg) {
-      for (const fn of [...set]) safeCall(fn, arg);
+      if (set.size) for (const fn of [...set]) safeCall(fn, arg);
+    },
+    get size() {
+      return set.size;
     },
     clear() {
       set.clear();
@@ -492,11 +495,22 @@ export class Doc {
   #id;
   #synced;
   #changes = listeners();
+  /** What the accessors call: the handle, with local writes reported to the listeners
+   * here (the wasm side only says whether the write changed anything). */
+  #ops;
   constructor(key, id, handle, synced) {
     if (key !== INTERNAL) throw new TypeError("use `await client.open(id)`");
     this.#id = id;
     this.#h = handle;
     this.#synced = synced;
+    const changes = this.#changes;
+    this.#ops = {
+      write(op, k, n, v) {
+        if (handle.write(op, k, n, v) && changes.size) changes.emit({ origin: "local", keys: [k] });
+      },
+      number: (op, k, v) => handle.number(op, k, v),
+      bytes: (op, k) => handle.bytes(op, k),
+    };
   }
 
   [INTERNAL](event) {
@@ -514,7 +528,7 @@ export class Doc {
     if (holds && holds !== kind) {
       throw new TypeError(`key ${JSON.stringify(key)} holds a ${KINDS[holds]}, not a ${KINDS[kind]}; use another key`);
     }
-    return new Cls(this.#h, key);
+    return new Cls(this.#ops, key);
   }
 
   counter(key) {
@@ -740,7 +754,7 @@ export class Client {
     return {
       relay: (frame) => this.#ws?.send(frame.slice()),
       tab: (frame) => this.#bc?.postMessage(frame.slice()),
-      change: (doc, keys, local) => this.#open.get(doc)?.[INTERNAL]({ origin: local ? "local" : "remote", keys }),
+      change: (doc, keys) => this.#open.get(doc)?.[INTERNAL]({ origin: "remote", keys }),
       persist: (doc, seq, bytes) => {
         if (!this.#store) return;
         this.#toPersist.push([doc, [doc, this.#hex, seq], bytes.slice()]);

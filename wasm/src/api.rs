@@ -25,9 +25,9 @@ extern "C" {
     /// Post `frame` to the other tabs.
     #[wasm_bindgen(method)]
     fn tab(this: &Host, frame: &[u8]);
-    /// `doc` changed at `keys`.
+    /// `doc` changed at `keys` by a remote write (local writes: see [`DocHandle::write`]).
     #[wasm_bindgen(method)]
-    fn change(this: &Host, doc: &str, keys: Array, local: bool);
+    fn change(this: &Host, doc: &str, keys: Array);
     /// Store a local write in the outbox under `[doc, replicaId, seq]`.
     #[wasm_bindgen(method)]
     fn persist(this: &Host, doc: &str, seq: f64, delta: &[u8]);
@@ -106,8 +106,8 @@ impl Shared {
             match o {
                 Out::Relay(f) => h.relay(&f),
                 Out::Tab(f) => h.tab(&f),
-                Out::Change { doc, keys, local } => {
-                    h.change(&doc, keys.iter().map(|k| JsValue::from_str(k)).collect(), local)
+                Out::Change { doc, keys } => {
+                    h.change(&doc, keys.iter().map(|k| JsValue::from_str(k)).collect())
                 }
                 Out::Persist { doc, seq, bytes } => h.persist(&doc, seq as f64, &bytes),
                 Out::Dirty(doc) => h.dirty(&doc),
@@ -251,7 +251,7 @@ impl DocHandle {
     fn write_op(
         &self,
         op: &mut dyn FnMut(&mut Document) -> Result<Option<Delta>, DocError>,
-    ) -> Result<(), JsValue> {
+    ) -> Result<bool, JsValue> {
         self.s.run(|r| r.write(&self.id, op))?.map_err(refused)
     }
 
@@ -305,8 +305,9 @@ pub mod op {
 #[wasm_bindgen]
 impl DocHandle {
     /// A local write: `op` (an [`op`] write) on `key`, with the amount `n` (counters) or
-    /// the encoded [`Value`] `value` (registers and sets).
-    pub fn write(&self, op: u8, key: &str, n: f64, value: &[u8]) -> Result<(), JsValue> {
+    /// the encoded [`Value`] `value` (registers and sets). Returns whether the document
+    /// changed: the caller tells the listeners (the key is its own; nothing crosses back).
+    pub fn write(&self, op: u8, key: &str, n: f64, value: &[u8]) -> Result<bool, JsValue> {
         match op {
             op::INCREMENT | op::PN_ADD => {
                 let n = count(n)?;

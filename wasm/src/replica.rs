@@ -32,8 +32,10 @@ pub enum Out {
     Relay(Vec<u8>),
     /// Post a frame to the other tabs.
     Tab(Vec<u8>),
-    /// `doc` changed at `keys`: tell its listeners.
-    Change { doc: String, keys: Vec<String>, local: bool },
+    /// `doc` changed at `keys` by a remote write (a relay's, another tab's, an update's):
+    /// tell its listeners. Local writes are reported by the caller of
+    /// [`Replica::write`], which knows the key, so no strings cross back for them.
+    Change { doc: String, keys: Vec<String> },
     /// A local write: store it in the outbox (key `[doc, replica hex, seq]`).
     Persist { doc: String, seq: u64, bytes: Vec<u8> },
     /// `doc` changed: snapshot it soon.
@@ -238,15 +240,15 @@ impl Replica {
         self.docs.get(doc).map(|e| &e.doc)
     }
 
-    /// Makes a local write: `op` returns the delta (or `None` for a no-op).
+    /// Makes a local write: `op` returns the delta (or `None` for a no-op). Returns
+    /// whether the document changed (the caller tells the listeners).
     pub fn write(
         &mut self,
         doc: &str,
         op: &mut dyn FnMut(&mut Document) -> Result<Option<Delta>, DocError>,
-    ) -> Result<(), Refused> {
+    ) -> Result<bool, Refused> {
         let e = self.docs.get_mut(doc).ok_or(Refused::NotOpen)?;
-        let Some(delta) = op(&mut e.doc).map_err(Refused::Doc)? else { return Ok(()) };
-        self.out.push(Out::Change { doc: doc.to_owned(), keys: vec![delta.key.clone()], local: true });
+        let Some(delta) = op(&mut e.doc).map_err(Refused::Doc)? else { return Ok(false) };
         if self.tabs {
             let frame = Msg::Deltas(Deltas { doc: doc.to_owned(), deltas: vec![delta.clone()] }).encode();
             self.out.push(Out::Tab(frame));
@@ -255,7 +257,7 @@ impl Replica {
         if self.persist {
             self.out.push(Out::Persist { doc: doc.to_owned(), seq: delta.dot.seq, bytes: delta.encode() });
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Deltas applied here (local, or from another tab): to the relay; snapshot later.
@@ -338,7 +340,7 @@ impl Replica {
                         for d in &deltas {
                             e.relay_has.insert(d.dot);
                         }
-                        self.out.push(Out::Change { doc: doc.clone(), keys: keys_of(&deltas), local: false });
+                        self.out.push(Out::Change { doc: doc.clone(), keys: keys_of(&deltas) });
                         e.settle(&mut self.out);
                         if self.persist {
                             self.out.push(Out::Dirty(doc));
@@ -348,7 +350,7 @@ impl Replica {
                 Event::StateMerged { doc } => {
                     if let Some(e) = self.docs.get(&doc) {
                         let keys = e.doc.keys().map(str::to_owned).collect();
-                        self.out.push(Out::Change { doc: doc.clone(), keys, local: false });
+                        self.out.push(Out::Change { doc: doc.clone(), keys });
                         if self.persist {
                             self.out.push(Out::Dirty(doc));
                         }
@@ -402,7 +404,7 @@ impl Replica {
                 merge_into(&mut e.doc, &other);
                 if e.doc.version() != &before {
                     let keys = e.doc.keys().map(str::to_owned).collect();
-                    self.out.push(Out::Change { doc: doc_id.to_owned(), keys, local: false });
+                    self.out.push(Out::Change { doc: doc_id.to_owned(), keys });
                     if self.persist {
                         self.out.push(Out::Dirty(doc_id.to_owned()));
                     }
@@ -419,11 +421,7 @@ impl Replica {
                         }
                     }
                     if !applied.is_empty() {
-                        self.out.push(Out::Change {
-                            doc: m.doc.clone(),
-                            keys: keys_of(&applied),
-                            local: false,
-                        });
+                        self.out.push(Out::Change { doc: m.doc.clone(), keys: keys_of(&applied) });
                         self.forward(&m.doc, &applied);
                     }
                 }
@@ -479,7 +477,7 @@ impl Replica {
             merge_into(&mut e.doc, &other);
             if e.doc.version() != &before {
                 let keys = e.doc.keys().map(str::to_owned).collect();
-                self.out.push(Out::Change { doc: doc.to_owned(), keys, local: false });
+                self.out.push(Out::Change { doc: doc.to_owned(), keys });
                 if self.persist {
                     self.out.push(Out::Dirty(doc.to_owned()));
                 }
@@ -500,7 +498,7 @@ impl Replica {
             }
         }
         if !applied.is_empty() {
-            self.out.push(Out::Change { doc: doc.to_owned(), keys: keys_of(&applied), local: false });
+            self.out.push(Out::Change { doc: doc.to_owned(), keys: keys_of(&applied) });
             if self.tabs {
                 let frame = Msg::Deltas(Deltas { doc: doc.to_owned(), deltas: applied.clone() }).encode();
                 self.out.push(Out::Tab(frame));
@@ -559,29 +557,31 @@ mod tests {
     }
 
     #[test]
-    fn a_local_write_goes_to_listeners_tabs_and_the_outbox() {
+    fn a_local_write_goes_to_tabs_and_the_outbox_and_says_whether_it_changed_anything() {
         let mut r = Replica::new(fresh);
         r.open("d");
         r.announce("d");
         assert!(matches!(&r.take()[..], [Out::Tab(_)]), "a subscribe to the other tabs");
-        r.write("d", &mut |d| d.increment("likes", 2).map(Some)).unwrap();
+        assert!(r.write("d", &mut |d| d.increment("likes", 2).map(Some)).unwrap());
         let out = r.take();
-        assert!(matches!(&out[0], Out::Change { keys, local: true, .. } if keys == &["likes"]));
-        assert!(matches!(&out[1], Out::Tab(_)));
-        assert!(matches!(&out[2], Out::Dirty(d) if d == "d"));
-        assert!(matches!(&out[3], Out::Persist { seq: 1, .. }));
+        assert!(matches!(&out[0], Out::Tab(_)));
+        assert!(matches!(&out[1], Out::Dirty(d) if d == "d"));
+        assert!(matches!(&out[2], Out::Persist { seq: 1, .. }));
+        assert_eq!(out.len(), 3, "the caller, not an output, tells the listeners");
+        assert!(!r.write("d", &mut |d| d.set_remove("tags", &Value::from("absent"))).unwrap());
+        assert!(r.take().is_empty(), "a no-op write sends nothing");
         assert!(matches!(r.write("nope", &mut |d| d.increment("x", 1).map(Some)), Err(Refused::NotOpen)));
     }
 
     #[test]
-    fn without_tabs_or_storage_a_write_only_tells_its_listeners() {
+    fn without_tabs_or_storage_a_write_makes_no_output() {
         let mut r = Replica::new(fresh);
         (r.tabs, r.persist) = (false, false);
         r.open("d");
         r.announce("d");
-        r.write("d", &mut |d| d.increment("likes", 2).map(Some)).unwrap();
+        assert!(r.write("d", &mut |d| d.increment("likes", 2).map(Some)).unwrap());
         let out = r.take();
-        assert!(matches!(&out[..], [Out::Change { local: true, .. }]), "{} outputs", out.len());
+        assert!(out.is_empty(), "{} outputs", out.len());
         assert_eq!(r.read("d", |d| d.counter("likes")), Some(2));
     }
 
@@ -658,7 +658,7 @@ mod tests {
         assert!(matches!(Msg::decode(&full), Ok(Msg::Deltas(ref m)) if m.deltas.len() == 2));
         b.apply_update("b-copy", &full).unwrap();
         let out = b.take();
-        assert!(out.iter().any(|o| matches!(o, Out::Change { local: false, .. })));
+        assert!(out.iter().any(|o| matches!(o, Out::Change { .. })));
         assert!(out.iter().any(|o| matches!(o, Out::Tab(_))), "re-announced to the other tabs");
 
         // Since b's version: only b's own write, as deltas.
@@ -668,10 +668,7 @@ mod tests {
         let back = b.encode_update("b-copy", a.read("a-copy", |d| d.version().clone()).as_ref()).unwrap();
         assert!(matches!(Msg::decode(&back), Ok(Msg::Deltas(ref m)) if m.deltas.len() == 1));
         a.apply_update("a-copy", &back).unwrap();
-        assert!(a
-            .take()
-            .iter()
-            .any(|o| matches!(o, Out::Change { keys, local: false, .. } if keys == &["votes"])));
+        assert!(a.take().iter().any(|o| matches!(o, Out::Change { keys, .. } if keys == &["votes"])));
         let json = |r: &Replica, d: &str| r.read(d, |d| format!("{:?}", d.to_value())).unwrap();
         assert_eq!(json(&a, "a-copy"), json(&b, "b-copy"));
 
@@ -703,7 +700,7 @@ mod tests {
         assert!(state.len() * 2 < a.snapshot("big").unwrap().len());
         b.apply_update("big", &state).unwrap();
         let out = b.take();
-        assert!(out.iter().any(|o| matches!(o, Out::Change { local: false, .. })));
+        assert!(out.iter().any(|o| matches!(o, Out::Change { .. })));
         assert!(out
             .iter()
             .any(|o| matches!(o, Out::Tab(f) if matches!(Msg::decode(f), Ok(Msg::Subscribe(_))))));
