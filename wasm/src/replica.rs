@@ -395,21 +395,8 @@ impl Replica {
     pub fn tab(&mut self, bytes: &[u8]) {
         let mut amnesia = false;
         if let Some((doc_id, snapshot)) = channel::decode_state(bytes) {
-            let Some(e) = self.docs.get_mut(doc_id) else { return };
             let Ok(other) = Document::decode(snapshot, DocConfig::default()) else { return };
-            if e.doc.check_amnesia(other.version()).is_err() {
-                amnesia = true;
-            } else {
-                let before = e.doc.version().clone();
-                merge_into(&mut e.doc, &other);
-                if e.doc.version() != &before {
-                    let keys = e.doc.keys().map(str::to_owned).collect();
-                    self.out.push(Out::Change { doc: doc_id.to_owned(), keys });
-                    if self.persist {
-                        self.out.push(Out::Dirty(doc_id.to_owned()));
-                    }
-                }
-            }
+            amnesia = self.merge_state_frame(doc_id, &other).is_err();
         } else {
             match Msg::decode(bytes) {
                 Ok(Msg::Deltas(m)) => {
@@ -441,6 +428,25 @@ impl Replica {
         }
     }
 
+    /// Merges `other`, a document's state from a state frame, into open document `doc`;
+    /// listeners and storage hear of a change. `Ok(changed)`, or `Err` when `other` shows
+    /// this replica's own writes ahead of it (amnesia: the caller takes a new id).
+    fn merge_state_frame(&mut self, doc: &str, other: &Document) -> Result<bool, ()> {
+        let Some(e) = self.docs.get_mut(doc) else { return Ok(false) };
+        e.doc.check_amnesia(other.version()).map_err(|_| ())?;
+        let before = e.doc.version().clone();
+        merge_into(&mut e.doc, other);
+        if e.doc.version() == &before {
+            return Ok(false);
+        }
+        let keys = e.doc.keys().map(str::to_owned).collect();
+        self.out.push(Out::Change { doc: doc.to_owned(), keys });
+        if self.persist {
+            self.out.push(Out::Dirty(doc.to_owned()));
+        }
+        Ok(true)
+    }
+
     // ---- updates: state and deltas handed over by the application ----
 
     /// What a replica of `doc` at version `since` lacks (everything when `since` is
@@ -466,26 +472,20 @@ impl Replica {
     /// subscribing again), and to storage. Bytes that are not an update change nothing; a
     /// batch with an invalid delta applies the valid ones and reports the first error.
     pub fn apply_update(&mut self, doc: &str, bytes: &[u8]) -> Result<(), Refused> {
-        let e = self.docs.get_mut(doc).ok_or(Refused::NotOpen)?;
+        if !self.docs.contains_key(doc) {
+            return Err(Refused::NotOpen);
+        }
         if let Some((_, snapshot)) = channel::decode_state(bytes) {
             let other = Document::decode(snapshot, DocConfig::default()).map_err(|_| Refused::NotAnUpdate)?;
-            if e.doc.check_amnesia(other.version()).is_err() {
-                self.reidentify();
-                return Ok(());
-            }
-            let before = e.doc.version().clone();
-            merge_into(&mut e.doc, &other);
-            if e.doc.version() != &before {
-                let keys = e.doc.keys().map(str::to_owned).collect();
-                self.out.push(Out::Change { doc: doc.to_owned(), keys });
-                if self.persist {
-                    self.out.push(Out::Dirty(doc.to_owned()));
-                }
-                self.announce(doc);
+            match self.merge_state_frame(doc, &other) {
+                Err(()) => self.reidentify(),
+                Ok(true) => self.announce(doc),
+                Ok(false) => {}
             }
             return Ok(());
         }
         let Ok(Msg::Deltas(m)) = Msg::decode(bytes) else { return Err(Refused::NotAnUpdate) };
+        let Some(e) = self.docs.get_mut(doc) else { return Err(Refused::NotOpen) };
         let (mut applied, mut first_error) = (Vec::new(), None);
         for d in m.deltas {
             match e.doc.apply_into(d, &mut applied) {

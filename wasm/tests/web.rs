@@ -66,16 +66,17 @@ fn every_crdt_works_through_the_api() {
     assert_eq!(r.replica_id().len(), 16);
     let d = open(&r, "board-1");
 
-    d.write(op::INCREMENT, "likes", 1.0, &[]).unwrap();
-    d.write(op::INCREMENT, "likes", 2.0, &[]).unwrap();
-    d.write(op::PN_ADD, "votes", 2.0, &[]).unwrap();
-    d.write(op::PN_ADD, "votes", -3.0, &[]).unwrap();
-    d.write(op::SET_REGISTER, "title", 0.0, &enc("Hello")).unwrap();
-    d.write(op::SET_REGISTER, "title", 0.0, &enc("Hello, world")).unwrap();
-    d.write(op::SET_ADD, "tags", 0.0, &enc("rust")).unwrap();
-    d.write(op::SET_ADD, "tags", 0.0, &enc("wasm")).unwrap();
-    d.write(op::SET_REMOVE, "tags", 0.0, &enc("wasm")).unwrap();
-    d.write(op::SET_REMOVE, "tags", 0.0, &enc("never-added")).unwrap();
+    let mut changed = 0;
+    changed += u32::from(d.write(op::INCREMENT, "likes", 1.0, &[]).unwrap());
+    changed += u32::from(d.write(op::INCREMENT, "likes", 2.0, &[]).unwrap());
+    changed += u32::from(d.write(op::PN_ADD, "votes", 2.0, &[]).unwrap());
+    changed += u32::from(d.write(op::PN_ADD, "votes", -3.0, &[]).unwrap());
+    changed += u32::from(d.write(op::SET_REGISTER, "title", 0.0, &enc("Hello")).unwrap());
+    changed += u32::from(d.write(op::SET_REGISTER, "title", 0.0, &enc("Hello, world")).unwrap());
+    changed += u32::from(d.write(op::SET_ADD, "tags", 0.0, &enc("rust")).unwrap());
+    changed += u32::from(d.write(op::SET_ADD, "tags", 0.0, &enc("wasm")).unwrap());
+    changed += u32::from(d.write(op::SET_REMOVE, "tags", 0.0, &enc("wasm")).unwrap());
+    changed += u32::from(d.write(op::SET_REMOVE, "tags", 0.0, &enc("never-added")).unwrap());
 
     assert_eq!(d.number(op::COUNTER, "likes", &[]).unwrap(), 3.0);
     assert_eq!(d.number(op::PN_COUNTER, "votes", &[]).unwrap(), -1.0);
@@ -95,12 +96,39 @@ fn every_crdt_works_through_the_api() {
         ("votes", (-1).into()),
     ]);
     assert_eq!(json(&d), expected);
-    // Every effective write: a change event, a frame for the other tabs, a dirty mark
-    // and an outbox entry (the two no-op removes produced nothing).
+    // Every effective write says so (the caller tells the listeners) and makes a frame for
+    // the other tabs, a dirty mark and an outbox entry; the no-op remove makes nothing.
+    assert_eq!(changed, 9);
     let kinds: Vec<String> = log.iter().filter_map(|k| k.as_string()).collect();
     assert_eq!(kinds.iter().filter(|k| *k == "persist").count(), 9);
-    assert_eq!(kinds.iter().filter(|k| *k == "change").count(), 9);
+    assert_eq!(kinds.iter().filter(|k| *k == "change").count(), 0, "local writes cross back no strings");
     r.close();
+}
+
+#[wasm_bindgen_test]
+fn updates_move_state_between_replicas_and_garbage_is_a_type_error() {
+    let (la, lb) = (Array::new(), Array::new());
+    let (ra, rb) = (replica(&la), replica(&lb));
+    let (a, b) = (open(&ra, "x"), open(&rb, "y"));
+    a.write(op::INCREMENT, "likes", 4.0, &[]).unwrap();
+    a.write(op::SET_ADD, "tags", 0.0, &enc("rust")).unwrap();
+    b.write(op::PN_ADD, "votes", -1.0, &[]).unwrap();
+    b.apply_update(&a.update(&[]).unwrap()).unwrap();
+    let since_a = a.bytes(op::VERSION, "").unwrap();
+    a.apply_update(&b.update(&since_a).unwrap()).unwrap();
+    assert_eq!(json(&a), json(&b));
+    assert_eq!(a.number(op::PN_COUNTER, "votes", &[]).unwrap(), -1.0);
+    let remote = |l: &Array| l.iter().filter(|k| k.as_string().as_deref() == Some("change")).count();
+    assert_eq!((remote(&la), remote(&lb)), (1, 1), "each heard one remote change");
+    let before = json(&b);
+    for bad in [&[3u8, 1, 2][..], &[0xc1, 9]] {
+        let e = b.apply_update(bad).unwrap_err();
+        assert_eq!(class_of(&e), "TypeError");
+    }
+    assert_eq!(class_of(&a.update(&[9, 9]).unwrap_err()), "TypeError");
+    assert_eq!(json(&b), before);
+    ra.close();
+    rb.close();
 }
 
 #[wasm_bindgen_test]
