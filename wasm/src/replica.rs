@@ -605,16 +605,22 @@ mod tests {
         assert_eq!(a.read("d", |d| (d.counter("likes"), d.pn_counter("votes"))), Some((5, -1)));
     }
 
+    /// Adds more elements to set "s" of `doc` than the delta log holds; returns how many.
+    fn write_past_the_log(r: &mut Replica, doc: &str) -> usize {
+        let writes = DocConfig::default().log_capacity + 5;
+        for i in 0..writes {
+            r.write(doc, &mut |d| d.set_add("s", Value::from(format!("e{i}"))).map(Some)).unwrap();
+        }
+        r.take();
+        writes
+    }
+
     #[test]
     fn a_tab_beyond_the_log_gets_the_state_without_the_log_and_converges() {
         let (mut a, mut b) = (Replica::new(fresh), Replica::new(fresh));
         a.open("d");
         a.announce("d");
-        let writes = DocConfig::default().log_capacity + 10;
-        for i in 0..writes {
-            a.write("d", &mut |d| d.set_add("s", Value::from(format!("e{i}"))).map(Some)).unwrap();
-        }
-        a.take();
+        let writes = write_past_the_log(&mut a, "d");
         b.open("d");
         b.announce("d");
         // b's subscribe reaches a, whose log no longer reaches back: a STATE frame.
@@ -689,11 +695,7 @@ mod tests {
         // Beyond the delta log: the state, without the log; the receiver re-announces.
         a.open("big");
         b.open("big");
-        let writes = DocConfig::default().log_capacity + 5;
-        for i in 0..writes {
-            a.write("big", &mut |d| d.set_add("s", Value::from(format!("e{i}"))).map(Some)).unwrap();
-        }
-        a.take();
+        let writes = write_past_the_log(&mut a, "big");
         b.take();
         let state = a.encode_update("big", None).unwrap();
         assert_eq!(state[0], channel::STATE);
