@@ -118,8 +118,14 @@ pub struct Replica {
     pub persist: bool,
 }
 
+/// The keys `deltas` changed, each once, sorted (a batch of a thousand increments of one
+/// counter is one key for the listeners, not a thousand strings for JS).
 fn keys_of(deltas: &[Delta]) -> Vec<String> {
-    deltas.iter().map(|d| d.key.clone()).collect()
+    let mut keys: Vec<&str> = deltas.iter().map(|d| d.key.as_str()).collect();
+    keys.dedup(); // runs first: deltas of one key mostly come together
+    concord_core::sort::sort(&mut keys);
+    keys.dedup();
+    keys.into_iter().map(str::to_owned).collect()
 }
 
 /// Joins `other` into `base`: by deltas when `other`'s log reaches back, else by state.
@@ -401,7 +407,7 @@ impl Replica {
             match Msg::decode(bytes) {
                 Ok(Msg::Deltas(m)) => {
                     let Some(e) = self.docs.get_mut(&m.doc) else { return };
-                    let mut applied = Vec::new();
+                    let mut applied = Vec::with_capacity(m.deltas.len());
                     for d in m.deltas {
                         if let Err(DocError::Amnesia { .. }) = e.doc.apply_into(d, &mut applied) {
                             amnesia = true;
@@ -486,7 +492,7 @@ impl Replica {
         }
         let Ok(Msg::Deltas(m)) = Msg::decode(bytes) else { return Err(Refused::NotAnUpdate) };
         let Some(e) = self.docs.get_mut(doc) else { return Err(Refused::NotOpen) };
-        let (mut applied, mut first_error) = (Vec::new(), None);
+        let (mut applied, mut first_error) = (Vec::with_capacity(m.deltas.len()), None);
         for d in m.deltas {
             match e.doc.apply_into(d, &mut applied) {
                 Err(DocError::Amnesia { .. }) => {

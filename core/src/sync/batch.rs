@@ -288,7 +288,10 @@ fn by_key(ds: &[Delta]) -> Vec<(u64, u32)> {
     let mut i = 0;
     while i < n {
         let j = i + items[i..].iter().take_while(|it| it.0 == items[i].0).count();
-        if j - i > 1 {
+        // Equal prefixes: compare whole keys, unless they are all one key (a run of writes
+        // to one counter), which the stable radix passes already left in order.
+        let first = &ds[items[i].1 as usize].key;
+        if j - i > 1 && items[i + 1..j].iter().any(|it| ds[it.1 as usize].key != *first) {
             crate::sort::sort_by(&mut items[i..j], |a, b| ds[a.1 as usize].key.cmp(&ds[b.1 as usize].key));
         }
         i = j;
@@ -492,6 +495,8 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
             }
             _ => return Err("unknown delta kind"),
         };
+        parts.reserve(run);
+        key_of.reserve(run);
         for q in seq..last {
             parts.push((Dot::new(own, q), field.clone()));
             key_of.push(key);
