@@ -305,9 +305,11 @@ pub mod op {
 #[wasm_bindgen]
 impl DocHandle {
     /// A local write: `op` (an [`op`] write) on `key`, with the amount `n` (counters) or
-    /// the encoded [`Value`] `value` (registers and sets). Returns whether the document
+    /// the encoded [`Value`] `value` (registers and sets; `undefined` for counters, which
+    /// saves an allocation per call). Returns whether the document
     /// changed: the caller tells the listeners (the key is its own; nothing crosses back).
-    pub fn write(&self, op: u8, key: &str, n: f64, value: &[u8]) -> Result<bool, JsValue> {
+    pub fn write(&self, op: u8, key: &str, n: f64, value: Option<Box<[u8]>>) -> Result<bool, JsValue> {
+        let value = value.as_deref().unwrap_or_default();
         match op {
             op::INCREMENT | op::PN_ADD => {
                 let n = count(n)?;
@@ -337,7 +339,8 @@ impl DocHandle {
     }
 
     /// A number about `key`: `op` is an [`op`] read (`value`: for `SET_HAS`).
-    pub fn number(&self, op: u8, key: &str, value: &[u8]) -> Result<f64, JsValue> {
+    pub fn number(&self, op: u8, key: &str, value: Option<Box<[u8]>>) -> Result<f64, JsValue> {
+        let value = value.as_deref().unwrap_or_default();
         let v = if op == op::SET_HAS { Some(value_of(value)?) } else { None };
         let d = self.doc()?;
         Ok(match (op, v) {

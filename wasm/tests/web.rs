@@ -67,26 +67,26 @@ fn every_crdt_works_through_the_api() {
     let d = open(&r, "board-1");
 
     let mut changed = 0;
-    changed += u32::from(d.write(op::INCREMENT, "likes", 1.0, &[]).unwrap());
-    changed += u32::from(d.write(op::INCREMENT, "likes", 2.0, &[]).unwrap());
-    changed += u32::from(d.write(op::PN_ADD, "votes", 2.0, &[]).unwrap());
-    changed += u32::from(d.write(op::PN_ADD, "votes", -3.0, &[]).unwrap());
-    changed += u32::from(d.write(op::SET_REGISTER, "title", 0.0, &enc("Hello")).unwrap());
-    changed += u32::from(d.write(op::SET_REGISTER, "title", 0.0, &enc("Hello, world")).unwrap());
-    changed += u32::from(d.write(op::SET_ADD, "tags", 0.0, &enc("rust")).unwrap());
-    changed += u32::from(d.write(op::SET_ADD, "tags", 0.0, &enc("wasm")).unwrap());
-    changed += u32::from(d.write(op::SET_REMOVE, "tags", 0.0, &enc("wasm")).unwrap());
-    changed += u32::from(d.write(op::SET_REMOVE, "tags", 0.0, &enc("never-added")).unwrap());
+    changed += u32::from(d.write(op::INCREMENT, "likes", 1.0, None).unwrap());
+    changed += u32::from(d.write(op::INCREMENT, "likes", 2.0, None).unwrap());
+    changed += u32::from(d.write(op::PN_ADD, "votes", 2.0, None).unwrap());
+    changed += u32::from(d.write(op::PN_ADD, "votes", -3.0, None).unwrap());
+    changed += u32::from(d.write(op::SET_REGISTER, "title", 0.0, Some(enc("Hello").into())).unwrap());
+    changed += u32::from(d.write(op::SET_REGISTER, "title", 0.0, Some(enc("Hello, world").into())).unwrap());
+    changed += u32::from(d.write(op::SET_ADD, "tags", 0.0, Some(enc("rust").into())).unwrap());
+    changed += u32::from(d.write(op::SET_ADD, "tags", 0.0, Some(enc("wasm").into())).unwrap());
+    changed += u32::from(d.write(op::SET_REMOVE, "tags", 0.0, Some(enc("wasm").into())).unwrap());
+    changed += u32::from(d.write(op::SET_REMOVE, "tags", 0.0, Some(enc("never-added").into())).unwrap());
 
-    assert_eq!(d.number(op::COUNTER, "likes", &[]).unwrap(), 3.0);
-    assert_eq!(d.number(op::PN_COUNTER, "votes", &[]).unwrap(), -1.0);
+    assert_eq!(d.number(op::COUNTER, "likes", None).unwrap(), 3.0);
+    assert_eq!(d.number(op::PN_COUNTER, "votes", None).unwrap(), -1.0);
     assert_eq!(dec(&d.bytes(op::REGISTER, "title").unwrap()), Value::from("Hello, world"));
     assert!(d.bytes(op::REGISTER, "nothing").unwrap().is_empty(), "no bytes: undefined");
-    assert_eq!(d.number(op::SET_HAS, "tags", &enc("rust")).unwrap(), 1.0);
-    assert_eq!(d.number(op::SET_HAS, "tags", &enc("wasm")).unwrap(), 0.0);
+    assert_eq!(d.number(op::SET_HAS, "tags", Some(enc("rust").into())).unwrap(), 1.0);
+    assert_eq!(d.number(op::SET_HAS, "tags", Some(enc("wasm").into())).unwrap(), 0.0);
     assert_eq!(dec(&d.bytes(op::SET_VALUES, "tags").unwrap()), Value::Array(vec!["rust".into()]));
-    assert_eq!(d.number(op::KIND, "votes", &[]).unwrap(), 2.0, "a pn-counter");
-    assert_eq!(d.number(op::KIND, "nothing", &[]).unwrap(), 0.0);
+    assert_eq!(d.number(op::KIND, "votes", None).unwrap(), 2.0, "a pn-counter");
+    assert_eq!(d.number(op::KIND, "nothing", None).unwrap(), 0.0);
     let keys = ["likes", "tags", "title", "votes"].map(Value::from);
     assert_eq!(dec(&d.bytes(op::KEYS, "").unwrap()), Value::Array(keys.to_vec()));
     let expected = object(vec![
@@ -110,14 +110,14 @@ fn updates_move_state_between_replicas_and_garbage_is_a_type_error() {
     let (la, lb) = (Array::new(), Array::new());
     let (ra, rb) = (replica(&la), replica(&lb));
     let (a, b) = (open(&ra, "x"), open(&rb, "y"));
-    a.write(op::INCREMENT, "likes", 4.0, &[]).unwrap();
-    a.write(op::SET_ADD, "tags", 0.0, &enc("rust")).unwrap();
-    b.write(op::PN_ADD, "votes", -1.0, &[]).unwrap();
+    a.write(op::INCREMENT, "likes", 4.0, None).unwrap();
+    a.write(op::SET_ADD, "tags", 0.0, Some(enc("rust").into())).unwrap();
+    b.write(op::PN_ADD, "votes", -1.0, None).unwrap();
     b.apply_update(&a.update(&[]).unwrap()).unwrap();
     let since_a = a.bytes(op::VERSION, "").unwrap();
     a.apply_update(&b.update(&since_a).unwrap()).unwrap();
     assert_eq!(json(&a), json(&b));
-    assert_eq!(a.number(op::PN_COUNTER, "votes", &[]).unwrap(), -1.0);
+    assert_eq!(a.number(op::PN_COUNTER, "votes", None).unwrap(), -1.0);
     let remote = |l: &Array| l.iter().filter(|k| k.as_string().as_deref() == Some("change")).count();
     assert_eq!((remote(&la), remote(&lb)), (1, 1), "each heard one remote change");
     let before = json(&b);
@@ -149,13 +149,17 @@ fn encoded_values_round_trip_with_integers_and_floats_apart() {
             ]),
         ),
     ]);
-    d.write(op::SET_REGISTER, "v", 0.0, &bytes_of(&v)).unwrap();
+    d.write(op::SET_REGISTER, "v", 0.0, Some(bytes_of(&v).into())).unwrap();
     assert_eq!(dec(&d.bytes(op::REGISTER, "v").unwrap()), v);
-    d.write(op::SET_ADD, "s", 0.0, &enc(1)).unwrap();
-    d.write(op::SET_ADD, "s", 0.0, &enc(1.5)).unwrap();
-    assert_eq!(d.number(op::SET_HAS, "s", &enc(1)).unwrap(), 1.0);
-    assert_eq!(d.number(op::SET_HAS, "s", &enc(2)).unwrap(), 0.0);
-    assert_eq!(d.number(op::SET_HAS, "s", &enc(1.0)).unwrap(), 0.0, "Int(1) and Float(1.0) differ");
+    d.write(op::SET_ADD, "s", 0.0, Some(enc(1).into())).unwrap();
+    d.write(op::SET_ADD, "s", 0.0, Some(enc(1.5).into())).unwrap();
+    assert_eq!(d.number(op::SET_HAS, "s", Some(enc(1).into())).unwrap(), 1.0);
+    assert_eq!(d.number(op::SET_HAS, "s", Some(enc(2).into())).unwrap(), 0.0);
+    assert_eq!(
+        d.number(op::SET_HAS, "s", Some(enc(1.0).into())).unwrap(),
+        0.0,
+        "Int(1) and Float(1.0) differ"
+    );
     r.close();
 }
 
@@ -164,23 +168,26 @@ fn bad_input_throws_js_errors_that_say_what_to_do() {
     let r = replica(&Array::new());
     let d = open(&r, "errors");
     assert_eq!(class_of(&r.open("").err().unwrap()), "RangeError");
-    d.write(op::INCREMENT, "likes", 1.0, &[]).unwrap();
+    d.write(op::INCREMENT, "likes", 1.0, None).unwrap();
 
-    let e = d.write(op::SET_ADD, "likes", 0.0, &enc("x")).unwrap_err();
+    let e = d.write(op::SET_ADD, "likes", 0.0, Some(enc("x").into())).unwrap_err();
     assert_eq!(class_of(&e), "TypeError");
     assert!(e.unchecked_ref::<js_sys::Error>().message().as_string().unwrap().contains("use another key"));
 
-    assert_eq!(class_of(&d.write(op::INCREMENT, "likes", -1.0, &[]).unwrap_err()), "RangeError");
-    assert_eq!(class_of(&d.write(op::INCREMENT, "likes", 0.5, &[]).unwrap_err()), "RangeError");
+    assert_eq!(class_of(&d.write(op::INCREMENT, "likes", -1.0, None).unwrap_err()), "RangeError");
+    assert_eq!(class_of(&d.write(op::INCREMENT, "likes", 0.5, None).unwrap_err()), "RangeError");
     // Bytes that are not an encoded value (JS values are checked by js/client.js).
-    assert_eq!(class_of(&d.write(op::SET_REGISTER, "r", 0.0, &[]).unwrap_err()), "TypeError");
-    assert_eq!(class_of(&d.write(op::SET_ADD, "s", 0.0, &[9]).unwrap_err()), "TypeError");
-    assert_eq!(class_of(&d.write(op::SET_REGISTER, "r", 0.0, &[4, 5, b'a']).unwrap_err()), "TypeError");
+    assert_eq!(class_of(&d.write(op::SET_REGISTER, "r", 0.0, None).unwrap_err()), "TypeError");
+    assert_eq!(class_of(&d.write(op::SET_ADD, "s", 0.0, Some(Box::new([9]))).unwrap_err()), "TypeError");
+    assert_eq!(
+        class_of(&d.write(op::SET_REGISTER, "r", 0.0, Some(Box::new([4, 5, b'a']))).unwrap_err()),
+        "TypeError"
+    );
     // Nothing above was written.
     assert_eq!(json(&d), object(vec![("likes", 1.into())]));
 
     // No relay has acknowledged anything: a waiter.
     assert!(d.wait_synced().unwrap().is_some());
     r.close();
-    assert!(d.write(op::INCREMENT, "likes", 1.0, &[]).is_err(), "a closed client refuses writes");
+    assert!(d.write(op::INCREMENT, "likes", 1.0, None).is_err(), "a closed client refuses writes");
 }
