@@ -1,4 +1,4 @@
-//! The compact body of a [`Deltas`] message (protocol 2).
+//! The compact body of a [`Deltas`] message (protocol 3).
 //!
 //! A batch of deltas is mostly keys, dots and small payloads, so the body is written by
 //! hand instead of through serde, and nothing is said twice:
@@ -7,7 +7,7 @@
 //! body    = doc:str  replicas:n*varint  keys:n*key  items:n*item
 //! key     = varint(shared << 4 | min(suffix_len, 15)) [varint(suffix_len - 15)] suffix
 //! item    = head:u8 [replica_idx:varint seq_gap:varint] key_idx:varint [extra:varint] payload
-//! head    = kind (bits 0-2) | NEXT_DOT (bit 3) | SHORT (bit 4) | RUN (bit 5)
+//! head    = kind (bits 0-2) | NEXT_DOT (bit 3) | SHORT (bit 4) | RUN (bit 5) | NEXT_TIME (bit 6)
 //! ```
 //!
 //! - **Replica table**: each replica id once; items name it by index.
@@ -20,7 +20,9 @@
 //!   gap from that replica's previous sequence number follow.
 //! - **Payloads** relative to the dot: a counter increment is its new total; a register
 //!   write is the gap (zig-zag) from the batch's previous write time plus the HLC counter
-//!   (`SHORT`: counter 0, omitted) and the value; a set add/remove is the element and the
+//!   (`SHORT`: counter 0, omitted; `NEXT_TIME`: neither, the time is the batch's previous
+//!   write's with the counter one up — a replica's writes within one millisecond, since
+//!   protocol 3) and the value; a set add/remove is the element and the
 //!   dots it retires (`SHORT`: none). Anything else is the whole field.
 //! - **Runs**: consecutive deltas of one replica to one counter or register (a user
 //!   clicking "+1" a thousand times) are one item with `RUN` and `extra` more dots. Each
@@ -70,6 +72,9 @@ const NEXT_DOT: u8 = 1 << 3;
 const SHORT: u8 = 1 << 4;
 /// The item stands for a run of dots (a count of extra dots follows the key index).
 const RUN: u8 = 1 << 5;
+/// Register write stamped with the batch's previous write's time, counter + 1 (no time
+/// bytes follow).
+const NEXT_TIME: u8 = 1 << 6;
 
 /// A delta's payload, written relative to its dot (borrowed from the delta).
 enum Payload<'a> {
@@ -361,6 +366,7 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
     let mut last_seq = vec![0u64; replicas.len()];
     let mut cur = 0usize;
     let mut millis = 0u64;
+    let mut prev_time: Option<(u64, u32)> = None;
     for (first, len) in items {
         let d = &ds[first + len - 1];
         let r = replicas.iter().position(|x| *x == d.dot.replica).unwrap_or(0);
@@ -371,8 +377,12 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
         // The run's last payload stands for all of it.
         let payload = std::mem::replace(&mut payloads[first + len - 1], Payload::Count(0));
         let (kind, short) = (payload.kind(), payload.short());
-        let flags =
-            if next { NEXT_DOT } else { 0 } | if short { SHORT } else { 0 } | if len > 1 { RUN } else { 0 };
+        let next_time = matches!(payload, Payload::Write { millis: ms, counter, .. }
+            if counter > 0 && prev_time == Some((ms, counter - 1)));
+        let flags = if next { NEXT_DOT } else { 0 }
+            | if short { SHORT } else { 0 }
+            | if len > 1 { RUN } else { 0 }
+            | if next_time { NEXT_TIME } else { 0 };
         out.push(kind | flags);
         if !next {
             put_varint(out, r as u64);
@@ -386,11 +396,14 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
             Payload::Full(f) => f.put(out),
             Payload::Count(n) | Payload::PnUp(n) | Payload::PnDown(n) => put_varint(out, n),
             Payload::Write { millis: ms, counter, value } => {
-                put_varint(out, zigzag(ms.wrapping_sub(millis) as i64));
-                millis = ms;
-                if counter != 0 {
-                    put_varint(out, counter.into());
+                if !next_time {
+                    put_varint(out, zigzag(ms.wrapping_sub(millis) as i64));
+                    millis = ms;
+                    if counter != 0 {
+                        put_varint(out, counter.into());
+                    }
                 }
+                prev_time = Some((ms, counter));
                 value.put(out);
             }
             Payload::Add { value, retired } | Payload::Remove { value, retired } => {
@@ -444,12 +457,17 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
     let mut last_seq = vec![0u64; replicas.len()];
     let mut cur = 0usize;
     let mut millis = 0u64;
+    let mut prev_time: Option<(u64, u32)> = None;
     for _ in 0..n {
         let head = r.byte()?;
-        if head & !(KIND_MASK | NEXT_DOT | SHORT | RUN) != 0 {
+        if head & !(KIND_MASK | NEXT_DOT | SHORT | RUN | NEXT_TIME) != 0 {
             return Err("unknown delta flags");
         }
         let short = head & SHORT != 0;
+        let next_time = head & NEXT_TIME != 0;
+        if next_time && (short || head & KIND_MASK != KIND_WRITE) {
+            return Err("NEXT_TIME on an item that is not a register write with a counter");
+        }
         let (idx, gap) = if head & NEXT_DOT != 0 { (cur, 1) } else { (r.varint()? as usize, r.varint()?) };
         let seq = last_seq.get(idx).ok_or("replica index out of range")?.wrapping_add(gap);
         let key =
@@ -475,12 +493,19 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
             KIND_PN_UP if !short => Field::PnCounter(PnCounter::default().increment(own, r.varint()?)),
             KIND_PN_DOWN if !short => Field::PnCounter(PnCounter::default().decrement(own, r.varint()?)),
             KIND_WRITE => {
-                millis = millis.wrapping_add(unzigzag(r.varint()?) as u64);
-                let counter = if short {
-                    0
+                let counter = if next_time {
+                    let (ms, c) = prev_time.ok_or("NEXT_TIME without an earlier write")?;
+                    millis = ms;
+                    c.checked_add(1).ok_or("HLC counter too large")?
                 } else {
-                    u32::try_from(r.varint()?).map_err(|_| "HLC counter too large")?
+                    millis = millis.wrapping_add(unzigzag(r.varint()?) as u64);
+                    if short {
+                        0
+                    } else {
+                        u32::try_from(r.varint()?).map_err(|_| "HLC counter too large")?
+                    }
                 };
+                prev_time = Some((millis, counter));
                 let ts = Timestamp { millis, counter, replica: own };
                 Field::Register(LwwRegister::default().set(ts, Wire::read(&mut r)?))
             }
@@ -540,6 +565,42 @@ mod tests {
         let expected = 2 + 2 + (1 + 12 + 3 * 3) + 1 + 20 * 3;
         assert_eq!(out.len(), expected);
         assert_eq!(decode(&out), Ok(m));
+    }
+
+    #[test]
+    fn writes_within_one_millisecond_carry_no_time_bytes() {
+        let mut doc = crate::Document::new(ReplicaId(9));
+        let mut deltas = Vec::new();
+        for i in 0..20 {
+            // One wall-clock reading for all: the HLC counter goes 0, 1, ..., 19.
+            deltas.push(doc.set_register(&format!("k{i:02}"), Value::Int(i), 1_700_000_000_000).unwrap());
+        }
+        // Then the clock moves on: a new time, counter 0.
+        deltas.push(doc.set_register("k20", Value::Int(20), 1_700_000_000_007).unwrap());
+        let m = Deltas { doc: "d".into(), deltas };
+        let mut out = Vec::new();
+        encode(&m, &mut out);
+        assert_eq!(decode(&out), Ok(m.clone()));
+        // Key table: count, "k00" in full (header + 3), "k01".."k09" and "k11".."k19"
+        // sharing two bytes (header + 1), "k10" and "k20" sharing one (header + 2).
+        let keys = 1 + 4 + 2 * 9 + 3 + 2 * 9 + 3;
+        // Items (each the next dot of replica 0): head, key index, then the time, then the
+        // value (Int: tag + 1 byte). The first writes its time (6 bytes; counter 0: SHORT);
+        // the next 19 say NEXT_TIME and write no time (without it: a zero gap and the
+        // counter, 2 bytes more each); the last writes a gap of 7 (1 byte), counter 0.
+        let items = (2 + 6 + 2) + 19 * (2 + 2) + (2 + 1 + 2);
+        assert_eq!(out.len(), 2 + 2 + keys + 1 + items);
+
+        // NEXT_TIME needs an earlier write, and a counter (not SHORT).
+        let first_item = 2 + 2 + keys + 1;
+        let mut bad = out.clone();
+        bad[first_item] |= NEXT_TIME;
+        assert!(decode(&bad).is_err());
+        let mut short = out.clone();
+        let second = first_item + 10;
+        assert_eq!(short[second] & NEXT_TIME, NEXT_TIME, "the second item says NEXT_TIME");
+        short[second] |= SHORT;
+        assert!(decode(&short).is_err());
     }
 
     /// Values of every shape, nested.

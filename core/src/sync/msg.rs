@@ -13,10 +13,11 @@ use crate::merkle::NodeId;
 use crate::vv::{CausalContext, VersionVector};
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// The oldest protocol version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// The protocol version this build speaks (3: `Deltas` items may carry `NEXT_TIME`).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest protocol version this build still speaks: frames are encoded one way, so a
+/// peer must read every flag this build writes.
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
 /// Longest document id accepted.
 pub const MAX_DOC_ID: usize = 512;
 
