@@ -22,6 +22,7 @@ pub struct PnCounter {
 
 impl PnCounter {
     /// The delta that adds `n`.
+    #[inline]
     pub fn increment(&self, replica: ReplicaId, n: u64) -> PnCounter {
         PnCounter { p: self.p.increment(replica, n), n: GCounter::default() }
     }
@@ -32,6 +33,7 @@ impl PnCounter {
     }
 
     /// The delta that subtracts `n`.
+    #[inline]
     pub fn decrement(&self, replica: ReplicaId, n: u64) -> PnCounter {
         PnCounter { p: GCounter::default(), n: self.n.increment(replica, n) }
     }
@@ -40,6 +42,7 @@ impl PnCounter {
 impl Crdt for PnCounter {
     type Value = i64;
 
+    #[inline]
     fn merge(&mut self, other: &Self) {
         self.p.merge(&other.p);
         self.n.merge(&other.n);
