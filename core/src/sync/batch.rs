@@ -365,8 +365,9 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
     put_varint(out, items.len() as u64);
     let mut last_seq = vec![0u64; replicas.len()];
     let mut cur = 0usize;
+    // The time of the batch's previous register write is (`millis`, `counter`).
     let mut millis = 0u64;
-    let mut prev_time: Option<(u64, u32)> = None;
+    let mut counter: Option<u32> = None;
     for (first, len) in items {
         let d = &ds[first + len - 1];
         let r = replicas.iter().position(|x| *x == d.dot.replica).unwrap_or(0);
@@ -377,8 +378,8 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
         // The run's last payload stands for all of it.
         let payload = std::mem::replace(&mut payloads[first + len - 1], Payload::Count(0));
         let (kind, short) = (payload.kind(), payload.short());
-        let next_time = matches!(payload, Payload::Write { millis: ms, counter, .. }
-            if counter > 0 && prev_time == Some((ms, counter - 1)));
+        let next_time = matches!(payload, Payload::Write { millis: ms, counter: c, .. }
+            if ms == millis && c > 0 && counter == Some(c - 1));
         let flags = if next { NEXT_DOT } else { 0 }
             | if short { SHORT } else { 0 }
             | if len > 1 { RUN } else { 0 }
@@ -395,15 +396,15 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
         match payload {
             Payload::Full(f) => f.put(out),
             Payload::Count(n) | Payload::PnUp(n) | Payload::PnDown(n) => put_varint(out, n),
-            Payload::Write { millis: ms, counter, value } => {
+            Payload::Write { millis: ms, counter: c, value } => {
                 if !next_time {
                     put_varint(out, zigzag(ms.wrapping_sub(millis) as i64));
                     millis = ms;
-                    if counter != 0 {
-                        put_varint(out, counter.into());
+                    if c != 0 {
+                        put_varint(out, c.into());
                     }
                 }
-                prev_time = Some((ms, counter));
+                counter = Some(c);
                 value.put(out);
             }
             Payload::Add { value, retired } | Payload::Remove { value, retired } => {
@@ -456,8 +457,9 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
     let max_dots = MAX_BATCH_DOTS.max(body.len());
     let mut last_seq = vec![0u64; replicas.len()];
     let mut cur = 0usize;
+    // The time of the batch's previous register write is (`millis`, `counter`).
     let mut millis = 0u64;
-    let mut prev_time: Option<(u64, u32)> = None;
+    let mut counter: Option<u32> = None;
     for _ in 0..n {
         let head = r.byte()?;
         if head & !(KIND_MASK | NEXT_DOT | SHORT | RUN | NEXT_TIME) != 0 {
@@ -493,9 +495,8 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
             KIND_PN_UP if !short => Field::PnCounter(PnCounter::default().increment(own, r.varint()?)),
             KIND_PN_DOWN if !short => Field::PnCounter(PnCounter::default().decrement(own, r.varint()?)),
             KIND_WRITE => {
-                let counter = if next_time {
-                    let (ms, c) = prev_time.ok_or("NEXT_TIME without an earlier write")?;
-                    millis = ms;
+                let c = if next_time {
+                    let c = counter.ok_or("NEXT_TIME without an earlier write")?;
                     c.checked_add(1).ok_or("HLC counter too large")?
                 } else {
                     millis = millis.wrapping_add(unzigzag(r.varint()?) as u64);
@@ -505,8 +506,8 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
                         u32::try_from(r.varint()?).map_err(|_| "HLC counter too large")?
                     }
                 };
-                prev_time = Some((millis, counter));
-                let ts = Timestamp { millis, counter, replica: own };
+                counter = Some(c);
+                let ts = Timestamp { millis, counter: c, replica: own };
                 Field::Register(LwwRegister::default().set(ts, Wire::read(&mut r)?))
             }
             k @ (KIND_ADD | KIND_REMOVE) => {
