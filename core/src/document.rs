@@ -219,11 +219,6 @@ impl Delta {
         Arc::make_mut(&mut self.0)
     }
 
-    /// The contents, by value: moved out when this is the only reference, else copied.
-    pub fn into_body(self) -> DeltaBody {
-        Arc::try_unwrap(self.0).unwrap_or_else(|shared| (*shared).clone())
-    }
-
     /// Checks a delta that came from outside: its payload's invariants, and for sets that
     /// it adds with its own dot only and its context covers that dot.
     pub fn validate(&self) -> Result<(), InvalidState> {

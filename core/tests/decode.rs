@@ -5,8 +5,8 @@
 use concord_core::codec::{self, tag};
 use concord_core::orset::{Dots, Entries};
 use concord_core::{
-    CausalContext, Crdt, Delta, DeltaBody, DocConfig, Document, Dot, Field, GCounter, LwwRegister, OrSet,
-    PnCounter, ReplicaId, Timestamp, Value, VersionVector,
+    CausalContext, Crdt, Delta, DocConfig, Document, Dot, Field, GCounter, LwwRegister, OrSet, PnCounter,
+    ReplicaId, Timestamp, Value, VersionVector,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -279,7 +279,7 @@ proptest! {
 fn set_delta(dot: Dot, ctx: CausalContext) -> Delta {
     let mut entries: Entries<Value> = Entries::default();
     entries.insert(Value::from("x"), Dots::One(dot));
-    Delta::from(DeltaBody { dot, key: "tags".into(), payload: Field::Set(OrSet::from_parts(entries, ctx)) })
+    Delta::new(dot, "tags", Field::Set(OrSet::from_parts(entries, ctx)))
 }
 
 #[test]
@@ -323,11 +323,7 @@ fn a_state_transfer_claiming_the_last_possible_sequence_is_merged_without_overfl
     let ctx = CausalContext { vv: vv.clone(), cloud: Default::default() };
     doc.merge_state(&[], &ctx, &vv).expect("a valid state transfer");
     assert_eq!(doc.version().get(ReplicaId(0xC)), u64::MAX);
-    let d = Delta::from(DeltaBody {
-        dot: Dot::new(ReplicaId(0xC), u64::MAX),
-        key: "likes".into(),
-        payload: Field::Counter(GCounter::default()),
-    });
+    let d = Delta::new(Dot::new(ReplicaId(0xC), u64::MAX), "likes", Field::Counter(GCounter::default()));
     assert_eq!(doc.apply(d), Ok(concord_core::document::Applied::Duplicate));
 }
 
@@ -340,11 +336,11 @@ fn values_nested_deeper_than_the_limit_are_refused_inside_every_container() {
     let reg: LwwRegister<Value> = LwwRegister::default().set(Timestamp::default(), deep.clone());
     let bytes = codec::encode(tag::FIELD, &Field::Register(reg));
     assert!(codec::decode::<Field>(tag::FIELD, &bytes).is_err());
-    let d = Delta::from(DeltaBody {
-        dot: Dot::new(A, 1),
-        key: "title".into(),
-        payload: Field::Register(LwwRegister::default().set(Timestamp::default(), deep)),
-    });
+    let d = Delta::new(
+        Dot::new(A, 1),
+        "title",
+        Field::Register(LwwRegister::default().set(Timestamp::default(), deep)),
+    );
     assert!(Delta::decode(&d.encode()).is_err());
     // The depth counter is back to zero afterwards: a shallow value still decodes.
     let ok = Value::Array(vec![Value::Array(vec![Value::Null])]);

@@ -5,8 +5,8 @@ use concord_core::document::Applied;
 use concord_core::merkle::NodeId;
 use concord_core::orset::{Dots, Entries};
 use concord_core::{
-    CausalContext, Delta, DeltaBody, DocConfig, DocError, Document, Dot, Field, GCounter, OrSet, ReplicaId,
-    Value, VersionVector,
+    CausalContext, Delta, DocConfig, DocError, Document, Dot, Field, GCounter, OrSet, ReplicaId, Value,
+    VersionVector,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -105,22 +105,14 @@ fn a_set_delta_that_adds_with_another_dot_is_rejected_and_changes_nothing() {
     let mut entries: Entries<Value> = Entries::default();
     entries.insert(Value::from("x"), Dots::One(Dot::new(C, 7)));
     let ctx = CausalContext { vv: VersionVector::from_iter([(C, 7)]), cloud: Default::default() };
-    let forged = Delta::from(DeltaBody {
-        dot: Dot::new(B, 1),
-        key: "tags".into(),
-        payload: Field::Set(OrSet::from_parts(entries, ctx)),
-    });
+    let forged = Delta::new(Dot::new(B, 1), "tags", Field::Set(OrSet::from_parts(entries, ctx)));
     let mut a = Document::new(A);
     likes(&mut a, 1);
     let before = a.encode();
     assert!(matches!(a.apply(forged.clone()), Err(DocError::Invalid(_))));
     assert!(Delta::decode(&forged.encode()).is_err());
     assert_eq!(a.encode(), before);
-    let zero = Delta::from(DeltaBody {
-        dot: Dot::new(B, 0),
-        key: "likes".into(),
-        payload: Field::Counter(GCounter::default()),
-    });
+    let zero = Delta::new(Dot::new(B, 0), "likes", Field::Counter(GCounter::default()));
     assert!(matches!(a.apply(zero), Err(DocError::Invalid(_))));
 }
 

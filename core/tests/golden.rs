@@ -4,8 +4,8 @@
 
 use concord_core::codec::{self, tag};
 use concord_core::{
-    Crdt, Delta, DeltaBody, DocConfig, Document, Dot, Field, GCounter, LwwRegister, OrSet, PnCounter,
-    ReplicaId, Timestamp, Value, VersionVector,
+    Crdt, Delta, DocConfig, Document, Dot, Field, GCounter, LwwRegister, OrSet, PnCounter, ReplicaId,
+    Timestamp, Value, VersionVector,
 };
 
 /// A replica id whose varint uses all nine bytes, so byte order and width show.
@@ -155,7 +155,7 @@ fn dot(seq: u64) -> Dot {
 }
 
 fn delta(seq: u64, key: &str, payload: Field) -> Delta {
-    Delta::from(DeltaBody { dot: dot(seq), key: key.into(), payload })
+    Delta::new(dot(seq), key, payload)
 }
 
 #[test]

@@ -8,8 +8,8 @@ mod simnet;
 use concord_core::sync::msg::{tag, Deltas, Hello, MerkleStart, StateChunk, Subscribe, MIN_PROTOCOL_VERSION};
 use concord_core::sync::{ErrorCode, FrameError, Msg, SessionConfig, SyncError, PROTOCOL_VERSION};
 use concord_core::{
-    CausalContext, Delta, DeltaBody, DocConfig, DocError, Document, Dot, Field, GCounter, OrSet, ReplicaId,
-    Value, VersionVector,
+    CausalContext, Delta, DocConfig, DocError, Document, Dot, Field, GCounter, OrSet, ReplicaId, Value,
+    VersionVector,
 };
 use simnet::pair::Pair;
 use simnet::Rng;
@@ -235,20 +235,16 @@ fn set_delta(dot: Dot, entries: Vec<(Value, Vec<Dot>)>, ctx: &[Dot]) -> Delta {
         };
         e.insert(v, ds);
     }
-    Delta::from(DeltaBody { dot, key: "tags".into(), payload: Field::Set(OrSet::from_parts(e, c)) })
+    Delta::new(dot, "tags", Field::Set(OrSet::from_parts(e, c)))
 }
 
 #[test]
 fn deltas_that_break_invariants_are_refused_whole_and_change_nothing() {
     let mut p = pair();
     let peer = ReplicaId(2);
-    let good = Delta::from(DeltaBody {
-        dot: Dot::new(peer, 1),
-        key: "likes".into(),
-        payload: Field::Counter(GCounter::default().increment(peer, 1)),
-    });
+    let good = Delta::new(Dot::new(peer, 1), "likes", Field::Counter(GCounter::default().increment(peer, 1)));
     let bad: Vec<(&str, Delta)> = vec![
-        ("sequence 0", Delta::from(DeltaBody { dot: Dot::new(peer, 0), ..good.clone().into_body() })),
+        ("sequence 0", Delta::new(Dot::new(peer, 0), good.key.as_str(), good.payload.clone())),
         (
             "adds with another dot",
             set_delta(
@@ -279,11 +275,11 @@ fn deltas_that_break_invariants_are_refused_whole_and_change_nothing() {
         ),
         (
             "this replica's own future dot (amnesia)",
-            Delta::from(DeltaBody {
-                dot: Dot::new(ReplicaId(1), 5),
-                key: "likes".into(),
-                payload: Field::Counter(GCounter::default().increment(ReplicaId(1), 1)),
-            }),
+            Delta::new(
+                Dot::new(ReplicaId(1), 5),
+                "likes",
+                Field::Counter(GCounter::default().increment(ReplicaId(1), 1)),
+            ),
         ),
     ];
     let before = p.doc(0, VICTIM).clone();
@@ -361,11 +357,11 @@ fn a_hostile_state_transfer_is_refused_and_changes_nothing() {
     let _ = p.handle(0, &chunk(3, Vec::new()));
     p.handle(
         0,
-        &deltas(vec![Delta::from(DeltaBody {
-            dot: Dot::new(ReplicaId(7), u64::MAX),
-            key: "likes".into(),
-            payload: Field::Counter(GCounter::default().increment(ReplicaId(7), 1)),
-        })]),
+        &deltas(vec![Delta::new(
+            Dot::new(ReplicaId(7), u64::MAX),
+            "likes",
+            Field::Counter(GCounter::default().increment(ReplicaId(7), 1)),
+        )]),
     )
     .unwrap();
     other_document_still_syncs(&mut p);

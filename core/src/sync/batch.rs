@@ -40,8 +40,6 @@
 
 use super::msg::Deltas;
 use crate::codec::{put_bytes, put_seq, put_varint, unzigzag, zigzag, Reader, Wire, R};
-#[cfg(test)]
-use crate::document::DeltaBody;
 use crate::document::{Delta, Field};
 use crate::hlc::Timestamp;
 use crate::id::{Dot, ReplicaId};
@@ -686,11 +684,11 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, k)| {
-                Delta::from(DeltaBody {
-                    dot: Dot::new(ReplicaId(1), i as u64 + 1),
-                    key: k.to_string(),
-                    payload: Field::Counter(GCounter::default()),
-                })
+                Delta::new(
+                    Dot::new(ReplicaId(1), i as u64 + 1),
+                    k.to_string(),
+                    Field::Counter(GCounter::default()),
+                )
             })
             .collect();
         let got: Vec<&str> = by_key(&ds).iter().map(|&(_, i)| ds[i as usize].key.as_str()).collect();
@@ -711,11 +709,7 @@ mod tests {
                 let key: String = (0..x % 13)
                     .map(|j| [b'a', b'b', b'\0', 0xc3][((x >> (4 * j)) % 4) as usize] as char)
                     .collect();
-                Delta::from(DeltaBody {
-                    dot: Dot::new(ReplicaId(1), i + 1),
-                    key,
-                    payload: Field::Counter(GCounter::default()),
-                })
+                Delta::new(Dot::new(ReplicaId(1), i + 1), key, Field::Counter(GCounter::default()))
             })
             .collect();
         let got: Vec<u32> = by_key(&ds).iter().map(|x| x.1).collect();
