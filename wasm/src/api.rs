@@ -376,16 +376,16 @@ impl DocHandle {
     /// What a replica at version `since` (the bytes of a `VERSION` read; empty: a replica
     /// with nothing) lacks of this document, as one update for [`DocHandle::apply_update`].
     pub fn update(&self, since: &[u8]) -> Result<Vec<u8>, JsValue> {
-        let since: Option<VersionVector> = if since.is_empty() {
+        let since = if since.is_empty() {
             None
         } else {
-            let vv: VersionVector =
-                whole(since).map_err(|_| type_error("not a version; pass the bytes of doc.version()"))?;
-            vv.validate().map_err(|_| type_error("not a version; pass the bytes of doc.version()"))?;
-            Some(vv)
+            let vv = whole::<VersionVector>(since).and_then(|vv| vv.validate().map(|()| vv));
+            Some(vv.map_err(|_| type_error("not a version; pass the bytes of doc.version()"))?)
         };
-        drop(self.doc()?); // closed or not open: the usual errors
-        Ok(self.s.r.borrow().encode_update(&self.id, since.as_ref()).unwrap_or_default())
+        if self.s.closed.get() {
+            return Err(closed());
+        }
+        self.s.r.borrow().encode_update(&self.id, since.as_ref()).ok_or_else(|| refused(Refused::NotOpen))
     }
 
     /// Joins an update from [`DocHandle::update`] (of this or any other document) into

@@ -405,19 +405,7 @@ impl Replica {
             amnesia = self.merge_state_frame(doc_id, &other).is_err();
         } else {
             match Msg::decode(bytes) {
-                Ok(Msg::Deltas(m)) => {
-                    let Some(e) = self.docs.get_mut(&m.doc) else { return };
-                    let mut applied = Vec::with_capacity(m.deltas.len());
-                    for d in m.deltas {
-                        if let Err(DocError::Amnesia { .. }) = e.doc.apply_into(d, &mut applied) {
-                            amnesia = true;
-                        }
-                    }
-                    if !applied.is_empty() {
-                        self.out.push(Out::Change { doc: m.doc.clone(), keys: keys_of(&applied) });
-                        self.forward(&m.doc, &applied);
-                    }
-                }
+                Ok(Msg::Deltas(m)) => amnesia = self.apply_deltas(&m.doc, m.deltas, false).0,
                 Ok(Msg::Subscribe(m)) => {
                     let Some(e) = self.docs.get_mut(&m.doc) else { return };
                     if e.doc.check_amnesia(&m.vv).is_err() {
@@ -456,20 +444,11 @@ impl Replica {
     // ---- updates: state and deltas handed over by the application ----
 
     /// What a replica of `doc` at version `since` lacks (everything when `since` is
-    /// `None`), as one frame for [`Replica::apply_update`]: the protocol's `Deltas` frame
-    /// when the delta log reaches back (batched deltas are the compact form: a replica's
-    /// run of writes to one counter is one item), else a state frame (the tab protocol's
-    /// [`channel::STATE`]). `None` when `doc` is not open.
+    /// `None`), as one frame for [`Replica::apply_update`] (see [`lacking`]). `None` when
+    /// `doc` is not open.
     pub fn encode_update(&self, doc: &str, since: Option<&VersionVector>) -> Option<Vec<u8>> {
         let d = &self.docs.get(doc)?.doc;
-        let nothing = VersionVector::new();
-        Some(match d.deltas_since(since.unwrap_or(&nothing)) {
-            Some(ds) => {
-                let deltas = ds.into_iter().cloned().collect();
-                Msg::Deltas(Deltas { doc: doc.to_owned(), deltas }).encode()
-            }
-            None => channel::encode_state(doc, &d.encode_without_log()),
-        })
+        Some(lacking(doc, d, since.unwrap_or(&VersionVector::new())))
     }
 
     /// Joins an update made by [`Replica::encode_update`] (from any replica's copy of a
@@ -491,27 +470,36 @@ impl Replica {
             return Ok(());
         }
         let Ok(Msg::Deltas(m)) = Msg::decode(bytes) else { return Err(Refused::NotAnUpdate) };
-        let Some(e) = self.docs.get_mut(doc) else { return Err(Refused::NotOpen) };
-        let (mut applied, mut first_error) = (Vec::with_capacity(m.deltas.len()), None);
-        for d in m.deltas {
+        let (amnesia, refused) = self.apply_deltas(doc, m.deltas, true);
+        if amnesia {
+            self.reidentify();
+        }
+        refused.map_or(Ok(()), |err| Err(Refused::Doc(err)))
+    }
+
+    /// Applies `deltas` (from another tab, or an update) to open document `doc`; what is
+    /// new goes to the listeners, the relay and storage, and to the other tabs when
+    /// `to_tabs` (a tab's own frame reached them already). Returns whether a delta showed
+    /// amnesia (the caller takes a new id) and the first other refusal.
+    fn apply_deltas(&mut self, doc: &str, deltas: Vec<Delta>, to_tabs: bool) -> (bool, Option<DocError>) {
+        let Some(e) = self.docs.get_mut(doc) else { return (false, None) };
+        let (mut applied, mut amnesia, mut refused) = (Vec::with_capacity(deltas.len()), false, None);
+        for d in deltas {
             match e.doc.apply_into(d, &mut applied) {
-                Err(DocError::Amnesia { .. }) => {
-                    self.reidentify();
-                    return Ok(());
-                }
-                Err(err) => first_error = first_error.or(Some(err)),
+                Err(DocError::Amnesia { .. }) => amnesia = true,
+                Err(err) => refused = refused.or(Some(err)),
                 Ok(_) => {}
             }
         }
         if !applied.is_empty() {
             self.out.push(Out::Change { doc: doc.to_owned(), keys: keys_of(&applied) });
-            if self.tabs {
+            if to_tabs && self.tabs {
                 let frame = Msg::Deltas(Deltas { doc: doc.to_owned(), deltas: applied.clone() }).encode();
                 self.out.push(Out::Tab(frame));
             }
             self.forward(doc, &applied);
         }
-        first_error.map_or(Ok(()), |err| Err(Refused::Doc(err)))
+        (amnesia, refused)
     }
 
     // ---- persistence ----
@@ -522,16 +510,24 @@ impl Replica {
     }
 }
 
+/// What a replica of `doc` at version `theirs` lacks, as one frame: the protocol's `Deltas`
+/// frame when the delta log reaches back (the compact form: a replica's run of writes to
+/// one counter is one item), else a state frame ([`channel::STATE`], without the log).
+fn lacking(doc_id: &str, doc: &Document, theirs: &VersionVector) -> Vec<u8> {
+    match doc.deltas_since(theirs) {
+        Some(ds) => {
+            let deltas = ds.into_iter().cloned().collect();
+            Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas }).encode()
+        }
+        None => channel::encode_state(doc_id, &doc.encode_without_log()),
+    }
+}
+
 /// Answers another tab's `Subscribe`: what it lacks, and a subscribe back if it has
 /// something we lack.
 fn answer_tab(out: &mut Vec<Out>, doc_id: &str, doc: &Document, theirs: &VersionVector) {
-    match doc.deltas_since(theirs) {
-        Some(ds) if ds.is_empty() => {}
-        Some(ds) => {
-            let deltas = ds.into_iter().cloned().collect();
-            out.push(Out::Tab(Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas }).encode()));
-        }
-        None => out.push(Out::Tab(channel::encode_state(doc_id, &doc.encode_without_log()))),
+    if !doc.version().le(theirs) {
+        out.push(Out::Tab(lacking(doc_id, doc, theirs)));
     }
     if !theirs.le(doc.version()) {
         let vv = doc.version().clone();
@@ -631,11 +627,7 @@ mod tests {
         b.announce("d");
         // b's subscribe reaches a, whose log no longer reaches back: a STATE frame.
         let mut state = None;
-        for o in b.take() {
-            if let Out::Tab(f) = o {
-                a.tab(&f);
-            }
-        }
+        tabs(&mut b, &mut a);
         for o in a.take() {
             if let Out::Tab(f) = o {
                 if f[0] == channel::STATE {
@@ -671,7 +663,7 @@ mod tests {
         b.apply_update("b-copy", &full).unwrap();
         let out = b.take();
         assert!(out.iter().any(|o| matches!(o, Out::Change { .. })));
-        assert!(out.iter().any(|o| matches!(o, Out::Tab(_))), "re-announced to the other tabs");
+        assert!(out.iter().any(|o| matches!(o, Out::Tab(_))), "and the other tabs get the deltas");
 
         // Since b's version: only b's own write, as deltas.
         let v = b.read("b-copy", |d| d.version().clone()).unwrap();
