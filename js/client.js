@@ -396,6 +396,7 @@ const DOCUMENT = 2;
 const KEYS = 3;
 const VERSION = 4;
 const NONE = undefined; // no value: wasm-bindgen passes a null pointer, no allocation
+const EMPTY = new Uint8Array(0); // `since` of a replica that has nothing
 /** Names of the types `number(KIND, ..)` reports, from 1. */
 const KINDS = [, "counter", "pn-counter", "register", "set"];
 
@@ -580,7 +581,7 @@ export class Doc {
    * state when the delta log does not reach back that far. Any transport will do. */
   encodeUpdate(since) {
     if (since !== undefined && !(since instanceof Uint8Array)) throw new TypeError("since must be a Uint8Array from doc.version()");
-    return this.#h.update(since ?? new Uint8Array(0));
+    return this.#h.update(since ?? EMPTY);
   }
 
   /** Joins an update made by `encodeUpdate` (of this document on another replica, or of
