@@ -11,6 +11,7 @@
 //! - Register and set values cross as bytes in [`concord_core::Value`]'s wire encoding;
 //!   `js/client.js` converts them to and from JSON-compatible JS values.
 //! - [`error`]: JS error classes.
+//! - [`alloc`]: the global allocator (power-of-two free lists; smaller than dlmalloc).
 //!
 //! **Why the transports are in JavaScript.** The WebSocket (failover, backoff, liveness),
 //! the `BroadcastChannel` and IndexedDB live in the package's hand-written `js/client.js`.
@@ -21,6 +22,7 @@
 //!
 //! Runs in browsers (ESM, Vite) and in Node 20+.
 
+pub mod alloc;
 pub mod api;
 pub mod channel;
 pub mod error;
