@@ -514,8 +514,9 @@ export class Doc {
     };
   }
 
-  [INTERNAL](event) {
-    this.#changes.emit(event);
+  /** A remote change at `keys` (a JSON array of strings), parsed only when listened to. */
+  [INTERNAL](keys) {
+    if (this.#changes.size) this.#changes.emit({ origin: "remote", keys: JSON.parse(keys) });
   }
 
   get id() {
@@ -755,7 +756,7 @@ export class Client {
     return {
       relay: (frame) => this.#ws?.send(frame.slice()),
       tab: (frame) => this.#bc?.postMessage(frame.slice()),
-      change: (doc, keys) => this.#open.get(doc)?.[INTERNAL]({ origin: "remote", keys }),
+      change: (doc, keys) => this.#open.get(doc)?.[INTERNAL](keys),
       persist: (doc, seq, bytes) => {
         if (!this.#store) return;
         this.#toPersist.push([doc, [doc, this.#hex, seq], bytes.slice()]);

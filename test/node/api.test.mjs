@@ -230,6 +230,21 @@ test("two clients converge over BroadcastChannel with no relay", async () => {
   b.close();
 });
 
+test("remote change events name every changed key exactly, whatever characters it holds", async () => {
+  const [a, b] = [await local(), await local()];
+  const [da, db] = [await a.open("keys"), await b.open("keys")];
+  const odd = ['say "hi"', "back\\slash", "line\nbreak\ttab\u0001", "ünï 😀", "", "plain"];
+  for (const k of odd) da.counter(k).increment(1);
+  const heard = [];
+  db.subscribe((e) => heard.push(e));
+  db.applyUpdate(da.encodeUpdate());
+  assert.equal(heard.length, 1);
+  assert.equal(heard[0].origin, "remote");
+  assert.deepEqual([...heard[0].keys].sort(), [...odd].sort());
+  a.close();
+  b.close();
+});
+
 test("encodeUpdate / applyUpdate carry what the other replica lacks, over any transport", async () => {
   const [a, b] = [await local(), await local()];
   const [da, db] = [await a.open("left"), await b.open("right")];

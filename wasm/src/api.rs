@@ -9,7 +9,6 @@ use crate::replica::{Out, Refused};
 use concord_core::codec::{whole, Wire};
 use concord_core::sync::msg::MAX_DOC_ID;
 use concord_core::{Delta, DocError, Document, ReplicaId, Value, VersionVector};
-use js_sys::Array;
 use std::cell::{Cell, Ref, RefCell};
 use std::rc::Rc;
 use wasm_bindgen::prelude::*;
@@ -25,9 +24,11 @@ extern "C" {
     /// Post `frame` to the other tabs.
     #[wasm_bindgen(method)]
     fn tab(this: &Host, frame: &[u8]);
-    /// `doc` changed at `keys` by a remote write (local writes: see [`DocHandle::write`]).
+    /// `doc` changed at `keys` (a JSON array of strings: one string crosses, not one per
+    /// key, and JS parses it only when someone listens) by a remote write (local writes:
+    /// see [`DocHandle::write`]).
     #[wasm_bindgen(method)]
-    fn change(this: &Host, doc: &str, keys: Array);
+    fn change(this: &Host, doc: &str, keys: &str);
     /// Store a local write in the outbox under `[doc, replicaId, seq]`.
     #[wasm_bindgen(method)]
     fn persist(this: &Host, doc: &str, seq: f64, delta: &[u8]);
@@ -68,6 +69,34 @@ pub fn hex_id(r: ReplicaId) -> String {
     (0..16).rev().map(|i| char::from_digit(((r.0 >> (i * 4)) & 0xf) as u32, 16).unwrap_or('0')).collect()
 }
 
+/// `keys` as a JSON array of strings (RFC 8259 §7 escapes). Rust strings are valid UTF-8,
+/// so every character but `"`, `\\` and the controls is written as it is.
+pub fn json_strings(keys: &[String]) -> String {
+    let mut out = String::with_capacity(2 + keys.iter().map(|k| k.len() + 3).sum::<usize>());
+    out.push('[');
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in k.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 => {
+                    out.push_str("\\u00");
+                    out.push(char::from_digit(c as u32 >> 4, 16).unwrap_or('0'));
+                    out.push(char::from_digit(c as u32 & 0xf, 16).unwrap_or('0'));
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push(']');
+    out
+}
+
 struct Shared {
     r: RefCell<crate::replica::Replica>,
     host: Host,
@@ -106,9 +135,7 @@ impl Shared {
             match o {
                 Out::Relay(f) => h.relay(&f),
                 Out::Tab(f) => h.tab(&f),
-                Out::Change { doc, keys } => {
-                    h.change(&doc, keys.iter().map(|k| JsValue::from_str(k)).collect())
-                }
+                Out::Change { doc, keys } => h.change(&doc, &json_strings(&keys)),
                 Out::Persist { doc, seq, bytes } => h.persist(&doc, seq as f64, &bytes),
                 Out::Dirty(doc) => h.dirty(&doc),
                 Out::Online => h.online(),
@@ -407,6 +434,18 @@ impl DocHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_lists_are_json_string_arrays() {
+        let keys = |ks: &[&str]| json_strings(&ks.iter().map(|k| k.to_string()).collect::<Vec<_>>());
+        assert_eq!(keys(&[]), "[]");
+        assert_eq!(keys(&["a", ""]), r#"["a",""]"#);
+        assert_eq!(keys(&["say \"hi\"", "a\\b"]), r#"["say \"hi\"","a\\b"]"#);
+        assert_eq!(
+            keys(&["\n\t\u{1}\u{1f}", "ü😀\u{7f}"]),
+            "[\"\\u000a\\u0009\\u0001\\u001f\",\"ü😀\u{7f}\"]"
+        );
+    }
 
     #[test]
     fn hex_ids_match_the_display_form() {
