@@ -2,16 +2,27 @@
 //!
 //! The layout follows the idea behind Python's compact dict and Rust's `indexmap`: the
 //! entries live densely in a `Vec`, in the order they arrived, and a separate
-//! open-addressing table holds only `u32` positions into that `Vec` next to 32 bits of each
-//! key's hash. Why it beats a `HashMap<String, Dots>` for a set of a million strings:
+//! open-addressing table holds only `u32` positions into that `Vec`. The table is split the
+//! way Google's SwissTable (Abseil's `flat_hash_map`, Rust's `hashbrown`) splits it: one
+//! control byte per slot, holding 7 bits of the key's hash (or "free"), beside the array of
+//! positions; a probe compares eight control bytes at a time with word arithmetic. Each
+//! key's 32-bit hash is kept in a third array, parallel to the entries. Why it beats a
+//! `HashMap<String, Dots>` for a set of a million strings:
 //!
 //! - Adding appends to the `Vec`: sequential writes, and the string's heap memory is only
 //!   read once, to hash it.
-//! - Growing rebuilds the 8-byte-per-slot table from the hashes stored in it; it never
-//!   re-hashes a key, so it never chases a pointer into string memory (a `HashMap` re-hashes
-//!   every key on every doubling: a cache miss per element). The `Vec` grows by `realloc`.
-//! - The table is small (8 bytes a slot, at most half full) and mostly stays in cache.
+//! - Looking up an absent key (every add of a new element) reads only control bytes, one
+//!   byte a slot: 2 MiB for a million elements, which stays in cache where the positions
+//!   (and the entries) do not. A position is only read when 7 hash bits match.
+//! - Growing rebuilds the table from the stored hashes; it never re-hashes a key, so it
+//!   never chases a pointer into string memory (a `HashMap` re-hashes every key on every
+//!   doubling: a cache miss per element). The `Vec`s grow by `realloc`.
+//! - The table is small: 5 bytes a slot (at most half full) and 4 bytes of hash an entry.
 //! - Keys are hashed with the Fx hash of [`crate::hash`], not SipHash.
+//!
+//! Probing is linear, slot by slot (a group of eight is read at once, starting anywhere),
+//! so removal shifts later slots back instead of leaving tombstones (Knuth's Algorithm R,
+//! TAOCP vol. 3, 6.4).
 //!
 //! Small maps (every delta) have no table at all: lookups compare keys in a linear scan,
 //! and a map of one entry keeps it inline, so making a one-element delta allocates
@@ -26,6 +37,12 @@ use std::hash::{Hash, Hasher};
 
 /// Up to this many entries a map has no table: lookups scan the entries.
 const SMALL: usize = 8;
+/// The control byte of a free slot. A used slot's byte is its key's [`h2`] (top bit clear).
+const EMPTY: u8 = 0x80;
+/// Control bytes compared at once, as one `u64`.
+const GROUP: usize = 8;
+const LO: u64 = 0x0101_0101_0101_0101;
+const HI: u64 = 0x8080_8080_8080_8080;
 
 /// A hash map that keeps its entries densely in arrival order (see the module docs).
 ///
@@ -45,14 +62,26 @@ const SMALL: usize = 8;
 #[derive(Clone)]
 pub struct IndexedMap<K, V> {
     entries: OneOrVec<(K, V)>,
-    /// Linear-probing table, a power of two long and at most half full, of
-    /// `hash << 32 | (position + 1)`; 0 marks a free slot. Empty while the map is small.
-    index: Vec<u64>,
+    /// The table; `None` while the map is small.
+    index: Option<Box<Table>>,
+}
+
+/// The open-addressing table of an [`IndexedMap`]: linear probing over a power-of-two
+/// number of slots, at most half of them used.
+#[derive(Clone)]
+struct Table {
+    /// One control byte a slot, [`EMPTY`] or the [`h2`] of the key it holds, followed by a
+    /// copy of the first [`GROUP`] bytes so that a group read at any slot is contiguous.
+    ctrl: Box<[u8]>,
+    /// The position in the entries of each used slot's key.
+    slots: Box<[u32]>,
+    /// `hashes[pos]` is the hash of the key at position `pos`.
+    hashes: Vec<u32>,
 }
 
 impl<K, V> Default for IndexedMap<K, V> {
     fn default() -> Self {
-        IndexedMap { entries: OneOrVec::new(), index: Vec::new() }
+        IndexedMap { entries: OneOrVec::new(), index: None }
     }
 }
 
@@ -64,25 +93,140 @@ fn hash_of<Q: Hash + ?Sized>(k: &Q) -> u32 {
     (h.finish() >> 32) as u32
 }
 
+/// The 7 hash bits in a used slot's control byte: the top ones, while the home slot comes
+/// from the bottom ones.
 #[inline]
-fn slot(hash: u32, pos: usize) -> u64 {
-    (u64::from(hash) << 32) | (pos as u64 + 1)
+fn h2(hash: u32) -> u8 {
+    (hash >> 25) as u8
 }
 
+/// The bytes of `group` equal to `b`, as the top bit of each (exact: no false positives).
 #[inline]
-fn slot_pos(s: u64) -> usize {
-    (s as u32) as usize - 1
+fn bytes_equal(group: u64, b: u8) -> u64 {
+    let x = group ^ (LO * u64::from(b));
+    !(((x & !HI) + !HI) | x) & HI
 }
 
-#[inline]
-fn slot_hash(s: u64) -> u32 {
-    (s >> 32) as u32
+impl Table {
+    /// An empty table of `cap` slots (a power of two, at least [`GROUP`]).
+    fn new(cap: usize) -> Table {
+        Table {
+            ctrl: vec![EMPTY; cap + GROUP].into_boxed_slice(),
+            slots: vec![0; cap].into_boxed_slice(),
+            hashes: Vec::new(),
+        }
+    }
+
+    #[inline]
+    fn mask(&self) -> usize {
+        self.slots.len() - 1
+    }
+
+    /// The control bytes of slots `i..i + GROUP` (wrapping), the first in the low byte.
+    #[inline]
+    fn group(&self, i: usize) -> u64 {
+        let bytes: [u8; GROUP] = self.ctrl[i..i + GROUP].try_into().expect("a group is GROUP bytes");
+        u64::from_le_bytes(bytes)
+    }
+
+    /// Probes for `hash`: `Ok(slot)` of the first used slot whose position `is` accepts, or
+    /// `Err(slot)`, the free slot that ends the probe.
+    #[inline]
+    fn probe(&self, hash: u32, mut is: impl FnMut(usize) -> bool) -> Result<usize, usize> {
+        let mask = self.mask();
+        let h2 = h2(hash);
+        let mut i = hash as usize & mask;
+        loop {
+            let g = self.group(i);
+            let free = g & HI;
+            // Candidates before the first free slot only: the probe ends there.
+            let mut m = bytes_equal(g, h2) & free.wrapping_sub(1);
+            while m != 0 {
+                let s = (i + (m.trailing_zeros() / 8) as usize) & mask;
+                if is(self.slots[s] as usize) {
+                    return Ok(s);
+                }
+                m &= m - 1;
+            }
+            if free != 0 {
+                return Err((i + (free.trailing_zeros() / 8) as usize) & mask);
+            }
+            i = (i + GROUP) & mask;
+        }
+    }
+
+    /// Sets slot `i`'s control byte, and its copy after the end.
+    #[inline]
+    fn set_ctrl(&mut self, i: usize, c: u8) {
+        let mask = self.mask();
+        self.ctrl[i] = c;
+        self.ctrl[(i.wrapping_sub(GROUP) & mask) + GROUP] = c;
+    }
+
+    /// Fills free slot `i` with `pos`, whose key hashes to `hash`.
+    #[inline]
+    fn fill(&mut self, i: usize, hash: u32, pos: usize) {
+        self.set_ctrl(i, h2(hash));
+        self.slots[i] = pos as u32;
+    }
+
+    /// Puts `pos` (hashing to `hash`) into the first free slot of its probe sequence.
+    fn place(&mut self, hash: u32, pos: usize) {
+        let mask = self.mask();
+        let mut i = hash as usize & mask;
+        loop {
+            let free = self.group(i) & HI;
+            if free != 0 {
+                let i = (i + (free.trailing_zeros() / 8) as usize) & mask;
+                self.fill(i, hash, pos);
+                return;
+            }
+            i = (i + GROUP) & mask;
+        }
+    }
+
+    /// A table of `cap` slots holding positions `0..hashes.len()`, from their hashes alone.
+    fn build(cap: usize, hashes: Vec<u32>) -> Table {
+        let mut t = Table::new(cap);
+        for (pos, &h) in hashes.iter().enumerate() {
+            t.place(h, pos);
+        }
+        t.hashes = hashes;
+        t
+    }
+
+    /// The slot holding `pos`, whose key hashes to `hash`.
+    fn slot_of(&self, hash: u32, pos: usize) -> usize {
+        self.probe(hash, |p| p == pos).expect("every entry of an IndexedMap has a slot")
+    }
+
+    /// Frees slot `i`, shifting later slots of the same probe run back (no tombstones).
+    fn free_slot(&mut self, mut i: usize) {
+        let mask = self.mask();
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let c = self.ctrl[j];
+            if c == EMPTY {
+                break;
+            }
+            let pos = self.slots[j];
+            let home = self.hashes[pos as usize] as usize & mask;
+            // The key in `j` may move back to `i` unless its home lies in the run after `i`.
+            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(i) & mask) {
+                self.set_ctrl(i, c);
+                self.slots[i] = pos;
+                i = j;
+            }
+        }
+        self.set_ctrl(i, EMPTY);
+    }
 }
 
 impl<K, V> IndexedMap<K, V> {
     /// The map of one entry (inline: no allocation).
     pub fn one(k: K, v: V) -> Self {
-        IndexedMap { entries: OneOrVec::One((k, v)), index: Vec::new() }
+        IndexedMap { entries: OneOrVec::One((k, v)), index: None }
     }
 
     /// The map's only entry, if it has exactly one and no table (a one-element delta);
@@ -90,7 +234,7 @@ impl<K, V> IndexedMap<K, V> {
     #[inline]
     pub(crate) fn into_single(self) -> Result<(K, V), Self> {
         match self.entries {
-            OneOrVec::One(e) if self.index.is_empty() => Ok(e),
+            OneOrVec::One(e) if self.index.is_none() => Ok(e),
             entries => Err(IndexedMap { entries, index: self.index }),
         }
     }
@@ -121,25 +265,6 @@ impl<K, V> IndexedMap<K, V> {
     pub fn reserve(&mut self, additional: usize) {
         self.entries.reserve(additional);
     }
-
-    /// Rebuilds the table with `cap` slots, moving each entry's slot by `remap`
-    /// (old position to new, `None` when gone). Reads only the old table: no key is hashed.
-    fn reindex(&mut self, cap: usize, remap: impl Fn(usize) -> Option<usize>) {
-        let mut table = vec![0u64; cap];
-        let mask = cap - 1;
-        for &s in &self.index {
-            if s == 0 {
-                continue;
-            }
-            let Some(pos) = remap(slot_pos(s)) else { continue };
-            let mut i = slot_hash(s) as usize & mask;
-            while table[i] != 0 {
-                i = (i + 1) & mask;
-            }
-            table[i] = slot(slot_hash(s), pos);
-        }
-        self.index = table;
-    }
 }
 
 impl<K: Hash + Eq, V> IndexedMap<K, V> {
@@ -151,20 +276,9 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
         K: Borrow<Q>,
     {
         let entries: &[(K, V)] = &self.entries;
-        if self.index.is_empty() {
-            return entries.iter().position(|e| e.0.borrow() == k).ok_or(0);
-        }
-        let mask = self.index.len() - 1;
-        let mut i = hash as usize & mask;
-        loop {
-            let s = self.index[i];
-            if s == 0 {
-                return Err(i);
-            }
-            if slot_hash(s) == hash && entries[slot_pos(s)].0.borrow() == k {
-                return Ok(slot_pos(s));
-            }
-            i = (i + 1) & mask;
+        match &self.index {
+            None => entries.iter().position(|e| e.0.borrow() == k).ok_or(0),
+            Some(t) => t.probe(hash, |pos| entries[pos].0.borrow() == k).map(|s| t.slots[s] as usize),
         }
     }
 
@@ -194,7 +308,7 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
     /// The hash the table needs for `k`, or 0 when the map has no table.
     #[inline]
     fn hash_for<Q: Hash + ?Sized>(&self, k: &Q) -> u32 {
-        if self.index.is_empty() {
+        if self.index.is_none() {
             0
         } else {
             hash_of(k)
@@ -249,74 +363,39 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
     }
 
     /// Appends an entry known to be absent; `hash` and `free` come from [`Self::locate`].
+    #[inline]
     pub(crate) fn push_new(&mut self, hash: u32, free: usize, k: K, v: V) -> usize {
         let pos = self.len();
-        assert!(pos < u32::MAX as usize - 1, "an IndexedMap holds fewer than 2^32 - 1 entries");
-        if self.index.is_empty() {
-            self.entries.push((k, v));
-            if pos == SMALL {
-                self.build_index();
+        match &mut self.index {
+            Some(t) if 2 * (pos + 1) <= t.slots.len() => {
+                t.fill(free, hash, pos);
+                t.hashes.push(hash);
+                self.entries.push((k, v));
             }
-        } else if 2 * (pos + 1) > self.index.len() {
-            self.entries.push((k, v));
-            self.reindex(2 * self.index.len(), Some);
-            let _ = self.place(hash, pos);
-        } else {
-            self.index[free] = slot(hash, pos);
-            self.entries.push((k, v));
+            None if pos < SMALL => self.entries.push((k, v)),
+            _ => self.push_and_grow(hash, k, v),
         }
         pos
     }
 
-    /// Puts `pos` (hashing to `hash`) into the first free slot of its probe sequence.
-    fn place(&mut self, hash: u32, pos: usize) -> usize {
-        let mask = self.index.len() - 1;
-        let mut i = hash as usize & mask;
-        while self.index[i] != 0 {
-            i = (i + 1) & mask;
-        }
-        self.index[i] = slot(hash, pos);
-        i
-    }
-
-    /// Builds the table of a map that just outgrew [`SMALL`] (or lost it to a retain).
-    fn build_index(&mut self) {
-        let cap = (2 * self.len()).next_power_of_two().max(4 * SMALL);
-        self.index = vec![0u64; cap];
-        for pos in 0..self.len() {
-            let hash = hash_of(&self.entries[pos].0);
-            self.place(hash, pos);
-        }
-    }
-
-    /// The table slot holding `pos`, whose key hashes to `hash`.
-    fn slot_of(&self, hash: u32, pos: usize) -> usize {
-        let mask = self.index.len() - 1;
-        let mut i = hash as usize & mask;
-        while self.index[i] != slot(hash, pos) {
-            i = (i + 1) & mask;
-        }
-        i
-    }
-
-    /// Frees slot `i`, shifting later slots of the same probe run back (no tombstones).
-    fn free_slot(&mut self, mut i: usize) {
-        let mask = self.index.len() - 1;
-        let mut j = i;
-        loop {
-            j = (j + 1) & mask;
-            let s = self.index[j];
-            if s == 0 {
-                break;
+    /// [`Self::push_new`] when the table must be built or doubled.
+    #[cold]
+    #[inline(never)]
+    fn push_and_grow(&mut self, hash: u32, k: K, v: V) {
+        self.entries.push((k, v));
+        let hashes = match self.index.take() {
+            // Just outgrew a linear scan: hash every key once.
+            None => self.entries.iter().map(|e| hash_of(&e.0)).collect(),
+            Some(t) => {
+                let mut hashes = t.hashes;
+                hashes.push(hash);
+                hashes
             }
-            let home = slot_hash(s) as usize & mask;
-            // `s` may move back to `i` unless its home lies in the run after `i`.
-            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(i) & mask) {
-                self.index[i] = s;
-                i = j;
-            }
-        }
-        self.index[i] = 0;
+        };
+        let cap = (2 * hashes.len()).next_power_of_two().max(4 * SMALL);
+        // Positions are `u32`s, and a table is at most half full.
+        assert!(cap as u64 / 2 <= 1 << 32, "an IndexedMap holds at most 2^32 entries");
+        self.index = Some(Box::new(Table::build(cap, hashes)));
     }
 
     /// Removes `k`; returns its value. The last entry takes its place.
@@ -332,37 +411,40 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
     /// Removes the entry at `pos`, whose key hashes to `hash` (as [`Self::locate`] said).
     pub(crate) fn remove_at(&mut self, hash: u32, pos: usize) -> V {
         let last = self.len() - 1;
-        if !self.index.is_empty() {
-            let i = self.slot_of(hash, pos);
-            self.free_slot(i);
+        if let Some(t) = &mut self.index {
+            let i = t.slot_of(hash, pos);
+            t.free_slot(i);
             if pos != last {
-                let moved = hash_of(&self.entries[last].0);
-                let j = self.slot_of(moved, last);
-                self.index[j] = slot(moved, pos);
+                let j = t.slot_of(t.hashes[last], last);
+                t.slots[j] = pos as u32;
             }
+            t.hashes.swap_remove(pos);
         }
         self.entries.swap_remove(pos).1
     }
 
     /// Keeps the entries for which `keep` says so (it may change their values).
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
-        if self.index.is_empty() {
+        let Some(t) = &mut self.index else {
             self.entries.retain_mut(|e| keep(&e.0, &mut e.1));
             return;
-        }
-        // Positions shift down over removed entries: remember where each went.
-        let before = self.len();
-        let mut remap: Vec<u32> = Vec::with_capacity(before);
-        let mut next = 0u32;
+        };
+        // The hashes follow their entries down over the removed ones.
+        let hashes = &mut t.hashes;
+        let (mut read, mut write) = (0, 0);
         self.entries.retain_mut(|e| {
             let kept = keep(&e.0, &mut e.1);
-            remap.push(if kept { next } else { u32::MAX });
-            next += u32::from(kept);
+            if kept {
+                hashes[write] = hashes[read];
+                write += 1;
+            }
+            read += 1;
             kept
         });
-        if self.len() != before {
-            let cap = self.index.len();
-            self.reindex(cap, |p| Some(remap[p]).filter(|&q| q != u32::MAX).map(|q| q as usize));
+        if write != read {
+            hashes.truncate(write);
+            let hashes = std::mem::take(hashes);
+            **t = Table::build(t.slots.len(), hashes);
         }
     }
 }
@@ -457,9 +539,14 @@ mod tests {
         for (pos, (k, _)) in m.iter().enumerate() {
             assert_eq!(m.locate(k).1, Ok(pos), "{k:?}");
         }
-        if !m.index.is_empty() {
-            assert_eq!(m.index.iter().filter(|&&s| s != 0).count(), m.len());
-            assert!(2 * m.len() <= m.index.len());
+        if let Some(t) = &m.index {
+            let cap = t.slots.len();
+            assert_eq!(t.ctrl[cap..], t.ctrl[..GROUP]);
+            assert_eq!(t.ctrl[..cap].iter().filter(|&&c| c != EMPTY).count(), m.len());
+            assert!(2 * m.len() <= cap);
+            for (pos, (k, _)) in m.iter().enumerate() {
+                assert_eq!(t.hashes[pos], hash_of(k));
+            }
         }
     }
 
@@ -505,11 +592,11 @@ mod tests {
     fn a_one_entry_map_is_inline() {
         let mut m = IndexedMap::default();
         m.insert(1u8, 'a');
-        assert!(matches!(m.entries, OneOrVec::One(_)) && m.index.is_empty());
+        assert!(matches!(m.entries, OneOrVec::One(_)) && m.index.is_none());
         for k in 2..=(SMALL as u8 + 1) {
             m.insert(k, 'b');
         }
-        assert!(!m.index.is_empty());
+        assert!(m.index.is_some());
         check(&m);
         m.retain(|k, _| *k == 3);
         assert_eq!(m.iter().collect::<Vec<_>>(), [(&3, &'b')]);
