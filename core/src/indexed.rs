@@ -26,7 +26,8 @@
 //!
 //! Small maps (every delta) have no table at all: lookups compare keys in a linear scan,
 //! and a map of one entry keeps it inline, so making a one-element delta allocates
-//! nothing. Removal swaps the last entry into the hole, so the order is only "arrival
+//! nothing; a local add's delta also carries its element's hash, so applying it does not
+//! hash the element a second time. Removal swaps the last entry into the hole, so the order is only "arrival
 //! order, disturbed by removals": nothing may depend on it (encodings sort).
 
 use crate::hash::FxHasher;
@@ -62,8 +63,19 @@ const HI: u64 = 0x8080_8080_8080_8080;
 #[derive(Clone)]
 pub struct IndexedMap<K, V> {
     entries: OneOrVec<(K, V)>,
-    /// The table; `None` while the map is small.
-    index: Option<Box<Table>>,
+    index: Index,
+}
+
+/// How an [`IndexedMap`] finds its keys.
+#[derive(Clone)]
+enum Index {
+    /// No table (a small map): lookups scan the entries.
+    Scan,
+    /// No table, a single entry, and this is its key's hash: the delta of a local add,
+    /// whose element was hashed to look it up, so applying it need not hash it again.
+    Hashed(u32),
+    /// The table.
+    Table(Box<Table>),
 }
 
 /// The open-addressing table of an [`IndexedMap`]: linear probing over a power-of-two
@@ -81,7 +93,7 @@ struct Table {
 
 impl<K, V> Default for IndexedMap<K, V> {
     fn default() -> Self {
-        IndexedMap { entries: OneOrVec::new(), index: None }
+        IndexedMap { entries: OneOrVec::new(), index: Index::Scan }
     }
 }
 
@@ -131,7 +143,7 @@ impl Table {
 
     /// Probes for `hash`: `Ok(slot)` of the first used slot whose position `is` accepts, or
     /// `Err(slot)`, the free slot that ends the probe.
-    #[inline]
+    #[inline(always)]
     fn probe(&self, hash: u32, mut is: impl FnMut(usize) -> bool) -> Result<usize, usize> {
         let mask = self.mask();
         let h2 = h2(hash);
@@ -226,17 +238,32 @@ impl Table {
 impl<K, V> IndexedMap<K, V> {
     /// The map of one entry (inline: no allocation).
     pub fn one(k: K, v: V) -> Self {
-        IndexedMap { entries: OneOrVec::One((k, v)), index: None }
+        IndexedMap { entries: OneOrVec::One((k, v)), index: Index::Scan }
     }
 
-    /// The map's only entry, if it has exactly one and no table (a one-element delta);
-    /// otherwise the map back.
+    /// The map of one entry, remembering `hash`, which must be the hash [`Self::locate`]
+    /// gave for `k` (if a map with a table gave it).
     #[inline]
-    pub(crate) fn into_single(self) -> Result<(K, V), Self> {
-        match self.entries {
-            OneOrVec::One(e) if self.index.is_none() => Ok(e),
-            entries => Err(IndexedMap { entries, index: self.index }),
+    pub(crate) fn one_hashed(k: K, v: V, hash: Option<u32>) -> Self {
+        let index = hash.map_or(Index::Scan, Index::Hashed);
+        IndexedMap { entries: OneOrVec::One((k, v)), index }
+    }
+
+    /// The map's only entry and its key's hash if known (see [`Self::one_hashed`]), if it
+    /// has exactly one entry and no table (a one-element delta); otherwise the map back.
+    #[inline]
+    pub(crate) fn into_single(self) -> Result<((K, V), Option<u32>), Self> {
+        match (self.entries, self.index) {
+            (OneOrVec::One(e), Index::Scan) => Ok((e, None)),
+            (OneOrVec::One(e), Index::Hashed(h)) => Ok((e, Some(h))),
+            (entries, index) => Err(IndexedMap { entries, index }),
         }
+    }
+
+    /// Whether lookups use a table, and so [`Self::locate`] gives a key's real hash.
+    #[inline]
+    pub(crate) fn has_table(&self) -> bool {
+        matches!(self.index, Index::Table(_))
     }
 
     /// Number of entries.
@@ -268,17 +295,18 @@ impl<K, V> IndexedMap<K, V> {
 }
 
 impl<K: Hash + Eq, V> IndexedMap<K, V> {
-    /// Where `k` is: `Ok(position)`, or `Err(free slot)` in the table for a new entry
+    /// Where `k`, whose hash is `hash` (see [`Self::locate`]; anything for a map without a
+    /// table), is: `Ok(position)`, or `Err(free slot)` in the table for a new entry
     /// (`Err(0)`, meaningless, for a map without a table).
-    #[inline]
-    fn find<Q: Hash + Eq + ?Sized>(&self, hash: u32, k: &Q) -> Result<usize, usize>
+    #[inline(always)]
+    pub(crate) fn find<Q: Hash + Eq + ?Sized>(&self, hash: u32, k: &Q) -> Result<usize, usize>
     where
         K: Borrow<Q>,
     {
         let entries: &[(K, V)] = &self.entries;
         match &self.index {
-            None => entries.iter().position(|e| e.0.borrow() == k).ok_or(0),
-            Some(t) => t.probe(hash, |pos| entries[pos].0.borrow() == k).map(|s| t.slots[s] as usize),
+            Index::Table(t) => t.probe(hash, |pos| entries[pos].0.borrow() == k).map(|s| t.slots[s] as usize),
+            _ => entries.iter().position(|e| e.0.borrow() == k).ok_or(0),
         }
     }
 
@@ -307,11 +335,11 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
 
     /// The hash the table needs for `k`, or 0 when the map has no table.
     #[inline]
-    fn hash_for<Q: Hash + ?Sized>(&self, k: &Q) -> u32 {
-        if self.index.is_none() {
-            0
-        } else {
+    pub(crate) fn hash_for<Q: Hash + ?Sized>(&self, k: &Q) -> u32 {
+        if self.has_table() {
             hash_of(k)
+        } else {
+            0
         }
     }
 
@@ -363,16 +391,20 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
     }
 
     /// Appends an entry known to be absent; `hash` and `free` come from [`Self::locate`].
-    #[inline]
+    #[inline(always)]
     pub(crate) fn push_new(&mut self, hash: u32, free: usize, k: K, v: V) -> usize {
         let pos = self.len();
         match &mut self.index {
-            Some(t) if 2 * (pos + 1) <= t.slots.len() => {
+            Index::Table(t) if 2 * (pos + 1) <= t.slots.len() => {
                 t.fill(free, hash, pos);
                 t.hashes.push(hash);
                 self.entries.push((k, v));
             }
-            None if pos < SMALL => self.entries.push((k, v)),
+            Index::Table(_) => self.push_and_grow(hash, k, v),
+            _ if pos < SMALL => {
+                self.entries.push((k, v));
+                self.index = Index::Scan;
+            }
             _ => self.push_and_grow(hash, k, v),
         }
         pos
@@ -383,19 +415,19 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
     #[inline(never)]
     fn push_and_grow(&mut self, hash: u32, k: K, v: V) {
         self.entries.push((k, v));
-        let hashes = match self.index.take() {
-            // Just outgrew a linear scan: hash every key once.
-            None => self.entries.iter().map(|e| hash_of(&e.0)).collect(),
-            Some(t) => {
+        let hashes = match std::mem::replace(&mut self.index, Index::Scan) {
+            Index::Table(t) => {
                 let mut hashes = t.hashes;
                 hashes.push(hash);
                 hashes
             }
+            // Just outgrew a linear scan: hash every key once.
+            _ => self.entries.iter().map(|e| hash_of(&e.0)).collect(),
         };
         let cap = (2 * hashes.len()).next_power_of_two().max(4 * SMALL);
         // Positions are `u32`s, and a table is at most half full.
         assert!(cap as u64 / 2 <= 1 << 32, "an IndexedMap holds at most 2^32 entries");
-        self.index = Some(Box::new(Table::build(cap, hashes)));
+        self.index = Index::Table(Box::new(Table::build(cap, hashes)));
     }
 
     /// Removes `k`; returns its value. The last entry takes its place.
@@ -411,7 +443,7 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
     /// Removes the entry at `pos`, whose key hashes to `hash` (as [`Self::locate`] said).
     pub(crate) fn remove_at(&mut self, hash: u32, pos: usize) -> V {
         let last = self.len() - 1;
-        if let Some(t) = &mut self.index {
+        if let Index::Table(t) = &mut self.index {
             let i = t.slot_of(hash, pos);
             t.free_slot(i);
             if pos != last {
@@ -419,14 +451,17 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
                 t.slots[j] = pos as u32;
             }
             t.hashes.swap_remove(pos);
+        } else {
+            self.index = Index::Scan;
         }
         self.entries.swap_remove(pos).1
     }
 
     /// Keeps the entries for which `keep` says so (it may change their values).
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
-        let Some(t) = &mut self.index else {
+        let Index::Table(t) = &mut self.index else {
             self.entries.retain_mut(|e| keep(&e.0, &mut e.1));
+            self.index = Index::Scan;
             return;
         };
         // The hashes follow their entries down over the removed ones.
@@ -539,7 +574,7 @@ mod tests {
         for (pos, (k, _)) in m.iter().enumerate() {
             assert_eq!(m.locate(k).1, Ok(pos), "{k:?}");
         }
-        if let Some(t) = &m.index {
+        if let Index::Table(t) = &m.index {
             let cap = t.slots.len();
             assert_eq!(t.ctrl[cap..], t.ctrl[..GROUP]);
             assert_eq!(t.ctrl[..cap].iter().filter(|&&c| c != EMPTY).count(), m.len());
@@ -592,11 +627,11 @@ mod tests {
     fn a_one_entry_map_is_inline() {
         let mut m = IndexedMap::default();
         m.insert(1u8, 'a');
-        assert!(matches!(m.entries, OneOrVec::One(_)) && m.index.is_none());
+        assert!(matches!(m.entries, OneOrVec::One(_)) && matches!(m.index, Index::Scan));
         for k in 2..=(SMALL as u8 + 1) {
             m.insert(k, 'b');
         }
-        assert!(m.index.is_some());
+        assert!(m.has_table());
         check(&m);
         m.retain(|k, _| *k == 3);
         assert_eq!(m.iter().collect::<Vec<_>>(), [(&3, &'b')]);

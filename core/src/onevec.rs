@@ -45,6 +45,17 @@ impl<T> OneOrVec<T> {
     pub(crate) fn push(&mut self, x: T) {
         match self {
             OneOrVec::Many(v) if v.capacity() > 0 => v.push(x),
+            _ => self.push_cold(x),
+        }
+    }
+
+    /// [`Self::push`] onto no allocation: kept out of line, so appending to a large map
+    /// inlines to `Vec::push`.
+    #[cold]
+    #[inline(never)]
+    fn push_cold(&mut self, x: T) {
+        match self {
+            OneOrVec::Many(v) if v.capacity() > 0 => v.push(x),
             OneOrVec::Many(_) => *self = OneOrVec::One(x),
             OneOrVec::One(_) => self.vec().push(x),
         }

@@ -11,8 +11,9 @@
 //! The elements live in an [`IndexedMap`]: entries appended to a dense `Vec`, found
 //! through a small table of positions and stored hashes, so a local add is an append, and
 //! growing never re-hashes an element (see [`crate::indexed`] for why that matters for
-//! large sets of strings). A local add makes a one-element delta that allocates nothing,
-//! and [`Crdt::apply`] joins it by moving the element in instead of cloning it.
+//! large sets of strings). A local add makes a one-element delta that allocates nothing
+//! and carries its element's hash, and [`Crdt::apply`] joins it by moving the element in
+//! instead of cloning it: for a new element, one probe, one append and one dot recorded.
 
 use crate::codec::{put_seq, put_varint, Reader, Wire, R};
 use crate::id::Dot;
@@ -333,6 +334,7 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
 
     /// The next dot `replica` should use for this set when used standalone (in a
     /// document, the document mints dots).
+    #[inline]
     pub fn next_dot(&self, replica: crate::ReplicaId) -> Dot {
         let top = self.ctx.cloud.iter().filter(|d| d.replica == replica).map(|d| d.seq).max();
         Dot::new(replica, top.unwrap_or(0).max(self.ctx.vv.get(replica)) + 1)
@@ -340,14 +342,18 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
 
     /// The delta that adds `v` with the fresh dot `dot`; it also retires the dots that
     /// supported `v` so far (one dot per element in the common case).
+    #[inline]
     pub fn add(&self, dot: Dot, v: V) -> OrSet<V> {
+        let (hash, found) = self.entries.locate(&v);
         let mut ctx = CausalContext::of_dot(dot);
-        if let Some(ds) = self.entries.get(&v) {
-            for &d in ds.as_slice() {
+        if let Ok(pos) = found {
+            for &d in self.entries.value_at(pos).as_slice() {
                 ctx.insert(d);
             }
         }
-        OrSet { entries: Entries::one(v, Dots::One(dot)), ctx, hinted: false }
+        // The delta keeps the element's hash for `apply` (a real one if there is a table).
+        let hash = self.entries.has_table().then_some(hash);
+        OrSet { entries: Entries::one_hashed(v, Dots::One(dot), hash), ctx, hinted: false }
     }
 
     /// The delta that removes `v` as observed here: the dots it retires, and a removal
@@ -393,12 +399,60 @@ impl<V: Hash + Eq> OrSet<V> {
     /// Finishes a join of elements seen under `their_ctx`.
     fn joined(&mut self, their_ctx: &CausalContext) {
         self.ctx.merge(their_ctx);
-        // A join never adds hints, but a delta joined into may carry its own: a merged
-        // state is no longer a single remove, so drop them.
+        self.drop_hints();
+    }
+
+    /// A join never adds hints, but a delta joined into may carry its own: a merged state
+    /// is no longer a single remove, so drop them.
+    #[inline]
+    fn drop_hints(&mut self) {
         if self.hinted {
             self.entries.retain(|_, ds| !ds.is_empty());
             self.hinted = false;
         }
+    }
+
+    /// [`Crdt::apply`] of a delta of one element `v` with one dot `d`, whose hash the
+    /// delta may know (see [`OrSet::add`]).
+    #[inline]
+    fn apply_one(&mut self, v: V, d: Dot, hash: Option<u32>, ctx: CausalContext) {
+        let hash = match hash {
+            Some(h) => h,
+            None => self.entries.hash_for(&v),
+        };
+        let found = self.entries.find(hash, &v);
+        // The local add of a new element: its context is its dot alone, which removes
+        // nothing, so the join is to record the dot and, if it is new here, add the element.
+        if let Err(free) = found {
+            if ctx.is_of_dot(d) {
+                if self.ctx.insert_new(d) {
+                    self.entries.push_new(hash, free, v, Dots::One(d));
+                }
+                self.drop_hints();
+                return;
+            }
+        }
+        self.apply_located(v, d, hash, found, ctx);
+    }
+
+    /// [`Self::apply_one`] past its fast path, with `v` located (`hash`, `found`).
+    #[inline(never)]
+    fn apply_located(&mut self, v: V, d: Dot, hash: u32, found: Result<usize, usize>, ctx: CausalContext) {
+        // A context holding nothing but `d` and dots `v` has here (a local re-add, which
+        // retires them) removes no other element, so the join is that element's alone.
+        if only_dots_of(&ctx, d, found.ok().map(|pos| self.entries.value_at(pos))) {
+            join_located(&mut self.entries, &self.ctx, &ctx, hash, found, v, &Dots::One(d), |v| v);
+            self.joined(&ctx);
+        } else {
+            self.apply_entries(Entries::one(v, Dots::One(d)), ctx);
+        }
+    }
+
+    /// [`Crdt::apply`] in general: a join that moves new elements in.
+    #[inline(never)]
+    fn apply_entries(&mut self, entries: Entries<V>, ctx: CausalContext) {
+        join_entries_owned(&mut self.entries, &self.ctx, entries, &ctx);
+        self.joined(&ctx);
     }
 }
 
@@ -415,26 +469,16 @@ where
 
     /// Moves the delta's new elements in instead of cloning them: the cheap way to apply
     /// a local [`OrSet::add`] (encode or clone the delta first to ship it).
+    #[inline]
     fn apply(&mut self, delta: Self) {
         let OrSet { entries, ctx, .. } = delta;
-        // The common delta, a local add: one element with one dot, whose context holds
-        // nothing but that dot and dots the element has here. Such a context removes no
-        // other element, so the join is that element's alone: locate it once.
-        let entries = match entries.into_single() {
-            Ok((v, Dots::One(d))) => {
-                let (hash, found) = self.entries.locate(&v);
-                if only_dots_of(&ctx, d, found.ok().map(|pos| self.entries.value_at(pos))) {
-                    join_located(&mut self.entries, &self.ctx, &ctx, hash, found, v, &Dots::One(d), |v| v);
-                    self.joined(&ctx);
-                    return;
-                }
-                Entries::one(v, Dots::One(d))
-            }
-            Ok((v, ds)) => Entries::one(v, ds),
-            Err(entries) => entries,
-        };
-        join_entries_owned(&mut self.entries, &self.ctx, entries, &ctx);
-        self.joined(&ctx);
+        // The common delta, a local add: one element with one dot. Its join concerns that
+        // element alone (see `apply_one`): locate it once.
+        match entries.into_single() {
+            Ok(((v, Dots::One(d)), hash)) => self.apply_one(v, d, hash, ctx),
+            Ok(((v, ds), _)) => self.apply_entries(Entries::one(v, ds), ctx),
+            Err(entries) => self.apply_entries(entries, ctx),
+        }
     }
 
     /// The elements in sorted order.
@@ -675,5 +719,33 @@ mod tests {
         let rm = one.remove(&s("y"));
         apply_matches_merge(&rm, &one.add(one.next_dot(A), s("y")));
         apply_matches_merge(&rm, &one.add(one.next_dot(A), s("w")));
+    }
+
+    #[test]
+    fn a_delta_that_carries_its_elements_hash_applies_like_merge() {
+        // Sets large enough for a table, so `add` hands its hash to `apply`.
+        let mut big = OrSet::default();
+        for i in 0..40 {
+            add(&mut big, A, &format!("e{i}"));
+        }
+        let new = big.add(big.next_dot(A), s("new"));
+        assert!(matches!(new.entries.clone().into_single(), Ok((_, Some(_)))));
+        apply_matches_merge(&big, &new);
+        apply_matches_merge(&big, &big.add(big.next_dot(A), s("e7")));
+        // Applied again (its dot seen), and into sets with and without a table.
+        let mut seen = big.clone();
+        seen.apply(new.clone());
+        apply_matches_merge(&seen, &new);
+        apply_matches_merge(&OrSet::default(), &new);
+        let mut other = OrSet::default();
+        for i in 0..40 {
+            add(&mut other, B, &format!("o{i}"));
+        }
+        apply_matches_merge(&other, &new);
+        // A delta edited through `entries_mut` no longer claims a hash.
+        let mut edited = big.add(big.next_dot(A), s("x"));
+        edited.entries_mut().insert(s("y"), Dots::One(Dot::new(A, 99)));
+        edited.entries_mut().remove(&s("y"));
+        assert!(!matches!(edited.entries.clone().into_single(), Ok((_, Some(_)))));
     }
 }

@@ -329,8 +329,38 @@ impl CausalContext {
     }
 
     /// Whether `dot` has been seen.
+    #[inline]
     pub fn contains(&self, dot: Dot) -> bool {
         self.vv.contains(dot) || self.cloud.contains(&dot)
+    }
+
+    /// Whether this is the context of `dot` alone, as [`Self::of_dot`] makes it, with
+    /// `dot.seq > 0`.
+    #[inline]
+    pub fn is_of_dot(&self, dot: Dot) -> bool {
+        match (&*self.vv.entries, self.cloud.len()) {
+            ([], 1) => dot.seq > 1 && self.cloud.nth(0) == Some(&dot),
+            ([(r, 1)], 0) => dot.seq == 1 && *r == dot.replica,
+            _ => false,
+        }
+    }
+
+    /// Records `dot` as seen; returns whether it was new ([`Self::contains`] said no).
+    /// One search of the vector for a replica's next local event.
+    #[inline]
+    pub fn insert_new(&mut self, dot: Dot) -> bool {
+        match self.vv.entry_mut(dot.replica) {
+            Ok(top) if dot.seq != 0 && dot.seq <= *top => false,
+            Ok(top) if dot.seq == *top + 1 && self.cloud.is_empty() => {
+                *top = dot.seq;
+                true
+            }
+            _ => {
+                let new = !self.contains(dot);
+                self.insert(dot);
+                new
+            }
+        }
     }
 
     /// Records `dot` as seen.
@@ -494,6 +524,23 @@ mod tests {
             cc.insert(dot);
             assert_eq!(CausalContext::of_dot(dot), cc);
             assert_eq!(format!("{:?}", CausalContext::of_dot(dot)), format!("{cc:?}"));
+        }
+    }
+
+    #[test]
+    fn insert_new_is_contains_then_insert_and_is_of_dot_recognises_of_dot() {
+        let mut cc = CausalContext::default();
+        cc.insert(Dot::new(A, 1));
+        cc.insert(Dot::new(A, 2));
+        cc.insert(Dot::new(B, 3));
+        for dot in [0, 1, 2, 3, 4, 5].into_iter().flat_map(|q| [Dot::new(A, q), Dot::new(B, q)]) {
+            let (mut fast, mut slow) = (cc.clone(), cc.clone());
+            assert_eq!(fast.insert_new(dot), !slow.contains(dot), "{dot}");
+            slow.insert(dot);
+            assert_eq!(fast, slow);
+            assert_eq!(CausalContext::of_dot(dot).is_of_dot(dot), dot.seq > 0);
+            assert!(!cc.is_of_dot(dot));
+            assert!(!CausalContext::of_dot(Dot::new(A, 3)).is_of_dot(Dot::new(B, 3)));
         }
     }
 
