@@ -112,6 +112,18 @@ fn timed<S, T>(
     });
 }
 
+/// Times `routine` once over `n` fresh elements (the output is dropped outside the
+/// clock), records its nanoseconds per element under `key`, and returns the time.
+fn once<T>(key: &str, n: usize, routine: impl FnOnce(Vec<String>) -> T) -> Duration {
+    let input = items(n);
+    let start = Instant::now();
+    let out = black_box(routine(black_box(input)));
+    let took = start.elapsed();
+    drop(out);
+    SAMPLES.lock().unwrap().entry(key.to_string()).or_default().push(took.as_nanos() as f64 / n as f64);
+    took
+}
+
 fn figure(name: impl Into<String>, value: impl Into<String>) {
     let (name, value) = (name.into(), value.into());
     println!("{name}: {value}");
@@ -376,60 +388,48 @@ fn their_add(set: &mut crdts::Orswot<String, u64>, v: String) {
 
 fn sets(c: &mut Criterion) {
     let n = OPS as usize;
+    // The four 1M-add workloads run interleaved, one round of each per timed iteration:
+    // this machine's speed drifts by tens of percent over seconds, and timing each side
+    // in its own stretch made the ours/theirs ratio swing with it (3.4x to 5.2x within an
+    // hour). Interleaved, a slow spell hits both sides of a ratio alike.
     let mut g = group(c, "orset/add-1M", OPS);
-    g.measurement_time(Duration::from_secs(15)); // 10 samples of one iteration each
-    timed(
-        &mut g,
-        "orset.add.ours",
-        OPS,
-        || items(n),
-        |elems| {
-            let mut set = OrSet::default();
-            for v in elems {
-                our_add(&mut set, v);
+    g.measurement_time(Duration::from_secs(20)); // 10 samples of one round each
+    g.bench_function("interleaved", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += once("orset.add.ours", n, |elems| {
+                    let mut set = OrSet::default();
+                    for v in elems {
+                        our_add(&mut set, v);
+                    }
+                    set
+                });
+                once("orset.add_by_ref.ours", n, |elems| {
+                    let mut set = OrSet::default();
+                    for v in elems {
+                        our_add_by_ref(&mut set, v);
+                    }
+                    set
+                });
+                once("orset.add.crdts", n, |elems| {
+                    let mut set = crdts::Orswot::new();
+                    for v in elems {
+                        their_add(&mut set, v);
+                    }
+                    set
+                });
+                once("orset.add.hashset", n, |elems| {
+                    let mut set = HashSet::new();
+                    for v in elems {
+                        set.insert(v);
+                    }
+                    set
+                });
             }
-            set
-        },
-    );
-    timed(
-        &mut g,
-        "orset.add_by_ref.ours",
-        OPS,
-        || items(n),
-        |elems| {
-            let mut set = OrSet::default();
-            for v in elems {
-                our_add_by_ref(&mut set, v);
-            }
-            set
-        },
-    );
-    timed(
-        &mut g,
-        "orset.add.crdts",
-        OPS,
-        || items(n),
-        |elems| {
-            let mut set = crdts::Orswot::new();
-            for v in elems {
-                their_add(&mut set, v);
-            }
-            set
-        },
-    );
-    timed(
-        &mut g,
-        "orset.add.hashset",
-        OPS,
-        || items(n),
-        |elems| {
-            let mut set = HashSet::new();
-            for v in elems {
-                set.insert(v);
-            }
-            set
-        },
-    );
+            total
+        })
+    });
     g.finish();
 
     // Memory per element, 1M elements, strings included.

@@ -170,9 +170,11 @@ impl Table {
     /// Sets slot `i`'s control byte, and its copy after the end.
     #[inline]
     fn set_ctrl(&mut self, i: usize, c: u8) {
-        let mask = self.mask();
         self.ctrl[i] = c;
-        self.ctrl[(i.wrapping_sub(GROUP) & mask) + GROUP] = c;
+        if i < GROUP {
+            let cap = self.slots.len();
+            self.ctrl[cap + i] = c;
+        }
     }
 
     /// Fills free slot `i` with `pos`, whose key hashes to `hash`.

@@ -336,6 +336,9 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
     /// document, the document mints dots).
     #[inline]
     pub fn next_dot(&self, replica: crate::ReplicaId) -> Dot {
+        if self.ctx.cloud.is_empty() {
+            return Dot::new(replica, self.ctx.vv.get(replica) + 1);
+        }
         let top = self.ctx.cloud.iter().filter(|d| d.replica == replica).map(|d| d.seq).max();
         Dot::new(replica, top.unwrap_or(0).max(self.ctx.vv.get(replica)) + 1)
     }

@@ -137,9 +137,18 @@ impl VersionVector {
     /// The highest contiguous sequence seen from `replica` (0 when none).
     #[inline]
     pub fn get(&self, replica: ReplicaId) -> u64 {
-        match self.entries.binary_search_by_key(&replica, |e| e.0) {
-            Ok(i) => self.entries[i].1,
-            Err(_) => 0,
+        match &self.entries {
+            Pairs::One((r, s)) => {
+                if *r == replica {
+                    *s
+                } else {
+                    0
+                }
+            }
+            Pairs::Many(v) => match v.binary_search_by_key(&replica, |e| e.0) {
+                Ok(i) => v[i].1,
+                Err(_) => 0,
+            },
         }
     }
 
