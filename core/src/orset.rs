@@ -418,7 +418,7 @@ impl<V: Hash + Eq> OrSet<V> {
     /// [`Crdt::apply`] of a delta of one element `v` with one dot `d`, whose hash the
     /// delta may know (see [`OrSet::add`]).
     #[inline]
-    fn apply_one(&mut self, v: V, d: Dot, hash: Option<u32>, ctx: CausalContext) {
+    fn apply_one(&mut self, v: V, d: Dot, hash: Option<u32>, ctx: &CausalContext) {
         let hash = match hash {
             Some(h) => h,
             None => self.entries.hash_for(&v),
@@ -440,12 +440,12 @@ impl<V: Hash + Eq> OrSet<V> {
 
     /// [`Self::apply_one`] past its fast path, with `v` located (`hash`, `found`).
     #[inline(never)]
-    fn apply_located(&mut self, v: V, d: Dot, hash: u32, found: Result<usize, usize>, ctx: CausalContext) {
+    fn apply_located(&mut self, v: V, d: Dot, hash: u32, found: Result<usize, usize>, ctx: &CausalContext) {
         // A context holding nothing but `d` and dots `v` has here (a local re-add, which
         // retires them) removes no other element, so the join is that element's alone.
-        if only_dots_of(&ctx, d, found.ok().map(|pos| self.entries.value_at(pos))) {
-            join_located(&mut self.entries, &self.ctx, &ctx, hash, found, v, &Dots::One(d), |v| v);
-            self.joined(&ctx);
+        if only_dots_of(ctx, d, found.ok().map(|pos| self.entries.value_at(pos))) {
+            join_located(&mut self.entries, &self.ctx, ctx, hash, found, v, &Dots::One(d), |v| v);
+            self.joined(ctx);
         } else {
             self.apply_entries(Entries::one(v, Dots::One(d)), ctx);
         }
@@ -453,9 +453,9 @@ impl<V: Hash + Eq> OrSet<V> {
 
     /// [`Crdt::apply`] in general: a join that moves new elements in.
     #[inline(never)]
-    fn apply_entries(&mut self, entries: Entries<V>, ctx: CausalContext) {
-        join_entries_owned(&mut self.entries, &self.ctx, entries, &ctx);
-        self.joined(&ctx);
+    fn apply_entries(&mut self, entries: Entries<V>, ctx: &CausalContext) {
+        join_entries_owned(&mut self.entries, &self.ctx, entries, ctx);
+        self.joined(ctx);
     }
 }
 
@@ -478,9 +478,9 @@ where
         // The common delta, a local add: one element with one dot. Its join concerns that
         // element alone (see `apply_one`): locate it once.
         match entries.into_single() {
-            Ok(((v, Dots::One(d)), hash)) => self.apply_one(v, d, hash, ctx),
-            Ok(((v, ds), _)) => self.apply_entries(Entries::one(v, ds), ctx),
-            Err(entries) => self.apply_entries(entries, ctx),
+            Ok(((v, Dots::One(d)), hash)) => self.apply_one(v, d, hash, &ctx),
+            Ok(((v, ds), _)) => self.apply_entries(Entries::one(v, ds), &ctx),
+            Err(entries) => self.apply_entries(entries, &ctx),
         }
     }
 
