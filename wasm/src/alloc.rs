@@ -216,6 +216,7 @@ mod global {
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
     use std::collections::{BTreeMap, HashMap};
 
     /// Simulated linear memory: links in a map, an end that grows by 64 KiB pages up to a
@@ -245,20 +246,6 @@ mod tests {
 
     fn sim(limit: usize) -> Sim {
         Sim { links: HashMap::new(), end: 1 << 20, limit }
-    }
-
-    /// xorshift64*: a seeded stream of numbers.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
     }
 
     /// Live blocks never overlap, sit inside memory, are aligned, keep their contents

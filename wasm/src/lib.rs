@@ -39,3 +39,26 @@ pub use replica::Out;
 pub fn start() {
     console_error_panic_hook::set_once();
 }
+
+/// A seeded generator for the tests (xorshift64*, Marsaglia 2003 / Vigna 2016), so a
+/// failing seed can be replayed.
+#[cfg(test)]
+pub(crate) mod test_rng {
+    /// xorshift64*; the state must not be zero.
+    pub(crate) struct Rng(pub(crate) u64);
+
+    impl Rng {
+        /// The next number of the stream.
+        pub(crate) fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        /// A number below `n`.
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+}

@@ -538,6 +538,7 @@ fn answer_tab(out: &mut Vec<Out>, doc_id: &str, doc: &Document, theirs: &Version
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Rng;
     use concord_core::Value;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -705,17 +706,6 @@ mod tests {
             .iter()
             .any(|o| matches!(o, Out::Tab(f) if matches!(Msg::decode(f), Ok(Msg::Subscribe(_))))));
         assert_eq!(b.read("big", |d| d.set_values("s").len()), Some(writes));
-    }
-
-    /// A seeded generator (xorshift64*), so a failing seed can be replayed.
-    struct Rng(u64);
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-        }
     }
 
     #[test]
