@@ -379,6 +379,15 @@ fn our_add_by_ref(set: &mut OrSet<String>, v: String) {
     set.merge(&d);
 }
 
+/// A set of type `S` made by `add`ing `elems` one at a time to an empty one.
+fn fill<S: Default>(elems: Vec<String>, mut add: impl FnMut(&mut S, String)) -> S {
+    let mut set = S::default();
+    for v in elems {
+        add(&mut set, v);
+    }
+    set
+}
+
 /// One local add the way the `crdts` documentation does it.
 fn their_add(set: &mut crdts::Orswot<String, u64>, v: String) {
     let ctx = set.read_ctx().derive_add_ctx(1);
@@ -398,33 +407,13 @@ fn sets(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                total += once("orset.add.ours", n, |elems| {
-                    let mut set = OrSet::default();
-                    for v in elems {
-                        our_add(&mut set, v);
-                    }
-                    set
-                });
-                once("orset.add_by_ref.ours", n, |elems| {
-                    let mut set = OrSet::default();
-                    for v in elems {
-                        our_add_by_ref(&mut set, v);
-                    }
-                    set
-                });
-                once("orset.add.crdts", n, |elems| {
-                    let mut set = crdts::Orswot::new();
-                    for v in elems {
-                        their_add(&mut set, v);
-                    }
-                    set
-                });
+                total += once("orset.add.ours", n, |elems| fill(elems, our_add));
+                once("orset.add_by_ref.ours", n, |elems| fill(elems, our_add_by_ref));
+                once("orset.add.crdts", n, |elems| fill(elems, their_add));
                 once("orset.add.hashset", n, |elems| {
-                    let mut set = HashSet::new();
-                    for v in elems {
+                    fill(elems, |set: &mut HashSet<String>, v| {
                         set.insert(v);
-                    }
-                    set
+                    })
                 });
             }
             total
@@ -433,21 +422,9 @@ fn sets(c: &mut Criterion) {
     g.finish();
 
     // Memory per element, 1M elements, strings included.
-    let (ours, our_bytes) = live_bytes(|| {
-        let mut set = OrSet::default();
-        for v in items(n) {
-            our_add(&mut set, v);
-        }
-        set
-    });
+    let (ours, our_bytes) = live_bytes(|| fill(items(n), our_add));
     let (hash, hash_bytes) = live_bytes(|| items(n).into_iter().collect::<HashSet<String>>());
-    let (theirs, their_bytes) = live_bytes(|| {
-        let mut set = crdts::Orswot::new();
-        for v in items(n) {
-            their_add(&mut set, v);
-        }
-        set
-    });
+    let (theirs, their_bytes) = live_bytes(|| fill(items(n), their_add));
     assert_eq!((ours.len(), hash.len(), theirs.read().val.len()), (n, n, n));
     let per = |b: usize| b as f64 / n as f64;
     figure("orset.bytes_per_element.ours", format!("{:.1}", per(our_bytes)));
