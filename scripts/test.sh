@@ -112,6 +112,7 @@ log "repo: $ROOT   PROPTEST_CASES=$PROPTEST_CASES"
 stage "setup"                      bash scripts/setup.sh
 stage "cargo fmt --check"          cargo fmt --all -- --check
 stage "cargo clippy -D warnings"   cargo clippy --workspace --all-targets -- -D warnings
+stage "cargo doc -D warnings"      env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
 stage "cargo test --workspace"     cargo test --workspace
 stage "wasm32 build, no warnings"  wasm_build_no_warnings -p concord-core -p concord-wasm
 

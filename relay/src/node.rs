@@ -1,6 +1,6 @@
 //! The sync handler: one relay node's documents, rooms, durability and write quorum.
 //!
-//! Data path of a frame: [`crate::connection`] (or a cluster peer link) hands it to
+//! Data path of a frame: the connection task (`connection.rs`) (or a cluster peer link) hands it to
 //! [`Node::on_binary`] → the frame is decoded and authorised → the connection's core
 //! [`Session`] applies it to the document (loaded from [`Storage`] on demand) → applied
 //! deltas are pushed at once to every other connection subscribed to the document

@@ -444,7 +444,8 @@ impl Replica {
     // ---- updates: state and deltas handed over by the application ----
 
     /// What a replica of `doc` at version `since` lacks (everything when `since` is
-    /// `None`), as one frame for [`Replica::apply_update`] (see [`lacking`]). `None` when
+    /// `None`), as one frame for [`Replica::apply_update`]: the deltas since `since`, or the state
+    /// without its delta log when the log does not reach back that far. `None` when
     /// `doc` is not open.
     pub fn encode_update(&self, doc: &str, since: Option<&VersionVector>) -> Option<Vec<u8>> {
         let d = &self.docs.get(doc)?.doc;
