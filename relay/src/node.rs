@@ -1,9 +1,9 @@
 //! The sync handler: one relay node's documents, rooms, durability and write quorum.
 //!
-//! Data path of a frame: the connection task (`connection.rs`) (or a cluster peer link) hands it to
-//! [`Node::on_binary`] → the frame is decoded and authorised → the connection's core
-//! [`Session`] applies it to the document (loaded from [`Storage`] on demand) → applied
-//! deltas are pushed at once to every other connection subscribed to the document
+//! Data path of a frame: the connection task in `connection.rs` (or a cluster peer link)
+//! hands it to [`Node::on_binary`] → the frame is decoded and authorised → the connection's
+//! core [`Session`] applies it to the document (loaded from [`Storage`] on demand) →
+//! applied deltas are pushed at once to every other connection subscribed to the document
 //! (clients and peer relays alike) and queued for storage, where the group-commit writer
 //! makes them durable together with other connections' writes → the writer is acked:
 //! standalone, once the local commit is durable; in a cluster, once W replicas of the
