@@ -535,6 +535,28 @@ fn speed(x: f64) -> String {
     }
 }
 
+/// The ratio `theirs / ours` of each round of the interleaved 1M-add benchmark (the two
+/// sides' samples are recorded in the same order, one per round), to show how far the
+/// machine's drift spreads the ratio that the medians above summarise.
+fn round_ratios(ours: &str, theirs: &str, goal: f64) {
+    let samples = SAMPLES.lock().unwrap();
+    let (Some(o), Some(t)) = (samples.get(ours), samples.get(theirs)) else { return };
+    let mut r: Vec<f64> = o.iter().zip(t).map(|(o, t)| t / o).collect();
+    if r.is_empty() {
+        return;
+    }
+    r.sort_by(f64::total_cmp);
+    let met = r.iter().filter(|&&x| x >= goal).count();
+    println!(
+        "{:<36} {:.2}x - {:.2}x, median {:.2}x; >= {goal}x in {met} of {} rounds",
+        "  per round (same round's samples)",
+        r[0],
+        r[r.len() - 1],
+        r[r.len() / 2],
+        r.len()
+    );
+}
+
 fn summary() {
     println!();
     println!("== Concord vs crdts v7 (and HashSet<String>), same run, median ns per element ==");
@@ -572,6 +594,9 @@ fn summary() {
             }
         };
         println!("{label:<36} {o:>12.1} {t:>12.1} {shown:>14}  {verdict}");
+        if let (Goal::Faster(Some(g)), true) = (goal, workload == "orset.add") {
+            round_ratios(&format!("{workload}.ours"), &format!("{workload}.{baseline}"), g);
+        }
     }
     let figures = FIGURES.lock().unwrap();
     if let Some((_, mem)) = figures.iter().find(|f| f.0 == "#mem") {
