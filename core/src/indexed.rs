@@ -26,15 +26,20 @@
 //!
 //! Small maps (every delta) have no table at all: lookups compare keys in a linear scan,
 //! and a map of one entry keeps it inline, so making a one-element delta allocates
-//! nothing; a local add's delta also carries its element's hash, so applying it does not
-//! hash the element a second time. Removal swaps the last entry into the hole, so the order is only "arrival
-//! order, disturbed by removals": nothing may depend on it (encodings sort).
+//! nothing. A local add's delta also carries what its lookup learnt (`Known`): the
+//! element's hash, and for a new element the free slot where the probe ended, stamped with
+//! the table's process-unique id and change count. Applied to the same set with no change
+//! in between (the usual `apply(add(..))`), the element goes to that slot without hashing
+//! or probing again; anything else (another set, a clone, a change since) probes as usual.
+//! Removal swaps the last entry into the hole, so the order is only "arrival order,
+//! disturbed by removals": nothing may depend on it (encodings sort).
 
 use crate::hash::FxHasher;
 use crate::onevec::OneOrVec;
 use std::borrow::Borrow;
 use std::fmt;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Up to this many entries a map has no table: lookups scan the entries.
 const SMALL: usize = 8;
@@ -71,16 +76,42 @@ pub struct IndexedMap<K, V> {
 enum Index {
     /// No table (a small map): lookups scan the entries.
     Scan,
-    /// No table, a single entry, and this is its key's hash: the delta of a local add,
-    /// whose element was hashed to look it up, so applying it need not hash it again.
-    Hashed(u32),
+    /// No table, a single entry, and what the map it was made from knew of its key: the
+    /// delta of a local add, whose element was looked up there, so applying it need not
+    /// hash it (or look it up) again.
+    Known(Known),
     /// The table.
     Table(Box<Table>),
 }
 
+/// What a one-entry map made by [`IndexedMap::delta_of`] knows of its key in the map it
+/// was made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Known {
+    /// The key's hash.
+    Hash(u32),
+    /// The key's hash, and that it was absent from table `table` after its `mods`-th
+    /// change, whose probe for it ended at free slot `slot`: while that table has not
+    /// changed, the key can be put there without probing again.
+    Absent { hash: u32, slot: usize, table: u64, mods: u64 },
+}
+
+impl Known {
+    /// The key's hash.
+    #[inline]
+    pub(crate) fn hash(self) -> u32 {
+        match self {
+            Known::Hash(h) | Known::Absent { hash: h, .. } => h,
+        }
+    }
+}
+
+/// Tables made so far: each table's id, unique in the process (a clone gets its own), so
+/// a [`Known::Absent`] can only ever match the table it was made from.
+static TABLES: AtomicU64 = AtomicU64::new(0);
+
 /// The open-addressing table of an [`IndexedMap`]: linear probing over a power-of-two
 /// number of slots, at most half of them used.
-#[derive(Clone)]
 struct Table {
     /// One control byte a slot, [`EMPTY`] or the [`h2`] of the key it holds, followed by a
     /// copy of the first [`GROUP`] bytes so that a group read at any slot is contiguous.
@@ -89,6 +120,23 @@ struct Table {
     slots: Box<[u32]>,
     /// `hashes[pos]` is the hash of the key at position `pos`.
     hashes: Vec<u32>,
+    /// This table's id (see [`TABLES`]).
+    id: u64,
+    /// How many times a slot was filled or freed: with `id`, names the table's state.
+    mods: u64,
+}
+
+impl Clone for Table {
+    /// A copy with an id of its own: the copy and the original change apart.
+    fn clone(&self) -> Table {
+        Table {
+            ctrl: self.ctrl.clone(),
+            slots: self.slots.clone(),
+            hashes: self.hashes.clone(),
+            id: TABLES.fetch_add(1, Ordering::Relaxed),
+            mods: self.mods,
+        }
+    }
 }
 
 impl<K, V> Default for IndexedMap<K, V> {
@@ -126,6 +174,8 @@ impl Table {
             ctrl: vec![EMPTY; cap + GROUP].into_boxed_slice(),
             slots: vec![0; cap].into_boxed_slice(),
             hashes: Vec::new(),
+            id: TABLES.fetch_add(1, Ordering::Relaxed),
+            mods: 0,
         }
     }
 
@@ -180,6 +230,7 @@ impl Table {
     /// Fills free slot `i` with `pos`, whose key hashes to `hash`.
     #[inline]
     fn fill(&mut self, i: usize, hash: u32, pos: usize) {
+        self.mods += 1;
         self.set_ctrl(i, h2(hash));
         self.slots[i] = pos as u32;
     }
@@ -216,6 +267,7 @@ impl Table {
 
     /// Frees slot `i`, shifting later slots of the same probe run back (no tombstones).
     fn free_slot(&mut self, mut i: usize) {
+        self.mods += 1;
         let mask = self.mask();
         let mut j = i;
         loop {
@@ -243,23 +295,45 @@ impl<K, V> IndexedMap<K, V> {
         IndexedMap { entries: OneOrVec::One((k, v)), index: Index::Scan }
     }
 
-    /// The map of one entry, remembering `hash`, which must be the hash [`Self::locate`]
-    /// gave for `k` (if a map with a table gave it).
+    /// The map of the one entry `k`, `v`, remembering what this map said of `k` when
+    /// [`Self::locate`] gave `hash` and `found` for it (nothing, for a map without a table).
     #[inline]
-    pub(crate) fn one_hashed(k: K, v: V, hash: Option<u32>) -> Self {
-        let index = hash.map_or(Index::Scan, Index::Hashed);
+    pub(crate) fn delta_of<T>(&self, k: T, v: V, hash: u32, found: Result<usize, usize>) -> IndexedMap<T, V> {
+        let index = match (&self.index, found) {
+            (Index::Table(t), Err(slot)) => {
+                Index::Known(Known::Absent { hash, slot, table: t.id, mods: t.mods })
+            }
+            (Index::Table(_), Ok(_)) => Index::Known(Known::Hash(hash)),
+            _ => Index::Scan,
+        };
         IndexedMap { entries: OneOrVec::One((k, v)), index }
     }
 
-    /// The map's only entry and its key's hash if known (see [`Self::one_hashed`]), if it
+    /// The map's only entry and what is known of its key (see [`Self::delta_of`]), if it
     /// has exactly one entry and no table (a one-element delta); otherwise the map back.
     #[inline]
-    pub(crate) fn into_single(self) -> Result<((K, V), Option<u32>), Self> {
+    pub(crate) fn into_single(self) -> Result<((K, V), Option<Known>), Self> {
         match (self.entries, self.index) {
             (OneOrVec::One(e), Index::Scan) => Ok((e, None)),
-            (OneOrVec::One(e), Index::Hashed(h)) => Ok((e, Some(h))),
+            (OneOrVec::One(e), Index::Known(k)) => Ok((e, Some(k))),
             (entries, index) => Err(IndexedMap { entries, index }),
         }
+    }
+
+    /// Where a key is, given what [`Self::delta_of`] knew of it in the map it was made
+    /// from: `Err(slot)` without probing when that map is this one and has not changed
+    /// since, else as [`Self::find`] says.
+    #[inline]
+    pub(crate) fn find_known<Q: Hash + Eq + ?Sized>(&self, known: Known, k: &Q) -> Result<usize, usize>
+    where
+        K: Borrow<Q> + Hash + Eq,
+    {
+        if let (Known::Absent { slot, table, mods, .. }, Index::Table(t)) = (known, &self.index) {
+            if t.id == table && t.mods == mods {
+                return Err(slot);
+            }
+        }
+        self.find(known.hash(), k)
     }
 
     /// Whether lookups use a table, and so [`Self::locate`] gives a key's real hash.

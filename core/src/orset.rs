@@ -17,7 +17,7 @@
 
 use crate::codec::{put_seq, put_varint, Reader, Wire, R};
 use crate::id::Dot;
-use crate::indexed::IndexedMap;
+use crate::indexed::{IndexedMap, Known};
 use crate::traits::{Crdt, InvalidState};
 use crate::vv::CausalContext;
 use serde::{de::DeserializeOwned, Deserialize, Deserializer, Serialize, Serializer};
@@ -354,9 +354,9 @@ impl<V: Hash + Eq + Clone> OrSet<V> {
                 ctx.insert(d);
             }
         }
-        // The delta keeps the element's hash for `apply` (a real one if there is a table).
-        let hash = self.entries.has_table().then_some(hash);
-        OrSet { entries: Entries::one_hashed(v, Dots::One(dot), hash), ctx, hinted: false }
+        // The delta keeps what the lookup learnt for `apply` (if this set has a table): the
+        // element's hash, and for a new element the free slot it goes to here.
+        OrSet { entries: self.entries.delta_of(v, Dots::One(dot), hash, found), ctx, hinted: false }
     }
 
     /// The delta that removes `v` as observed here: the dots it retires, and a removal
@@ -415,15 +415,15 @@ impl<V: Hash + Eq> OrSet<V> {
         }
     }
 
-    /// [`Crdt::apply`] of a delta of one element `v` with one dot `d`, whose hash the
-    /// delta may know (see [`OrSet::add`]).
+    /// [`Crdt::apply`] of a delta of one element `v` with one dot `d`, of which the
+    /// delta may know the hash and, if made by this set and nothing changed since, where
+    /// it goes (see [`OrSet::add`]).
     #[inline]
-    fn apply_one(&mut self, v: V, d: Dot, hash: Option<u32>, ctx: &CausalContext) {
-        let hash = match hash {
-            Some(h) => h,
-            None => self.entries.hash_for(&v),
+    fn apply_one(&mut self, v: V, d: Dot, known: Option<Known>, ctx: &CausalContext) {
+        let (hash, found) = match known {
+            Some(k) => (k.hash(), self.entries.find_known(k, &v)),
+            None => self.entries.locate(&v),
         };
-        let found = self.entries.find(hash, &v);
         // The local add of a new element: its context is its dot alone, which removes
         // nothing, so the join is to record the dot and, if it is new here, add the element.
         if let Err(free) = found {
@@ -478,7 +478,7 @@ where
         // The common delta, a local add: one element with one dot. Its join concerns that
         // element alone (see `apply_one`): locate it once.
         match entries.into_single() {
-            Ok(((v, Dots::One(d)), hash)) => self.apply_one(v, d, hash, &ctx),
+            Ok(((v, Dots::One(d)), known)) => self.apply_one(v, d, known, &ctx),
             Ok(((v, ds), _)) => self.apply_entries(Entries::one(v, ds), &ctx),
             Err(entries) => self.apply_entries(entries, &ctx),
         }
@@ -750,5 +750,52 @@ mod tests {
         edited.entries_mut().insert(s("y"), Dots::One(Dot::new(A, 99)));
         edited.entries_mut().remove(&s("y"));
         assert!(!matches!(edited.entries.clone().into_single(), Ok((_, Some(_)))));
+    }
+
+    /// A set and its twin: the set applies deltas (trusting where `add` found a free
+    /// slot when nothing changed since), the twin merges them (the general join).
+    fn apply_and_merge(set: &mut OrSet<String>, twin: &mut OrSet<String>, delta: &OrSet<String>) {
+        set.apply(delta.clone());
+        twin.merge(delta);
+        assert_eq!(*set, *twin, "delta {delta:?}");
+        assert!(set.validate().is_ok());
+        let mut seen: Vec<&String> = set.entries().iter().map(|(v, _)| v).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), set.entries().len(), "an element entered twice");
+    }
+
+    #[test]
+    fn a_delta_applied_to_a_set_that_changed_since_it_was_made_probes_again() {
+        let mut set = OrSet::default();
+        for i in 0..40 {
+            add(&mut set, A, &format!("e{i}"));
+        }
+        let mut twin = set.clone();
+        // Unchanged since: the remembered slot is used.
+        let d = set.add(set.next_dot(A), s("p"));
+        apply_and_merge(&mut set, &mut twin, &d);
+        // Two adds of one new element made before either is applied: both remember the
+        // same free slot; once the first is in, the second must find the element there.
+        let (d1, d2) = (set.add(Dot::new(A, 100), s("q")), set.add(Dot::new(B, 7), s("q")));
+        apply_and_merge(&mut set, &mut twin, &d2);
+        apply_and_merge(&mut set, &mut twin, &d1);
+        assert_eq!(set.entries().get(&s("q")).map(|ds| ds.as_slice().len()), Some(2));
+        // A removal in between frees and shifts slots.
+        let d3 = set.add(set.next_dot(A), s("r"));
+        let rm = set.remove(&s("e3"));
+        apply_and_merge(&mut set, &mut twin, &rm);
+        apply_and_merge(&mut set, &mut twin, &d3);
+        // A clone changes apart from its original even after as many changes: a delta of
+        // the original does not claim a slot in the clone.
+        let mut copy = set.clone();
+        let mut copy_twin = copy.clone();
+        let x = set.add(set.next_dot(A), s("x"));
+        set.apply(x);
+        let y = copy.add(copy.next_dot(B), s("y"));
+        apply_and_merge(&mut copy, &mut copy_twin, &y);
+        let y_again = set.add(set.next_dot(A), s("y"));
+        apply_and_merge(&mut copy, &mut copy_twin, &y_again);
+        assert_eq!(copy.entries().get(&s("y")).map(|ds| ds.as_slice().len()), Some(2));
     }
 }
