@@ -386,6 +386,7 @@ const PN_ADD = 1;
 const SET_REGISTER = 2;
 const SET_ADD = 3;
 const SET_REMOVE = 4;
+const LISTEN = 5;
 const COUNTER = 0;
 const PN_COUNTER = 1;
 const KIND = 2;
@@ -551,9 +552,23 @@ export class Doc {
     return decodeValue(this.#h.bytes(KEYS, ""));
   }
 
-  /** Calls `fn({ origin: "local" | "remote", keys })` after every change; returns `off`. */
+  /** Calls `fn({ origin: "local" | "remote", keys })` after every change; returns `off`.
+   * The wasm side builds remote changes only while a document has listeners. */
   subscribe(fn) {
-    return this.#changes.add(fn);
+    const changes = this.#changes;
+    const off = changes.add(fn);
+    if (changes.size === 1) this.#listen(1);
+    return () => {
+      if (off() && !changes.size) this.#listen(0);
+    };
+  }
+
+  /** Tells the wasm side whether to build remote changes; a closed client has no
+   * changes to build, so subscribing to or leaving one stays quiet there. */
+  #listen(on) {
+    try {
+      this.#h.write(LISTEN, "", on, NONE);
+    } catch {}
   }
 
   /** Resolves once the relay holds everything this replica has now, and this replica

@@ -245,6 +245,38 @@ test("remote change events name every changed key exactly, whatever characters i
   b.close();
 });
 
+test("remote changes reach listeners that come and go; leaving after close is quiet", async () => {
+  const [a, b] = [await local(), await local()];
+  const [da, db] = [await a.open("from"), await b.open("to")];
+  const heard = [];
+  const sync = (n) => {
+    da.counter("likes").increment(n);
+    db.applyUpdate(da.encodeUpdate(db.version()));
+  };
+  sync(1); // nobody listens yet
+  const off1 = db.subscribe((e) => heard.push(["one", e.keys]));
+  const off2 = db.subscribe((e) => heard.push(["two", e.keys]));
+  sync(2);
+  off1();
+  off1(); // twice: harmless
+  sync(3); // the second listener still hears
+  off2();
+  sync(4); // nobody again
+  const off3 = db.subscribe((e) => heard.push(["three", e.keys]));
+  sync(5);
+  assert.deepEqual(heard, [
+    ["one", ["likes"]],
+    ["two", ["likes"]],
+    ["two", ["likes"]],
+    ["three", ["likes"]],
+  ]);
+  assert.equal(db.counter("likes").value, 15, "every update applied, listened to or not");
+  a.close();
+  b.close();
+  off3();
+  assert.doesNotThrow(() => db.subscribe(() => {})());
+});
+
 test("encodeUpdate / applyUpdate carry what the other replica lacks, over any transport", async () => {
   const [a, b] = [await local(), await local()];
   const [da, db] = [await a.open("left"), await b.open("right")];

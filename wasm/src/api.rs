@@ -306,6 +306,9 @@ pub mod op {
     pub const SET_ADD: u8 = 3;
     /// `write`: remove `value` from the set (a no-op when absent).
     pub const SET_REMOVE: u8 = 4;
+    /// `write`: `n` is 1 when the document has listeners for remote changes, 0 when it
+    /// has none (no change is built then); `key` is unused. Changes nothing.
+    pub const LISTEN: u8 = 5;
 
     /// `number`: the G-Counter's value (0 when unset).
     pub const COUNTER: u8 = 0;
@@ -360,6 +363,10 @@ impl DocHandle {
             op::SET_REMOVE => {
                 let v = value_of(value)?;
                 self.write_op(&mut |d| d.set_remove(key, &v))
+            }
+            op::LISTEN => {
+                self.s.run(|r| r.listen(&self.id, n != 0.0))?;
+                Ok(false)
             }
             _ => Err(range_error("unknown write")),
         }

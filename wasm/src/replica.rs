@@ -34,7 +34,8 @@ pub enum Out {
     Tab(Vec<u8>),
     /// `doc` changed at `keys` by a remote write (a relay's, another tab's, an update's):
     /// tell its listeners. Local writes are reported by the caller of
-    /// [`Replica::write`], which knows the key, so no strings cross back for them.
+    /// [`Replica::write`], which knows the key, so no strings cross back for them. Built only
+    /// for a document someone listens to ([`Replica::listen`]).
     Change { doc: String, keys: Vec<String> },
     /// A local write: store it in the outbox (key `[doc, replica hex, seq]`).
     Persist { doc: String, seq: u64, bytes: Vec<u8> },
@@ -61,11 +62,20 @@ struct Entry {
     caught_up: bool,
     /// `synced()` waiters: (version to reach, id).
     waiters: Vec<(VersionVector, u32)>,
+    /// Someone listens for remote changes: without, no [`Out::Change`] is built (its keys
+    /// are sorted and crossed to JS as a string).
+    listened: bool,
 }
 
 impl Entry {
     fn new(doc: Document) -> Entry {
-        Entry { doc, relay_has: CausalContext::default(), caught_up: false, waiters: Vec::new() }
+        Entry {
+            doc,
+            relay_has: CausalContext::default(),
+            caught_up: false,
+            waiters: Vec::new(),
+            listened: false,
+        }
     }
 
     fn settle(&mut self, out: &mut Vec<Out>) {
@@ -187,6 +197,14 @@ impl Replica {
     pub fn open(&mut self, doc: &str) {
         if !self.docs.contains_key(doc) {
             self.docs.insert(doc.to_owned(), Entry::new(Document::new(self.replica)));
+        }
+    }
+
+    /// Whether someone listens for remote changes of `doc`: only then are
+    /// [`Out::Change`]s built for it.
+    pub fn listen(&mut self, doc: &str, on: bool) {
+        if let Some(e) = self.docs.get_mut(doc) {
+            e.listened = on;
         }
     }
 
@@ -346,7 +364,9 @@ impl Replica {
                         for d in &deltas {
                             e.relay_has.insert(d.dot);
                         }
-                        self.out.push(Out::Change { doc: doc.clone(), keys: keys_of(&deltas) });
+                        if e.listened {
+                            self.out.push(Out::Change { doc: doc.clone(), keys: keys_of(&deltas) });
+                        }
                         e.settle(&mut self.out);
                         if self.persist {
                             self.out.push(Out::Dirty(doc));
@@ -355,8 +375,10 @@ impl Replica {
                 }
                 Event::StateMerged { doc } => {
                     if let Some(e) = self.docs.get(&doc) {
-                        let keys = e.doc.keys().map(str::to_owned).collect();
-                        self.out.push(Out::Change { doc: doc.clone(), keys });
+                        if e.listened {
+                            let keys = e.doc.keys().map(str::to_owned).collect();
+                            self.out.push(Out::Change { doc: doc.clone(), keys });
+                        }
                         if self.persist {
                             self.out.push(Out::Dirty(doc));
                         }
@@ -433,8 +455,10 @@ impl Replica {
         if e.doc.version() == &before {
             return Ok(false);
         }
-        let keys = e.doc.keys().map(str::to_owned).collect();
-        self.out.push(Out::Change { doc: doc.to_owned(), keys });
+        if e.listened {
+            let keys = e.doc.keys().map(str::to_owned).collect();
+            self.out.push(Out::Change { doc: doc.to_owned(), keys });
+        }
         if self.persist {
             self.out.push(Out::Dirty(doc.to_owned()));
         }
@@ -493,7 +517,9 @@ impl Replica {
             }
         }
         if !applied.is_empty() {
-            self.out.push(Out::Change { doc: doc.to_owned(), keys: keys_of(&applied) });
+            if e.listened {
+                self.out.push(Out::Change { doc: doc.to_owned(), keys: keys_of(&applied) });
+            }
             if to_tabs && self.tabs {
                 let frame = Msg::Deltas(Deltas { doc: doc.to_owned(), deltas: applied.clone() }).encode();
                 self.out.push(Out::Tab(frame));
@@ -652,6 +678,8 @@ mod tests {
         let (mut a, mut b) = (Replica::new(fresh), Replica::new(fresh));
         a.open("a-copy");
         b.open("b-copy");
+        a.listen("a-copy", true);
+        b.listen("b-copy", true);
         a.write("a-copy", &mut |d| d.increment("likes", 3).map(Some)).unwrap();
         a.write("a-copy", &mut |d| d.set_add("tags", Value::from("x")).map(Some)).unwrap();
         b.write("b-copy", &mut |d| d.pn_add("votes", -2).map(Some)).unwrap();
@@ -695,6 +723,7 @@ mod tests {
         // Beyond the delta log: the state, without the log; the receiver re-announces.
         a.open("big");
         b.open("big");
+        b.listen("big", true);
         let writes = write_past_the_log(&mut a, "big");
         b.take();
         let state = a.encode_update("big", None).unwrap();
@@ -707,6 +736,26 @@ mod tests {
             .iter()
             .any(|o| matches!(o, Out::Tab(f) if matches!(Msg::decode(f), Ok(Msg::Subscribe(_))))));
         assert_eq!(b.read("big", |d| d.set_values("s").len()), Some(writes));
+    }
+
+    #[test]
+    fn remote_changes_are_reported_only_for_documents_someone_listens_to() {
+        let (mut a, mut b) = (Replica::new(fresh), Replica::new(fresh));
+        a.open("d");
+        b.open("d");
+        let changes = |out: &[Out]| out.iter().filter(|o| matches!(o, Out::Change { .. })).count();
+        for (round, on) in [false, true, false].into_iter().enumerate() {
+            b.listen("d", on);
+            a.write("d", &mut |d| d.increment("likes", 1).map(Some)).unwrap();
+            a.take();
+            let update = a.encode_update("d", b.read("d", |d| d.version().clone()).as_ref()).unwrap();
+            b.apply_update("d", &update).unwrap();
+            let out = b.take();
+            assert_eq!(changes(&out), usize::from(on), "round {round}");
+            assert!(out.iter().any(|o| matches!(o, Out::Tab(_))), "the other tabs hear of it either way");
+            assert_eq!(b.read("d", |d| d.counter("likes")), Some(round as u64 + 1), "applied either way");
+        }
+        b.listen("not open", true); // a no-op
     }
 
     #[test]
