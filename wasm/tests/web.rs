@@ -113,12 +113,20 @@ fn updates_move_state_between_replicas_and_garbage_is_a_type_error() {
     a.write(op::INCREMENT, "likes", 4.0, None).unwrap();
     a.write(op::SET_ADD, "tags", 0.0, Some(enc("rust").into())).unwrap();
     b.write(op::PN_ADD, "votes", -1.0, None).unwrap();
+    // Unheard: nobody listens to `b` yet, so no change is built for this update.
     b.apply_update(&a.update(&[]).unwrap()).unwrap();
+    let remote = |l: &Array| l.iter().filter(|k| k.as_string().as_deref() == Some("change")).count();
+    assert_eq!(remote(&lb), 0, "no listener, no change event");
+    // From here on both listen (what `doc.subscribe` says); the write changes nothing.
+    for d in [&a, &b] {
+        assert!(!d.write(op::LISTEN, "", 1.0, None).unwrap());
+    }
+    a.write(op::INCREMENT, "likes", 1.0, None).unwrap();
+    b.apply_update(&a.update(&b.bytes(op::VERSION, "").unwrap()).unwrap()).unwrap();
     let since_a = a.bytes(op::VERSION, "").unwrap();
     a.apply_update(&b.update(&since_a).unwrap()).unwrap();
     assert_eq!(json(&a), json(&b));
     assert_eq!(a.number(op::PN_COUNTER, "votes", None).unwrap(), -1.0);
-    let remote = |l: &Array| l.iter().filter(|k| k.as_string().as_deref() == Some("change")).count();
     assert_eq!((remote(&la), remote(&lb)), (1, 1), "each heard one remote change");
     let before = json(&b);
     for bad in [&[3u8, 1, 2][..], &[0xc1, 9]] {
