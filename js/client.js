@@ -555,20 +555,12 @@ export class Doc {
   /** Calls `fn({ origin: "local" | "remote", keys })` after every change; returns `off`.
    * The wasm side builds remote changes only while a document has listeners. */
   subscribe(fn) {
-    const changes = this.#changes;
+    const [changes, h] = [this.#changes, this.#h];
     const off = changes.add(fn);
-    if (changes.size === 1) this.#listen(1);
+    if (changes.size === 1) h.write(LISTEN, "", 1, NONE);
     return () => {
-      if (off() && !changes.size) this.#listen(0);
+      if (off() && !changes.size) h.write(LISTEN, "", 0, NONE);
     };
-  }
-
-  /** Tells the wasm side whether to build remote changes; a closed client has no
-   * changes to build, so subscribing to or leaving one stays quiet there. */
-  #listen(on) {
-    try {
-      this.#h.write(LISTEN, "", on, NONE);
-    } catch {}
   }
 
   /** Resolves once the relay holds everything this replica has now, and this replica

@@ -307,7 +307,8 @@ pub mod op {
     /// `write`: remove `value` from the set (a no-op when absent).
     pub const SET_REMOVE: u8 = 4;
     /// `write`: `n` is 1 when the document has listeners for remote changes, 0 when it
-    /// has none (no change is built then); `key` is unused. Changes nothing.
+    /// has none (no change is built then); `key` is unused. Changes nothing, and is a
+    /// no-op on a closed client (which builds no changes).
     pub const LISTEN: u8 = 5;
 
     /// `number`: the G-Counter's value (0 when unset).
@@ -365,7 +366,9 @@ impl DocHandle {
                 self.write_op(&mut |d| d.set_remove(key, &v))
             }
             op::LISTEN => {
-                self.s.run(|r| r.listen(&self.id, n != 0.0))?;
+                if !self.s.closed.get() {
+                    self.s.run(|r| r.listen(&self.id, n != 0.0))?;
+                }
                 Ok(false)
             }
             _ => Err(range_error("unknown write")),

@@ -78,6 +78,12 @@ impl Entry {
         }
     }
 
+    /// The [`Out::Change`] of `doc` at the keys `keys` names, if someone listens; else
+    /// nothing, and the keys are not gathered.
+    fn change(&self, doc: &str, keys: impl FnOnce(&Document) -> Vec<String>) -> Option<Out> {
+        self.listened.then(|| Out::Change { doc: doc.to_owned(), keys: keys(&self.doc) })
+    }
+
     fn settle(&mut self, out: &mut Vec<Out>) {
         let (caught_up, has) = (self.caught_up, &self.relay_has.vv);
         self.waiters.retain(|(t, id)| {
@@ -136,6 +142,11 @@ fn keys_of(deltas: &[Delta]) -> Vec<String> {
     concord_core::sort::sort(&mut keys);
     keys.dedup();
     keys.into_iter().map(str::to_owned).collect()
+}
+
+/// Every key of `doc` (a state merge may have changed any of them).
+fn all_keys(doc: &Document) -> Vec<String> {
+    doc.keys().map(str::to_owned).collect()
 }
 
 /// Joins `other` into `base`: by deltas when `other`'s log reaches back, else by state.
@@ -364,9 +375,7 @@ impl Replica {
                         for d in &deltas {
                             e.relay_has.insert(d.dot);
                         }
-                        if e.listened {
-                            self.out.push(Out::Change { doc: doc.clone(), keys: keys_of(&deltas) });
-                        }
+                        self.out.extend(e.change(&doc, |_| keys_of(&deltas)));
                         e.settle(&mut self.out);
                         if self.persist {
                             self.out.push(Out::Dirty(doc));
@@ -375,10 +384,7 @@ impl Replica {
                 }
                 Event::StateMerged { doc } => {
                     if let Some(e) = self.docs.get(&doc) {
-                        if e.listened {
-                            let keys = e.doc.keys().map(str::to_owned).collect();
-                            self.out.push(Out::Change { doc: doc.clone(), keys });
-                        }
+                        self.out.extend(e.change(&doc, all_keys));
                         if self.persist {
                             self.out.push(Out::Dirty(doc));
                         }
@@ -455,10 +461,7 @@ impl Replica {
         if e.doc.version() == &before {
             return Ok(false);
         }
-        if e.listened {
-            let keys = e.doc.keys().map(str::to_owned).collect();
-            self.out.push(Out::Change { doc: doc.to_owned(), keys });
-        }
+        self.out.extend(e.change(doc, all_keys));
         if self.persist {
             self.out.push(Out::Dirty(doc.to_owned()));
         }
@@ -517,9 +520,7 @@ impl Replica {
             }
         }
         if !applied.is_empty() {
-            if e.listened {
-                self.out.push(Out::Change { doc: doc.to_owned(), keys: keys_of(&applied) });
-            }
+            self.out.extend(e.change(doc, |_| keys_of(&applied)));
             if to_tabs && self.tabs {
                 let frame = Msg::Deltas(Deltas { doc: doc.to_owned(), deltas: applied.clone() }).encode();
                 self.out.push(Out::Tab(frame));
@@ -755,7 +756,8 @@ mod tests {
             assert!(out.iter().any(|o| matches!(o, Out::Tab(_))), "the other tabs hear of it either way");
             assert_eq!(b.read("d", |d| d.counter("likes")), Some(round as u64 + 1), "applied either way");
         }
-        b.listen("not open", true); // a no-op
+        b.listen("not open", true);
+        assert!(b.doc("not open").is_none(), "listening opens nothing");
     }
 
     #[test]
