@@ -338,7 +338,7 @@ impl<K, V> IndexedMap<K, V> {
 
     /// Whether lookups use a table, and so [`Self::locate`] gives a key's real hash.
     #[inline]
-    pub(crate) fn has_table(&self) -> bool {
+    fn has_table(&self) -> bool {
         matches!(self.index, Index::Table(_))
     }
 
@@ -411,7 +411,7 @@ impl<K: Hash + Eq, V> IndexedMap<K, V> {
 
     /// The hash the table needs for `k`, or 0 when the map has no table.
     #[inline]
-    pub(crate) fn hash_for<Q: Hash + ?Sized>(&self, k: &Q) -> u32 {
+    fn hash_for<Q: Hash + ?Sized>(&self, k: &Q) -> u32 {
         if self.has_table() {
             hash_of(k)
         } else {
