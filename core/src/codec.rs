@@ -16,8 +16,10 @@
 //! [`Reader`] is a bounds-checked cursor: a count is never trusted beyond the bytes
 //! left, preallocation is capped, and [`crate::Value`] nesting is bounded.
 
-/// Version of the body format written by this build.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version of the body format written by this build. 2: [`crate::OrSet`]s are written
+/// in dot order with a replica table, front-coded elements and delta-coded sequence
+/// numbers (see its `Wire` impl). Version 1 bodies are still read ([`Reader::format`]).
+pub const FORMAT_VERSION: u8 = 2;
 
 /// Tags of top-level encoded values.
 pub mod tag {
@@ -70,22 +72,16 @@ pub fn encode<T: Wire>(tag: u8, value: &T) -> Vec<u8> {
 
 /// Decodes a value written by [`encode`] under `tag`, rejecting trailing bytes.
 pub fn decode<T: Wire>(tag: u8, bytes: &[u8]) -> Result<T, DecodeError> {
-    let body = check_header(tag, bytes)?;
-    whole(body).map_err(|e| DecodeError::Malformed(e.into()))
+    check_header(tag, bytes)?.whole().map_err(|e| DecodeError::Malformed(e.into()))
 }
 
-/// Reads one `T` that must span all of `body`.
+/// Reads one `T` that must span all of `body` (in this build's format).
 pub fn whole<T: Wire>(body: &[u8]) -> R<T> {
-    let mut r = Reader::new(body);
-    let v = T::read(&mut r)?;
-    if !r.is_empty() {
-        return Err("trailing bytes");
-    }
-    Ok(v)
+    Reader::new(body).whole()
 }
 
-/// Checks tag and version; returns the body.
-pub fn check_header(tag: u8, bytes: &[u8]) -> Result<&[u8], DecodeError> {
+/// Checks tag and version; returns a reader over the body in the format it names.
+pub fn check_header(tag: u8, bytes: &[u8]) -> Result<Reader<'_>, DecodeError> {
     match bytes {
         [] => Err(DecodeError::Empty),
         [t, ..] if *t != tag => Err(DecodeError::WrongTag { found: *t, expected: tag }),
@@ -93,7 +89,7 @@ pub fn check_header(tag: u8, bytes: &[u8]) -> Result<&[u8], DecodeError> {
         [_, v, ..] if *v == 0 || *v > FORMAT_VERSION => {
             Err(DecodeError::UnsupportedVersion { found: *v, supported: FORMAT_VERSION })
         }
-        [_, _, body @ ..] => Ok(body),
+        [_, v, body @ ..] => Ok(Reader { b: body, format: *v }),
     }
 }
 
@@ -145,29 +141,47 @@ pub fn unzigzag(v: u64) -> i64 {
 /// (each item consumes input, so memory stays a small multiple of the input).
 const MAX_PREALLOC: usize = 64 * 1024;
 
-/// A bounds-checked cursor over untrusted bytes.
-pub struct Reader<'a>(&'a [u8]);
+/// A bounds-checked cursor over untrusted bytes, in one body format.
+pub struct Reader<'a> {
+    b: &'a [u8],
+    format: u8,
+}
 
 impl<'a> Reader<'a> {
-    /// A reader over `bytes`.
+    /// A reader over `bytes` in this build's format ([`FORMAT_VERSION`]).
     pub fn new(bytes: &'a [u8]) -> Self {
-        Reader(bytes)
+        Reader { b: bytes, format: FORMAT_VERSION }
+    }
+
+    /// The body format being read: [`FORMAT_VERSION`], or an older one a stored value was
+    /// written in (protocol messages are always in this build's format).
+    pub fn format(&self) -> u8 {
+        self.format
+    }
+
+    /// Reads one `T` that must span every byte left.
+    pub fn whole<T: Wire>(mut self) -> R<T> {
+        let v = T::read(&mut self)?;
+        if !self.is_empty() {
+            return Err("trailing bytes");
+        }
+        Ok(v)
     }
 
     /// Whether every byte was read.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.b.is_empty()
     }
 
     /// Bytes not read yet.
     pub fn left(&self) -> usize {
-        self.0.len()
+        self.b.len()
     }
 
     /// One byte.
     pub fn byte(&mut self) -> R<u8> {
-        let (&b, rest) = self.0.split_first().ok_or("truncated")?;
-        self.0 = rest;
+        let (&b, rest) = self.b.split_first().ok_or("truncated")?;
+        self.b = rest;
         Ok(b)
     }
 
@@ -200,11 +214,11 @@ impl<'a> Reader<'a> {
     /// The next `n` bytes.
     pub fn take(&mut self, n: u64) -> R<&'a [u8]> {
         let n = usize::try_from(n).map_err(|_| "length out of range")?;
-        if n > self.0.len() {
+        if n > self.b.len() {
             return Err("truncated");
         }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
+        let (a, b) = self.b.split_at(n);
+        self.b = b;
         Ok(a)
     }
 
@@ -232,7 +246,7 @@ impl<'a> Reader<'a> {
     /// forged count cannot make us reserve memory.
     pub fn count(&mut self) -> R<usize> {
         let n = self.varint()?;
-        usize::try_from(n).ok().filter(|n| *n <= self.0.len()).ok_or("count exceeds the input")
+        usize::try_from(n).ok().filter(|n| *n <= self.b.len()).ok_or("count exceeds the input")
     }
 
     /// A sequence: a count, then each item.

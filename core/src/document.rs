@@ -1167,8 +1167,8 @@ struct DocRepr {
 }
 
 impl DocRepr {
-    fn parse(body: &[u8]) -> R<DocRepr> {
-        let r = &mut Reader::new(body);
+    fn parse(mut body: Reader<'_>) -> R<DocRepr> {
+        let r = &mut body;
         let repr = DocRepr {
             replica: ReplicaId::read(r)?,
             hlc: Timestamp::read(r)?,

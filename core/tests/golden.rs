@@ -20,12 +20,145 @@ macro_rules! a {
     };
 }
 
-const VERSION_VECTOR: &str = concat!("0301", "02", "0b", "01", a!(), "03");
-const COUNTER_DELTA: &str = concat!("0201", a!(), "01", "056c696b6573", "00", "01", a!(), "05");
-const PN_DELTA: &str = concat!("0201", a!(), "02", "05766f746573", "01", "00", "01", a!(), "03");
+const VERSION_VECTOR: &str = concat!("0302", "02", "0b", "01", a!(), "03");
+const COUNTER_DELTA: &str = concat!("0202", a!(), "01", "056c696b6573", "00", "01", a!(), "05");
+const PN_DELTA: &str = concat!("0202", a!(), "02", "05766f746573", "01", "00", "01", a!(), "03");
 const REGISTER_DELTA: &str =
-    concat!("0201", a!(), "03", "057469746c65", "02", "01", "80d095ffbc31", "00", a!(), "04", "0548656c6c6f");
+    concat!("0202", a!(), "03", "057469746c65", "02", "01", "80d095ffbc31", "00", a!(), "04", "0548656c6c6f");
+// Sets (format 2): entry count, replica table, then per entry the shared prefix length,
+// the head (suffix length << 2 | dot count), the suffix, and each dot's zig-zagged seq
+// step (no replica index with a one-replica table); then the context.
 const SET_ADD_DELTA: &str = concat!(
+    "0202",
+    a!(),
+    "04",
+    "0474616773",
+    "03",
+    // one entry; replica table [A]
+    "01",
+    "01",
+    a!(),
+    // shared 0, head 6 << 2 | 1, "rust", seq 4 - 0 zig-zagged
+    "00",
+    "19",
+    "040472757374",
+    "08",
+    // context: no version vector, the dot (A, 4)
+    "00",
+    "01",
+    a!(),
+    "04"
+);
+// A removal hint: one entry, an empty replica table, the element with no dots.
+const SET_REMOVE_DELTA: &str =
+    concat!("0202", a!(), "06", "0474616773", "03", "01", "00", "00", "08", "020e", "00", "01", a!(), "05");
+// In dot order: "rust" (A, 1), then 7 (A, 2), sharing nothing.
+const SET_FIELD: &str = concat!(
+    "0402",
+    "03",
+    "02",
+    "01",
+    a!(),
+    "00",
+    "19",
+    "040472757374",
+    "02",
+    "00",
+    "09",
+    "020e",
+    "02",
+    "00",
+    "00"
+);
+const DOCUMENT: &str = concat!(
+    "0102",
+    a!(),
+    // hlc
+    "80d095ffbc31",
+    "00",
+    a!(),
+    // fields, in key-hash order
+    "04",
+    "057469746c65020180d095ffbc3100",
+    a!(),
+    "040548656c6c6f",
+    "05766f7465730100",
+    "01",
+    a!(),
+    "03",
+    "056c696b657300",
+    "01",
+    a!(),
+    "05",
+    "047461677303",
+    "01",
+    "01",
+    a!(),
+    "0019040472757374",
+    "08",
+    "0000",
+    // version vector and context
+    "01",
+    a!(),
+    "06",
+    "01",
+    a!(),
+    "06",
+    "00",
+    // delta log
+    "06",
+    a!(),
+    "01056c696b657300",
+    "01",
+    a!(),
+    "05",
+    a!(),
+    "0205766f7465730100",
+    "01",
+    a!(),
+    "03",
+    a!(),
+    "03057469746c65020180d095ffbc3100",
+    a!(),
+    "040548656c6c6f",
+    a!(),
+    "04047461677303",
+    "01",
+    "01",
+    a!(),
+    "0019040472757374",
+    "08",
+    "00",
+    "01",
+    a!(),
+    "04",
+    a!(),
+    "05047461677303",
+    "01",
+    "01",
+    a!(),
+    "0009020e",
+    "0a",
+    "00",
+    "01",
+    a!(),
+    "05",
+    a!(),
+    "06047461677303",
+    "01",
+    "00",
+    "0008020e",
+    "00",
+    "01",
+    a!(),
+    "05",
+    // log floor, pending
+    "00",
+    "00",
+);
+
+// Format 1, as written before sets changed: still read (stored snapshots, outboxes).
+const V1_SET_ADD_DELTA: &str = concat!(
     "0201",
     a!(),
     "04",
@@ -42,11 +175,11 @@ const SET_ADD_DELTA: &str = concat!(
     a!(),
     "04"
 );
-const SET_REMOVE_DELTA: &str =
+const V1_SET_REMOVE_DELTA: &str =
     concat!("0201", a!(), "06", "0474616773", "03", "01", "020e", "00", "00", "01", a!(), "05");
-const SET_FIELD: &str =
+const V1_SET_FIELD: &str =
     concat!("0401", "03", "02", "020e", "01", a!(), "02", "040472757374", "01", a!(), "01", "00", "00");
-const DOCUMENT: &str = concat!(
+const V1_DOCUMENT: &str = concat!(
     "0101",
     a!(),
     // hlc
@@ -247,6 +380,24 @@ fn a_document_snapshot_encodes_to_its_golden_bytes() {
             .collect()
         )
     );
+}
+
+#[test]
+fn format_1_sets_deltas_and_documents_still_decode_to_what_they_were() {
+    let (doc, deltas) = history();
+    assert_eq!(Delta::decode(&bytes(V1_SET_ADD_DELTA)).as_ref(), Ok(&deltas[3]));
+    assert_eq!(Delta::decode(&bytes(V1_SET_REMOVE_DELTA)).as_ref(), Ok(&deltas[5]));
+    let mut two = Document::new(A);
+    two.set_add("tags", Value::from("rust")).unwrap();
+    two.set_add("tags", Value::Int(7)).unwrap();
+    assert_eq!(
+        codec::decode::<Field>(tag::FIELD, &bytes(V1_SET_FIELD)).as_ref(),
+        Ok(two.get("tags").unwrap())
+    );
+    let back = Document::decode(&bytes(V1_DOCUMENT), DocConfig::default()).unwrap();
+    assert_eq!(back, doc);
+    // Written again, they are format 2.
+    assert_golden(&back.encode(), DOCUMENT);
 }
 
 #[test]

@@ -69,6 +69,9 @@ trait Model {
     type Msg: Clone + Debug;
     /// Reference model: the outcome of every operation so far.
     type Reference: Default + Debug;
+    /// Whether the codec body is the postcard encoding of the serde form (true for every
+    /// type but the OR-Set, whose codec form is front- and delta-coded, see `orset.rs`).
+    const CODEC_IS_POSTCARD: bool = true;
 
     /// Random operations.
     fn op() -> BoxedStrategy<Self::Op>;
@@ -257,7 +260,14 @@ fn check_round_trip<M: Model>(sc: &Scenario<M::Op>) -> Result<(), TestCaseError>
         let bytes = postcard::to_allocvec(&s).expect("postcard encode");
         prop_assert_eq!(&postcard::from_bytes::<M::State>(&bytes).expect("postcard decode"), &s);
         let framed = codec::encode(tag::FIELD, &s);
-        prop_assert_eq!(&framed[2..], &bytes[..], "the codec body is the postcard encoding");
+        if M::CODEC_IS_POSTCARD {
+            prop_assert_eq!(&framed[2..], &bytes[..], "the codec body is the postcard encoding");
+        }
+        prop_assert_eq!(
+            &codec::encode(tag::FIELD, &codec::decode::<M::State>(tag::FIELD, &framed).unwrap()),
+            &framed,
+            "decoding and encoding again gives the same bytes"
+        );
         prop_assert_eq!(&codec::decode::<M::State>(tag::FIELD, &framed).expect("codec decode"), &s);
     }
     Ok(())
@@ -596,6 +606,7 @@ impl<V: Element> Model for OrSetModel<V> {
     type Knows = SetKnows<V>;
     type Msg = BTreeMap<Tag, V>;
     type Reference = SetReference<V>;
+    const CODEC_IS_POSTCARD: bool = false;
 
     fn op() -> BoxedStrategy<SetOp<V>> {
         prop_oneof![
