@@ -593,8 +593,14 @@ impl<V: Ord + Hash + Eq + Wire> Wire for OrSet<V> {
         let mut order: Vec<(&V, &[Dot])> = self.entries.iter().map(|(v, ds)| (v, ds.as_slice())).collect();
         // `None` (a hint) sorts first; dots are unique across elements, so only hints tie.
         crate::sort::sort_by(&mut order, |a, b| a.1.first().cmp(&b.1.first()).then_with(|| a.0.cmp(b.0)));
-        let mut replicas: Vec<ReplicaId> =
-            order.iter().flat_map(|(_, ds)| ds.iter().map(|d| d.replica)).collect();
+        let mut replicas: Vec<ReplicaId> = Vec::new();
+        for (_, ds) in &order {
+            for d in *ds {
+                if replicas.last() != Some(&d.replica) {
+                    replicas.push(d.replica);
+                }
+            }
+        }
         crate::sort::sort(&mut replicas);
         replicas.dedup();
         put_varint(out, order.len() as u64);
