@@ -587,7 +587,7 @@ const MAX_SHARED: usize = 127;
 /// storage format (front coding, delta coding, an actor table) in one row-wise pass, with
 /// no compressor: a 5,000-element set of `item-N` strings from one replica takes ~5 bytes
 /// per element instead of ~24 in format 1 (which is still read: value-sorted pairs of
-/// element and dots, see [`OrSet::read_v1`]).
+/// element and dots, see `OrSet::read_v1`).
 impl<V: Ord + Hash + Eq + Wire> Wire for OrSet<V> {
     fn put(&self, out: &mut Vec<u8>) {
         let mut order: Vec<(&V, &[Dot])> = self.entries.iter().map(|(v, ds)| (v, ds.as_slice())).collect();

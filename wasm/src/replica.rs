@@ -473,10 +473,12 @@ impl Replica {
     /// What a replica of `doc` at version `since` lacks (everything when `since` is
     /// `None`), as one frame for [`Replica::apply_update`]: the deltas since `since`, or the state
     /// without its delta log when the log does not reach back that far. `None` when
-    /// `doc` is not open.
+    /// `doc` is not open. The frame names no document (an empty id): it is applied to
+    /// whichever document [`Replica::apply_update`] is given, so the id would be dead weight
+    /// on every update (3 of 30 bytes for one register write to a document called `doc`).
     pub fn encode_update(&self, doc: &str, since: Option<&VersionVector>) -> Option<Vec<u8>> {
         let d = &self.docs.get(doc)?.doc;
-        Some(lacking(doc, d, since.unwrap_or(&VersionVector::new())))
+        Some(lacking("", d, since.unwrap_or(&VersionVector::new())))
     }
 
     /// Joins an update made by [`Replica::encode_update`] (from any replica's copy of a
