@@ -307,6 +307,22 @@ struct DocSync {
     resend_at: Option<u64>,
 }
 
+/// A session's per-document state. Natively a hash map: a relay↔relay session may carry
+/// every document two nodes share. In the browser a sorted `Vec`: a tab has a handful of
+/// documents open, and a second hash-map instantiation costs ~1 KB gzipped of wasm.
+#[cfg(not(target_arch = "wasm32"))]
+type DocStates = FxHashMap<String, DocSync>;
+#[cfg(target_arch = "wasm32")]
+type DocStates = crate::sorted::SortedMap<String, DocSync>;
+
+/// `docs[doc]`, created if absent.
+fn state_of<'a>(docs: &'a mut DocStates, doc: &str) -> &'a mut DocSync {
+    #[cfg(not(target_arch = "wasm32"))]
+    return docs.entry(doc.to_owned()).or_default();
+    #[cfg(target_arch = "wasm32")]
+    return docs.entry_or_default(doc.to_owned());
+}
+
 /// The sync state machine for one peer.
 ///
 /// ```
@@ -340,9 +356,8 @@ pub struct Session {
     local: ReplicaId,
     config: SessionConfig,
     peer: Option<Hello>,
-    /// A hash map (the wasm build has no other map of documents); iteration that
-    /// reaches the peer is sorted by id.
-    docs: FxHashMap<String, DocSync>,
+    /// Iteration that reaches the peer is sorted by id.
+    docs: DocStates,
     next_exchange: u64,
     ticks: u64,
 }
@@ -350,7 +365,7 @@ pub struct Session {
 impl Session {
     /// A session of replica `local` with one peer.
     pub fn new(local: ReplicaId, config: SessionConfig) -> Self {
-        Self { local, config, peer: None, docs: FxHashMap::default(), next_exchange: 1, ticks: 0 }
+        Self { local, config, peer: None, docs: DocStates::default(), next_exchange: 1, ticks: 0 }
     }
 
     /// The peer's hello, once received.
@@ -396,7 +411,7 @@ impl Session {
         let Some(doc) = store.doc(doc_id) else { return Vec::new() };
         let vv = doc.version().clone();
         let ticks = self.ticks;
-        let st = self.docs.entry(doc_id.to_owned()).or_default();
+        let st = state_of(&mut self.docs, doc_id);
         st.we_subscribed = true;
         st.synced = None;
         st.awaiting = None;
@@ -612,7 +627,7 @@ impl Session {
         let answer = answer_subscribe(doc, &m.doc, &m.vv, exchange, &self.config);
         let my_vv = doc.version().clone();
         let ticks = self.ticks;
-        let st = self.docs.entry(m.doc.clone()).or_default();
+        let st = state_of(&mut self.docs, &m.doc);
         if matches!(answer.first(), Some(Msg::MerkleStart(_))) {
             st.serving = Some((exchange, my_vv.clone()));
         }
