@@ -753,13 +753,17 @@ impl Session {
         let max = self.config.max_frame;
         let (doc_id, exchange) = (m.doc, m.exchange);
         if !nodes.is_empty() {
-            out.replies.extend(split(nodes, max, &|n| {
-                Msg::MerkleNodes(MerkleNodes { doc: doc_id.clone(), exchange, nodes: n })
+            out.replies.extend(split(0..nodes.len(), max, &|r| {
+                Msg::MerkleNodes(MerkleNodes { doc: doc_id.clone(), exchange, nodes: nodes[r].to_vec() })
             }));
         }
         if !buckets.is_empty() {
-            out.replies.extend(split(buckets, max, &|b| {
-                Msg::MerkleLeaves(MerkleLeaves { doc: doc_id.clone(), exchange, buckets: b })
+            out.replies.extend(split(0..buckets.len(), max, &|r| {
+                Msg::MerkleLeaves(MerkleLeaves {
+                    doc: doc_id.clone(),
+                    exchange,
+                    buckets: buckets[r].to_vec(),
+                })
             }));
         }
     }
@@ -869,13 +873,14 @@ impl Session {
             m.keys.iter().map(|&k| (k, doc.fields_by_hash(&[k]))).collect();
         let mut done = 0u64;
         let (doc_id, exchange) = (m.doc, m.exchange);
-        let msgs = split(per_key, self.config.max_frame, &|group| {
+        let msgs = split(0..per_key.len(), self.config.max_frame, &|r| {
+            let group = &per_key[r];
             Msg::State(StateChunk {
                 doc: doc_id.clone(),
                 exchange,
                 chunk: 0,
                 answered: group.iter().map(|g| g.0).collect(),
-                fields: group.into_iter().flat_map(|g| g.1).collect(),
+                fields: group.iter().flat_map(|g| g.1.iter().cloned()).collect(),
                 done: 0,
                 total,
             })
@@ -978,13 +983,13 @@ fn start_transfer(doc: &mut Document, doc_id: &str, exchange: u64, cfg: &Session
     if doc.len() <= cfg.full_state_keys {
         let fields = doc.all_fields();
         let total = fields.len() as u64;
-        let mut chunks = split(fields, cfg.max_frame, &|f| {
+        let mut chunks = split(0..fields.len(), cfg.max_frame, &|r| {
             Msg::State(StateChunk {
                 doc: doc_id.to_owned(),
                 exchange,
                 chunk: 0,
                 answered: Vec::new(),
-                fields: f,
+                fields: fields[r].to_vec(),
                 done: 0,
                 total,
             })
@@ -1053,20 +1058,24 @@ fn chunk_deltas(doc_id: &str, deltas: Vec<Delta>, max: usize) -> Vec<Msg> {
     out
 }
 
-/// Builds messages from `items`, halving groups until each frame fits in `max` bytes
-/// (a single item that alone exceeds `max` is sent as it is).
-fn split<T: Clone>(items: Vec<T>, max: usize, make: &dyn Fn(Vec<T>) -> Msg) -> Vec<Msg> {
-    if items.is_empty() {
+/// Builds messages from the items at `range` (`make` builds one from a sub-range),
+/// halving groups until each frame fits in `max` bytes (a single item that alone exceeds
+/// `max` is sent as it is). Ranges, not item vectors: one copy of this in wasm, not one
+/// per item type.
+fn split(
+    range: std::ops::Range<usize>,
+    max: usize,
+    make: &dyn Fn(std::ops::Range<usize>) -> Msg,
+) -> Vec<Msg> {
+    if range.is_empty() {
         return Vec::new();
     }
-    let n = items.len();
-    let msg = make(items.clone());
-    if n == 1 || msg.encode().len() <= max {
+    let msg = make(range.clone());
+    if range.len() == 1 || msg.encode().len() <= max {
         return vec![msg];
     }
-    let mut left = items;
-    let right = left.split_off(n / 2);
-    let mut out = split(left, max, make);
-    out.extend(split(right, max, make));
+    let mid = range.start + range.len() / 2;
+    let mut out = split(range.start..mid, max, make);
+    out.extend(split(mid..range.end, max, make));
     out
 }
