@@ -20,6 +20,66 @@ macro_rules! a {
     };
 }
 
+/// What every document vector below has before its set field: the clock, then the
+/// register, PN-counter and counter fields, in key-hash order (the field count first).
+macro_rules! doc_clock_and_first_fields {
+    () => {
+        concat!(
+            // hlc
+            "80d095ffbc31",
+            "00",
+            a!(),
+            // fields, in key-hash order
+            "04",
+            "057469746c65020180d095ffbc3100",
+            a!(),
+            "040548656c6c6f",
+            "05766f7465730100",
+            "01",
+            a!(),
+            "03",
+            "056c696b657300",
+            "01",
+            a!(),
+            "05"
+        )
+    };
+}
+
+/// The version vector and context, then the first three deltas of the log (counter,
+/// PN-counter, register) and the dot of the fourth.
+macro_rules! doc_clocks_and_first_deltas {
+    () => {
+        concat!(
+            // version vector and context
+            "01",
+            a!(),
+            "06",
+            "01",
+            a!(),
+            "06",
+            "00",
+            // delta log
+            "06",
+            a!(),
+            "01056c696b657300",
+            "01",
+            a!(),
+            "05",
+            a!(),
+            "0205766f7465730100",
+            "01",
+            a!(),
+            "03",
+            a!(),
+            "03057469746c65020180d095ffbc3100",
+            a!(),
+            "040548656c6c6f",
+            a!()
+        )
+    };
+}
+
 const VERSION_VECTOR: &str = concat!("0302", "02", "0b", "01", a!(), "03");
 const COUNTER_DELTA: &str = concat!("0202", a!(), "01", "056c696b6573", "00", "01", a!(), "05");
 const PN_DELTA: &str = concat!("0202", a!(), "02", "05766f746573", "01", "00", "01", a!(), "03");
@@ -73,23 +133,7 @@ const SET_FIELD: &str = concat!(
 const DOCUMENT: &str = concat!(
     "0102",
     a!(),
-    // hlc
-    "80d095ffbc31",
-    "00",
-    a!(),
-    // fields, in key-hash order
-    "04",
-    "057469746c65020180d095ffbc3100",
-    a!(),
-    "040548656c6c6f",
-    "05766f7465730100",
-    "01",
-    a!(),
-    "03",
-    "056c696b657300",
-    "01",
-    a!(),
-    "05",
+    doc_clock_and_first_fields!(),
     "047461677303",
     "01",
     "01",
@@ -97,31 +141,7 @@ const DOCUMENT: &str = concat!(
     "0019040472757374",
     "08",
     "0000",
-    // version vector and context
-    "01",
-    a!(),
-    "06",
-    "01",
-    a!(),
-    "06",
-    "00",
-    // delta log
-    "06",
-    a!(),
-    "01056c696b657300",
-    "01",
-    a!(),
-    "05",
-    a!(),
-    "0205766f7465730100",
-    "01",
-    a!(),
-    "03",
-    a!(),
-    "03057469746c65020180d095ffbc3100",
-    a!(),
-    "040548656c6c6f",
-    a!(),
+    doc_clocks_and_first_deltas!(),
     "04047461677303",
     "01",
     "01",
@@ -182,53 +202,13 @@ const V1_SET_FIELD: &str =
 const V1_DOCUMENT: &str = concat!(
     "0101",
     a!(),
-    // hlc
-    "80d095ffbc31",
-    "00",
-    a!(),
-    // fields, in key-hash order
-    "04",
-    "057469746c65020180d095ffbc3100",
-    a!(),
-    "040548656c6c6f",
-    "05766f7465730100",
-    "01",
-    a!(),
-    "03",
-    "056c696b657300",
-    "01",
-    a!(),
-    "05",
+    doc_clock_and_first_fields!(),
     "04746167730301040472757374",
     "01",
     a!(),
     "04",
     "0000",
-    // version vector and context
-    "01",
-    a!(),
-    "06",
-    "01",
-    a!(),
-    "06",
-    "00",
-    // delta log
-    "06",
-    a!(),
-    "01056c696b657300",
-    "01",
-    a!(),
-    "05",
-    a!(),
-    "0205766f7465730100",
-    "01",
-    a!(),
-    "03",
-    a!(),
-    "03057469746c65020180d095ffbc3100",
-    a!(),
-    "040548656c6c6f",
-    a!(),
+    doc_clocks_and_first_deltas!(),
     "0404746167730301040472757374",
     "01",
     a!(),
