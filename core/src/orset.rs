@@ -565,6 +565,26 @@ impl<'de, V: Hash + Eq + Deserialize<'de>> Deserialize<'de> for OrSet<V> {
 /// bytes are rebuilt per input byte pair, whatever a forged input claims.
 const MAX_SHARED: usize = 127;
 
+/// How a dot's seq is written after `last`, its replica's previous seq on the wire (0:
+/// none yet): the first as it is (a zig-zag would double it), later ones as zig-zagged
+/// steps (small; negative only for the further dots of an element with several).
+fn seq_step(last: u64, seq: u64) -> u64 {
+    if last == 0 {
+        seq
+    } else {
+        zigzag(seq.wrapping_sub(last) as i64)
+    }
+}
+
+/// Inverse of [`seq_step`].
+fn seq_from_step(last: u64, step: u64) -> u64 {
+    if last == 0 {
+        step
+    } else {
+        last.wrapping_add(unzigzag(step) as u64)
+    }
+}
+
 /// The wire form (format 2, see [`crate::codec`]), canonical so that equal sets encode to
 /// equal bytes (Merkle leaves hash it):
 ///
@@ -577,7 +597,8 @@ const MAX_SHARED: usize = 127;
 ///   [more: varint]            dot count - 3
 ///   suffix: bytes             the rest of the element's encoding
 ///   per dot: [replica index: varint, only with two or more replicas]
-///            seq: varint      zig-zag of the difference to that replica's previous seq
+///            seq: varint      the seq itself for the replica's first dot, else the
+///                             zig-zagged difference to that replica's previous seq
 /// context: CausalContext
 /// ```
 ///
@@ -623,7 +644,7 @@ impl<V: Ord + Hash + Eq + Wire> Wire for OrSet<V> {
                 if replicas.len() > 1 {
                     put_varint(out, i as u64);
                 }
-                put_varint(out, zigzag(d.seq.wrapping_sub(last[i]) as i64));
+                put_varint(out, seq_step(last[i], d.seq));
                 last[i] = d.seq;
             }
             std::mem::swap(&mut prev, &mut cur);
@@ -661,7 +682,7 @@ impl<V: Ord + Hash + Eq + Wire> Wire for OrSet<V> {
                     .ok()
                     .filter(|&i| i < replicas.len())
                     .ok_or("set dot names no replica")?;
-                last[i] = last[i].wrapping_add(unzigzag(r.varint()?) as u64);
+                last[i] = seq_from_step(last[i], r.varint()?);
                 ds.push(Dot::new(replicas[i], last[i]));
             }
             if entries.insert(v, Dots::from_vec(ds)).is_some() {
@@ -945,8 +966,8 @@ mod tests {
     #[test]
     fn forged_set_bytes_are_refused_not_trusted() {
         let read = |b: &[u8]| Reader::new(b).whole::<OrSet<String>>();
-        // One entry, table [A]: shared 0, head 2 << 2 | 1, "x", seq step 1; context {A: 1}.
-        let good = [1, 1, 1, 0, 9, 1, b'x', 2, 1, 1, 1, 0];
+        // One entry, table [A]: shared 0, head 2 << 2 | 1, "x", seq 1; context {A: 1}.
+        let good = [1, 1, 1, 0, 9, 1, b'x', 1, 1, 1, 1, 0];
         assert_eq!(
             read(&good).map(|set| set.entries().get(&s("x")).cloned()),
             Ok(Some(Dots::One(Dot::new(A, 1))))

@@ -98,11 +98,11 @@ const SET_ADD_DELTA: &str = concat!(
     "01",
     "01",
     a!(),
-    // shared 0, head 6 << 2 | 1, "rust", seq 4 - 0 zig-zagged
+    // shared 0, head 6 << 2 | 1, "rust", seq 4 (the replica's first: as it is)
     "00",
     "19",
     "040472757374",
-    "08",
+    "04",
     // context: no version vector, the dot (A, 4)
     "00",
     "01",
@@ -112,7 +112,7 @@ const SET_ADD_DELTA: &str = concat!(
 // A removal hint: one entry, an empty replica table, the element with no dots.
 const SET_REMOVE_DELTA: &str =
     concat!("0202", a!(), "06", "0474616773", "03", "01", "00", "00", "08", "020e", "00", "01", a!(), "05");
-// In dot order: "rust" (A, 1), then 7 (A, 2), sharing nothing.
+// In dot order: "rust" (A, 1, as it is), then 7 (A, 2: a step of 1, zig-zagged).
 const SET_FIELD: &str = concat!(
     "0402",
     "03",
@@ -122,7 +122,7 @@ const SET_FIELD: &str = concat!(
     "00",
     "19",
     "040472757374",
-    "02",
+    "01",
     "00",
     "09",
     "020e",
@@ -139,7 +139,7 @@ const DOCUMENT: &str = concat!(
     "01",
     a!(),
     "0019040472757374",
-    "08",
+    "04",
     "0000",
     doc_clocks_and_first_deltas!(),
     "04047461677303",
@@ -147,7 +147,7 @@ const DOCUMENT: &str = concat!(
     "01",
     a!(),
     "0019040472757374",
-    "08",
+    "04",
     "00",
     "01",
     a!(),
@@ -158,7 +158,7 @@ const DOCUMENT: &str = concat!(
     "01",
     a!(),
     "0009020e",
-    "0a",
+    "05",
     "00",
     "01",
     a!(),

@@ -692,7 +692,10 @@ mod tests {
         // Everything (no version): the log reaches back to the start, so deltas; b
         // applies them and tells its listeners.
         let full = a.encode_update("a-copy", None).unwrap();
-        assert!(matches!(Msg::decode(&full), Ok(Msg::Deltas(ref m)) if m.deltas.len() == 2));
+        assert!(
+            matches!(Msg::decode(&full), Ok(Msg::Deltas(ref m)) if m.deltas.len() == 2 && m.doc.is_empty()),
+            "an update names no document: it applies to the one it is given to"
+        );
         b.apply_update("b-copy", &full).unwrap();
         let out = b.take();
         assert!(out.iter().any(|o| matches!(o, Out::Change { .. })));
@@ -731,6 +734,7 @@ mod tests {
         b.take();
         let state = a.encode_update("big", None).unwrap();
         assert_eq!(state[0], channel::STATE);
+        assert_eq!(channel::decode_state(&state).map(|(doc, _)| doc), Some(""));
         assert!(state.len() * 2 < a.snapshot("big").unwrap().len());
         b.apply_update("big", &state).unwrap();
         let out = b.take();
