@@ -23,8 +23,10 @@
 
 /// Version of the body format written by this build. 2: [`crate::OrSet`]s are written
 /// in dot order with a replica table, front-coded elements and delta-coded sequence
-/// numbers (see its `Wire` impl). Version 1 bodies are still read ([`Reader::format`]).
-pub const FORMAT_VERSION: u8 = 2;
+/// numbers (see its `Wire` impl). 3: a [`crate::Delta`] ends with how many dots before
+/// its own it stands for (a run, [`crate::Delta::run`]). Version 1 and 2 bodies are still
+/// read ([`Reader::format`]).
+pub const FORMAT_VERSION: u8 = 3;
 
 /// Tags of top-level encoded values.
 pub mod tag {

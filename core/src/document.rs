@@ -159,12 +159,18 @@ impl Wire for Field {
 /// persisting and forwarding, and in the `Deltas` messages to every subscriber. Cloning is
 /// a reference-count increment.
 #[derive(Clone, PartialEq)]
-pub struct Delta(Arc<DeltaBody>);
+pub struct Delta {
+    body: Arc<DeltaBody>,
+    /// The first sequence number this delta stands for: `dot.seq` for one write, lower
+    /// for a run (see [`Delta::run`]). Outside the shared body, so a log can extend a run
+    /// by the next write without copying it.
+    first: u64,
+}
 
 /// The contents of a [`Delta`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeltaBody {
-    /// Unique name of this mutation.
+    /// Unique name of this mutation (the last, for a run).
     pub dot: Dot,
     /// The key it changed.
     pub key: String,
@@ -176,13 +182,13 @@ impl std::ops::Deref for Delta {
     type Target = DeltaBody;
     #[inline]
     fn deref(&self) -> &DeltaBody {
-        &self.0
+        &self.body
     }
 }
 
 impl From<DeltaBody> for Delta {
     fn from(b: DeltaBody) -> Delta {
-        Delta(Arc::new(b))
+        Delta { first: b.dot.seq, body: Arc::new(b) }
     }
 }
 
@@ -190,21 +196,39 @@ impl fmt::Debug for Delta {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Delta")
             .field("dot", &self.dot)
+            .field("first", &self.first)
             .field("key", &self.key)
             .field("payload", &self.payload)
             .finish()
     }
 }
 
+/// The serde form of a [`Delta`]: its body's fields, then `first`.
+#[derive(Serialize, Deserialize)]
+struct DeltaRepr<'a> {
+    dot: Dot,
+    key: std::borrow::Cow<'a, str>,
+    payload: std::borrow::Cow<'a, Field>,
+    first: u64,
+}
+
 impl Serialize for Delta {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
+        let d = &self.body;
+        DeltaRepr {
+            dot: d.dot,
+            key: (&*d.key).into(),
+            payload: std::borrow::Cow::Borrowed(&d.payload),
+            first: self.first,
+        }
+        .serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for Delta {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Delta, D::Error> {
-        DeltaBody::deserialize(d).map(Delta::from)
+        let r = DeltaRepr::deserialize(d)?;
+        Ok(Delta::run(r.first, r.dot, r.key.into_owned(), r.payload.into_owned()))
     }
 }
 
@@ -214,9 +238,38 @@ impl Delta {
         Delta::from(DeltaBody { dot, key: key.into(), payload })
     }
 
+    /// The run of `dot.replica`'s writes `first..=dot.seq` to `key`, joined into
+    /// `payload`: a delta-interval (Almeida et al., "Delta State Replicated Data Types",
+    /// 2018, §5). A counter's or register's later write by the same replica subsumes its
+    /// earlier ones, so the join of the run's payloads stands for every dot in it: a
+    /// receiver at any sequence inside the run ends where applying the rest one by one
+    /// would leave it. Sets never form runs (a set delta's causal context is its own
+    /// dot); [`Delta::validate`] refuses one.
+    pub fn run(first: u64, dot: Dot, key: impl Into<String>, payload: Field) -> Delta {
+        Delta { first, body: Arc::new(DeltaBody { dot, key: key.into(), payload }) }
+    }
+
+    /// The first sequence number this delta stands for (`dot.seq` unless it is a run).
+    #[inline]
+    pub fn first(&self) -> u64 {
+        self.first
+    }
+
+    /// Whether this delta stands for more than one write.
+    #[inline]
+    pub fn is_run(&self) -> bool {
+        self.first != self.dot.seq
+    }
+
+    /// The same delta standing only for its dots from `first` on (`first` within them).
+    fn starting_at(mut self, first: u64) -> Delta {
+        self.first = self.first.max(first).min(self.dot.seq);
+        self
+    }
+
     /// The contents, to change: copied first if the delta is shared.
     pub fn body_mut(&mut self) -> &mut DeltaBody {
-        Arc::make_mut(&mut self.0)
+        Arc::make_mut(&mut self.body)
     }
 
     /// Checks a delta that came from outside: its payload's invariants, and for sets that
@@ -224,6 +277,12 @@ impl Delta {
     pub fn validate(&self) -> Result<(), InvalidState> {
         if self.dot.seq == 0 {
             return Err(InvalidState("delta dot has sequence 0"));
+        }
+        if self.first == 0 || self.first > self.dot.seq {
+            return Err(InvalidState("delta run does not end at its dot"));
+        }
+        if self.is_run() && matches!(self.payload, Field::Set(_)) {
+            return Err(InvalidState("a set delta cannot stand for a run of dots"));
         }
         // The payload's own check covers a set's context and entries (in that order).
         self.payload.validate()?;
@@ -253,10 +312,15 @@ impl Wire for Delta {
         self.dot.put(out);
         put_bytes(out, self.key.as_bytes());
         self.payload.put(out);
+        put_varint(out, self.dot.seq - self.first); // format 3: the run's earlier dots
     }
 
     fn read(r: &mut Reader<'_>) -> R<Self> {
-        Ok(Delta::new(Dot::read(r)?, r.string()?, Field::read(r)?))
+        let (dot, key, payload) = (Dot::read(r)?, r.string()?, Field::read(r)?);
+        let before = if r.format() >= 3 { r.varint()? } else { 0 };
+        let first =
+            dot.seq.checked_sub(before).filter(|f| *f > 0).ok_or("delta run starts before sequence 1")?;
+        Ok(Delta::run(first, dot, key, payload))
     }
 }
 
@@ -433,8 +497,14 @@ struct DeltaLog {
 impl DeltaLog {
     fn push(&mut self, d: Delta, capacity: usize) {
         let r = d.dot.replica;
-        if self.by_replica.get(&r).and_then(VecDeque::back).is_some_and(|last| last.dot.seq >= d.dot.seq) {
-            return; // only a corrupt stored log could get here: keep each queue ascending
+        if let Some(last) = self.by_replica.get_mut(&r).and_then(VecDeque::back_mut) {
+            if last.dot.seq >= d.dot.seq {
+                return; // only a corrupt stored log could get here: keep each queue ascending
+            }
+            if let Some(run) = extend_run(last, &d) {
+                *last = run;
+                return;
+            }
         }
         if capacity == 0 {
             self.floor.raise(r, d.dot.seq);
@@ -478,6 +548,23 @@ impl DeltaLog {
         }
         out
     }
+}
+
+/// `last` and `next` as one run, when `next` continues `last` and subsumes it: the
+/// following dot of the same replica, the same key, and a counter or register whose
+/// payload is at least `last`'s (each write of a counter or register by its own replica
+/// is; a PN-counter's decrement after an increment is not, and stays its own entry).
+fn extend_run(last: &Delta, next: &Delta) -> Option<Delta> {
+    if next.first != last.dot.seq + 1 || next.key != last.key {
+        return None;
+    }
+    let subsumes = match (&last.payload, &next.payload) {
+        (Field::Counter(a), Field::Counter(b)) => a.le(b),
+        (Field::PnCounter(a), Field::PnCounter(b)) => a.le(b),
+        (Field::Register(a), Field::Register(b)) => a.timestamp() <= b.timestamp(),
+        _ => false,
+    };
+    subsumes.then(|| Delta { body: next.body.clone(), first: last.first })
 }
 
 /// A named collection of CRDT fields with its version vector and delta log.
@@ -775,10 +862,13 @@ impl Document {
     /// session checks a whole frame before applying any of it, and need not check twice).
     pub(crate) fn apply_checked(&mut self, delta: Delta, applied: &mut Vec<Delta>) -> Applied {
         let dot = delta.dot;
-        if self.vv.contains(dot) {
+        let have = self.vv.get(dot.replica);
+        if dot.seq <= have {
             return Applied::Duplicate;
         }
-        if dot.seq != self.vv.get(dot.replica) + 1 {
+        // Next in sequence, or a run that reaches back to it (the part already seen is
+        // cut off: joining it again would change nothing).
+        if delta.first > have + 1 {
             if self.pending.contains_key(&dot) {
                 return Applied::Buffered;
             }
@@ -788,17 +878,38 @@ impl Document {
             self.pending.insert(dot, delta);
             return Applied::Buffered;
         }
+        let delta = delta.starting_at(have + 1);
         applied.push(delta.clone());
         self.apply_now(delta);
         Applied::Applied(self.drain_pending(dot.replica, applied))
     }
 
+    /// Applies the buffered deltas of `replica` that are now next in sequence (keyed by
+    /// their last dot, a buffered run is found by the first key at or after the next
+    /// dot); drops the ones already covered.
     fn drain_pending(&mut self, replica: ReplicaId, applied: &mut Vec<Delta>) -> usize {
         let mut n = 0;
-        while let Some(d) = self.pending.remove(&self.vv.next_dot(replica)) {
-            applied.push(d.clone());
-            self.apply_now(d);
-            n += 1;
+        loop {
+            let next = self.vv.next_dot(replica);
+            let i = self.pending.lower_bound(&next);
+            let stale = self.pending.lower_bound(&Dot::new(replica, 0));
+            if stale < i {
+                self.pending.drain_range(stale..i);
+                continue;
+            }
+            match self.pending.as_slice().get(i) {
+                Some((k, d))
+                    if k.replica == replica && d.first <= next.seq && next.seq > self.vv.get(replica) =>
+                {
+                    let k = *k;
+                    let Some(d) = self.pending.remove(&k) else { break };
+                    let d = d.starting_at(next.seq);
+                    applied.push(d.clone());
+                    self.apply_now(d);
+                    n += 1;
+                }
+                _ => break,
+            }
         }
         n
     }
@@ -818,7 +929,7 @@ impl Document {
         self.join_field(&delta.key, &delta.payload, their_ctx);
         self.vv.raise(delta.dot.replica, delta.dot.seq);
         self.ctx.merge(their_ctx);
-        self.ctx.insert(delta.dot);
+        self.ctx.insert_run(delta.dot.replica, delta.first, delta.dot.seq);
         self.log.push(delta, self.config.log_capacity);
     }
 

@@ -32,6 +32,12 @@ impl GCounter {
     pub fn get(&self, replica: ReplicaId) -> u64 {
         self.0.get(replica)
     }
+
+    /// Whether every count here is at most `other`'s (merging `self` into `other` changes
+    /// nothing).
+    pub fn le(&self, other: &GCounter) -> bool {
+        self.0.le(&other.0)
+    }
 }
 
 impl Crdt for GCounter {

@@ -32,6 +32,12 @@ impl PnCounter {
         (&self.p, &self.n)
     }
 
+    /// Whether both halves are at most `other`'s (merging `self` into `other` changes
+    /// nothing).
+    pub fn le(&self, other: &PnCounter) -> bool {
+        self.p.le(&other.p) && self.n.le(&other.n)
+    }
+
     /// The delta that subtracts `n`.
     #[inline]
     pub fn decrement(&self, replica: ReplicaId, n: u64) -> PnCounter {

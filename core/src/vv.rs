@@ -393,6 +393,38 @@ impl CausalContext {
         }
     }
 
+    /// Records dots `first..=last` of `replica` as seen (a [`crate::Delta::run`]).
+    /// A run that continues what is seen without a gap (how a document applies one) is
+    /// one raise. A detached one goes to the cloud dot by dot, at most its last 64: a
+    /// context that records less than was seen only makes a session send again what the
+    /// peer will ignore, while a run's length comes from the wire.
+    pub fn insert_run(&mut self, replica: ReplicaId, first: u64, last: u64) {
+        if first >= last || first == 0 {
+            self.insert(Dot::new(replica, last));
+        } else if self.vv.get(replica) >= first - 1 {
+            self.vv.raise(replica, last);
+            if !self.cloud.is_empty() {
+                self.fold(replica);
+            }
+        } else {
+            for seq in first.max(last.saturating_sub(63))..=last {
+                self.insert(Dot::new(replica, seq));
+            }
+        }
+    }
+
+    /// Whether every dot `first..=last` of `replica` has been seen (exact for runs
+    /// recorded with [`Self::insert_run`] after what they continue; a detached run longer
+    /// than 64 dots answers no).
+    pub fn contains_run(&self, replica: ReplicaId, first: u64, last: u64) -> bool {
+        let top = self.vv.get(replica);
+        if top >= last {
+            return true;
+        }
+        let from = top.max(first.saturating_sub(1)) + 1;
+        last - from < 64 && (from..=last).all(|q| self.cloud.contains(&Dot::new(replica, q)))
+    }
+
     /// Joins another context into this one.
     pub fn merge(&mut self, other: &CausalContext) {
         if !other.vv.is_empty() {

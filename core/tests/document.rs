@@ -75,8 +75,9 @@ fn deltas_since_answers_exactly_what_the_peer_lacks_in_sequence_order() {
     let from_b = b.set_add("tags", Value::Int(1)).unwrap();
     a.apply(from_b.clone()).unwrap();
     let peer = VersionVector::from_iter([(A, 1)]);
-    let got: Vec<Dot> = a.deltas_since(&peer).unwrap().iter().map(|d| d.dot).collect();
-    assert_eq!(got, [Dot::new(A, 2), Dot::new(A, 3), Dot::new(B, 1)]);
+    // A's three increments of one counter are one run in the log (1..=3).
+    let got: Vec<(u64, Dot)> = a.deltas_since(&peer).unwrap().iter().map(|d| (d.first(), d.dot)).collect();
+    assert_eq!(got, [(1, Dot::new(A, 3)), (1, Dot::new(B, 1))]);
     assert!(a.deltas_since(a.version()).unwrap().is_empty());
     let mut c = Document::new(C);
     c.apply(from_a[0].clone()).unwrap();
@@ -90,7 +91,7 @@ fn deltas_since_answers_exactly_what_the_peer_lacks_in_sequence_order() {
 fn a_truncated_log_says_it_cannot_reach_back_instead_of_answering_partly() {
     let mut a = Document::with_config(A, DocConfig { log_capacity: 2, pending_capacity: 16 });
     for n in 1..=5 {
-        likes(&mut a, n);
+        a.increment(&format!("c{n}"), 1).unwrap(); // other keys: five entries, not one run
     }
     let old = VersionVector::from_iter([(A, 1)]);
     assert!(a.deltas_since(&old).is_none());
@@ -303,4 +304,138 @@ proptest! {
         prop_assert_eq!(a.merkle().root(), b.merkle().root());
         prop_assert_eq!(a.merkle(), b.merkle());
     }
+}
+
+// ---- runs (delta-intervals) ----
+
+/// The dots a batch of deltas stands for.
+fn dots_of(ds: &[&Delta]) -> Vec<Dot> {
+    ds.iter().flat_map(|d| (d.first()..=d.dot.seq).map(|q| Dot::new(d.dot.replica, q))).collect()
+}
+
+#[test]
+fn a_counter_written_a_thousand_times_is_one_log_entry_that_catches_up_any_peer() {
+    let mut a = Document::new(A);
+    let mut all = Vec::new();
+    for n in 1..=1000 {
+        all.push(likes(&mut a, n % 3));
+    }
+    let title = a.set_register("title", Value::from("x"), 5).unwrap();
+    for _ in 0..10 {
+        a.pn_add("score", -1).unwrap();
+    }
+    a.pn_add("score", 3).unwrap(); // up after down: not subsumed, an entry of its own
+    let since = a.deltas_since(&VersionVector::new()).unwrap();
+    assert_eq!(since.len(), 4, "one run per key, and the PN-counter's turn: {since:?}");
+    assert_eq!(dots_of(&since), (1..=1012).map(|q| Dot::new(A, q)).collect::<Vec<_>>());
+    assert_eq!((since[0].first(), since[0].dot.seq), (1, 1000));
+    assert_eq!(since[1].dot, title.dot);
+    // Peers anywhere inside the run: one delta each, the same state.
+    for behind in [0, 1, 499, 999, 1000, 1001] {
+        let mut b = Document::new(B);
+        for d in all.iter().take(behind) {
+            b.apply(d.clone()).unwrap();
+        }
+        let missing: Vec<Delta> = a.deltas_since(b.version()).unwrap().into_iter().cloned().collect();
+        assert!(missing.len() <= 4);
+        for d in missing {
+            assert!(matches!(b.apply(d), Ok(Applied::Applied(_))), "behind {behind}");
+        }
+        assert_eq!(b.to_value(), a.to_value(), "behind {behind}");
+        assert_eq!(b.version(), a.version());
+        assert_eq!((b.counter("likes"), b.pn_counter("score")), (a.counter("likes"), -7));
+        // And b, which applied part of the run one by one, serves the rest as one run too.
+        let mut c = Document::new(C);
+        for d in b.deltas_since(c.version()).unwrap().into_iter().cloned().collect::<Vec<_>>() {
+            c.apply(d).unwrap();
+        }
+        assert_eq!(c.to_value(), a.to_value());
+    }
+}
+
+#[test]
+fn a_run_that_reaches_back_into_what_is_known_applies_only_its_new_part() {
+    let mut a = Document::new(A);
+    for _ in 0..10 {
+        likes(&mut a, 1);
+    }
+    let run = a.deltas_since(&VersionVector::new()).unwrap()[0].clone();
+    let mut b = Document::new(B);
+    let firsts: Vec<Delta> = {
+        let mut a2 = Document::new(A);
+        (0..4).map(|_| likes(&mut a2, 1)).collect()
+    };
+    for d in &firsts {
+        b.apply(d.clone()).unwrap();
+    }
+    let mut applied = Vec::new();
+    assert_eq!(b.apply_into(run.clone(), &mut applied), Ok(Applied::Applied(0)));
+    assert_eq!((applied[0].first(), applied[0].dot.seq), (5, 10), "what b forwards: only what was new");
+    assert_eq!(b.counter("likes"), 10);
+    assert_eq!(b.apply(run), Ok(Applied::Duplicate));
+}
+
+#[test]
+fn a_buffered_run_waits_for_its_gap_and_overlapping_runs_drain_in_order() {
+    let mut a = Document::new(A);
+    let singles: Vec<Delta> = (0..12).map(|_| likes(&mut a, 1)).collect();
+    let run = |first: u64, last: u64| {
+        let mut d = singles[last as usize - 1].clone();
+        d = Delta::run(first, d.dot, d.key.clone(), d.payload.clone());
+        d
+    };
+    let mut b = Document::new(B);
+    assert_eq!(b.apply(run(6, 9)), Ok(Applied::Buffered));
+    assert_eq!(b.apply(run(4, 12)), Ok(Applied::Buffered));
+    assert_eq!(b.apply(run(3, 5)), Ok(Applied::Buffered), "a covered entry, dropped on drain");
+    assert_eq!(b.counter("likes"), 0);
+    // 1..=2 arrives: 3..=5, then 6..=9, then the rest of 4..=12 (10..=12) apply.
+    let mut applied = Vec::new();
+    assert_eq!(b.apply_into(run(1, 2), &mut applied), Ok(Applied::Applied(3)));
+    let spans: Vec<(u64, u64)> = applied.iter().map(|d| (d.first(), d.dot.seq)).collect();
+    assert_eq!(spans, [(1, 2), (3, 5), (6, 9), (10, 12)]);
+    assert_eq!((b.counter("likes"), b.pending_len()), (12, 0));
+    assert_eq!(b.version(), a.version());
+}
+
+#[test]
+fn runs_of_sets_and_runs_past_their_dot_are_refused() {
+    let mut a = Document::new(A);
+    a.set_add("tags", Value::Int(1)).unwrap();
+    let add = a.set_add("tags", Value::Int(2)).unwrap();
+    let forged = Delta::run(1, add.dot, "tags", add.payload.clone());
+    let mut b = Document::new(B);
+    assert!(matches!(b.apply(forged), Err(DocError::Invalid(_))));
+    let c = likes(&mut a, 1);
+    for first in [0, c.dot.seq + 1] {
+        let bad = Delta::run(first, c.dot, "likes", c.payload.clone());
+        assert!(matches!(b.apply(bad), Err(DocError::Invalid(_))), "first {first}");
+    }
+    assert_eq!(b, Document::new(B));
+}
+
+#[test]
+fn runs_survive_the_stored_form_and_older_stored_deltas_read_as_single_writes() {
+    let mut a = Document::new(A);
+    for _ in 0..7 {
+        likes(&mut a, 2);
+    }
+    let run = a.deltas_since(&VersionVector::new()).unwrap()[0].clone();
+    assert_eq!((run.first(), run.dot.seq), (1, 7));
+    let bytes = run.encode();
+    let back = Delta::decode(&bytes).unwrap();
+    assert_eq!((back.first(), back.dot, &back.payload), (1, run.dot, &run.payload));
+    // The whole document, log included.
+    let doc = Document::decode(&a.encode(), DocConfig::default()).unwrap();
+    assert_eq!(doc, a);
+    // Format 2 had no run length: the same bytes without it, header version 2.
+    let mut v2 = bytes.clone();
+    v2[1] = 2;
+    v2.pop();
+    let old = Delta::decode(&v2).unwrap();
+    assert_eq!((old.first(), old.dot), (7, run.dot));
+    // A run length reaching below sequence 1 is refused.
+    let mut bad = bytes.clone();
+    *bad.last_mut().unwrap() = 7;
+    assert!(Delta::decode(&bad).is_err());
 }

@@ -47,9 +47,10 @@ macro_rules! doc_clock_and_first_fields {
 }
 
 /// The version vector and context, then the first three deltas of the log (counter,
-/// PN-counter, register) and the dot of the fourth.
+/// PN-counter, register) and the dot of the fourth; `$run` ends each delta (format 3: its
+/// run length, 0; nothing before).
 macro_rules! doc_clocks_and_first_deltas {
-    () => {
+    ($run:literal) => {
         concat!(
             // version vector and context
             "01",
@@ -66,116 +67,204 @@ macro_rules! doc_clocks_and_first_deltas {
             "01",
             a!(),
             "05",
+            $run,
             a!(),
             "0205766f7465730100",
             "01",
             a!(),
             "03",
+            $run,
             a!(),
             "03057469746c65020180d095ffbc3100",
             a!(),
             "040548656c6c6f",
+            $run,
             a!()
         )
     };
 }
 
-const VERSION_VECTOR: &str = concat!("0302", "02", "0b", "01", a!(), "03");
-const COUNTER_DELTA: &str = concat!("0202", a!(), "01", "056c696b6573", "00", "01", a!(), "05");
-const PN_DELTA: &str = concat!("0202", a!(), "02", "05766f746573", "01", "00", "01", a!(), "03");
-const REGISTER_DELTA: &str =
-    concat!("0202", a!(), "03", "057469746c65", "02", "01", "80d095ffbc31", "00", a!(), "04", "0548656c6c6f");
-// Sets (format 2): entry count, replica table, then per entry the shared prefix length,
-// the head (suffix length << 2 | dot count), the suffix, and each dot's zig-zagged seq
-// step (no replica index with a one-replica table); then the context.
-const SET_ADD_DELTA: &str = concat!(
-    "0202",
-    a!(),
-    "04",
-    "0474616773",
-    "03",
-    // one entry; replica table [A]
-    "01",
-    "01",
-    a!(),
-    // shared 0, head 6 << 2 | 1, "rust", seq 4 (the replica's first: as it is)
-    "00",
-    "19",
-    "040472757374",
-    "04",
-    // context: no version vector, the dot (A, 4)
-    "00",
-    "01",
-    a!(),
-    "04"
-);
+const VERSION_VECTOR: &str = concat!("0303", "02", "0b", "01", a!(), "03");
+
+// Deltas: `$v` is the format version, `$run` the run length that ends a delta in format
+// 3 (0: one write) and is absent in format 2.
+macro_rules! counter_delta {
+    ($v:literal, $run:literal) => {
+        concat!("02", $v, a!(), "01", "056c696b6573", "00", "01", a!(), "05", $run)
+    };
+}
+macro_rules! pn_delta {
+    ($v:literal, $run:literal) => {
+        concat!("02", $v, a!(), "02", "05766f746573", "01", "00", "01", a!(), "03", $run)
+    };
+}
+macro_rules! register_delta {
+    ($v:literal, $run:literal) => {
+        concat!(
+            "02",
+            $v,
+            a!(),
+            "03",
+            "057469746c65",
+            "02",
+            "01",
+            "80d095ffbc31",
+            "00",
+            a!(),
+            "04",
+            "0548656c6c6f",
+            $run
+        )
+    };
+}
+// Sets (since format 2): entry count, replica table, then per entry the shared prefix
+// length, the head (suffix length << 2 | dot count), the suffix, and each dot's
+// zig-zagged seq step (no replica index with a one-replica table); then the context.
+macro_rules! set_add_delta {
+    ($v:literal, $run:literal) => {
+        concat!(
+            "02",
+            $v,
+            a!(),
+            "04",
+            "0474616773",
+            "03",
+            // one entry; replica table [A]
+            "01",
+            "01",
+            a!(),
+            // shared 0, head 6 << 2 | 1, "rust", seq 4 (the replica's first: as it is)
+            "00",
+            "19",
+            "040472757374",
+            "04",
+            // context: no version vector, the dot (A, 4)
+            "00",
+            "01",
+            a!(),
+            "04",
+            $run
+        )
+    };
+}
 // A removal hint: one entry, an empty replica table, the element with no dots.
-const SET_REMOVE_DELTA: &str =
-    concat!("0202", a!(), "06", "0474616773", "03", "01", "00", "00", "08", "020e", "00", "01", a!(), "05");
+macro_rules! set_remove_delta {
+    ($v:literal, $run:literal) => {
+        concat!(
+            "02",
+            $v,
+            a!(),
+            "06",
+            "0474616773",
+            "03",
+            "01",
+            "00",
+            "00",
+            "08",
+            "020e",
+            "00",
+            "01",
+            a!(),
+            "05",
+            $run
+        )
+    };
+}
+const COUNTER_DELTA: &str = counter_delta!("03", "00");
+const PN_DELTA: &str = pn_delta!("03", "00");
+const REGISTER_DELTA: &str = register_delta!("03", "00");
+const SET_ADD_DELTA: &str = set_add_delta!("03", "00");
+const SET_REMOVE_DELTA: &str = set_remove_delta!("03", "00");
 // In dot order: "rust" (A, 1, as it is), then 7 (A, 2: a step of 1, zig-zagged).
-const SET_FIELD: &str = concat!(
-    "0402",
-    "03",
-    "02",
-    "01",
-    a!(),
-    "00",
-    "19",
-    "040472757374",
-    "01",
-    "00",
-    "09",
-    "020e",
-    "02",
-    "00",
-    "00"
-);
-const DOCUMENT: &str = concat!(
-    "0102",
-    a!(),
-    doc_clock_and_first_fields!(),
-    "047461677303",
-    "01",
-    "01",
-    a!(),
-    "0019040472757374",
-    "04",
-    "0000",
-    doc_clocks_and_first_deltas!(),
-    "04047461677303",
-    "01",
-    "01",
-    a!(),
-    "0019040472757374",
-    "04",
-    "00",
-    "01",
-    a!(),
-    "04",
-    a!(),
-    "05047461677303",
-    "01",
-    "01",
-    a!(),
-    "0009020e",
-    "05",
-    "00",
-    "01",
-    a!(),
-    "05",
-    a!(),
-    "06047461677303",
-    "01",
-    "00",
-    "0008020e",
-    "00",
-    "01",
-    a!(),
-    "05",
-    // log floor, pending
-    "00",
-    "00",
-);
+macro_rules! set_field {
+    ($v:literal) => {
+        concat!(
+            "04",
+            $v,
+            "03",
+            "02",
+            "01",
+            a!(),
+            "00",
+            "19",
+            "040472757374",
+            "01",
+            "00",
+            "09",
+            "020e",
+            "02",
+            "00",
+            "00"
+        )
+    };
+}
+const SET_FIELD: &str = set_field!("03");
+macro_rules! document {
+    ($v:literal, $run:literal) => {
+        concat!(
+            "01",
+            $v,
+            a!(),
+            doc_clock_and_first_fields!(),
+            "047461677303",
+            "01",
+            "01",
+            a!(),
+            "0019040472757374",
+            "04",
+            "0000",
+            doc_clocks_and_first_deltas!($run),
+            "04047461677303",
+            "01",
+            "01",
+            a!(),
+            "0019040472757374",
+            "04",
+            "00",
+            "01",
+            a!(),
+            "04",
+            $run,
+            a!(),
+            "05047461677303",
+            "01",
+            "01",
+            a!(),
+            "0009020e",
+            "05",
+            "00",
+            "01",
+            a!(),
+            "05",
+            $run,
+            a!(),
+            "06047461677303",
+            "01",
+            "00",
+            "0008020e",
+            "00",
+            "01",
+            a!(),
+            "05",
+            $run,
+            // log floor, pending
+            "00",
+            "00",
+        )
+    };
+}
+const DOCUMENT: &str = document!("03", "00");
+
+// Format 2, as written before deltas could be runs: still read.
+const V2_DELTAS: [&str; 5] = [
+    counter_delta!("02", ""),
+    pn_delta!("02", ""),
+    register_delta!("02", ""),
+    set_add_delta!("02", ""),
+    set_remove_delta!("02", ""),
+];
+const V2_SET_FIELD: &str = set_field!("02");
+const V2_DOCUMENT: &str = document!("02", "");
 
 // Format 1, as written before sets changed: still read (stored snapshots, outboxes).
 const V1_SET_ADD_DELTA: &str = concat!(
@@ -208,7 +297,7 @@ const V1_DOCUMENT: &str = concat!(
     a!(),
     "04",
     "0000",
-    doc_clocks_and_first_deltas!(),
+    doc_clocks_and_first_deltas!(""),
     "0404746167730301040472757374",
     "01",
     a!(),
@@ -376,8 +465,38 @@ fn format_1_sets_deltas_and_documents_still_decode_to_what_they_were() {
     );
     let back = Document::decode(&bytes(V1_DOCUMENT), DocConfig::default()).unwrap();
     assert_eq!(back, doc);
-    // Written again, they are format 2.
+    // Written again, they are this build's format.
     assert_golden(&back.encode(), DOCUMENT);
+}
+
+#[test]
+fn format_2_deltas_and_documents_still_decode_to_what_they_were() {
+    let (doc, deltas) = history();
+    let written = [&deltas[0], &deltas[1], &deltas[2], &deltas[3], &deltas[5]];
+    for (v2, d) in V2_DELTAS.iter().zip(written) {
+        let back = Delta::decode(&bytes(v2)).unwrap();
+        assert_eq!(&back, d);
+        assert_eq!(back.first(), d.dot.seq, "a format-2 delta is one write");
+    }
+    assert_eq!(
+        codec::decode::<Field>(tag::FIELD, &bytes(V2_SET_FIELD)),
+        codec::decode::<Field>(tag::FIELD, &bytes(SET_FIELD))
+    );
+    let back = Document::decode(&bytes(V2_DOCUMENT), DocConfig::default()).unwrap();
+    assert_eq!(back, doc);
+    assert_golden(&back.encode(), DOCUMENT);
+}
+
+#[test]
+fn a_run_encodes_its_length_after_the_payload() {
+    let mut doc = Document::new(A);
+    doc.increment("likes", 2).unwrap();
+    doc.increment("likes", 3).unwrap();
+    let run = doc.deltas_since(&VersionVector::new()).unwrap()[0].clone();
+    // Dot (A, 2), "likes", the counter at 5, then one earlier dot.
+    let golden = concat!("0203", a!(), "02", "056c696b6573", "00", "01", a!(), "05", "01");
+    assert_golden(&run.encode(), golden);
+    assert_eq!(Delta::decode(&bytes(golden)), Ok(run));
 }
 
 #[test]

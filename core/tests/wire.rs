@@ -1,11 +1,12 @@
 //! The compact `Deltas` body (core/src/sync/batch.rs): any batch a set of replicas can
 //! produce decodes to the same dots and keys, applies to the same state, and is exactly
-//! what was sent wherever no run of superseding writes was joined; any mutation of a valid
+//! what was sent wherever no run of superseding writes was joined (a run arrives as one
+//! delta standing for its dots); any mutation of a valid
 //! frame decodes to an error or to a batch whose encoding is stable.
 
 use concord_core::sync::msg::Deltas;
 use concord_core::sync::Msg;
-use concord_core::{Delta, Document, Field, ReplicaId, Value};
+use concord_core::{Delta, Document, Dot, Field, ReplicaId, Value};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
@@ -111,6 +112,13 @@ fn applied(ds: &[Delta]) -> Document {
     doc
 }
 
+/// Every dot the deltas stand for (a run stands for several), with its key.
+fn dots(ds: &[Delta]) -> Vec<(Dot, String)> {
+    ds.iter()
+        .flat_map(|d| (d.first()..=d.dot.seq).map(move |q| (Dot::new(d.dot.replica, q), d.key.clone())))
+        .collect()
+}
+
 /// Whether `d` could have been joined into a run: a counter or register write by the
 /// dot's own replica.
 fn joinable(d: &Delta) -> bool {
@@ -132,14 +140,16 @@ proptest! {
             let m = Msg::Deltas(Deltas { doc: "doc/é".into(), deltas: sent.clone() });
             let back = round_trip(&m);
             let got = deltas(&back);
-            prop_assert_eq!(got.len(), sent.len());
-            for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
-                prop_assert_eq!((g.dot, &g.key), (s.dot, &s.key));
-                // A delta arrives as sent, or — inside a run — with the run's last payload,
-                // which is a later write of the same replica to the same key.
-                if g != s {
+            prop_assert_eq!(dots(got), dots(&sent));
+            for g in got {
+                // A delta arrives as sent, or as a run standing for consecutive writes of
+                // one replica to one key, with the last one's payload.
+                let s = sent.iter().find(|s| s.dot == g.dot).expect("a sent dot");
+                if g.is_run() {
                     prop_assert!(joinable(s));
-                    prop_assert!(sent[i + 1..].iter().any(|later| later.key == s.key && later.payload == g.payload));
+                    prop_assert_eq!(&g.payload, &s.payload);
+                } else {
+                    prop_assert_eq!(g, s);
                 }
             }
             prop_assert!(applied(got) == applied(&sent), "same state after applying");
@@ -170,7 +180,7 @@ proptest! {
 }
 
 #[test]
-fn a_thousand_clicks_on_one_counter_travel_as_one_item_and_apply_as_a_thousand_dots() {
+fn a_thousand_clicks_on_one_counter_travel_and_arrive_as_one_run() {
     let mut doc = Document::new(ReplicaId(0xfeed));
     let mut sent: Vec<Delta> = (0..1000).map(|_| doc.increment("likes", 1).unwrap()).collect();
     sent.extend(
@@ -181,7 +191,8 @@ fn a_thousand_clicks_on_one_counter_travel_as_one_item_and_apply_as_a_thousand_d
     assert!(bytes.len() < 40, "{} bytes", bytes.len());
     let back = round_trip(&m);
     let got = deltas(&back);
-    assert_eq!(got.len(), 1010);
+    let spans: Vec<(u64, u64)> = got.iter().map(|d| (d.first(), d.dot.seq)).collect();
+    assert_eq!(spans, [(1, 1000), (1001, 1010)]);
     let peer = applied(got);
     assert_eq!(peer.counter("likes"), 1000);
     assert_eq!(peer.register("title").map(|(v, _)| v), Some(&Value::Int(9)));
@@ -190,13 +201,30 @@ fn a_thousand_clicks_on_one_counter_travel_as_one_item_and_apply_as_a_thousand_d
 }
 
 #[test]
-fn a_run_longer_than_the_batch_limit_is_refused() {
-    // doc "", one replica, one key "k", one item: count, RUN with 10,000 extra dots.
+fn a_long_run_is_one_delta_and_runs_of_sets_or_past_the_last_sequence_are_refused() {
+    // doc "", one replica, one key "k", one item: count 5, RUN with 10,000 extra dots.
     let body = [0x00, 0x01, 0x07, 0x01, 0x01, b'k', 0x01, 0x01 | 0x08 | 0x20, 0x00, 0x90, 0x4e, 0x05];
     let mut frame = vec![concord_core::sync::msg::tag::DELTAS];
     frame.extend(body);
-    let err = Msg::decode(&frame).unwrap_err().to_string();
-    assert!(err.contains("too many deltas"), "{err}");
+    let m = Msg::decode(&frame).unwrap();
+    let got = deltas(&m);
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].first(), got[0].dot.seq), (1, 10_001));
+    let peer = applied(got);
+    assert_eq!((peer.counter("k"), peer.version().get(ReplicaId(7))), (5, 10_001));
+    // The same item as a set add: refused.
+    let mut set = frame.clone();
+    set[8] = 0x05 | 0x08 | 0x20;
+    set.truncate(set.len() - 1);
+    set.extend([0x02, 0x02]); // the element: Int 1
+    let err = Msg::decode(&set).unwrap_err().to_string();
+    assert!(err.contains("runs"), "{err}");
+    // A run past u64::MAX: refused.
+    let mut far = vec![concord_core::sync::msg::tag::DELTAS];
+    far.extend([0x00, 0x01, 0x07, 0x01, 0x01, b'k', 0x01, 0x01 | 0x08 | 0x20, 0x00]);
+    far.extend([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x05]);
+    let err = Msg::decode(&far).unwrap_err().to_string();
+    assert!(err.contains("last sequence"), "{err}");
 }
 
 #[test]

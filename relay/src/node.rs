@@ -90,13 +90,13 @@ pub(crate) struct DocEntry {
     inflight: u64,
     /// Connections that resent deltas already applied but not yet durable, with their
     /// dots: acked once those are durable (or, failing that, when no write is in flight).
-    ack_waiters: Vec<(u64, Vec<Dot>)>,
+    ack_waiters: Vec<(u64, Vec<Span>)>,
     pub(crate) members: BTreeSet<u64>,
     last_used: u64,
 }
 
 struct WaitingWrite {
-    dots: Vec<Dot>,
+    dots: Vec<Span>,
     conn: u64,
     quorum: WriteQuorum,
     deadline: Instant,
@@ -170,11 +170,35 @@ pub struct NodeConn {
     uncommitted: Arc<Semaphore>,
 }
 
+/// The dots one delta stands for: `first..=dot.seq` of `dot.replica` (a run of writes to
+/// one counter or register travels as one delta, [`Delta::run`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Span {
+    dot: Dot,
+    first: u64,
+}
+
+impl Span {
+    fn of(d: &Delta) -> Span {
+        Span { dot: d.dot, first: d.first() }
+    }
+
+    /// Whether `ctx` has seen all of it.
+    fn seen_in(self, ctx: &CausalContext) -> bool {
+        ctx.contains_run(self.dot.replica, self.first, self.dot.seq)
+    }
+
+    /// Records all of it in `ctx`.
+    fn record_in(self, ctx: &mut CausalContext) {
+        ctx.insert_run(self.dot.replica, self.first, self.dot.seq);
+    }
+}
+
 /// A write this frame must make durable before acking.
 struct Pending {
     doc: String,
     ops: Vec<WriteOp>,
-    dots: Vec<Dot>,
+    dots: Vec<Span>,
     absorb: Option<VersionVector>,
     /// Ack the writer once locally durable (standalone, or a replica write from a peer).
     ack_local: bool,
@@ -509,10 +533,10 @@ impl Node {
         // Kept in case nothing is new (a retry): the dots, and in a cluster the deltas
         // themselves, to send them to the replicas again.
         let coordinator = self.inner.cluster.is_some() && c.peer.is_none();
-        let retry: Option<(String, Vec<Dot>, Vec<Delta>)> = match &msg {
+        let retry: Option<(String, Vec<Span>, Vec<Delta>)> = match &msg {
             Msg::Deltas(d) => Some((
                 d.doc.clone(),
-                d.deltas.iter().map(|d| d.dot).collect(),
+                d.deltas.iter().map(Span::of).collect(),
                 if coordinator { d.deltas.clone() } else { Vec::new() },
             )),
             _ => None,
@@ -577,7 +601,7 @@ impl Node {
                     }
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     e.inflight += 1;
-                    let dots: Vec<Dot> = deltas.iter().map(|d| d.dot).collect();
+                    let dots: Vec<Span> = deltas.iter().map(Span::of).collect();
                     if coordinator {
                         self.start_quorum(&doc, e, id, dots.clone(), links);
                         // The targets may have changed since the client subscribed (a node
@@ -644,11 +668,11 @@ impl Node {
         if let (false, Some((doc, dots, deltas))) = (applied_any, retry) {
             if let Some(e) = docs.get_mut(&doc) {
                 if coordinator {
-                    let missing: Vec<Dot> = dots.into_iter().filter(|d| !e.quorum.contains(*d)).collect();
+                    let missing: Vec<Span> = dots.into_iter().filter(|d| !d.seen_in(&e.quorum)).collect();
                     if !missing.is_empty() {
                         self.start_quorum(&doc, e, id, missing.clone(), links);
                         let resend: Vec<Delta> =
-                            deltas.iter().filter(|d| missing.contains(&d.dot)).cloned().collect();
+                            deltas.iter().filter(|d| missing.contains(&Span::of(d))).cloned().collect();
                         for link in links.values() {
                             if let Some(o) = conns.get_mut(link) {
                                 for msg in o.session.resend(&doc, &resend) {
@@ -661,7 +685,7 @@ impl Node {
                     if missing.is_empty() {
                         self.send(&c.out, &c.session.ack(&doc, &e.quorum.vv));
                     }
-                } else if e.inflight == 0 || dots.iter().all(|d| e.durable.contains(*d)) {
+                } else if e.inflight == 0 || dots.iter().all(|d| d.seen_in(&e.durable)) {
                     self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
                 } else {
                     e.ack_waiters.push((id, dots));
@@ -709,7 +733,7 @@ impl Node {
         doc: &str,
         e: &mut DocEntry,
         conn: u64,
-        dots: Vec<Dot>,
+        dots: Vec<Span>,
         links: &HashMap<String, u64>,
     ) {
         let Some(cluster) = &self.inner.cluster else { return };
@@ -719,7 +743,7 @@ impl Node {
             write_targets(&walk_refs, cluster.n, |node| node == cluster.me || cluster.is_up(node, links));
         let mut quorum = WriteQuorum::new(cluster.w, targets);
         for (peer, vv) in &e.peer_acks {
-            if dots.iter().all(|d| vv.contains(*d)) {
+            if dots.iter().all(|d| vv.contains(d.dot)) {
                 quorum.ack(peer);
             }
         }
@@ -746,12 +770,12 @@ impl Node {
         for (i, w) in e.waiting.iter_mut().enumerate() {
             match acker {
                 Some(peer) => {
-                    if e.peer_acks.get(peer).is_some_and(|vv| w.dots.iter().all(|d| vv.contains(*d))) {
+                    if e.peer_acks.get(peer).is_some_and(|vv| w.dots.iter().all(|d| vv.contains(d.dot))) {
                         w.quorum.ack(peer);
                     }
                 }
                 None => {
-                    if w.dots.iter().all(|d| e.durable.contains(*d)) {
+                    if w.dots.iter().all(|d| d.seen_in(&e.durable)) {
                         w.quorum.ack(&cluster.me);
                     }
                 }
@@ -765,7 +789,7 @@ impl Node {
             self.inner.owner_acks.fetch_add(w.quorum.owner_acks() as u64, Ordering::Relaxed);
             self.inner.fallback_acks.fetch_add(w.quorum.fallback_acks() as u64, Ordering::Relaxed);
             for d in &w.dots {
-                e.quorum.insert(*d);
+                d.record_in(&mut e.quorum);
             }
             if let Some(c) = conns.get(&w.conn) {
                 self.send(&c.out, &c.session.ack(doc, &e.quorum.vv));
@@ -881,7 +905,7 @@ impl Node {
                 match &res {
                     Ok(()) => {
                         for d in &p.dots {
-                            e.durable.insert(*d);
+                            d.record_in(&mut e.durable);
                         }
                         if let Some(vv) = &p.absorb {
                             e.durable.absorb(vv);
@@ -890,7 +914,7 @@ impl Node {
                             let idle = e.inflight == 0;
                             let durable = &e.durable;
                             e.ack_waiters.retain(|(w, dots)| {
-                                let done = idle || dots.iter().all(|d| durable.contains(*d));
+                                let done = idle || dots.iter().all(|d| d.seen_in(durable));
                                 if done {
                                     acks.push((*w, p.doc.clone()));
                                 }
@@ -901,7 +925,7 @@ impl Node {
                         if p.ack_local {
                             if self.inner.cluster.is_none() {
                                 for d in &p.dots {
-                                    e.quorum.insert(*d);
+                                    d.record_in(&mut e.quorum);
                                 }
                             }
                         } else {

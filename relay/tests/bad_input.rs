@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::{raw_ws, tempdir, Client, Relay};
 use concord_core::sync::msg::{Deltas, Hello};
 use concord_core::sync::{ErrorCode, Msg};
-use concord_core::{Document, ReplicaId};
+use concord_core::{Delta, Document, Dot, ReplicaId};
 use concord_relay::auth::{self, Access, Claims};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -97,8 +97,8 @@ async fn an_invalid_delta_is_rejected_and_nothing_of_it_is_persisted() {
     assert!(c.pump_until(T, |c| c.synced.contains("doc")).await);
     // A delta with sequence 0 breaks an invariant.
     let mut d = Document::new(ReplicaId(1));
-    let mut bad = d.increment("n", 5).unwrap();
-    bad.body_mut().dot.seq = 0;
+    let good = d.increment("n", 5).unwrap();
+    let bad = Delta::new(Dot::new(good.dot.replica, 0), good.key.clone(), good.payload.clone());
     c.send_raw(Msg::Deltas(Deltas { doc: "doc".into(), deltas: vec![bad] }).encode()).await;
     assert!(c.pump_until(T, |c| has_error(c, ErrorCode::INVALID)).await);
     let mut r = Client::new(77);

@@ -24,15 +24,15 @@
 //!   write's with the counter one up — a replica's writes within one millisecond, since
 //!   protocol 3) and the value; a set add/remove is the element and the
 //!   dots it retires (`SHORT`: none). Anything else is the whole field.
-//! - **Runs**: consecutive deltas of one replica to one counter or register (a user
-//!   clicking "+1" a thousand times) are one item with `RUN` and `extra` more dots. Each
-//!   write of a counter or register by its own replica supersedes the previous one (a
-//!   counter delta is the replica's new total; a later write has a later clock), so every
-//!   dot of the run is sent with the last one's payload: the receiver applies, logs and
-//!   forwards each dot as usual and ends in the same state. This is the delta-interval
-//!   join of Almeida et al., "Delta State Replicated Data Types" (2018), §5, applied to
-//!   one key; sets are never joined this way (their deltas carry causal context). A
-//!   batch expands to at most [`MAX_BATCH_DOTS`] dots when it uses runs.
+//! - **Runs**: a [`Delta::run`] (a document's log joins a replica's consecutive writes to
+//!   one counter or register: a user clicking "+1" a thousand times), and consecutive
+//!   deltas of one replica to one counter or register, are one item with `RUN` and
+//!   `extra` more dots before the last. Each write of a counter or register by its own
+//!   replica supersedes the previous one (a counter delta is the replica's new total; a
+//!   later write has a later clock), so the run travels with the last payload and is
+//!   decoded as one [`Delta::run`]: the delta-interval of Almeida et al., "Delta State
+//!   Replicated Data Types" (2018), §5, applied to one key. Sets are never joined this
+//!   way (their deltas carry causal context).
 //!
 //! Values and whole fields inside use the codec's encoding, which bounds nesting depth.
 //! Decoding never panics and never allocates more than a small multiple of the input: a
@@ -51,10 +51,6 @@ use crate::{Crdt, GCounter, PnCounter};
 
 /// Longest prefix a key may share with the previous key of the table.
 const MAX_SHARED: usize = 63;
-
-/// Most deltas in one batch that may use runs, so a small frame cannot make the receiver
-/// build an unbounded number of deltas (a batch without runs spends bytes on every delta).
-pub(crate) const MAX_BATCH_DOTS: usize = 4096;
 
 const KIND_FULL: u8 = 0;
 const KIND_COUNT: u8 = 1;
@@ -171,7 +167,7 @@ fn supersedes(kind: u8) -> bool {
 /// replica, next dot, same key, and the same superseding kind.
 fn continues((a, pa, ka): (&Delta, &Payload, usize), (b, pb, kb): (&Delta, &Payload, usize)) -> bool {
     b.dot.replica == a.dot.replica
-        && Some(b.dot.seq) == a.dot.seq.checked_add(1)
+        && Some(b.first()) == a.dot.seq.checked_add(1)
         && ka == kb
         && supersedes(pb.kind())
         && pa.kind() == pb.kind()
@@ -343,18 +339,16 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
         prev = k;
     }
 
-    // Items: runs of superseding deltas become one item (when the batch is small enough).
+    // Items: runs of superseding deltas become one item.
     let mut payloads: Vec<Payload> = ds.iter().map(compact).collect();
     let mut items: Vec<(usize, usize)> = Vec::with_capacity(ds.len());
     let mut i = 0;
     while i < ds.len() {
         let mut j = i + 1;
-        if ds.len() <= MAX_BATCH_DOTS {
-            while j < ds.len()
-                && continues((&ds[j - 1], &payloads[j - 1], key_of[j - 1]), (&ds[j], &payloads[j], key_of[j]))
-            {
-                j += 1;
-            }
+        while j < ds.len()
+            && continues((&ds[j - 1], &payloads[j - 1], key_of[j - 1]), (&ds[j], &payloads[j], key_of[j]))
+        {
+            j += 1;
         }
         items.push((i, j - i));
         i = j;
@@ -369,7 +363,8 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
     for (first, len) in items {
         let d = &ds[first + len - 1];
         let r = replicas.iter().position(|x| *x == d.dot.replica).unwrap_or(0);
-        let gap = ds[first].dot.seq.wrapping_sub(last_seq[r]);
+        let start = ds[first].first();
+        let gap = start.wrapping_sub(last_seq[r]);
         last_seq[r] = d.dot.seq;
         let next = r == cur && gap == 1;
         cur = r;
@@ -380,7 +375,7 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
             if ms == millis && c > 0 && counter == Some(c - 1));
         let flags = if next { NEXT_DOT } else { 0 }
             | if short { SHORT } else { 0 }
-            | if len > 1 { RUN } else { 0 }
+            | if d.dot.seq > start { RUN } else { 0 }
             | if next_time { NEXT_TIME } else { 0 };
         out.push(kind | flags);
         if !next {
@@ -388,8 +383,8 @@ pub(super) fn encode(m: &Deltas, out: &mut Vec<u8>) {
             put_varint(out, gap);
         }
         put_varint(out, key_of[first + len - 1] as u64);
-        if len > 1 {
-            put_varint(out, (len - 1) as u64);
+        if d.dot.seq > start {
+            put_varint(out, d.dot.seq - start);
         }
         match payload {
             Payload::Full(f) => f.put(out),
@@ -450,9 +445,8 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
     let n = r.count()?;
     // Keys are filled in at the end (`key_of` holds each delta's key index), moved into
     // the last delta that uses them (most keys occur once in a batch), cloned for others.
-    let mut parts: Vec<(Dot, Field)> = Vec::with_capacity(n);
+    let mut parts: Vec<(u64, Dot, Field)> = Vec::with_capacity(n);
     let mut key_of: Vec<usize> = Vec::with_capacity(n);
-    let max_dots = MAX_BATCH_DOTS.max(body.len());
     let mut last_seq = vec![0u64; replicas.len()];
     let mut cur = 0usize;
     // The time of the batch's previous register write is (`millis`, `counter`).
@@ -474,17 +468,13 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
             usize::try_from(r.varint()?).ok().filter(|&k| k < keys.len()).ok_or("key index out of range")?;
         let extra = if head & RUN != 0 { r.varint()? } else { 0 };
         let last = seq.checked_add(extra).ok_or("run passes the last sequence number")?;
-        let run = usize::try_from(extra).ok().and_then(|e| e.checked_add(1)).unwrap_or(usize::MAX);
-        if run > max_dots - parts.len().min(max_dots) {
-            return Err("batch expands to too many deltas");
-        }
         last_seq[idx] = last;
         cur = idx;
         let kind = head & KIND_MASK;
-        if extra > 0 && !supersedes(kind) {
+        if extra > 0 && !(supersedes(kind) || kind == KIND_FULL) {
             return Err("only counter and register writes form runs");
         }
-        // Every dot of a run carries the run's last payload (see the module docs).
+        // A run carries its last (joined) payload (see the module docs).
         let own = replicas[idx];
         let dot = Dot::new(own, last);
         let field = match kind {
@@ -519,13 +509,10 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
             }
             _ => return Err("unknown delta kind"),
         };
-        parts.reserve(run);
-        key_of.reserve(run);
-        for q in seq..last {
-            parts.push((Dot::new(own, q), field.clone()));
-            key_of.push(key);
+        if extra > 0 && matches!(field, Field::Set(_)) {
+            return Err("only counter and register writes form runs");
         }
-        parts.push((dot, field));
+        parts.push((seq, dot, field));
         key_of.push(key);
     }
     if !r.is_empty() {
@@ -536,9 +523,9 @@ pub(super) fn decode(body: &[u8]) -> R<Deltas> {
         last_use[k] = i;
     }
     let mut deltas = Vec::with_capacity(parts.len());
-    for (i, ((dot, payload), &k)) in parts.into_iter().zip(&key_of).enumerate() {
+    for (i, ((first, dot, payload), &k)) in parts.into_iter().zip(&key_of).enumerate() {
         let key = if last_use[k] == i { std::mem::take(&mut keys[k]) } else { keys[k].clone() };
-        deltas.push(Delta::new(dot, key, payload));
+        deltas.push(Delta::run(first, dot, key, payload));
     }
     Ok(Deltas { doc, deltas })
 }
@@ -668,10 +655,27 @@ mod tests {
                 let mut out = Vec::new();
                 encode(&m, &mut out);
                 assert!(size_bound(&m.doc, &m.deltas) >= out.len(), "{n} deltas from {start}");
-                // Runs arrive with their last payload: compare dots and keys.
+                // Runs arrive as one delta with the last payload: compare the dots they
+                // stand for, with their keys, and what applying them makes.
                 let back = decode(&out).unwrap();
-                let names = |ds: &[Delta]| ds.iter().map(|d| (d.dot, d.key.clone())).collect::<Vec<_>>();
+                let names =
+                    |ds: &[Delta]| {
+                        ds.iter()
+                            .flat_map(|d| d.first()..=d.dot.seq)
+                            .zip(ds.iter().flat_map(|d| {
+                                (d.first()..=d.dot.seq).map(|_| (d.dot.replica, d.key.clone()))
+                            }))
+                            .collect::<Vec<_>>()
+                    };
                 assert_eq!(names(&back.deltas), names(&m.deltas));
+                let applied = |ds: Vec<Delta>| {
+                    let mut doc = crate::Document::new(ReplicaId(99));
+                    for d in ds {
+                        doc.apply(d).unwrap();
+                    }
+                    doc.to_value()
+                };
+                assert_eq!(applied(back.deltas), applied(m.deltas.clone()));
             }
         }
     }

@@ -14,11 +14,12 @@ use crate::vv::{CausalContext, VersionVector};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks (3: `Deltas` items may carry `NEXT_TIME`; 4:
-/// sets in format 2, see [`crate::codec::FORMAT_VERSION`]).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// sets in format 2, see [`crate::codec::FORMAT_VERSION`]; 5: a `Deltas` item with `RUN`
+/// is one [`Delta::run`], and may be a whole field).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The oldest protocol version this build still speaks: frames are encoded one way, so a
 /// peer must read every flag this build writes.
-pub const MIN_PROTOCOL_VERSION: u16 = 4;
+pub const MIN_PROTOCOL_VERSION: u16 = 5;
 /// Longest document id accepted.
 pub const MAX_DOC_ID: usize = 512;
 

@@ -449,7 +449,7 @@ impl Session {
         let mut send = Vec::new();
         for d in deltas {
             if !st.peer_has.contains(d.dot) {
-                st.peer_has.insert(d.dot);
+                st.peer_has.insert_run(d.dot.replica, d.first(), d.dot.seq);
                 send.push(d.clone());
             }
         }
@@ -465,7 +465,7 @@ impl Session {
         match self.docs.get_mut(doc_id) {
             Some(st) if st.they_subscribed && !deltas.is_empty() => {
                 for d in deltas {
-                    st.peer_has.insert(d.dot);
+                    st.peer_has.insert_run(d.dot.replica, d.first(), d.dot.seq);
                 }
                 chunk_deltas(doc_id, deltas.to_vec(), self.config.max_frame)
             }
@@ -519,7 +519,7 @@ impl Session {
                 continue;
             }
             for x in &deltas {
-                st.peer_has.insert(x.dot);
+                st.peer_has.insert_run(x.dot.replica, x.first(), x.dot.seq);
             }
             out.extend(chunk_deltas(&d, deltas, self.config.max_frame));
         }
@@ -659,7 +659,7 @@ impl Session {
         let Some(st) = self.docs.get_mut(&m.doc) else { unreachable!("inserted above") };
         let mut applied = Vec::with_capacity(m.deltas.len());
         for d in m.deltas {
-            st.peer_has.insert(d.dot);
+            st.peer_has.insert_run(d.dot.replica, d.first(), d.dot.seq);
             doc.apply_checked(d, &mut applied);
         }
         let covered = |vv: &VersionVector| vv.le(doc.version());
@@ -1024,22 +1024,10 @@ fn start_transfer(doc: &mut Document, doc_id: &str, exchange: u64, cfg: &Session
 
 /// [`split`] for deltas, without cloning them to measure: a batch whose size bound fits
 /// (the usual case) goes as one message without being encoded here; only a batch over
-/// the bound is encoded to measure. Batches hold at most `MAX_BATCH_DOTS` deltas, so runs
-/// of superseding writes always travel as runs.
+/// the bound is encoded to measure.
 fn chunk_deltas(doc_id: &str, deltas: Vec<Delta>, max: usize) -> Vec<Msg> {
     if deltas.is_empty() {
         return Vec::new();
-    }
-    // Batches small enough to join runs of superseding writes (see `batch`).
-    if deltas.len() > super::batch::MAX_BATCH_DOTS {
-        let mut out = Vec::new();
-        let mut rest = deltas;
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(super::batch::MAX_BATCH_DOTS));
-            out.extend(chunk_deltas(doc_id, rest, max));
-            rest = tail;
-        }
-        return out;
     }
     // The tag byte, then the body.
     let bound = 1 + super::batch::size_bound(doc_id, &deltas);
