@@ -495,13 +495,23 @@ struct DeltaLog {
 }
 
 impl DeltaLog {
+    /// Appends `d`, or extends the run it continues (see [`extend_run`]).
     fn push(&mut self, d: Delta, capacity: usize) {
+        self.push_with(d, capacity, true);
+    }
+
+    /// Appends `d` as an entry of its own (a stored log is read back as it was written).
+    fn push_stored(&mut self, d: Delta, capacity: usize) {
+        self.push_with(d, capacity, false);
+    }
+
+    fn push_with(&mut self, d: Delta, capacity: usize, join: bool) {
         let r = d.dot.replica;
         if let Some(last) = self.by_replica.get_mut(&r).and_then(VecDeque::back_mut) {
             if last.dot.seq >= d.dot.seq {
                 return; // only a corrupt stored log could get here: keep each queue ascending
             }
-            if let Some(run) = extend_run(last, &d) {
+            if let Some(run) = extend_run(last, &d).filter(|_| join) {
                 *last = run;
                 return;
             }
@@ -527,6 +537,23 @@ impl DeltaLog {
         self.order.push_back(r);
     }
 
+    /// Makes this replica's next write (`dot`, `key`, `payload`) the new end of the run
+    /// that ends `dot.replica`'s queue, in place, when that run is the same key's, is
+    /// subsumed by the payload and is held by no one else (a replica clicking one
+    /// counter: no allocation per write). Returns the write as a delta of its own, sharing
+    /// the run's body, having taken the payload; else leaves `payload` as it was.
+    fn extend_local(&mut self, dot: Dot, key: &str, payload: &mut Option<Field>) -> Option<Delta> {
+        let last = self.by_replica.get_mut(&dot.replica).and_then(VecDeque::back_mut)?;
+        let p = payload.as_ref()?;
+        if last.dot.seq.checked_add(1) != Some(dot.seq) || last.key != key || !subsumes(&last.payload, p) {
+            return None;
+        }
+        let body = Arc::get_mut(&mut last.body)?;
+        body.dot = dot;
+        body.payload = payload.take()?;
+        Some(Delta { body: last.body.clone(), first: dot.seq })
+    }
+
     /// The logged deltas of `r` with a sequence in `from + 1..=to`, ascending.
     fn range(&self, r: ReplicaId, from: u64, to: u64) -> impl Iterator<Item = &Delta> {
         self.by_replica.get(&r).into_iter().flat_map(move |q| {
@@ -550,21 +577,24 @@ impl DeltaLog {
     }
 }
 
-/// `last` and `next` as one run, when `next` continues `last` and subsumes it: the
-/// following dot of the same replica, the same key, and a counter or register whose
-/// payload is at least `last`'s (each write of a counter or register by its own replica
-/// is; a PN-counter's decrement after an increment is not, and stays its own entry).
-fn extend_run(last: &Delta, next: &Delta) -> Option<Delta> {
-    if next.first != last.dot.seq + 1 || next.key != last.key {
-        return None;
-    }
-    let subsumes = match (&last.payload, &next.payload) {
+/// Whether `later` holds everything `earlier` does, both being writes of one replica to
+/// one counter or register (each such write does; a PN-counter's decrement after an
+/// increment does not, and stays an entry of its own).
+fn subsumes(earlier: &Field, later: &Field) -> bool {
+    match (earlier, later) {
         (Field::Counter(a), Field::Counter(b)) => a.le(b),
         (Field::PnCounter(a), Field::PnCounter(b)) => a.le(b),
         (Field::Register(a), Field::Register(b)) => a.timestamp() <= b.timestamp(),
         _ => false,
-    };
-    subsumes.then(|| Delta { body: next.body.clone(), first: last.first })
+    }
+}
+
+/// `last` and `next` as one run, when `next` continues `last` (the following dot of the
+/// same replica, the same key) and subsumes it.
+fn extend_run(last: &Delta, next: &Delta) -> Option<Delta> {
+    let continues = next.first == last.dot.seq + 1 && next.key == last.key;
+    (continues && subsumes(&last.payload, &next.payload))
+        .then(|| Delta { body: next.body.clone(), first: last.first })
 }
 
 /// A named collection of CRDT fields with its version vector and delta log.
@@ -747,7 +777,18 @@ impl Document {
     }
 
     fn commit_local(&mut self, key: &str, payload: Field) -> Delta {
-        let delta = Delta::new(self.next_dot(), key, payload);
+        let dot = self.next_dot();
+        let mut payload = Some(payload);
+        if self.config.log_capacity > 0 {
+            if let Some(delta) = self.log.extend_local(dot, key, &mut payload) {
+                self.join_delta(&delta);
+                return delta;
+            }
+        }
+        let Some(payload) = payload else {
+            unreachable!("extend_local takes the payload only when it succeeds")
+        };
+        let delta = Delta::new(dot, key, payload);
         self.apply_now(delta.clone());
         delta
     }
@@ -914,8 +955,14 @@ impl Document {
         n
     }
 
-    /// Joins a delta that is next in sequence.
+    /// Joins a delta that is next in sequence, and logs it.
     fn apply_now(&mut self, delta: Delta) {
+        self.join_delta(&delta);
+        self.log.push(delta, self.config.log_capacity);
+    }
+
+    /// Joins a delta that is next in sequence into the fields and clocks.
+    fn join_delta(&mut self, delta: &Delta) {
         let none = CausalContext::default();
         let their_ctx = match &delta.payload {
             Field::Set(s) => s.context(),
@@ -930,7 +977,6 @@ impl Document {
         self.vv.raise(delta.dot.replica, delta.dot.seq);
         self.ctx.merge(their_ctx);
         self.ctx.insert_run(delta.dot.replica, delta.first, delta.dot.seq);
-        self.log.push(delta, self.config.log_capacity);
     }
 
     fn join_field(&mut self, key: &str, theirs: &Field, their_ctx: &CausalContext) {
@@ -1254,7 +1300,7 @@ impl Document {
         doc.log.floor = r.log_floor;
         for d in r.log {
             d.validate()?;
-            doc.log.push(d, config.log_capacity);
+            doc.log.push_stored(d, config.log_capacity);
         }
         for d in r.pending {
             d.validate()?;
