@@ -179,3 +179,42 @@ async fn pipelined_writers_lose_no_acked_write_to_kill_9() {
         assert_eq!(r.docs[doc].counter("n"), N, "{doc}");
     }
 }
+
+/// The relay's `/metrics` body.
+async fn metrics(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf
+}
+
+fn metric(body: &str, name: &str) -> Option<u64> {
+    let line = body.lines().find(|l| l.starts_with(&format!("{name} ")))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+async fn a_thousand_offline_clicks_are_one_stored_delta_on_the_relay_and_reach_readers_whole() {
+    let dir = tempdir("runs");
+    let relay = Relay::start(&dir, &[]);
+    let mut a = Client::new(1);
+    a.open("doc").await;
+    for _ in 0..1000 {
+        a.doc("doc").increment("likes", 1).unwrap(); // offline: nothing is sent
+    }
+    a.connect(relay.addr, None).await;
+    assert!(a.pump_until(T, |c| c.all_acked("doc")).await, "all 1,000 dots acked");
+    let m = metrics(relay.addr).await;
+    assert_eq!(metric(&m, "concord_deltas_persisted_total"), Some(1), "{m}");
+
+    let mut b = Client::new(2);
+    b.open("doc").await;
+    b.connect(relay.addr, None).await;
+    assert!(b.pump_until(T, |c| c.synced.contains("doc")).await);
+    let doc = &b.docs["doc"];
+    assert_eq!((doc.counter("likes"), doc.version()), (1000, a.docs["doc"].version()));
+    let log = doc.deltas_since(&concord_core::VersionVector::new()).unwrap();
+    assert_eq!(log.iter().map(|d| (d.first(), d.dot.seq)).collect::<Vec<_>>(), [(1, 1000)]);
+}
