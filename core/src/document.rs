@@ -910,7 +910,11 @@ impl Document {
         // Next in sequence, or a run that reaches back to it (the part already seen is
         // cut off: joining it again would change nothing).
         if delta.first > have + 1 {
-            if self.pending.contains_key(&dot) {
+            if let Some(held) = self.pending.get_mut(&dot) {
+                // The same last dot: keep the run that reaches further back.
+                if delta.first < held.first {
+                    *held = delta;
+                }
                 return Applied::Buffered;
             }
             if self.pending.len() >= self.config.pending_capacity {

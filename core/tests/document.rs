@@ -392,6 +392,13 @@ fn a_buffered_run_waits_for_its_gap_and_overlapping_runs_drain_in_order() {
     assert_eq!(b.apply(run(6, 9)), Ok(Applied::Buffered));
     assert_eq!(b.apply(run(4, 12)), Ok(Applied::Buffered));
     assert_eq!(b.apply(run(3, 5)), Ok(Applied::Buffered), "a covered entry, dropped on drain");
+    assert_eq!(b.apply(run(8, 12)), Ok(Applied::Buffered), "the same last dot: the longer run is kept");
+    assert_eq!(b.pending_len(), 3);
+    let mut c = Document::new(C);
+    assert_eq!(c.apply(run(8, 12)), Ok(Applied::Buffered));
+    assert_eq!(c.apply(run(4, 12)), Ok(Applied::Buffered), "replaces the shorter run of the same end");
+    assert_eq!(c.apply(run(1, 3)), Ok(Applied::Applied(1)));
+    assert_eq!((c.counter("likes"), c.pending_len()), (12, 0));
     assert_eq!(b.counter("likes"), 0);
     // 1..=2 arrives: 3..=5, then 6..=9, then the rest of 4..=12 (10..=12) apply.
     let mut applied = Vec::new();
