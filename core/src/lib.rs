@@ -11,7 +11,9 @@
 //!   Mutators return deltas; `merge` is the lattice join.
 //! - [`value`]: the JSON-compatible values registers and sets hold.
 //! - [`document`]: named CRDT fields, a version vector, a bounded delta log, buffering of
-//!   out-of-order deltas, and the amnesia guard.
+//!   out-of-order deltas, and the amnesia guard. A replica's consecutive writes to one
+//!   counter or register are one delta, a run standing for all their dots
+//!   ([`Delta::run`]), in the log, on the wire, in storage and when applied.
 //! - [`codec`]: the tagged, versioned binary encoding (postcard inside).
 //! - [`hash`]: stable hashes for Merkle trees and the ring.
 //! - [`docset`]: the document-set Merkle tree (`document id -> version digest`) relays
