@@ -267,7 +267,9 @@ impl Delta {
         self
     }
 
-    /// The contents, to change: copied first if the delta is shared.
+    /// The contents, to change: copied first if the delta is shared. [`Delta::first`]
+    /// stays as it was (a run whose first dot ends up past its dot is refused by
+    /// [`Delta::validate`]).
     pub fn body_mut(&mut self) -> &mut DeltaBody {
         Arc::make_mut(&mut self.body)
     }
