@@ -20,7 +20,7 @@ use crate::codec::{self, put_bytes, put_seq, put_varint, tag, DecodeError, Reade
 use crate::gcounter::GCounter;
 use crate::hash::{stable_hash, stable_hash_seeded};
 use crate::hlc::{Hlc, Timestamp};
-use crate::id::{Dot, ReplicaId};
+use crate::id::{Dot, ReplicaId, Span};
 use crate::lww::LwwRegister;
 use crate::merkle::{KeyTree, NodeId};
 use crate::onevec::OneOrVec;
@@ -253,6 +253,12 @@ impl Delta {
     #[inline]
     pub fn first(&self) -> u64 {
         self.first
+    }
+
+    /// The dots this delta stands for.
+    #[inline]
+    pub fn span(&self) -> Span {
+        Span { replica: self.dot.replica, first: self.first, last: self.dot.seq }
     }
 
     /// Whether this delta stands for more than one write.
@@ -982,7 +988,7 @@ impl Document {
         self.join_field(&delta.key, &delta.payload, their_ctx);
         self.vv.raise(delta.dot.replica, delta.dot.seq);
         self.ctx.merge(their_ctx);
-        self.ctx.insert_run(delta.dot.replica, delta.first, delta.dot.seq);
+        self.ctx.insert_span(delta.span());
     }
 
     fn join_field(&mut self, key: &str, theirs: &Field, their_ctx: &CausalContext) {

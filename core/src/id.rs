@@ -46,6 +46,25 @@ impl Dot {
     }
 }
 
+/// The dots `first..=last` of one replica: what a [`crate::Delta`] stands for (its own
+/// dot, or a run of them, [`crate::Delta::run`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// The replica that made the events.
+    pub replica: ReplicaId,
+    /// The first sequence number (at least 1).
+    pub first: u64,
+    /// The last sequence number (at least `first`).
+    pub last: u64,
+}
+
+impl Span {
+    /// The last dot: the one a version vector must reach to hold the whole span.
+    pub const fn last_dot(self) -> Dot {
+        Dot::new(self.replica, self.last)
+    }
+}
+
 impl fmt::Display for Dot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.replica, self.seq)

@@ -53,7 +53,7 @@ pub use docset::{DocSet, DocSetDiff};
 pub use document::{Delta, DeltaBody, DocConfig, DocError, Document, Field, Kind};
 pub use gcounter::GCounter;
 pub use hlc::{Hlc, Timestamp};
-pub use id::{Dot, ReplicaId};
+pub use id::{Dot, ReplicaId, Span};
 pub use lww::LwwRegister;
 pub use orset::OrSet;
 pub use pncounter::PnCounter;

@@ -5,7 +5,7 @@
 //! in Almeida, Shoker and Baquero, "Delta State Replicated Data Types" (2018), §5.
 
 use crate::codec::{put_seq, put_varint, Reader, Wire, R};
-use crate::id::{Dot, ReplicaId};
+use crate::id::{Dot, ReplicaId, Span};
 use crate::sorted::SortedSet;
 use serde::{Deserialize, Serialize};
 
@@ -393,14 +393,15 @@ impl CausalContext {
         }
     }
 
-    /// Records dots `first..=last` of `replica` as seen (a [`crate::Delta::run`]).
-    /// A run that continues what is seen without a gap (how a document applies one) is
-    /// one raise. A detached one goes to the cloud dot by dot, at most its last 64: a
-    /// context that records less than was seen only makes a session send again what the
-    /// peer will ignore, while a run's length comes from the wire.
-    pub fn insert_run(&mut self, replica: ReplicaId, first: u64, last: u64) {
+    /// Records every dot of `span` as seen (a [`crate::Delta::run`]). A span that
+    /// continues what is seen without a gap (how a document applies one) is one raise. A
+    /// detached one goes to the cloud dot by dot, at most its last 64: a context that
+    /// records less than was seen only makes a session send again what the peer will
+    /// ignore, while a span's length comes from the wire.
+    pub fn insert_span(&mut self, span: Span) {
+        let Span { replica, first, last } = span;
         if first >= last || first == 0 {
-            self.insert(Dot::new(replica, last));
+            self.insert(span.last_dot());
         } else if self.vv.get(replica) >= first - 1 {
             self.vv.raise(replica, last);
             if !self.cloud.is_empty() {
@@ -413,10 +414,11 @@ impl CausalContext {
         }
     }
 
-    /// Whether every dot `first..=last` of `replica` has been seen (exact for runs
-    /// recorded with [`Self::insert_run`] after what they continue; a detached run longer
-    /// than 64 dots answers no).
-    pub fn contains_run(&self, replica: ReplicaId, first: u64, last: u64) -> bool {
+    /// Whether every dot of `span` has been seen (exact for spans recorded with
+    /// [`Self::insert_span`] after what they continue; a detached span longer than 64
+    /// dots answers no).
+    pub fn contains_span(&self, span: Span) -> bool {
+        let Span { replica, first, last } = span;
         let top = self.vv.get(replica);
         if top >= last {
             return true;

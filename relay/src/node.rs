@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use concord_core::cluster::{quorum_version, write_targets, WriteQuorum};
 use concord_core::sync::msg::ErrorMsg;
 use concord_core::sync::{ErrorCode, Event, FrameError, Msg, Session, SessionConfig, SyncError};
-use concord_core::{CausalContext, Delta, DocConfig, Document, Dot, ReplicaId, VersionVector};
+use concord_core::{CausalContext, Delta, DocConfig, Document, ReplicaId, Span, VersionVector};
 
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -168,30 +168,6 @@ pub struct NodeConn {
     out: Outbox,
     /// [`MAX_UNCOMMITTED_FRAMES`] permits: one per frame whose writes are not durable yet.
     uncommitted: Arc<Semaphore>,
-}
-
-/// The dots one delta stands for: `first..=dot.seq` of `dot.replica` (a run of writes to
-/// one counter or register travels as one delta, [`Delta::run`]).
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Span {
-    dot: Dot,
-    first: u64,
-}
-
-impl Span {
-    fn of(d: &Delta) -> Span {
-        Span { dot: d.dot, first: d.first() }
-    }
-
-    /// Whether `ctx` has seen all of it.
-    fn seen_in(self, ctx: &CausalContext) -> bool {
-        ctx.contains_run(self.dot.replica, self.first, self.dot.seq)
-    }
-
-    /// Records all of it in `ctx`.
-    fn record_in(self, ctx: &mut CausalContext) {
-        ctx.insert_run(self.dot.replica, self.first, self.dot.seq);
-    }
 }
 
 /// A write this frame must make durable before acking.
@@ -536,7 +512,7 @@ impl Node {
         let retry: Option<(String, Vec<Span>, Vec<Delta>)> = match &msg {
             Msg::Deltas(d) => Some((
                 d.doc.clone(),
-                d.deltas.iter().map(Span::of).collect(),
+                d.deltas.iter().map(Delta::span).collect(),
                 if coordinator { d.deltas.clone() } else { Vec::new() },
             )),
             _ => None,
@@ -601,7 +577,7 @@ impl Node {
                     }
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     e.inflight += 1;
-                    let dots: Vec<Span> = deltas.iter().map(Span::of).collect();
+                    let dots: Vec<Span> = deltas.iter().map(Delta::span).collect();
                     if coordinator {
                         self.start_quorum(&doc, e, id, dots.clone(), links);
                         // The targets may have changed since the client subscribed (a node
@@ -668,11 +644,12 @@ impl Node {
         if let (false, Some((doc, dots, deltas))) = (applied_any, retry) {
             if let Some(e) = docs.get_mut(&doc) {
                 if coordinator {
-                    let missing: Vec<Span> = dots.into_iter().filter(|d| !d.seen_in(&e.quorum)).collect();
+                    let missing: Vec<Span> =
+                        dots.into_iter().filter(|d| !e.quorum.contains_span(*d)).collect();
                     if !missing.is_empty() {
                         self.start_quorum(&doc, e, id, missing.clone(), links);
                         let resend: Vec<Delta> =
-                            deltas.iter().filter(|d| missing.contains(&Span::of(d))).cloned().collect();
+                            deltas.iter().filter(|d| missing.contains(&d.span())).cloned().collect();
                         for link in links.values() {
                             if let Some(o) = conns.get_mut(link) {
                                 for msg in o.session.resend(&doc, &resend) {
@@ -685,7 +662,7 @@ impl Node {
                     if missing.is_empty() {
                         self.send(&c.out, &c.session.ack(&doc, &e.quorum.vv));
                     }
-                } else if e.inflight == 0 || dots.iter().all(|d| d.seen_in(&e.durable)) {
+                } else if e.inflight == 0 || dots.iter().all(|d| e.durable.contains_span(*d)) {
                     self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
                 } else {
                     e.ack_waiters.push((id, dots));
@@ -743,7 +720,7 @@ impl Node {
             write_targets(&walk_refs, cluster.n, |node| node == cluster.me || cluster.is_up(node, links));
         let mut quorum = WriteQuorum::new(cluster.w, targets);
         for (peer, vv) in &e.peer_acks {
-            if dots.iter().all(|d| vv.contains(d.dot)) {
+            if dots.iter().all(|d| vv.contains(d.last_dot())) {
                 quorum.ack(peer);
             }
         }
@@ -770,12 +747,15 @@ impl Node {
         for (i, w) in e.waiting.iter_mut().enumerate() {
             match acker {
                 Some(peer) => {
-                    if e.peer_acks.get(peer).is_some_and(|vv| w.dots.iter().all(|d| vv.contains(d.dot))) {
+                    if e.peer_acks
+                        .get(peer)
+                        .is_some_and(|vv| w.dots.iter().all(|d| vv.contains(d.last_dot())))
+                    {
                         w.quorum.ack(peer);
                     }
                 }
                 None => {
-                    if w.dots.iter().all(|d| d.seen_in(&e.durable)) {
+                    if w.dots.iter().all(|d| e.durable.contains_span(*d)) {
                         w.quorum.ack(&cluster.me);
                     }
                 }
@@ -789,7 +769,7 @@ impl Node {
             self.inner.owner_acks.fetch_add(w.quorum.owner_acks() as u64, Ordering::Relaxed);
             self.inner.fallback_acks.fetch_add(w.quorum.fallback_acks() as u64, Ordering::Relaxed);
             for d in &w.dots {
-                d.record_in(&mut e.quorum);
+                e.quorum.insert_span(*d);
             }
             if let Some(c) = conns.get(&w.conn) {
                 self.send(&c.out, &c.session.ack(doc, &e.quorum.vv));
@@ -905,7 +885,7 @@ impl Node {
                 match &res {
                     Ok(()) => {
                         for d in &p.dots {
-                            d.record_in(&mut e.durable);
+                            e.durable.insert_span(*d);
                         }
                         if let Some(vv) = &p.absorb {
                             e.durable.absorb(vv);
@@ -914,7 +894,7 @@ impl Node {
                             let idle = e.inflight == 0;
                             let durable = &e.durable;
                             e.ack_waiters.retain(|(w, dots)| {
-                                let done = idle || dots.iter().all(|d| d.seen_in(durable));
+                                let done = idle || dots.iter().all(|d| durable.contains_span(*d));
                                 if done {
                                     acks.push((*w, p.doc.clone()));
                                 }
@@ -925,7 +905,7 @@ impl Node {
                         if p.ack_local {
                             if self.inner.cluster.is_none() {
                                 for d in &p.dots {
-                                    d.record_in(&mut e.quorum);
+                                    e.quorum.insert_span(*d);
                                 }
                             }
                         } else {

@@ -373,7 +373,7 @@ impl Replica {
                 Event::Applied { doc, deltas } => {
                     if let Some(e) = self.docs.get_mut(&doc) {
                         for d in &deltas {
-                            e.relay_has.insert_run(d.dot.replica, d.first(), d.dot.seq);
+                            e.relay_has.insert_span(d.span());
                         }
                         self.out.extend(e.change(&doc, |_| keys_of(&deltas)));
                         e.settle(&mut self.out);

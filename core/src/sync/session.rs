@@ -449,7 +449,7 @@ impl Session {
         let mut send = Vec::new();
         for d in deltas {
             if !st.peer_has.contains(d.dot) {
-                st.peer_has.insert_run(d.dot.replica, d.first(), d.dot.seq);
+                st.peer_has.insert_span(d.span());
                 send.push(d.clone());
             }
         }
@@ -465,7 +465,7 @@ impl Session {
         match self.docs.get_mut(doc_id) {
             Some(st) if st.they_subscribed && !deltas.is_empty() => {
                 for d in deltas {
-                    st.peer_has.insert_run(d.dot.replica, d.first(), d.dot.seq);
+                    st.peer_has.insert_span(d.span());
                 }
                 chunk_deltas(doc_id, deltas.to_vec(), self.config.max_frame)
             }
@@ -519,7 +519,7 @@ impl Session {
                 continue;
             }
             for x in &deltas {
-                st.peer_has.insert_run(x.dot.replica, x.first(), x.dot.seq);
+                st.peer_has.insert_span(x.span());
             }
             out.extend(chunk_deltas(&d, deltas, self.config.max_frame));
         }
@@ -659,7 +659,7 @@ impl Session {
         let Some(st) = self.docs.get_mut(&m.doc) else { unreachable!("inserted above") };
         let mut applied = Vec::with_capacity(m.deltas.len());
         for d in m.deltas {
-            st.peer_has.insert_run(d.dot.replica, d.first(), d.dot.seq);
+            st.peer_has.insert_span(d.span());
             doc.apply_checked(d, &mut applied);
         }
         let covered = |vv: &VersionVector| vv.le(doc.version());
