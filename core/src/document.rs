@@ -203,32 +203,17 @@ impl fmt::Debug for Delta {
     }
 }
 
-/// The serde form of a [`Delta`]: its body's fields, then `first`.
-#[derive(Serialize, Deserialize)]
-struct DeltaRepr<'a> {
-    dot: Dot,
-    key: std::borrow::Cow<'a, str>,
-    payload: std::borrow::Cow<'a, Field>,
-    first: u64,
-}
-
+/// The serde form of a [`Delta`] is `(body, first)`.
 impl Serialize for Delta {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let d = &self.body;
-        DeltaRepr {
-            dot: d.dot,
-            key: (&*d.key).into(),
-            payload: std::borrow::Cow::Borrowed(&d.payload),
-            first: self.first,
-        }
-        .serialize(s)
+        (&*self.body, self.first).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for Delta {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Delta, D::Error> {
-        let r = DeltaRepr::deserialize(d)?;
-        Ok(Delta::run(r.first, r.dot, r.key.into_owned(), r.payload.into_owned()))
+        let (body, first) = <(DeltaBody, u64)>::deserialize(d)?;
+        Ok(Delta { body: Arc::new(body), first })
     }
 }
 
@@ -545,21 +530,17 @@ impl DeltaLog {
         self.order.push_back(r);
     }
 
-    /// Makes this replica's next write (`dot`, `key`, `payload`) the new end of the run
-    /// that ends `dot.replica`'s queue, in place, when that run is the same key's, is
-    /// subsumed by the payload and is held by no one else (a replica clicking one
-    /// counter: no allocation per write). Returns the write as a delta of its own, sharing
-    /// the run's body, having taken the payload; else leaves `payload` as it was.
-    fn extend_local(&mut self, dot: Dot, key: &str, payload: &mut Option<Field>) -> Option<Delta> {
-        let last = self.by_replica.get_mut(&dot.replica).and_then(VecDeque::back_mut)?;
-        let p = payload.as_ref()?;
-        if last.dot.seq.checked_add(1) != Some(dot.seq) || last.key != key || !subsumes(&last.payload, p) {
-            return None;
-        }
-        let body = Arc::get_mut(&mut last.body)?;
-        body.dot = dot;
-        body.payload = payload.take()?;
-        Some(Delta { body: last.body.clone(), first: dot.seq })
+    /// The logged run this replica's next write (`first`, `key`, `payload`) continues:
+    /// the end of `replica`'s queue, when [`continues_run`] says so.
+    fn run_continued_by(
+        &mut self,
+        replica: ReplicaId,
+        first: u64,
+        key: &str,
+        payload: &Field,
+    ) -> Option<&mut Delta> {
+        let last = self.by_replica.get_mut(&replica).and_then(VecDeque::back_mut)?;
+        continues_run(last, first, key, payload).then_some(last)
     }
 
     /// The logged deltas of `r` with a sequence in `from + 1..=to`, ascending.
@@ -597,11 +578,16 @@ fn subsumes(earlier: &Field, later: &Field) -> bool {
     }
 }
 
-/// `last` and `next` as one run, when `next` continues `last` (the following dot of the
-/// same replica, the same key) and subsumes it.
+/// Whether a write of `last.dot.replica` starting at `first` to `key` with `payload`
+/// continues the run `last`: the following dot, the same key, and a payload that
+/// subsumes `last`'s.
+fn continues_run(last: &Delta, first: u64, key: &str, payload: &Field) -> bool {
+    last.dot.seq.checked_add(1) == Some(first) && *last.key == *key && subsumes(&last.payload, payload)
+}
+
+/// `last` and `next` as one run, when `next` continues `last`.
 fn extend_run(last: &Delta, next: &Delta) -> Option<Delta> {
-    let continues = next.first == last.dot.seq + 1 && next.key == last.key;
-    (continues && subsumes(&last.payload, &next.payload))
+    continues_run(last, next.first, &next.key, &next.payload)
         .then(|| Delta { body: next.body.clone(), first: last.first })
 }
 
@@ -786,16 +772,17 @@ impl Document {
 
     fn commit_local(&mut self, key: &str, payload: Field) -> Delta {
         let dot = self.next_dot();
-        let mut payload = Some(payload);
-        if self.config.log_capacity > 0 {
-            if let Some(delta) = self.log.extend_local(dot, key, &mut payload) {
+        // The write continues the logged run and no one else holds its body (a replica
+        // clicking one counter): the run takes it in place, no allocation per write.
+        if let Some(run) = self.log.run_continued_by(dot.replica, dot.seq, key, &payload) {
+            if let Some(body) = Arc::get_mut(&mut run.body) {
+                body.dot = dot;
+                body.payload = payload;
+                let delta = Delta { body: run.body.clone(), first: dot.seq };
                 self.join_delta(&delta);
                 return delta;
             }
         }
-        let Some(payload) = payload else {
-            unreachable!("extend_local takes the payload only when it succeeds")
-        };
         let delta = Delta::new(dot, key, payload);
         self.apply_now(delta.clone());
         delta
@@ -937,32 +924,28 @@ impl Document {
         Applied::Applied(self.drain_pending(dot.replica, applied))
     }
 
-    /// Applies the buffered deltas of `replica` that are now next in sequence (keyed by
-    /// their last dot, a buffered run is found by the first key at or after the next
-    /// dot); drops the ones already covered.
+    /// Applies the buffered deltas of `replica` that are now next in sequence. Keyed by
+    /// their last dot, `replica`'s entries sit together in order: each round drops the
+    /// ones the version covers, then applies the first if it reaches back to the next dot.
     fn drain_pending(&mut self, replica: ReplicaId, applied: &mut Vec<Delta>) -> usize {
         let mut n = 0;
         loop {
-            let next = self.vv.next_dot(replica);
-            let i = self.pending.lower_bound(&next);
-            let stale = self.pending.lower_bound(&Dot::new(replica, 0));
-            if stale < i {
-                self.pending.drain_range(stale..i);
-                continue;
+            let have = self.vv.get(replica);
+            let start = self.pending.lower_bound(&Dot::new(replica, 0));
+            let covered = self.pending.as_slice()[start..]
+                .iter()
+                .take_while(|(k, _)| k.replica == replica && k.seq <= have)
+                .count();
+            self.pending.drain_range(start..start + covered);
+            let Some(&(k, ref d)) = self.pending.as_slice().get(start) else { break };
+            if k.replica != replica || d.first > have.saturating_add(1) {
+                break;
             }
-            match self.pending.as_slice().get(i) {
-                Some((k, d))
-                    if k.replica == replica && d.first <= next.seq && next.seq > self.vv.get(replica) =>
-                {
-                    let k = *k;
-                    let Some(d) = self.pending.remove(&k) else { break };
-                    let d = d.starting_at(next.seq);
-                    applied.push(d.clone());
-                    self.apply_now(d);
-                    n += 1;
-                }
-                _ => break,
-            }
+            let Some(d) = self.pending.remove(&k) else { break };
+            let d = d.starting_at(have + 1);
+            applied.push(d.clone());
+            self.apply_now(d);
+            n += 1;
         }
         n
     }
