@@ -6,7 +6,7 @@
 
 use concord_core::sync::msg::Deltas;
 use concord_core::sync::Msg;
-use concord_core::{Delta, Document, Dot, Field, ReplicaId, Value};
+use concord_core::{Crdt, Delta, Document, Dot, Field, OrSet, ReplicaId, Value};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
@@ -218,6 +218,16 @@ fn a_long_run_is_one_delta_and_runs_of_sets_or_past_the_last_sequence_are_refuse
     set.truncate(set.len() - 1);
     set.extend([0x02, 0x02]); // the element: Int 1
     let err = Msg::decode(&set).unwrap_err().to_string();
+    assert!(err.contains("runs"), "{err}");
+    // A run whose whole field is a set (a forged run the encoder writes as it is): refused.
+    let mut set = OrSet::default();
+    for (seq, v) in [(1, 1), (2, 2)] {
+        let d = set.add(Dot::new(ReplicaId(7), seq), Value::Int(v));
+        set.merge(&d);
+    }
+    let forged = Delta::run(1, Dot::new(ReplicaId(7), 2), "k", Field::Set(set));
+    let bytes = Msg::Deltas(Deltas { doc: String::new(), deltas: vec![forged] }).encode();
+    let err = Msg::decode(&bytes).unwrap_err().to_string();
     assert!(err.contains("runs"), "{err}");
     // A run past u64::MAX: refused.
     let mut far = vec![concord_core::sync::msg::tag::DELTAS];

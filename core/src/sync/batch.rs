@@ -658,15 +658,13 @@ mod tests {
                 // Runs arrive as one delta with the last payload: compare the dots they
                 // stand for, with their keys, and what applying them makes.
                 let back = decode(&out).unwrap();
-                let names =
-                    |ds: &[Delta]| {
-                        ds.iter()
-                            .flat_map(|d| d.first()..=d.dot.seq)
-                            .zip(ds.iter().flat_map(|d| {
-                                (d.first()..=d.dot.seq).map(|_| (d.dot.replica, d.key.clone()))
-                            }))
-                            .collect::<Vec<_>>()
-                    };
+                let names = |ds: &[Delta]| {
+                    ds.iter()
+                        .flat_map(|d| {
+                            (d.first()..=d.dot.seq).map(move |q| (Dot::new(d.dot.replica, q), d.key.clone()))
+                        })
+                        .collect::<Vec<_>>()
+                };
                 assert_eq!(names(&back.deltas), names(&m.deltas));
                 let applied = |ds: Vec<Delta>| {
                     let mut doc = crate::Document::new(ReplicaId(99));
