@@ -21,6 +21,11 @@ const A: ReplicaId = ReplicaId(0xA);
 const B: ReplicaId = ReplicaId(0xB);
 const C: ReplicaId = ReplicaId(0xC);
 
+/// What `to` lacks of `from`, from `from`'s log.
+fn lacking(from: &Document, to: &Document) -> Vec<Delta> {
+    from.deltas_since(to.version()).expect("the log reaches back").into_iter().cloned().collect()
+}
+
 fn likes(doc: &mut Document, n: u64) -> Delta {
     doc.increment("likes", n).unwrap()
 }
@@ -61,7 +66,7 @@ fn a_full_buffer_drops_early_deltas_and_a_later_sync_recovers_them() {
     assert_eq!(b.apply(d[3].clone()), Ok(Applied::Buffered));
     assert_eq!(b.apply(d[2].clone()), Ok(Applied::Dropped));
     assert_eq!(b.pending_len(), 2);
-    for missing in a.deltas_since(b.version()).unwrap().into_iter().cloned().collect::<Vec<_>>() {
+    for missing in lacking(&a, &b) {
         b.apply(missing).unwrap();
     }
     assert_eq!(b, a);
@@ -129,7 +134,7 @@ fn a_full_state_transfer_brings_a_document_level_with_its_peer() {
     assert_eq!(b.pending_len(), 1);
     b.merge_state(&a.all_fields(), a.context(), a.version()).unwrap();
     assert_eq!(b.pending_len(), 0, "the state covered the buffered delta");
-    for d in b.deltas_since(a.version()).unwrap().into_iter().cloned().collect::<Vec<_>>() {
+    for d in lacking(&b, &a) {
         a.apply(d).unwrap();
     }
     assert_eq!(a, b);
@@ -164,7 +169,7 @@ fn a_document_encoded_without_its_log_carries_the_state_and_answers_no_delta_req
 
     // A peer merges it as a state transfer and ends level with `a` (plus its own write).
     b.merge_state(&bare.all_fields(), bare.context(), bare.version()).unwrap();
-    for d in b.deltas_since(a.version()).unwrap().into_iter().cloned().collect::<Vec<_>>() {
+    for d in lacking(&b, &a) {
         a.apply(d).unwrap();
     }
     assert_eq!(a.all_fields(), b.all_fields());
@@ -340,7 +345,7 @@ fn a_counter_written_a_thousand_times_is_one_log_entry_that_catches_up_any_peer(
         for d in all.iter().take(behind) {
             b.apply(d.clone()).unwrap();
         }
-        let missing: Vec<Delta> = a.deltas_since(b.version()).unwrap().into_iter().cloned().collect();
+        let missing = lacking(&a, &b);
         assert!(missing.len() <= 4);
         for d in missing {
             assert!(matches!(b.apply(d), Ok(Applied::Applied(_))), "behind {behind}");
@@ -350,7 +355,7 @@ fn a_counter_written_a_thousand_times_is_one_log_entry_that_catches_up_any_peer(
         assert_eq!((b.counter("likes"), b.pn_counter("score")), (a.counter("likes"), -7));
         // And b, which applied part of the run one by one, serves the rest as one run too.
         let mut c = Document::new(C);
-        for d in b.deltas_since(c.version()).unwrap().into_iter().cloned().collect::<Vec<_>>() {
+        for d in lacking(&b, &c) {
             c.apply(d).unwrap();
         }
         assert_eq!(c.to_value(), a.to_value());
@@ -473,7 +478,7 @@ fn writes_whose_deltas_nobody_keeps_still_hand_back_each_write_and_log_one_run()
     assert_eq!((log[0].first(), log[0].dot.seq, log[9].first(), log[9].dot.seq), (1, 99, 500, 500));
     assert_eq!((b.to_value(), b.version()), (a.to_value(), a.version()));
     let mut c = Document::new(C);
-    for d in a.deltas_since(c.version()).unwrap().into_iter().cloned().collect::<Vec<_>>() {
+    for d in lacking(&a, &c) {
         c.apply(d).unwrap();
     }
     assert_eq!((c.to_value(), c.version()), (a.to_value(), a.version()));
