@@ -30,6 +30,17 @@ fn likes(doc: &mut Document, n: u64) -> Delta {
     doc.increment("likes", n).unwrap()
 }
 
+/// A's document after `clicks` increments of "likes" by `by`, and its log's one run.
+fn clicked(clicks: usize, by: u64) -> (Document, Delta) {
+    let mut a = Document::new(A);
+    for _ in 0..clicks {
+        likes(&mut a, by);
+    }
+    let log = lacking(&a, &Document::new(B));
+    assert_eq!(log.len(), 1, "one run: {log:?}");
+    (a, log[0].clone())
+}
+
 #[test]
 fn deltas_arriving_out_of_order_are_buffered_until_the_gap_fills() {
     let mut a = Document::new(A);
@@ -364,11 +375,7 @@ fn a_counter_written_a_thousand_times_is_one_log_entry_that_catches_up_any_peer(
 
 #[test]
 fn a_run_that_reaches_back_into_what_is_known_applies_only_its_new_part() {
-    let mut a = Document::new(A);
-    for _ in 0..10 {
-        likes(&mut a, 1);
-    }
-    let run = a.deltas_since(&VersionVector::new()).unwrap()[0].clone();
+    let (_, run) = clicked(10, 1);
     let mut b = Document::new(B);
     let firsts: Vec<Delta> = {
         let mut a2 = Document::new(A);
@@ -432,11 +439,7 @@ fn runs_of_sets_and_runs_past_their_dot_are_refused() {
 
 #[test]
 fn runs_survive_the_stored_form_and_older_stored_deltas_read_as_single_writes() {
-    let mut a = Document::new(A);
-    for _ in 0..7 {
-        likes(&mut a, 2);
-    }
-    let run = a.deltas_since(&VersionVector::new()).unwrap()[0].clone();
+    let (a, run) = clicked(7, 2);
     assert_eq!((run.first(), run.dot.seq), (1, 7));
     let bytes = run.encode();
     let back = Delta::decode(&bytes).unwrap();

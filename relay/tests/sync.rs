@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{tempdir, Client, Relay};
+use common::{http_json, tempdir, Client, Relay};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
@@ -180,16 +180,6 @@ async fn pipelined_writers_lose_no_acked_write_to_kill_9() {
     }
 }
 
-/// The relay's `/metrics` body.
-async fn metrics(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    buf
-}
-
 fn metric(body: &str, name: &str) -> Option<u64> {
     let line = body.lines().find(|l| l.starts_with(&format!("{name} ")))?;
     line.split_whitespace().nth(1)?.parse().ok()
@@ -206,7 +196,7 @@ async fn a_thousand_offline_clicks_are_one_stored_delta_on_the_relay_and_reach_r
     }
     a.connect(relay.addr, None).await;
     assert!(a.pump_until(T, |c| c.all_acked("doc")).await, "all 1,000 dots acked");
-    let m = metrics(relay.addr).await;
+    let m = http_json(relay.addr, "/metrics").await;
     assert_eq!(metric(&m, "concord_deltas_persisted_total"), Some(1), "{m}");
 
     let mut b = Client::new(2);

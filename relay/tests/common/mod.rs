@@ -13,6 +13,7 @@ use concord_core::sync::msg::ErrorMsg;
 use concord_core::sync::{Event, Msg, Session, SessionConfig};
 use concord_core::{Document, ReplicaId, VersionVector};
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -267,4 +268,15 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// The body of a `GET path` to the relay's HTTP side.
+pub async fn http_json(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
 }
