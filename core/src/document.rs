@@ -31,6 +31,7 @@ use crate::traits::{Crdt, InvalidState};
 use crate::value::Value;
 use crate::vv::{CausalContext, VersionVector};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
@@ -578,6 +579,11 @@ fn subsumes(earlier: &Field, later: &Field) -> bool {
     }
 }
 
+/// Whether some element of `set` holds a dot for which `pred` is true.
+fn holds_dot(set: &OrSet<Value>, pred: &dyn Fn(&Dot) -> bool) -> bool {
+    set.entries().values().any(|ds| ds.as_slice().iter().any(pred))
+}
+
 /// Whether a write of `last.dot.replica` starting at `first` to `key` with `payload`
 /// continues the run `last`: the following dot, the same key, and a payload that
 /// subsumes `last`'s.
@@ -968,27 +974,39 @@ impl Document {
                 self.hlc.observe(ts);
             }
         }
-        self.join_field(&delta.key, &delta.payload, their_ctx);
+        self.join_field(&delta.key, Cow::Borrowed(&delta.payload), their_ctx);
         self.vv.raise(delta.dot.replica, delta.dot.seq);
         self.ctx.merge(their_ctx);
         self.ctx.insert_span(delta.span());
     }
 
-    fn join_field(&mut self, key: &str, theirs: &Field, their_ctx: &CausalContext) {
+    /// Joins `theirs` into the field at `key`. An owned field (a peer's whole field, from
+    /// a state transfer) that lands on a key this document lacks is moved in rather than
+    /// joined into an empty field (a copy), unless it is a set holding a dot this document
+    /// has seen (and so removed): the join drops that element.
+    fn join_field(&mut self, key: &str, theirs: Cow<'_, Field>, their_ctx: &CausalContext) {
         let hash = stable_hash(key.as_bytes());
         let kind = theirs.kind();
-        let slot = self.fields.get_or_insert(hash, key, || Slot {
-            field: Field::empty(kind),
-            others: Vec::new(),
-            leaf: 0,
-            queued: false,
+        let seen = |d: &Dot| self.ctx.contains(*d);
+        let movable = match &theirs {
+            Cow::Owned(Field::Set(s)) => !holds_dot(s, &seen),
+            other => matches!(other, Cow::Owned(_)),
+        };
+        let mut new = false;
+        let slot = self.fields.get_or_insert(hash, key, || {
+            new = true;
+            Slot { field: Field::empty(kind), others: Vec::new(), leaf: 0, queued: false }
         });
-        match slot.get_mut(kind) {
-            Some(f) => f.join(&self.ctx, theirs, their_ctx),
-            None => {
-                let mut f = Field::empty(kind);
-                f.join(&self.ctx, theirs, their_ctx);
-                slot.insert(f);
+        if new && movable {
+            slot.field = theirs.into_owned();
+        } else {
+            match slot.get_mut(kind) {
+                Some(f) => f.join(&self.ctx, &theirs, their_ctx),
+                None => {
+                    let mut f = Field::empty(kind);
+                    f.join(&self.ctx, &theirs, their_ctx);
+                    slot.insert(f);
+                }
             }
         }
         // A set that ended empty still holds its key (its kind stays fixed).
@@ -1069,10 +1087,11 @@ impl Document {
 
     /// Joins the whole state of a peer — every field it had at version `vv` (context
     /// `ctx`) — then adopts `vv`. Keys the peer did not send are keys it lacks, so it
-    /// never saw a dot of them: they stay as they are.
+    /// never saw a dot of them: they stay as they are. A field for a key this document
+    /// lacks is moved in, not copied (see `join_field`).
     pub fn merge_state(
         &mut self,
-        fields: &[(String, Field)],
+        fields: Vec<(String, Field)>,
         ctx: &CausalContext,
         vv: &VersionVector,
     ) -> Result<(), DocError> {
@@ -1094,7 +1113,7 @@ impl Document {
     /// removed there, and is dropped here.
     pub fn merge_keys<'a>(
         &mut self,
-        fields: &[(String, Field)],
+        fields: Vec<(String, Field)>,
         ctx: &CausalContext,
         vv: &VersionVector,
         seen_when_equal: &dyn Fn(u64) -> Option<&'a CausalContext>,
@@ -1104,14 +1123,14 @@ impl Document {
 
     fn merge_fields<'a>(
         &mut self,
-        fields: &[(String, Field)],
+        fields: Vec<(String, Field)>,
         ctx: &CausalContext,
         vv: &VersionVector,
         seen_when_equal: Option<&dyn Fn(u64) -> Option<&'a CausalContext>>,
     ) -> Result<(), DocError> {
         ctx.validate().map_err(InvalidState)?;
         vv.validate().map_err(InvalidState)?;
-        for (_, f) in fields {
+        for (_, f) in &fields {
             match f {
                 Field::Set(s) => {
                     if !s.context().vv.is_empty() || !s.context().cloud.is_empty() {
@@ -1129,17 +1148,10 @@ impl Document {
                 remote: vv.get(self.replica),
             });
         }
-        for (key, f) in fields {
-            if let Field::Register(r) = f {
-                if let Some(ts) = r.timestamp() {
-                    self.hlc.observe(ts);
-                }
-            }
-            self.join_field(key, f, ctx);
-        }
         // Keys the peer did not send need no join, except for dots gained since they
         // compared equal (see `merge_keys`). (Joining them with an empty set under `ctx`
-        // would drop every dot the peer has seen.)
+        // would drop every dot the peer has seen.) This touches no key that was sent, so
+        // it may come first, while `fields` can still be borrowed.
         if let Some(seen_when_equal) = seen_when_equal {
             let mut sent: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
             crate::sort::sort(&mut sent);
@@ -1150,7 +1162,7 @@ impl Document {
                 }
                 let Some(then) = seen_when_equal(hash) else { continue };
                 let gone = |d: &Dot| ctx.contains(*d) && !then.contains(*d);
-                if !set.entries().values().any(|ds| ds.as_slice().iter().any(gone)) {
+                if !holds_dot(set, &gone) {
                     continue;
                 }
                 set.entries_mut().retain(|_, ds| {
@@ -1166,6 +1178,14 @@ impl Document {
                     self.dirty.push(hash);
                 }
             }
+        }
+        for (key, f) in fields {
+            if let Field::Register(r) = &f {
+                if let Some(ts) = r.timestamp() {
+                    self.hlc.observe(ts);
+                }
+            }
+            self.join_field(&key, Cow::Owned(f), ctx);
         }
         for (r, s) in vv.iter() {
             if s > self.vv.get(r) {
@@ -1283,12 +1303,12 @@ impl Document {
         r.log_floor.validate().map_err(InvalidState)?;
         let mut doc = Document::with_config(r.replica, config);
         doc.hlc.observe(r.hlc);
-        for (key, f) in &r.fields {
-            match f {
+        for (key, f) in r.fields {
+            match &f {
                 Field::Set(s) => validate_entries(s.entries(), &r.ctx)?,
                 other => other.validate()?,
             }
-            doc.join_field(key, f, &r.ctx);
+            doc.join_field(&key, Cow::Owned(f), &r.ctx);
         }
         doc.vv = r.vv;
         doc.ctx = r.ctx;

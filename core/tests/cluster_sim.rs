@@ -774,7 +774,7 @@ impl World {
                 let replica = ReplicaId(0xA000 + i as u64);
                 let d = node.docs.entry(doc.clone()).or_insert_with(|| Document::new(replica));
                 let (before, pending) = (d.version().clone(), d.pending_len());
-                d.merge_state(&fields, &ctx, &vv).map_err(|e| format!("{}: merge of {doc}: {e}", node.id))?;
+                d.merge_state(fields, &ctx, &vv).map_err(|e| format!("{}: merge of {doc}: {e}", node.id))?;
                 if *d.version() != before || d.pending_len() != pending {
                     self.stats.ae_repairs += 1;
                     node.persist(&doc);
@@ -944,7 +944,7 @@ impl World {
             let mut read = Document::new(ReplicaId(0xEEEE));
             for id in asked.iter().take(R) {
                 let held = &self.nodes[self.node_index(id)].docs[doc];
-                read.merge_state(&held.all_fields(), held.context(), held.version())
+                read.merge_state(held.all_fields(), held.context(), held.version())
                     .map_err(|e| format!("{doc}: read merge from {id}: {e}"))?;
             }
             if read != *d {

@@ -321,7 +321,7 @@ fn a_state_transfer_claiming_the_last_possible_sequence_is_merged_without_overfl
     let (mut doc, _) = populated();
     let vv = VersionVector::from_iter([(ReplicaId(0xC), u64::MAX)]);
     let ctx = CausalContext { vv: vv.clone(), cloud: Default::default() };
-    doc.merge_state(&[], &ctx, &vv).expect("a valid state transfer");
+    doc.merge_state(Vec::new(), &ctx, &vv).expect("a valid state transfer");
     assert_eq!(doc.version().get(ReplicaId(0xC)), u64::MAX);
     let d = Delta::new(Dot::new(ReplicaId(0xC), u64::MAX), "likes", Field::Counter(GCounter::default()));
     assert_eq!(doc.apply(d), Ok(concord_core::document::Applied::Duplicate));

@@ -143,12 +143,49 @@ fn a_full_state_transfer_brings_a_document_level_with_its_peer() {
     b.set_add("tags", Value::from("y")).unwrap();
     b.apply(rm).unwrap(); // buffered: b has not seen a's first deltas
     assert_eq!(b.pending_len(), 1);
-    b.merge_state(&a.all_fields(), a.context(), a.version()).unwrap();
+    b.merge_state(a.all_fields(), a.context(), a.version()).unwrap();
     assert_eq!(b.pending_len(), 0, "the state covered the buffered delta");
     for d in lacking(&b, &a) {
         a.apply(d).unwrap();
     }
     assert_eq!(a, b);
+    assert_eq!(b.set_values("tags"), vec![Value::from("y")]);
+}
+
+#[test]
+fn a_state_moves_into_the_keys_a_fresh_replica_lacks_and_equals_its_source() {
+    let mut a = Document::new(A);
+    likes(&mut a, 3);
+    a.pn_add("votes", -2).unwrap();
+    a.set_register("title", Value::from("t"), 10).unwrap();
+    for i in 0..20 {
+        a.set_add("tags", Value::from(format!("t{i}"))).unwrap();
+    }
+    a.set_remove("tags", &Value::from("t7")).unwrap();
+    let mut fresh = Document::new(B);
+    fresh.merge_state(a.all_fields(), a.context(), a.version()).unwrap();
+    assert_eq!(fresh, a);
+    // Decoding moves each field in the same way.
+    assert_eq!(Document::decode(&a.encode(), DocConfig::default()).unwrap(), a);
+    assert_eq!(
+        fresh.merkle().node(NodeId::ROOT),
+        a.merkle().node(NodeId::ROOT),
+        "moved-in keys reach the Merkle tree"
+    );
+}
+
+#[test]
+fn a_set_holding_a_dot_already_seen_is_joined_not_moved_into_a_missing_key() {
+    // `b` knows (from a context alone) that a's add was seen and is gone: the element
+    // must not come back with a state that still holds it, even for a key `b` lacks.
+    let mut a = Document::new(A);
+    let add = a.set_add("tags", Value::from("x")).unwrap();
+    a.set_add("tags", Value::from("y")).unwrap();
+    let mut b = Document::new(B);
+    let seen = CausalContext::of_dot(add.dot);
+    b.merge_state(Vec::new(), &seen, &VersionVector::from_iter([(A, 1)])).unwrap();
+    assert!(b.get("tags").is_none());
+    b.merge_state(a.all_fields(), a.context(), a.version()).unwrap();
     assert_eq!(b.set_values("tags"), vec![Value::from("y")]);
 }
 
@@ -179,7 +216,7 @@ fn a_document_encoded_without_its_log_carries_the_state_and_answers_no_delta_req
     assert_eq!(bare.pending_len(), 0);
 
     // A peer merges it as a state transfer and ends level with `a` (plus its own write).
-    b.merge_state(&bare.all_fields(), bare.context(), bare.version()).unwrap();
+    b.merge_state(bare.all_fields(), bare.context(), bare.version()).unwrap();
     for d in lacking(&b, &a) {
         a.apply(d).unwrap();
     }
@@ -216,8 +253,9 @@ fn differing_keys(a: &mut Document, b: &mut Document) -> Vec<u64> {
 fn merkle_catch_up(from: &mut Document, to: &mut Document) -> Result<usize, DocError> {
     let keys = differing_keys(from, to);
     let fields = from.fields_by_hash(&keys);
-    to.merge_state(&fields, from.context(), from.version())?;
-    Ok(fields.len())
+    let sent = fields.len();
+    to.merge_state(fields, from.context(), from.version())?;
+    Ok(sent)
 }
 
 #[derive(Clone, Debug)]

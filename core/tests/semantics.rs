@@ -359,7 +359,7 @@ fn a_wiped_replica_refuses_a_state_transfer_that_knows_more_of_it_than_it_does()
     let (mut a, mut b) = (Document::new(A), Document::new(B));
     history(&mut a, &mut b);
     let mut wiped = Document::new(A);
-    let err = wiped.merge_state(&b.all_fields(), b.context(), b.version()).unwrap_err();
+    let err = wiped.merge_state(b.all_fields(), b.context(), b.version()).unwrap_err();
     assert!(matches!(err, DocError::Amnesia { replica: A, local: 0, remote: 3 }), "{err:?}");
     assert!(wiped.is_empty());
 }

@@ -79,7 +79,7 @@ fn history(ops: &[(usize, String, Op)]) -> Vec<Delta> {
             Op::Remove(v) => doc.set_remove(key, v).ok().flatten(),
             Op::Merge => {
                 let other = docs[(i + 1) % 3].clone();
-                let _ = docs[*i].merge_state(&other.all_fields(), other.context(), other.version());
+                let _ = docs[*i].merge_state(other.all_fields(), other.context(), other.version());
                 None
             }
         };

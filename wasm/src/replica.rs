@@ -149,8 +149,15 @@ fn all_keys(doc: &Document) -> Vec<String> {
     doc.keys().map(str::to_owned).collect()
 }
 
-/// Joins `other` into `base`: by deltas when `other`'s log reaches back, else by state.
-fn merge_into(base: &mut Document, other: &Document) {
+/// Joins `other` into `base`: a fresh `base` (nothing applied, nothing buffered) becomes
+/// `other` under its own replica id, copying nothing; else by deltas when `other`'s log
+/// reaches back, else by state.
+fn merge_into(base: &mut Document, mut other: Document) {
+    if base.version().is_empty() && base.pending_len() == 0 {
+        other.reidentify(base.replica());
+        *base = other;
+        return;
+    }
     if other.version().le(base.version()) {
         return;
     }
@@ -161,7 +168,7 @@ fn merge_into(base: &mut Document, other: &Document) {
             }
         }
         None => {
-            let _ = base.merge_state(&other.all_fields(), other.context(), other.version());
+            let _ = base.merge_state(other.all_fields(), other.context(), other.version());
         }
     }
 }
@@ -222,17 +229,11 @@ impl Replica {
     /// Folds a stored snapshot (`snapshot`) or outbox entry into `doc`. Returns false when
     /// the bytes cannot be read (leave them in place: a newer version may read them).
     pub fn restore(&mut self, doc: &str, bytes: &[u8], snapshot: bool) -> bool {
-        let replica = self.replica;
         let Some(e) = self.docs.get_mut(doc) else { return false };
         let ok = if snapshot {
             match Document::decode(bytes, DocConfig::default()) {
-                Ok(mut d) => {
-                    d.reidentify(replica);
-                    if e.doc.version().is_empty() {
-                        e.doc = d;
-                    } else {
-                        merge_into(&mut e.doc, &d);
-                    }
+                Ok(d) => {
+                    merge_into(&mut e.doc, d);
                     true
                 }
                 Err(_) => false,
@@ -430,7 +431,7 @@ impl Replica {
         let mut amnesia = false;
         if let Some((doc_id, snapshot)) = channel::decode_state(bytes) {
             let Ok(other) = Document::decode(snapshot, DocConfig::default()) else { return };
-            amnesia = self.merge_state_frame(doc_id, &other).is_err();
+            amnesia = self.merge_state_frame(doc_id, other).is_err();
         } else {
             match Msg::decode(bytes) {
                 Ok(Msg::Deltas(m)) => amnesia = self.apply_deltas(&m.doc, m.deltas, false).0,
@@ -453,7 +454,7 @@ impl Replica {
     /// Merges `other`, a document's state from a state frame, into open document `doc`;
     /// listeners and storage hear of a change. `Ok(changed)`, or `Err` when `other` shows
     /// this replica's own writes ahead of it (amnesia: the caller takes a new id).
-    fn merge_state_frame(&mut self, doc: &str, other: &Document) -> Result<bool, ()> {
+    fn merge_state_frame(&mut self, doc: &str, other: Document) -> Result<bool, ()> {
         let Some(e) = self.docs.get_mut(doc) else { return Ok(false) };
         e.doc.check_amnesia(other.version()).map_err(|_| ())?;
         let before = e.doc.version().clone();
@@ -492,7 +493,7 @@ impl Replica {
         }
         if let Some((_, snapshot)) = channel::decode_state(bytes) {
             let other = Document::decode(snapshot, DocConfig::default()).map_err(|_| Refused::NotAnUpdate)?;
-            match self.merge_state_frame(doc, &other) {
+            match self.merge_state_frame(doc, other) {
                 Err(()) => self.reidentify(),
                 Ok(true) => self.announce(doc),
                 Ok(false) => {}
@@ -743,6 +744,14 @@ mod tests {
             .iter()
             .any(|o| matches!(o, Out::Tab(f) if matches!(Msg::decode(f), Ok(Msg::Subscribe(_))))));
         assert_eq!(b.read("big", |d| d.set_values("s").len()), Some(writes));
+
+        // b had nothing, so it took a's state whole; it still writes as itself, and a
+        // gets that write back.
+        assert!(b.write("big", &mut |d| d.set_add("s", Value::from("b's")).map(Some)).unwrap());
+        assert_eq!(b.read("big", |d| d.replica()), Some(b.id()));
+        let back = b.encode_update("big", a.read("big", |d| d.version().clone()).as_ref()).unwrap();
+        a.apply_update("big", &back).unwrap();
+        assert_eq!(a.read("big", |d| d.set_values("s").len()), Some(writes + 1));
     }
 
     #[test]

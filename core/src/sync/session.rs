@@ -929,16 +929,17 @@ impl Session {
         if !st.catchup.as_ref().is_some_and(Catchup::complete) {
             return Ok(());
         }
-        let Some(c) = st.catchup.take() else { return Ok(()) };
+        let Some(mut c) = st.catchup.take() else { return Ok(()) };
         let Some(doc) = store.doc(doc_id) else { return Ok(()) };
         // `merge_keys` visits every key of the document; it can only find something when
         // this side gained dots after some subtree compared equal. Nothing arrived since
         // (the common case): the plain join is the same and costs O(keys sent).
         let unchanged = c.seen.iter().all(|then| then == doc.context());
+        let fields = std::mem::take(&mut c.fields);
         let merged = if c.chunks > 0 || unchanged {
-            doc.merge_state(&c.fields, &c.ctx, &c.vv)
+            doc.merge_state(fields, &c.ctx, &c.vv)
         } else {
-            doc.merge_keys(&c.fields, &c.ctx, &c.vv, &|h| c.seen_when_equal(h))
+            doc.merge_keys(fields, &c.ctx, &c.vv, &|h| c.seen_when_equal(h))
         };
         merged.map_err(|error| SyncError::Doc { doc: doc_id.to_owned(), error })?;
         st.synced = Some(c.vv.clone());
