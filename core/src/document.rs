@@ -418,6 +418,21 @@ impl FieldMap {
         &mut g[i].1
     }
 
+    /// The slot of `name` for a local write of `kind` (a new one if `name` is new), or
+    /// `Err(holds)` when it holds another kind.
+    fn for_write(&mut self, hash: u64, name: &str, kind: Kind) -> Result<&mut Slot, Kind> {
+        let slot = self.get_or_insert(hash, name, || Slot {
+            field: Field::empty(kind),
+            others: Vec::new(),
+            leaf: 0,
+            queued: false,
+        });
+        match slot.field.kind() {
+            k if k == kind => Ok(slot),
+            holds => Err(holds),
+        }
+    }
+
     /// `(hash, name, slot)` in order.
     fn iter(&self) -> impl Iterator<Item = (u64, &str, &Slot)> {
         self.groups.iter().flat_map(|(&h, g)| g.iter().map(move |(n, s)| (h, &**n, s)))
@@ -767,86 +782,120 @@ impl Document {
         self.vv.next_dot(self.replica)
     }
 
-    fn local_field(&self, key: &str, kind: Kind) -> Result<Option<&Field>, DocError> {
-        match self.get(key) {
-            Some(f) if f.kind() != kind => {
-                Err(DocError::TypeMismatch { key: key.to_owned(), holds: f.kind(), wanted: kind })
-            }
-            other => Ok(other),
-        }
-    }
-
-    fn commit_local(&mut self, key: &str, payload: Field) -> Delta {
+    /// A local write to `key`, which must hold `kind` or nothing: `make` builds the
+    /// write's payload from the key's field (an empty one for a new key), the write's dot
+    /// and the clock. The key is looked up once: the payload is joined into the field
+    /// found, then logged. A type mismatch changes nothing, not even the clock.
+    fn write_local(
+        &mut self,
+        key: &str,
+        kind: Kind,
+        make: &mut dyn FnMut(&Field, Dot, &mut Hlc) -> Field,
+    ) -> Result<Delta, DocError> {
+        let hash = stable_hash(key.as_bytes());
         let dot = self.next_dot();
+        let slot = self.fields.for_write(hash, key, kind).map_err(|holds| DocError::TypeMismatch {
+            key: key.to_owned(),
+            holds,
+            wanted: kind,
+        })?;
+        let payload = make(&slot.field, dot, &mut self.hlc);
+        let none = CausalContext::default();
+        let their_ctx = match &payload {
+            Field::Set(s) => s.context(),
+            _ => &none,
+        };
+        slot.field.join(&self.ctx, &payload, their_ctx);
+        if !slot.queued {
+            slot.queued = true;
+            self.dirty.push(hash);
+        }
+        self.vv.raise(dot.replica, dot.seq);
+        self.ctx.merge(their_ctx);
+        self.ctx.insert_span(Span { replica: dot.replica, first: dot.seq, last: dot.seq });
         // The write continues the logged run and no one else holds its body (a replica
         // clicking one counter): the run takes it in place, no allocation per write.
         if let Some(run) = self.log.run_continued_by(dot.replica, dot.seq, key, &payload) {
             if let Some(body) = Arc::get_mut(&mut run.body) {
                 body.dot = dot;
                 body.payload = payload;
-                let delta = Delta { body: run.body.clone(), first: dot.seq };
-                self.join_delta(&delta);
-                return delta;
+                return Ok(Delta { body: run.body.clone(), first: dot.seq });
             }
         }
         let delta = Delta::new(dot, key, payload);
-        self.apply_now(delta.clone());
-        delta
+        self.log.push(delta.clone(), self.config.log_capacity);
+        Ok(delta)
     }
 
     /// Adds `n` to the G-Counter at `key`.
     pub fn increment(&mut self, key: &str, n: u64) -> Result<Delta, DocError> {
-        let payload = match self.local_field(key, Kind::Counter)? {
-            Some(Field::Counter(c)) => c.increment(self.replica, n),
-            _ => GCounter::default().increment(self.replica, n),
-        };
-        Ok(self.commit_local(key, Field::Counter(payload)))
+        let me = self.replica;
+        self.write_local(key, Kind::Counter, &mut |f, _, _| {
+            Field::Counter(match f {
+                Field::Counter(c) => c.increment(me, n),
+                _ => GCounter::default().increment(me, n),
+            })
+        })
     }
 
     /// Adds `n` (which may be negative) to the PN-Counter at `key`.
     pub fn pn_add(&mut self, key: &str, n: i64) -> Result<Delta, DocError> {
-        let empty = PnCounter::default();
-        let c = match self.local_field(key, Kind::PnCounter)? {
-            Some(Field::PnCounter(c)) => c,
-            _ => &empty,
-        };
-        let payload = if n >= 0 {
-            c.increment(self.replica, n as u64)
-        } else {
-            c.decrement(self.replica, n.unsigned_abs())
-        };
-        Ok(self.commit_local(key, Field::PnCounter(payload)))
+        let me = self.replica;
+        self.write_local(key, Kind::PnCounter, &mut |f, _, _| {
+            let empty = PnCounter::default();
+            let c = if let Field::PnCounter(c) = f { c } else { &empty };
+            Field::PnCounter(if n >= 0 {
+                c.increment(me, n as u64)
+            } else {
+                c.decrement(me, n.unsigned_abs())
+            })
+        })
     }
 
     /// Writes the register at `key`, stamped by this replica's hybrid logical clock given
     /// the current wall-clock reading.
     pub fn set_register(&mut self, key: &str, value: Value, wall_millis: u64) -> Result<Delta, DocError> {
-        self.local_field(key, Kind::Register)?;
-        let ts = self.hlc.tick(wall_millis);
-        Ok(self.commit_local(key, Field::Register(LwwRegister::default().set(ts, value))))
+        let mut value = value;
+        self.write_local(key, Kind::Register, &mut |_, _, hlc| {
+            let ts = hlc.tick(wall_millis);
+            Field::Register(LwwRegister::default().set(ts, std::mem::take(&mut value)))
+        })
     }
 
     /// Adds `v` to the set at `key`.
     pub fn set_add(&mut self, key: &str, v: Value) -> Result<Delta, DocError> {
-        let dot = self.next_dot();
-        let payload = match self.local_field(key, Kind::Set)? {
-            Some(Field::Set(s)) => s.add(dot, v),
-            _ => OrSet::default().add(dot, v),
-        };
-        Ok(self.commit_local(key, Field::Set(payload)))
+        let mut v = v;
+        self.write_local(key, Kind::Set, &mut |f, dot, _| {
+            Field::Set(match f {
+                Field::Set(s) => s.add(dot, std::mem::take(&mut v)),
+                _ => OrSet::default().add(dot, std::mem::take(&mut v)),
+            })
+        })
     }
 
     /// Removes `v` from the set at `key`, as observed here. Removing an absent element is
     /// a no-op that mints no dot (`Ok(None)`).
     pub fn set_remove(&mut self, key: &str, v: &Value) -> Result<Option<Delta>, DocError> {
-        let Some(Field::Set(s)) = self.local_field(key, Kind::Set)? else { return Ok(None) };
-        if !s.contains(v) {
-            return Ok(None);
+        match self.get(key) {
+            Some(Field::Set(s)) if s.contains(v) => {}
+            Some(f) if f.kind() != Kind::Set => {
+                return Err(DocError::TypeMismatch {
+                    key: key.to_owned(),
+                    holds: f.kind(),
+                    wanted: Kind::Set,
+                })
+            }
+            _ => return Ok(None),
         }
         // The remove's own dot enters the document's context when it is applied; the
         // delta's context holds only the dots it retires, which keeps joins cheap.
-        let payload = s.remove(v);
-        Ok(Some(self.commit_local(key, Field::Set(payload))))
+        self.write_local(key, Kind::Set, &mut |f, _, _| {
+            Field::Set(match f {
+                Field::Set(s) => s.remove(v),
+                _ => OrSet::default(),
+            })
+        })
+        .map(Some)
     }
 
     // ---- applying remote deltas ----
