@@ -1036,17 +1036,19 @@ impl Document {
     fn join_field(&mut self, key: &str, theirs: Cow<'_, Field>, their_ctx: &CausalContext) {
         let hash = stable_hash(key.as_bytes());
         let kind = theirs.kind();
-        let seen = |d: &Dot| self.ctx.contains(*d);
-        let movable = match &theirs {
-            Cow::Owned(Field::Set(s)) => !holds_dot(s, &seen),
-            other => matches!(other, Cow::Owned(_)),
-        };
         let mut new = false;
         let slot = self.fields.get_or_insert(hash, key, || {
             new = true;
             Slot { field: Field::empty(kind), others: Vec::new(), leaf: 0, queued: false }
         });
-        if new && movable {
+        let ctx = &self.ctx;
+        let movable = new
+            && match &theirs {
+                Cow::Owned(Field::Set(s)) => !holds_dot(s, &|d| ctx.contains(*d)),
+                Cow::Owned(_) => true,
+                Cow::Borrowed(_) => false,
+            };
+        if movable {
             slot.field = theirs.into_owned();
         } else {
             match slot.get_mut(kind) {
