@@ -467,6 +467,14 @@ struct Slot {
 }
 
 impl Slot {
+    /// Lists this slot's key (by `hash`) in `dirty` for the next Merkle update, once.
+    fn queue(&mut self, hash: u64, dirty: &mut Vec<u64>) {
+        if !self.queued {
+            self.queued = true;
+            dirty.push(hash);
+        }
+    }
+
     fn get_mut(&mut self, kind: Kind) -> Option<&mut Field> {
         if self.field.kind() == kind {
             return Some(&mut self.field);
@@ -591,6 +599,16 @@ fn subsumes(earlier: &Field, later: &Field) -> bool {
         (Field::PnCounter(a), Field::PnCounter(b)) => a.le(b),
         (Field::Register(a), Field::Register(b)) => a.timestamp() <= b.timestamp(),
         _ => false,
+    }
+}
+
+/// The causal context a delta with `payload` carries: a set delta's own (the dots it
+/// adds and retires); counters and registers carry none.
+fn context_of(payload: &Field) -> &CausalContext {
+    static NONE: CausalContext = CausalContext { vv: VersionVector::new(), cloud: SortedSet::new() };
+    match payload {
+        Field::Set(s) => s.context(),
+        _ => &NONE,
     }
 }
 
@@ -800,19 +818,9 @@ impl Document {
             wanted: kind,
         })?;
         let payload = make(&slot.field, dot, &mut self.hlc);
-        let none = CausalContext::default();
-        let their_ctx = match &payload {
-            Field::Set(s) => s.context(),
-            _ => &none,
-        };
-        slot.field.join(&self.ctx, &payload, their_ctx);
-        if !slot.queued {
-            slot.queued = true;
-            self.dirty.push(hash);
-        }
-        self.vv.raise(dot.replica, dot.seq);
-        self.ctx.merge(their_ctx);
-        self.ctx.insert_span(Span { replica: dot.replica, first: dot.seq, last: dot.seq });
+        slot.field.join(&self.ctx, &payload, context_of(&payload));
+        slot.queue(hash, &mut self.dirty);
+        self.advance(Span { replica: dot.replica, first: dot.seq, last: dot.seq }, context_of(&payload));
         // The write continues the logged run and no one else holds its body (a replica
         // clicking one counter): the run takes it in place, no allocation per write.
         if let Some(run) = self.log.run_continued_by(dot.replica, dot.seq, key, &payload) {
@@ -876,16 +884,12 @@ impl Document {
     /// Removes `v` from the set at `key`, as observed here. Removing an absent element is
     /// a no-op that mints no dot (`Ok(None)`).
     pub fn set_remove(&mut self, key: &str, v: &Value) -> Result<Option<Delta>, DocError> {
+        // Absent (no key, or not in the set): nothing to retire, no dot. A key of another
+        // type goes on to `write_local`, which refuses it.
         match self.get(key) {
-            Some(Field::Set(s)) if s.contains(v) => {}
-            Some(f) if f.kind() != Kind::Set => {
-                return Err(DocError::TypeMismatch {
-                    key: key.to_owned(),
-                    holds: f.kind(),
-                    wanted: Kind::Set,
-                })
-            }
-            _ => return Ok(None),
+            None => return Ok(None),
+            Some(Field::Set(s)) if !s.contains(v) => return Ok(None),
+            _ => {}
         }
         // The remove's own dot enters the document's context when it is applied; the
         // delta's context holds only the dots it retires, which keeps joins cheap.
@@ -1013,20 +1017,16 @@ impl Document {
 
     /// Joins a delta that is next in sequence into the fields and clocks.
     fn join_delta(&mut self, delta: &Delta) {
-        let none = CausalContext::default();
-        let their_ctx = match &delta.payload {
-            Field::Set(s) => s.context(),
-            _ => &none,
-        };
-        if let Field::Register(r) = &delta.payload {
-            if let Some(ts) = r.timestamp() {
-                self.hlc.observe(ts);
-            }
-        }
+        let their_ctx = context_of(&delta.payload);
         self.join_field(&delta.key, Cow::Borrowed(&delta.payload), their_ctx);
-        self.vv.raise(delta.dot.replica, delta.dot.seq);
+        self.advance(delta.span(), their_ctx);
+    }
+
+    /// Records the dots of a delta just joined, and the context it carried, as seen.
+    fn advance(&mut self, span: Span, their_ctx: &CausalContext) {
+        self.vv.raise(span.replica, span.last);
         self.ctx.merge(their_ctx);
-        self.ctx.insert_span(delta.span());
+        self.ctx.insert_span(span);
     }
 
     /// Joins `theirs` into the field at `key`. An owned field (a peer's whole field, from
@@ -1034,6 +1034,11 @@ impl Document {
     /// joined into an empty field (a copy), unless it is a set holding a dot this document
     /// has seen (and so removed): the join drops that element.
     fn join_field(&mut self, key: &str, theirs: Cow<'_, Field>, their_ctx: &CausalContext) {
+        if let Field::Register(r) = &*theirs {
+            if let Some(ts) = r.timestamp() {
+                self.hlc.observe(ts);
+            }
+        }
         let hash = stable_hash(key.as_bytes());
         let kind = theirs.kind();
         let mut new = false;
@@ -1061,10 +1066,7 @@ impl Document {
             }
         }
         // A set that ended empty still holds its key (its kind stays fixed).
-        if !slot.queued {
-            slot.queued = true;
-            self.dirty.push(hash);
-        }
+        slot.queue(hash, &mut self.dirty);
     }
 
     // ---- delta sync ----
@@ -1224,18 +1226,10 @@ impl Document {
                     };
                     !ds.is_empty()
                 });
-                if !slot.queued {
-                    slot.queued = true;
-                    self.dirty.push(hash);
-                }
+                slot.queue(hash, &mut self.dirty);
             }
         }
         for (key, f) in fields {
-            if let Field::Register(r) = &f {
-                if let Some(ts) = r.timestamp() {
-                    self.hlc.observe(ts);
-                }
-            }
             self.join_field(&key, Cow::Owned(f), ctx);
         }
         for (r, s) in vv.iter() {
