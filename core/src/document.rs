@@ -1138,6 +1138,33 @@ impl Document {
         self.fields.iter().flat_map(|(_, k, s)| s.fields().map(|f| (k.to_string(), f.clone()))).collect()
     }
 
+    /// Joins `other`, a whole copy of this document from elsewhere (a snapshot, a state
+    /// frame), into this one. A fresh document (nothing applied, nothing buffered) becomes
+    /// `other` under its own replica id, copying nothing; otherwise by `other`'s deltas
+    /// when its log reaches back, else by its state. Every part that can be joined is;
+    /// the first refusal is returned.
+    pub fn merge_document(&mut self, mut other: Document) -> Result<(), DocError> {
+        if self.vv.is_empty() && self.pending.is_empty() {
+            other.reidentify(self.replica);
+            *self = other;
+            return Ok(());
+        }
+        if other.vv.le(&self.vv) {
+            return Ok(());
+        }
+        match other.deltas_since(&self.vv) {
+            Some(ds) => {
+                let mut first = Ok(());
+                for d in ds {
+                    let res = self.apply(d.clone()).map(drop);
+                    first = first.and(res);
+                }
+                first
+            }
+            None => self.merge_state(other.all_fields(), &other.ctx, &other.vv),
+        }
+    }
+
     /// Joins the whole state of a peer — every field it had at version `vv` (context
     /// `ctx`) — then adopts `vv`. Keys the peer did not send are keys it lacks, so it
     /// never saw a dot of them: they stay as they are. A field for a key this document

@@ -175,6 +175,41 @@ fn a_state_moves_into_the_keys_a_fresh_replica_lacks_and_equals_its_source() {
 }
 
 #[test]
+fn merging_a_whole_document_adopts_it_when_fresh_and_joins_it_otherwise() {
+    let mut a = Document::new(A);
+    likes(&mut a, 3);
+    a.set_add("tags", Value::from("x")).unwrap();
+    let (whole, state) = (a.encode(), a.encode_without_log());
+    let copy = || Document::decode(&whole, DocConfig::default()).unwrap();
+
+    // Fresh: becomes a's state, but writes as itself, and a takes that write.
+    let mut fresh = Document::new(B);
+    fresh.merge_document(copy()).unwrap();
+    assert_eq!(fresh, a);
+    assert_eq!(fresh.replica(), B);
+    let mine = likes(&mut fresh, 1);
+    assert_eq!(mine.dot, Dot::new(B, 1));
+    a.apply(mine).unwrap();
+    assert_eq!(a.counter("likes"), 4);
+
+    // Not fresh, and a's log reaches back: joined by deltas, b's own write kept.
+    let mut b = Document::new(B);
+    b.set_add("tags", Value::from("y")).unwrap();
+    b.merge_document(copy()).unwrap();
+    assert_eq!(b.counter("likes"), 3);
+    assert_eq!(b.set_values("tags"), vec![Value::from("x"), Value::from("y")]);
+
+    // Not fresh, and the copy has no log (a state frame): joined by state.
+    let mut c = Document::new(C);
+    c.set_add("tags", Value::from("z")).unwrap();
+    let bare = Document::decode(&state, DocConfig::default()).unwrap();
+    assert!(bare.deltas_since(c.version()).is_none());
+    c.merge_document(bare).unwrap();
+    assert_eq!((c.counter("likes"), c.version().get(A)), (3, 2));
+    assert_eq!(c.set_values("tags"), vec![Value::from("x"), Value::from("z")]);
+}
+
+#[test]
 fn a_set_holding_a_dot_already_seen_is_joined_not_moved_into_a_missing_key() {
     // `b` knows (from a context alone) that a's add was seen and is gone: the element
     // must not come back with a state that still holds it, even for a key `b` lacks.

@@ -149,30 +149,6 @@ fn all_keys(doc: &Document) -> Vec<String> {
     doc.keys().map(str::to_owned).collect()
 }
 
-/// Joins `other` into `base`: a fresh `base` (nothing applied, nothing buffered) becomes
-/// `other` under its own replica id, copying nothing; else by deltas when `other`'s log
-/// reaches back, else by state.
-fn merge_into(base: &mut Document, mut other: Document) {
-    if base.version().is_empty() && base.pending_len() == 0 {
-        other.reidentify(base.replica());
-        *base = other;
-        return;
-    }
-    if other.version().le(base.version()) {
-        return;
-    }
-    match other.deltas_since(base.version()) {
-        Some(ds) => {
-            for d in ds {
-                let _ = base.apply(d.clone());
-            }
-        }
-        None => {
-            let _ = base.merge_state(other.all_fields(), other.context(), other.version());
-        }
-    }
-}
-
 impl Replica {
     /// A replica whose ids (this session's, and a new one after amnesia) come from
     /// `fresh`: random, never reused.
@@ -233,7 +209,7 @@ impl Replica {
         let ok = if snapshot {
             match Document::decode(bytes, DocConfig::default()) {
                 Ok(d) => {
-                    merge_into(&mut e.doc, d);
+                    let _ = e.doc.merge_document(d);
                     true
                 }
                 Err(_) => false,
@@ -458,7 +434,7 @@ impl Replica {
         let Some(e) = self.docs.get_mut(doc) else { return Ok(false) };
         e.doc.check_amnesia(other.version()).map_err(|_| ())?;
         let before = e.doc.version().clone();
-        merge_into(&mut e.doc, other);
+        let _ = e.doc.merge_document(other);
         if e.doc.version() == &before {
             return Ok(false);
         }
