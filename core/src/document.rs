@@ -1139,12 +1139,13 @@ impl Document {
     }
 
     /// Joins `other`, a whole copy of this document from elsewhere (a snapshot, a state
-    /// frame), into this one. A fresh document (nothing applied, nothing buffered) becomes
-    /// `other` under its own replica id, copying nothing; otherwise by `other`'s deltas
-    /// when its log reaches back, else by its state. Every part that can be joined is;
-    /// the first refusal is returned.
+    /// frame), into this one. A fresh document (no field, no dot seen, nothing buffered)
+    /// with the same bounds ([`DocConfig`]) becomes `other` under its own replica id,
+    /// copying nothing; otherwise by `other`'s deltas when its log reaches back, else by
+    /// its state. Every part that can be joined is; the first refusal is returned.
     pub fn merge_document(&mut self, mut other: Document) -> Result<(), DocError> {
-        if self.vv.is_empty() && self.pending.is_empty() {
+        let fresh = self.fields.len() == 0 && self.ctx.is_empty() && self.pending.is_empty();
+        if fresh && self.config == other.config {
             other.reidentify(self.replica);
             *self = other;
             return Ok(());
@@ -1213,7 +1214,7 @@ impl Document {
         for (_, f) in &fields {
             match f {
                 Field::Set(s) => {
-                    if !s.context().vv.is_empty() || !s.context().cloud.is_empty() {
+                    if !s.context().is_empty() {
                         return Err(InvalidState("a set in a state transfer carries its own context").into());
                     }
                     validate_entries(s.entries(), ctx)?;

@@ -323,6 +323,11 @@ pub struct CausalContext {
 }
 
 impl CausalContext {
+    /// Whether no event has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.vv.is_empty() && self.cloud.is_empty()
+    }
+
     /// The context of `dot` alone (what [`Self::insert`] makes of an empty context,
     /// without searching it).
     #[inline]

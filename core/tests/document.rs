@@ -210,6 +210,30 @@ fn merging_a_whole_document_adopts_it_when_fresh_and_joins_it_otherwise() {
 }
 
 #[test]
+fn a_document_is_fresh_only_when_it_knows_nothing_and_keeps_its_own_bounds() {
+    let mut a = Document::new(A);
+    let x = a.set_add("tags", Value::from("x")).unwrap();
+    let y = a.set_add("tags", Value::from("y")).unwrap();
+    let copy = || Document::decode(&a.encode(), DocConfig::default()).unwrap();
+
+    // Empty, but with bounds of its own: it takes a's state and keeps its bounds.
+    let small = DocConfig { log_capacity: 0, ..DocConfig::default() };
+    let mut bounded = Document::with_config(B, small);
+    bounded.merge_document(copy()).unwrap();
+    assert_eq!(bounded.config(), small);
+    assert_eq!((bounded.set_values("tags").len(), bounded.version()), (2, a.version()));
+
+    // No version yet, but its context saw y's dot (and so y's removal): not fresh, and
+    // y does not come back.
+    let mut knows = Document::new(C);
+    knows.merge_state(Vec::new(), &CausalContext::of_dot(y.dot), &VersionVector::new()).unwrap();
+    assert!(knows.version().is_empty());
+    knows.merge_document(copy()).unwrap();
+    assert_eq!(knows.set_values("tags"), vec![Value::from("x")]);
+    assert!(knows.context().contains(x.dot) && knows.context().contains(y.dot));
+}
+
+#[test]
 fn a_set_holding_a_dot_already_seen_is_joined_not_moved_into_a_missing_key() {
     // `b` knows (from a context alone) that a's add was seen and is gone: the element
     // must not come back with a state that still holds it, even for a key `b` lacks.
