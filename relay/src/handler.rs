@@ -245,6 +245,13 @@ pub trait Handler: Send + Sync + 'static {
     fn http_get(&self, _path: &str, _query: Option<&str>) -> Option<(u16, &'static str, Vec<u8>)> {
         None
     }
+
+    /// Whether `credential` (the bearer token of an HTTP request) is an admin
+    /// credential, which unlocks the admin routes (`/metrics`, `/cluster*`) on the public
+    /// listener. The admin listener serves them without one.
+    fn admin_allowed(&self, _credential: &str) -> bool {
+        false
+    }
 }
 
 /// A handler that accepts connections and answers nothing: the relay's placeholder until
