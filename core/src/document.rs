@@ -110,6 +110,14 @@ impl Field {
         }
     }
 
+    /// Joins another piece of the same key's state, as a state transfer splits a large
+    /// set: pieces carry no context of their own, so elements of either survive (their
+    /// union). Pieces of another kind are ignored, as in any join.
+    pub fn absorb_piece(&mut self, piece: Field) {
+        let none = CausalContext::default();
+        self.join(&none, &piece, &none);
+    }
+
     fn validate(&self) -> Result<(), InvalidState> {
         match self {
             Field::Counter(c) => c.validate(),

@@ -1,20 +1,43 @@
 //! Small, stable, non-cryptographic hashing.
 //!
-//! Two uses: [`FxBuild`] for in-memory hash maps (fast, deterministic, no randomness in the
-//! core), and [`stable_hash`] for hashes that cross the wire (Merkle trees, the ring),
-//! which must be identical on every platform and release.
+//! Two uses: [`FxBuild`] for in-memory hash maps (fast), and [`stable_hash`] for hashes
+//! that cross the wire (Merkle trees, the ring), which must be identical on every platform
+//! and release.
 //!
-//! Trade-off, written down: a deterministic map hasher can be flooded by an attacker who
-//! picks colliding keys. Relays bound documents by size and rate, which bounds the damage.
+//! In-memory maps are keyed by remote input (document ids, set elements, key hashes), and
+//! a hasher an attacker can predict can be flooded with colliding keys. The core draws no
+//! randomness itself: a server calls [`set_map_seed`] with a random value once, at start-up,
+//! before it builds any map; every map hasher then starts from that seed. Without a call
+//! the seed is 0 and maps hash deterministically (tests, the browser replica). Hashes that
+//! cross the wire never use it.
 
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The seed every [`FxHasher::default`] starts from (see [`set_map_seed`]).
+static MAP_SEED: AtomicU64 = AtomicU64::new(0);
+
+/// Seeds the hasher of every in-memory map built afterwards. Call it once, first thing:
+/// a map built before the call would no longer find its keys. Later calls are ignored, and
+/// so is 0. Returns whether this call set the seed.
+pub fn set_map_seed(seed: u64) -> bool {
+    seed != 0 && MAP_SEED.compare_exchange(0, seed, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+}
 
 const K: u64 = 0x517c_c1b7_2722_0a95;
 
-/// The rustc "Fx" hash: one multiply and rotate per word.
-#[derive(Default, Clone, Copy)]
+/// The rustc "Fx" hash: one multiply and rotate per word. `default()` starts from the
+/// map seed ([`set_map_seed`]).
+#[derive(Clone, Copy)]
 pub struct FxHasher {
     hash: u64,
+}
+
+impl Default for FxHasher {
+    #[inline]
+    fn default() -> Self {
+        FxHasher { hash: MAP_SEED.load(Ordering::Relaxed) }
+    }
 }
 
 impl FxHasher {

@@ -19,10 +19,13 @@
 //! outstanding; [`Session::tick`] re-subscribes what has not settled.
 
 use super::msg::*;
+use crate::codec::Wire;
 use crate::document::{Delta, DocError, Document, Field};
 use crate::hash::FxHashMap;
 use crate::id::ReplicaId;
 use crate::merkle::{NodeId, DEPTH};
+use crate::orset::{Dots, Entries, OrSet};
+use crate::value::Value;
 use crate::vv::{CausalContext, VersionVector};
 use std::collections::{BTreeMap, HashMap};
 
@@ -871,6 +874,16 @@ impl Session {
         let total = m.keys.len() as u64;
         let per_key: Vec<(u64, Vec<(String, Field)>)> =
             m.keys.iter().map(|&k| (k, doc.fields_by_hash(&[k]))).collect();
+        // A key too large for one frame must go in pieces, and only a counted (whole-state)
+        // transfer tells the receiver when it has every piece: start one instead.
+        let max = self.config.max_frame;
+        if per_key.iter().flat_map(|g| &g.1).any(|(k, f)| field_len(k, f) > max / 2) {
+            let exchange = self.next_exchange;
+            self.next_exchange += 1;
+            st.serving = Some((exchange, doc.version().clone()));
+            out.replies.extend(whole_state(doc, &m.doc, exchange, &self.config));
+            return;
+        }
         let mut done = 0u64;
         let (doc_id, exchange) = (m.doc, m.exchange);
         let msgs = split(0..per_key.len(), self.config.max_frame, &|r| {
@@ -935,7 +948,7 @@ impl Session {
         // this side gained dots after some subtree compared equal. Nothing arrived since
         // (the common case): the plain join is the same and costs O(keys sent).
         let unchanged = c.seen.iter().all(|then| then == doc.context());
-        let fields = std::mem::take(&mut c.fields);
+        let fields = coalesce(std::mem::take(&mut c.fields));
         let merged = if c.chunks > 0 || unchanged {
             doc.merge_state(fields, &c.ctx, &c.vv)
         } else {
@@ -972,55 +985,128 @@ fn answer_subscribe(
 /// The start of a state transfer: the whole state for a small document, else the root of
 /// a Merkle descent. Everything it sends is the state at the document's current version.
 fn start_transfer(doc: &mut Document, doc_id: &str, exchange: u64, cfg: &SessionConfig) -> Vec<Msg> {
-    let start = |children: Vec<u64>, full_chunks: u32, doc: &Document| MerkleStart {
+    if doc.len() <= cfg.full_state_keys {
+        return whole_state(doc, doc_id, exchange, cfg);
+    }
+    debug_assert_eq!(DEPTH, 4);
+    vec![Msg::MerkleStart(MerkleStart {
         doc: doc_id.to_owned(),
         exchange,
         vv: doc.version().clone(),
         ctx: doc.context().clone(),
-        children,
-        full_chunks,
+        children: doc.merkle().children(NodeId::ROOT),
+        full_chunks: 0,
         keys: doc.len() as u64,
-    };
-    if doc.len() <= cfg.full_state_keys {
-        let fields = doc.all_fields();
-        let total = fields.len() as u64;
-        let mut chunks = split(0..fields.len(), cfg.max_frame, &|r| {
-            Msg::State(StateChunk {
-                doc: doc_id.to_owned(),
-                exchange,
-                chunk: 0,
-                answered: Vec::new(),
-                fields: fields[r].to_vec(),
-                done: 0,
-                total,
-            })
-        });
-        if chunks.is_empty() {
-            chunks.push(Msg::State(StateChunk {
-                doc: doc_id.to_owned(),
-                exchange,
-                chunk: 0,
-                answered: Vec::new(),
-                fields: Vec::new(),
-                done: 0,
-                total: 0,
-            }));
+    })]
+}
+
+/// The encoded size of one field with its key, as a state chunk carries it.
+fn field_len(key: &str, field: &Field) -> usize {
+    let mut out = Vec::new();
+    key.to_owned().put(&mut out);
+    field.put(&mut out);
+    out.len()
+}
+
+/// Splits every set whose state would take more than half a frame into pieces that fit,
+/// by element (the receiver joins them again, [`coalesce`]), so that a key of any size
+/// travels in frames below the limit. Other fields are small by construction (counters,
+/// registers whose value is bounded).
+fn pieces(fields: Vec<(String, Field)>, max: usize) -> Vec<(String, Field)> {
+    let budget = (max / 2).max(1);
+    let mut out = Vec::with_capacity(fields.len());
+    for (key, field) in fields {
+        let len = field_len(&key, &field);
+        let Field::Set(set) = &field else {
+            out.push((key, field));
+            continue;
+        };
+        if len <= budget || set.entries().len() < 2 {
+            out.push((key, field));
+            continue;
         }
-        let mut done = 0;
-        for (i, c) in chunks.iter_mut().enumerate() {
-            if let Msg::State(s) = c {
-                s.chunk = i as u32;
-                done += s.fields.len() as u64;
-                s.done = done;
+        let entries: Vec<(Value, Dots)> = set.entries().iter().map(|(v, d)| (v.clone(), d.clone())).collect();
+        let parts = len.div_ceil(budget) + 1;
+        let per = entries.len().div_ceil(parts).max(1);
+        let mut rest = entries.into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut part = Entries::default();
+            for (v, d) in rest.by_ref().take(per) {
+                part.insert(v, d);
+            }
+            out.push((key.clone(), Field::Set(OrSet::from_parts(part, CausalContext::default()))));
+        }
+    }
+    out
+}
+
+/// Joins the pieces of one key that [`pieces`] split (they hold disjoint elements under
+/// no context of their own, so the join is their union); fields arrive in any order.
+fn coalesce(fields: Vec<(String, Field)>) -> Vec<(String, Field)> {
+    let mut keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+    crate::sort::sort(&mut keys);
+    if keys.windows(2).all(|w| w[0] != w[1]) {
+        return fields;
+    }
+    let mut by_key: std::collections::BTreeMap<String, Field> = std::collections::BTreeMap::new();
+    for (key, field) in fields {
+        match by_key.get_mut(&key) {
+            Some(have) => have.absorb_piece(field),
+            None => {
+                by_key.insert(key, field);
             }
         }
-        let mut out = vec![Msg::MerkleStart(start(Vec::new(), chunks.len() as u32, doc))];
-        out.extend(chunks);
-        return out;
     }
-    let children = doc.merkle().children(NodeId::ROOT);
-    debug_assert_eq!(DEPTH, 4);
-    vec![Msg::MerkleStart(start(children, 0, doc))]
+    by_key.into_iter().collect()
+}
+
+/// A counted whole-state transfer: every field of the document (large sets in pieces), in
+/// chunks below the frame limit, preceded by the `MerkleStart` that announces how many.
+fn whole_state(doc: &mut Document, doc_id: &str, exchange: u64, cfg: &SessionConfig) -> Vec<Msg> {
+    let fields = pieces(doc.all_fields(), cfg.max_frame);
+    let total = doc.len() as u64;
+    let mut chunks = split(0..fields.len(), cfg.max_frame, &|r| {
+        Msg::State(StateChunk {
+            doc: doc_id.to_owned(),
+            exchange,
+            chunk: 0,
+            answered: Vec::new(),
+            fields: fields[r].to_vec(),
+            done: 0,
+            total,
+        })
+    });
+    if chunks.is_empty() {
+        chunks.push(Msg::State(StateChunk {
+            doc: doc_id.to_owned(),
+            exchange,
+            chunk: 0,
+            answered: Vec::new(),
+            fields: Vec::new(),
+            done: 0,
+            total: 0,
+        }));
+    }
+    let mut done = 0;
+    for (i, c) in chunks.iter_mut().enumerate() {
+        if let Msg::State(s) = c {
+            s.chunk = i as u32;
+            done += s.fields.len() as u64;
+            s.done = done;
+        }
+    }
+    let start = MerkleStart {
+        doc: doc_id.to_owned(),
+        exchange,
+        vv: doc.version().clone(),
+        ctx: doc.context().clone(),
+        children: Vec::new(),
+        full_chunks: chunks.len() as u32,
+        keys: total,
+    };
+    let mut out = vec![Msg::MerkleStart(start)];
+    out.extend(chunks);
+    out
 }
 
 /// [`split`] for deltas, without cloning them to measure: a batch whose size bound fits
