@@ -39,7 +39,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::handler::Outbox;
+use crate::handler::{Outbox, Overflow};
 use crate::node::{Docs, Node, State};
 
 /// Documents handed off per tick.
@@ -380,7 +380,8 @@ async fn run_link(node: Node, peer: String, addr: String, mut shutdown: tokio::s
         cluster.heartbeat(&peer);
         let (mut sink, mut stream) = ws.split();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8192);
-        let out = Outbox::new(tx, Arc::default(), node.inner.options.max_frame);
+        let overflow = Arc::new(Overflow::default());
+        let out = Outbox::new(tx, overflow.clone(), node.inner.options.max_frame);
         let conn = node.attach_link(&peer, &me, out);
         tracing::info!(%peer, %addr, "peer link up");
         // Re-follow every loaded document this peer should replicate.
@@ -408,6 +409,12 @@ async fn run_link(node: Node, peer: String, addr: String, mut shutdown: tokio::s
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
+                // A frame the link could not carry: reconnect, which subscribes again and
+                // catches up on what was missed.
+                _ = overflow.notify.notified() => {
+                    tracing::warn!(%peer, "peer link could not queue a frame; reconnecting");
+                    break;
+                }
                 frame = rx.recv() => match frame {
                     Some(bytes) => {
                         if sink.send(Message::Binary(bytes.into())).await.is_err() {

@@ -185,12 +185,19 @@ impl Outbox {
         match self.tx.try_send(frame) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.overflow.flag.swap(true, Ordering::AcqRel) {
-                    self.overflow.notify.notify_one();
-                }
+                self.resync();
                 Err(SendError::Full)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError::Closed),
+        }
+    }
+
+    /// Closes the connection with 1013 "resync", as for a slow consumer: for a sender
+    /// that could not deliver something the peer needs, so the peer reconnects and catches
+    /// up instead of silently missing it.
+    pub fn resync(&self) {
+        if !self.overflow.flag.swap(true, Ordering::AcqRel) {
+            self.overflow.notify.notify_one();
         }
     }
 

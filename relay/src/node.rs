@@ -32,7 +32,7 @@ use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{self, Access, Claims};
 use crate::cluster::ClusterView;
-use crate::handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox};
+use crate::handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendError};
 use crate::metrics::Metrics;
 use crate::storage::{Storage, StorageError, WriteOp};
 
@@ -299,7 +299,7 @@ impl Node {
                         let State { docs, conns, .. } = &mut *st;
                         for c in conns.values_mut() {
                             for m in c.session.tick(&mut Docs { docs }) {
-                                let _ = c.out.send(m.encode());
+                                self.send(&c.out, &m);
                             }
                         }
                     }
@@ -408,8 +408,18 @@ impl Node {
         if let Msg::Error(e) = msg {
             self.inner.metrics.error(e.code.name());
         }
-        // Counted by the connection's writer when it goes out.
-        let _ = out.send(bytes);
+        // Sent frames are counted by the connection's writer when they go out. A refusal
+        // means the peer would miss something it needs: it is logged and counted, and the
+        // connection is closed so the peer reconnects and catches up (a full queue closes
+        // it already; a closed one is gone).
+        match out.send(bytes) {
+            Ok(()) | Err(SendError::Closed) | Err(SendError::Full) => {}
+            Err(e @ SendError::TooLarge { .. }) => {
+                tracing::error!(error = %e, "a frame could not be sent; closing the connection so it resyncs");
+                self.inner.metrics.error("frame_too_large");
+                out.resync();
+            }
+        }
     }
 
     fn error(&self, out: &Outbox, code: ErrorCode, doc: Option<&str>, message: String) {
