@@ -842,7 +842,7 @@ export class Client {
     const { urls, token } = this.#opts;
     if (this.#closed || !urls.length || this.#denied) return;
     const gen = ++this.#gen;
-    if (typeof token !== "function") return this.#open(gen, token);
+    if (typeof token !== "function") return this.#dial(gen, token);
     // A token function runs on every (re)connect, so an expired token is replaced.
     clearTimeout(this.#retry);
     this.#retry = setTimeout(() => this.#fail(gen), CONNECT_TIMEOUT_MS);
@@ -854,10 +854,10 @@ export class Client {
     }
     if (value && typeof value.then === "function") {
       value.then(
-        (t) => this.#open(gen, t),
+        (t) => this.#dial(gen, t),
         (e) => this.#tokenFailed(gen, e),
       );
-    } else this.#open(gen, value);
+    } else this.#dial(gen, value);
   }
 
   #tokenFailed(gen, e) {
@@ -866,7 +866,7 @@ export class Client {
     this.#fail(gen);
   }
 
-  #open(gen, token) {
+  #dial(gen, token) {
     if (gen !== this.#gen || this.#closed) return;
     if (token != null && typeof token !== "string") {
       return this.#tokenFailed(gen, new TypeError("it must return a string (or a promise of one)"));
