@@ -944,4 +944,53 @@ weight = 2
         let cfg = parse(&format!("{BASE}auth_secret = \"0123456789abcdef0123456789abcdef\"\n")).unwrap();
         assert!(cfg.warnings().is_empty());
     }
+
+    #[test]
+    fn auth_keys_are_checked_and_errors_name_the_field() {
+        let pem = include_str!("../tests/fixtures/es256-a.pub.pem");
+        let secret = "auth_secret = \"0123456789abcdef0123456789abcdef\"\n";
+        let ok = format!("{BASE}{secret}[[auth.keys]]\nkid = \"idp-1\"\nalg = \"ES256\"\npublic_key = \"\"\"\n{pem}\"\"\"\n");
+        let cfg = parse(&ok).unwrap();
+        assert_eq!(cfg.verify_keys().unwrap()[0].kid(), "idp-1");
+        let key = |body: &str| format!("{BASE}{secret}[[auth.keys]]\n{body}\n");
+        assert_eq!(
+            invalid(&format!(
+                "{BASE}[[auth.keys]]\nkid = \"k\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef\"\n"
+            ))
+            .0,
+            "auth.keys"
+        );
+        assert_eq!(invalid(&key("kid = \"k\"\nalg = \"RS256\"\nsecret = \"x\"")).0, "auth.keys[0].alg");
+        assert_eq!(
+            invalid(&key("kid = \"\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef\"")).0,
+            "auth.keys[0].kid"
+        );
+        assert_eq!(
+            invalid(&key("kid = \"k\"\nalg = \"ES256\"\nsecret = \"0123456789abcdef\"")).0,
+            "auth.keys[0].secret"
+        );
+        assert_eq!(invalid(&key("kid = \"k\"\nalg = \"ES256\"")).0, "auth.keys[0].public_key");
+        assert_eq!(
+            invalid(&key("kid = \"k\"\nalg = \"EdDSA\"\npublic_key = \"garbage\"")).0,
+            "auth.keys[0].public_key"
+        );
+        assert_eq!(
+            invalid(&key("kid = \"k\"\nalg = \"ES256\"\npublic_key_file = \"/nonexistent/k.pem\"")).0,
+            "auth.keys[0].public_key_file"
+        );
+        let twice = format!(
+            "{}[[auth.keys]]\nkid = \"k\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef\"\n",
+            key("kid = \"k\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef\"")
+        );
+        assert_eq!(invalid(&twice).0, "auth.keys[1].kid");
+        assert!(matches!(
+            parse(&key("kid = \"k\"\nalg = \"HS256\"\nsecrett = \"x\"")),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(!format!(
+            "{:?}",
+            parse(&key("kid = \"k\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef-hidden\"")).unwrap().auth
+        )
+        .contains("hidden"));
+    }
 }

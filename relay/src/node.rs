@@ -303,7 +303,7 @@ impl Node {
                 _ = every.tick() => {
                     n += 1;
                     self.expire_writes();
-                    if n % 4 == 0 {
+                    if n.is_multiple_of(4) {
                         let mut st = self.lock();
                         let State { docs, conns, .. } = &mut *st;
                         for c in conns.values_mut() {
