@@ -38,6 +38,20 @@ export function backoff(attempt, random) {
 
 const closedError = () => new Error("this client is closed; call Client.connect() again");
 
+/** The relay refused the token (protocol error UNAUTHORIZED, close 1008). The client
+ * stops reconnecting until `client.reconnect()`: retrying the same token cannot help. */
+export class UnauthorizedError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "UnauthorizedError";
+    /** Always "UNAUTHORIZED". */
+    this.code = "UNAUTHORIZED";
+  }
+}
+
+/** How the wasm replica reports the relay's UNAUTHORIZED error (see wasm/src/replica.rs). */
+const UNAUTHORIZED_PREFIX = "relay error (unauthorized)";
+
 // A listener that throws must not break the caller or the other listeners; rethrow it
 // where it will be reported (an uncaught error in its own task).
 function safeCall(fn, arg) {
@@ -79,7 +93,9 @@ function parseOptions(o) {
   for (const u of urls) {
     if (typeof u !== "string" || !/^wss?:\/\//.test(u)) throw t("urls must hold ws:// or wss:// URL strings");
   }
-  if (o.token != null && typeof o.token !== "string") throw t("token must be a string");
+  if (o.token != null && typeof o.token !== "string" && typeof o.token !== "function") {
+    throw t("token must be a string or a function returning one (or a promise of one)");
+  }
   if (o.persist !== undefined && typeof o.persist !== "boolean") throw t("persist must be a boolean");
   const webSocket = o.webSocket ?? globalThis.WebSocket;
   if (typeof webSocket !== "function" && urls.length) {
@@ -628,6 +644,8 @@ export class Client {
   #lastRx = 0;
   #retry = null;
   #tick = null;
+  /** The UnauthorizedError that stopped reconnecting, or null. */
+  #denied = null;
   // persistence
   #toPersist = []; // [doc, key, bytes] of local writes not yet in IndexedDB
   #dirty = new Set(); // documents changed since their last snapshot
@@ -700,6 +718,18 @@ export class Client {
     return this.#errors.add(fn);
   }
 
+  /** Connects again at once after the relay refused the token (the token function, if
+   * any, is called again), or after a disconnection without waiting for the backoff. */
+  reconnect() {
+    if (this.#closed) throw closedError();
+    this.#denied = null;
+    this.#attempt = 0;
+    clearTimeout(this.#retry);
+    this.#gen++;
+    this.#drop();
+    this.#connect();
+  }
+
   /** Disconnects; writes made so far are still saved. Pending `synced()` reject. */
   close() {
     if (this.#closed) return;
@@ -750,6 +780,7 @@ export class Client {
     if (!this.#opts.urls.length) throw new Error("synced() needs a relay: pass options.urls to Client.connect()");
     const id = handle.waitSynced();
     if (id === undefined) return Promise.resolve();
+    if (this.#denied) return Promise.reject(this.#denied);
     return new Promise((ok, ko) => this.#waiters.set(id, [ok, ko]));
   }
 
@@ -783,7 +814,11 @@ export class Client {
         this.#waiters.get(id)?.[0]();
         this.#waiters.delete(id);
       },
-      error: (message) => this.#error(message),
+      error: (message) => {
+        // Reported when the connection closes: then reconnecting stops.
+        if (message.startsWith(UNAUTHORIZED_PREFIX)) this.#denied ??= new UnauthorizedError(message);
+        else this.#error(message);
+      },
       reidentified: (old) => {
         this.#hex = this.#r.replicaId;
         for (const [doc, keys] of this.#stale) keys.push([doc, old]);
@@ -804,9 +839,39 @@ export class Client {
   }
 
   #connect() {
-    const { urls, webSocket } = this.#opts;
-    if (this.#closed || !urls.length) return;
+    const { urls, token } = this.#opts;
+    if (this.#closed || !urls.length || this.#denied) return;
     const gen = ++this.#gen;
+    if (typeof token !== "function") return this.#dial(gen, token);
+    // A token function runs on every (re)connect, so an expired token is replaced.
+    clearTimeout(this.#retry);
+    this.#retry = setTimeout(() => this.#fail(gen), CONNECT_TIMEOUT_MS);
+    let value;
+    try {
+      value = token();
+    } catch (e) {
+      return this.#tokenFailed(gen, e);
+    }
+    if (value && typeof value.then === "function") {
+      value.then(
+        (t) => this.#dial(gen, t),
+        (e) => this.#tokenFailed(gen, e),
+      );
+    } else this.#dial(gen, value);
+  }
+
+  #tokenFailed(gen, e) {
+    if (gen !== this.#gen || this.#closed) return;
+    this.#error(new Error(`options.token() failed: ${e?.message ?? e}; will retry`));
+    this.#fail(gen);
+  }
+
+  #dial(gen, token) {
+    if (gen !== this.#gen || this.#closed) return;
+    if (token != null && typeof token !== "string") {
+      return this.#tokenFailed(gen, new TypeError("it must return a string (or a promise of one)"));
+    }
+    const { urls, webSocket } = this.#opts;
     let ws;
     try {
       ws = new webSocket(urls[this.#idx % urls.length]);
@@ -819,7 +884,7 @@ export class Client {
     ws.onopen = () => {
       if (gen !== this.#gen) return;
       this.#lastRx = Date.now();
-      this.#r.connected(this.#opts.token);
+      this.#r.connected(token ?? undefined);
       this.#tick = setTimeout(() => this.#onTick(), TICK_MS);
     };
     ws.onmessage = (ev) => {
@@ -827,7 +892,14 @@ export class Client {
       this.#lastRx = Date.now();
       this.#r.relay(new Uint8Array(ev.data));
     };
-    ws.onclose = ws.onerror = () => this.#fail(gen);
+    ws.onclose = (ev) => {
+      // The relay closes a refused Hello with 1008 "unauthorized" (after its Error frame).
+      if (gen === this.#gen && ev?.code === 1008 && ev.reason === "unauthorized") {
+        this.#denied ??= new UnauthorizedError("the relay refused the token (unauthorized)");
+      }
+      this.#fail(gen);
+    };
+    ws.onerror = () => this.#fail(gen);
     this.#ws = ws;
     this.#online = false;
     clearTimeout(this.#retry);
@@ -859,8 +931,17 @@ export class Client {
     if (gen !== this.#gen || this.#closed) return;
     this.#gen++;
     this.#drop();
-    this.#idx++;
     clearTimeout(this.#retry);
+    if (this.#denied) {
+      // Another attempt with the same credentials would be refused again: stop, and
+      // say so once, to the error listeners and to whoever waits for `synced()`.
+      const err = this.#denied;
+      for (const [, [, reject]] of this.#waiters) reject(err);
+      this.#waiters.clear();
+      this.#errors.emit(err);
+      return;
+    }
+    this.#idx++;
     this.#retry = setTimeout(() => this.#connect(), backoff(this.#attempt++, Math.random()));
   }
 

@@ -8,8 +8,9 @@ export type Status = "connecting" | "online" | "offline";
 export interface ConnectOptions {
   /** Relay URLs (`ws://` or `wss://`), in failover order. Empty: local only. */
   urls?: string[];
-  /** Auth token sent to the relay. */
-  token?: string;
+  /** Auth token sent to the relay in its Hello, or a function (sync or async) returning
+   * one, called on every (re)connect so an expired token can be replaced. */
+  token?: string | (() => string | Promise<string>);
   /** Persist documents in IndexedDB where available (default true). */
   persist?: boolean;
   /** WebSocket constructor; default `globalThis.WebSocket` (in Node pass `ws`'s). */
@@ -97,6 +98,19 @@ export class Client {
   readonly status: Status;
   readonly replicaId: string;
   onStatus(fn: (status: Status) => void): () => void;
+  /** Background errors. An `UnauthorizedError` means the relay refused the token: the
+   * client stopped reconnecting (status "offline") until `reconnect()`. */
   onError(fn: (error: Error) => void): () => void;
+  /** Connects again now: after an `UnauthorizedError` (the token function, if any, is
+   * called again), or to skip the reconnect backoff. */
+  reconnect(): void;
   close(): void;
+}
+
+/** The relay refused the token (its protocol error UNAUTHORIZED, close code 1008).
+ * Pending `doc.synced()` promises reject with it and reconnecting stops until
+ * `client.reconnect()`. */
+export class UnauthorizedError extends Error {
+  readonly name: "UnauthorizedError";
+  readonly code: "UNAUTHORIZED";
 }

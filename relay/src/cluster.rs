@@ -228,7 +228,7 @@ pub(crate) async fn tick(node: &Node, n: u64) {
         }
     }
     // Hinted handoff, throttled: a batch of documents every second.
-    if n % 4 == 0 {
+    if n.is_multiple_of(4) {
         let due: Vec<(String, String)> = {
             let st = node.lock();
             st.hints

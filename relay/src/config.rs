@@ -5,8 +5,15 @@
 //! node_id = "a"                 # unique in the cluster
 //! listen = "127.0.0.1:7701"     # WebSocket + HTTP
 //! data_dir = "data/a"
-//! # auth_secret = "..."         # optional; enables token auth
+//! # auth_secret = "..."         # optional; enables token auth (HS256 client tokens)
 //! # web_root = "web-demo"       # optional; serves the demo page
+//!
+//! # [[auth.keys]]               # optional, needs auth_secret: more client token keys,
+//! # kid = "idp-2026-12"         # picked by the `kid` of a token's header
+//! # alg = "ES256"               # ES256 | EdDSA | HS256
+//! # public_key_file = "keys/idp.pem"   # or public_key = "-----BEGIN PUBLIC KEY-----..."
+//! # audience = "concord"        # optional: tokens of this key must name it in `aud`
+//! # (an HS256 key has `secret = "..."` instead of a public key)
 //!
 //! [cluster]                     # optional: without it the node runs alone (N = R = W = 1)
 //! replicas = 3                  # N
@@ -117,6 +124,53 @@ pub struct Config {
     pub standalone: bool,
     /// Resource bounds of the server.
     pub limits: Limits,
+    /// The optional `[auth]` section: further keys for client tokens.
+    pub auth: AuthConfig,
+}
+
+/// The optional `[auth]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Keys that check client tokens whose header names their `kid`. Several may be
+    /// valid at once: add the new key, move issuers to it, then remove the old one.
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+}
+
+/// One `[[auth.keys]]` entry. Exactly one of `public_key` / `public_key_file` for ES256
+/// and EdDSA, `secret` for HS256.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The key id tokens name in their header.
+    pub kid: String,
+    /// `"ES256"`, `"EdDSA"` or `"HS256"`: the only algorithm this key accepts.
+    pub alg: String,
+    /// The public key in PEM (`-----BEGIN PUBLIC KEY-----`).
+    #[serde(default)]
+    pub public_key: Option<String>,
+    /// A file holding the public key in PEM (relative paths: to the working directory).
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    /// The shared secret of an HS256 key.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// When set, tokens checked by this key must carry it in their `aud` claim.
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+impl std::fmt::Debug for KeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("KeyConfig")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("public_key_file", &self.public_key_file)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The `[cluster]` section: Dynamo-style replication parameters and the member list.
@@ -243,6 +297,8 @@ struct RawConfig {
     cluster: Option<ClusterConfig>,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    auth: AuthConfig,
 }
 
 /// Largest accepted `max_frame_bytes` (64 MiB): bigger frames defeat the chunking of
@@ -298,6 +354,7 @@ impl Config {
             cluster,
             standalone,
             limits: raw.limits,
+            auth: raw.auth,
         };
         config.validate()?;
         Ok(config)
@@ -326,6 +383,7 @@ impl Config {
                 ));
             }
         }
+        self.verify_keys()?;
         if let Some(root) = &self.web_root {
             if !root.is_dir() {
                 return Err(ConfigError::invalid(
@@ -336,6 +394,98 @@ impl Config {
         }
         self.validate_cluster()?;
         self.validate_limits()
+    }
+
+    /// The `[[auth.keys]]`, read (key files included) and checked, ready for the relay.
+    pub fn verify_keys(&self) -> Result<Vec<crate::auth::VerifyKey>, ConfigError> {
+        use crate::auth::{KeyAlg, VerifyKey};
+        let keys = &self.auth.keys;
+        if !keys.is_empty() && self.auth_secret.is_none() {
+            return Err(ConfigError::invalid(
+                "auth.keys",
+                "auth.keys needs auth_secret too: it also keys the cluster's peer and admin credentials",
+            ));
+        }
+        let mut kids = HashSet::new();
+        let mut out = Vec::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            let at = |field: &str| format!("auth.keys[{i}].{field}");
+            if k.kid.trim().is_empty() || k.kid.chars().any(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    at("kid"),
+                    format!("{} = {:?} must be non-empty, without whitespace", at("kid"), k.kid),
+                ));
+            }
+            if !kids.insert(k.kid.as_str()) {
+                return Err(ConfigError::invalid(
+                    at("kid"),
+                    format!("{} = {:?} appears twice; each key needs its own kid", at("kid"), k.kid),
+                ));
+            }
+            let alg = KeyAlg::parse(&k.alg).ok_or_else(|| {
+                ConfigError::invalid(
+                    at("alg"),
+                    format!("{} = {:?} is not one of \"ES256\", \"EdDSA\", \"HS256\"", at("alg"), k.alg),
+                )
+            })?;
+            let bad_key = |field: &str, e: crate::auth::AuthError| {
+                ConfigError::invalid(at(field), format!("{}: {e}", at(field)))
+            };
+            let key = match (alg, &k.secret, &k.public_key, &k.public_key_file) {
+                (KeyAlg::HS256, Some(secret), None, None) => {
+                    if secret.len() < 16 {
+                        return Err(ConfigError::invalid(
+                            at("secret"),
+                            format!(
+                                "{} is {} bytes; use at least 32 random bytes",
+                                at("secret"),
+                                secret.len()
+                            ),
+                        ));
+                    }
+                    VerifyKey::hs256(k.kid.clone(), secret.as_bytes()).map_err(|e| bad_key("secret", e))?
+                }
+                (KeyAlg::HS256, _, _, _) => {
+                    return Err(ConfigError::invalid(
+                        at("secret"),
+                        format!("{} is HS256: give it `secret` and no public key", at("alg")),
+                    ))
+                }
+                (_, None, Some(pem), None) => VerifyKey::public_pem(k.kid.clone(), alg, pem.as_bytes())
+                    .map_err(|e| bad_key("public_key", e))?,
+                (_, None, None, Some(path)) => {
+                    let pem = std::fs::read(path).map_err(|e| {
+                        ConfigError::invalid(
+                            at("public_key_file"),
+                            format!(
+                                "{} = {:?} cannot be read: {e}",
+                                at("public_key_file"),
+                                path.display().to_string()
+                            ),
+                        )
+                    })?;
+                    VerifyKey::public_pem(k.kid.clone(), alg, &pem)
+                        .map_err(|e| bad_key("public_key_file", e))?
+                }
+                (_, Some(_), _, _) => {
+                    return Err(ConfigError::invalid(
+                        at("secret"),
+                        format!("{} is {}: it takes a public key, not a secret", at("alg"), alg.name()),
+                    ))
+                }
+                _ => {
+                    return Err(ConfigError::invalid(
+                        at("public_key"),
+                        format!("{} needs exactly one of public_key or public_key_file", at("kid")),
+                    ))
+                }
+            };
+            out.push(match &k.audience {
+                Some(aud) => key.with_audience(aud.clone()),
+                None => key,
+            });
+        }
+        Ok(out)
     }
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {
@@ -793,5 +943,54 @@ weight = 2
         assert!(cfg.warnings()[0].contains("OPEN"));
         let cfg = parse(&format!("{BASE}auth_secret = \"0123456789abcdef0123456789abcdef\"\n")).unwrap();
         assert!(cfg.warnings().is_empty());
+    }
+
+    #[test]
+    fn auth_keys_are_checked_and_errors_name_the_field() {
+        let pem = include_str!("../tests/fixtures/es256-a.pub.pem");
+        let secret = "auth_secret = \"0123456789abcdef0123456789abcdef\"\n";
+        let ok = format!("{BASE}{secret}[[auth.keys]]\nkid = \"idp-1\"\nalg = \"ES256\"\npublic_key = \"\"\"\n{pem}\"\"\"\n");
+        let cfg = parse(&ok).unwrap();
+        assert_eq!(cfg.verify_keys().unwrap()[0].kid(), "idp-1");
+        let key = |body: &str| format!("{BASE}{secret}[[auth.keys]]\n{body}\n");
+        assert_eq!(
+            invalid(&format!(
+                "{BASE}[[auth.keys]]\nkid = \"k\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef\"\n"
+            ))
+            .0,
+            "auth.keys"
+        );
+        assert_eq!(invalid(&key("kid = \"k\"\nalg = \"RS256\"\nsecret = \"x\"")).0, "auth.keys[0].alg");
+        assert_eq!(
+            invalid(&key("kid = \"\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef\"")).0,
+            "auth.keys[0].kid"
+        );
+        assert_eq!(
+            invalid(&key("kid = \"k\"\nalg = \"ES256\"\nsecret = \"0123456789abcdef\"")).0,
+            "auth.keys[0].secret"
+        );
+        assert_eq!(invalid(&key("kid = \"k\"\nalg = \"ES256\"")).0, "auth.keys[0].public_key");
+        assert_eq!(
+            invalid(&key("kid = \"k\"\nalg = \"EdDSA\"\npublic_key = \"garbage\"")).0,
+            "auth.keys[0].public_key"
+        );
+        assert_eq!(
+            invalid(&key("kid = \"k\"\nalg = \"ES256\"\npublic_key_file = \"/nonexistent/k.pem\"")).0,
+            "auth.keys[0].public_key_file"
+        );
+        let twice = format!(
+            "{}[[auth.keys]]\nkid = \"k\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef\"\n",
+            key("kid = \"k\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef\"")
+        );
+        assert_eq!(invalid(&twice).0, "auth.keys[1].kid");
+        assert!(matches!(
+            parse(&key("kid = \"k\"\nalg = \"HS256\"\nsecrett = \"x\"")),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(!format!(
+            "{:?}",
+            parse(&key("kid = \"k\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef-hidden\"")).unwrap().auth
+        )
+        .contains("hidden"));
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! concord-relay [--config FILE] [--listen ADDR] [--data-dir DIR] [--node-id ID] [--log-json]
-//! concord-relay token (--secret S | --config FILE) --doc PATTERN [--write] --ttl 1h
+//! concord-relay token (--secret S | --config FILE) --doc PATTERN [--write] [--kid K] --ttl 1h
+//! concord-relay token (--secret S | --config FILE) --admin --ttl 1h
 //! ```
 
 use std::io::{IsTerminal, Write};
@@ -23,7 +24,8 @@ use tokio::net::TcpListener;
 const USAGE: &str = "\
 usage:
   concord-relay [--config FILE] [--listen ADDR] [--data-dir DIR] [--node-id ID] [--log-json]
-  concord-relay token (--secret S | --config FILE) --doc PATTERN [--write] --ttl TTL
+  concord-relay token (--secret S | --config FILE) --doc PATTERN [--write] [--kid K] --ttl TTL
+  concord-relay token (--secret S | --config FILE) --admin --ttl TTL
 
   --config FILE   relay config (TOML, see DESIGN.md); without it: a standalone node
   --listen ADDR   override `listen` (e.g. 127.0.0.1:0 for any free port)
@@ -31,9 +33,12 @@ usage:
   --node-id ID    override `node_id`
   --log-json      log JSON lines instead of human-readable text (RUST_LOG filters)
 
-  token: print a signed access token
+  token: print a signed token (an HS256 JWT) as the last word of stdout
   --doc PATTERN   a document id, or a prefix ending in `*` (e.g. 'board-*')
   --write         grant read-write (default: read-only)
+  --kid K         sign for the HS256 key K of [[auth.keys]] (its secret: --secret, or
+                  looked up in --config) instead of auth_secret
+  --admin         an admin credential (for the admin HTTP routes) instead of a client token
   --ttl TTL       lifetime: a number with unit s, m, h or d (e.g. 1h)";
 
 #[derive(Debug, Default)]
@@ -49,6 +54,8 @@ struct TokenArgs {
     config: Option<PathBuf>,
     doc: Option<String>,
     write: bool,
+    kid: Option<String>,
+    admin: bool,
     ttl: Option<String>,
 }
 
@@ -122,6 +129,8 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
             (true, "--config") => tok.config = Some(value(flag)?.into()),
             (true, "--doc") => tok.doc = Some(value(flag)?),
             (true, "--write") => tok.write = true,
+            (true, "--kid") => tok.kid = Some(value(flag)?),
+            (true, "--admin") => tok.admin = true,
             (true, "--ttl") => tok.ttl = Some(value(flag)?),
             (_, other) => return Err(format!("unknown argument `{other}`")),
         }
@@ -157,20 +166,47 @@ fn unix_now() -> u64 {
 }
 
 fn token(t: TokenArgs) -> anyhow::Result<String> {
-    let secret = match (t.secret, t.config) {
-        (Some(s), _) => s,
-        (None, Some(path)) => Config::load(&path, &Overrides::default())
-            .map_err(|e| anyhow::anyhow!("config error: {e}"))?
-            .auth_secret
-            .context("the config has no auth_secret")?,
-        (None, None) => anyhow::bail!("token needs --secret S or --config FILE"),
+    let config = match &t.config {
+        Some(path) => Some(
+            Config::load(path, &Overrides::default()).map_err(|e| anyhow::anyhow!("config error: {e}"))?,
+        ),
+        None => None,
+    };
+    let secret = match (t.secret, &config, &t.kid) {
+        (Some(s), _, _) => s,
+        (None, Some(config), Some(kid)) => {
+            let key = config
+                .auth
+                .keys
+                .iter()
+                .find(|k| &k.kid == kid)
+                .with_context(|| format!("the config has no [[auth.keys]] with kid = {kid:?}"))?;
+            key.secret.clone().with_context(|| {
+                format!("key {kid:?} is {}: the relay only has its public key; tokens for it come from its issuer", key.alg)
+            })?
+        }
+        (None, Some(config), None) => config.auth_secret.clone().context("the config has no auth_secret")?,
+        (None, None, _) => anyhow::bail!("token needs --secret S or --config FILE"),
     };
     anyhow::ensure!(!secret.is_empty(), "--secret must not be empty");
-    let doc = t.doc.context("token needs --doc PATTERN (e.g. 'board-*')")?;
     let ttl = parse_ttl(&t.ttl.context("token needs --ttl (e.g. 1h)")?).map_err(anyhow::Error::msg)?;
+    let now = unix_now();
+    if t.admin {
+        anyhow::ensure!(t.doc.is_none() && !t.write, "--admin takes no --doc nor --write");
+        anyhow::ensure!(
+            t.kid.is_none(),
+            "--admin takes no --kid: admin credentials are keyed by auth_secret"
+        );
+        return Ok(auth::Keyring::new(secret.as_bytes(), Vec::new()).admin_credential(now, ttl)?);
+    }
+    let doc = t.doc.context("token needs --doc PATTERN (e.g. 'board-*')")?;
     let access = if t.write { Access::ReadWrite } else { Access::Read };
-    let claims = Claims::new(doc, access, unix_now().saturating_add(ttl))?;
-    Ok(auth::sign(secret.as_bytes(), &claims))
+    let mut claims = Claims::new(doc, access, now.saturating_add(ttl))?;
+    claims.issued_at = Some(now);
+    Ok(match &t.kid {
+        Some(kid) => auth::sign_with_kid(secret.as_bytes(), kid, &claims)?,
+        None => auth::sign(secret.as_bytes(), &claims)?,
+    })
 }
 
 fn init_logging(json: bool) {
@@ -241,6 +277,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let options = NodeOptions {
         auth_secret: config.auth_secret.as_ref().map(|s| s.as_bytes().to_vec()),
+        auth_keys: config.verify_keys().map_err(|e| anyhow::anyhow!("config error: {e}"))?,
         doc_cache_capacity: config.limits.doc_cache_capacity,
         max_frame: config.limits.max_frame_bytes,
         node_id: config.node_id.clone(),
@@ -339,6 +376,36 @@ mod tests {
         let claims = auth::verify(b"s", &token, unix_now()).unwrap();
         assert_eq!(claims.access, Access::ReadWrite);
         assert!(claims.expires_at > unix_now() + 3500);
+    }
+
+    #[test]
+    fn an_admin_credential_is_minted_for_the_admin_key_only() {
+        let Command::Token(t) = parse_args(&args("token --secret s --admin --ttl 10m")).unwrap() else {
+            panic!("expected token")
+        };
+        let credential = token(t).unwrap();
+        let keys = auth::Keyring::new(b"s", Vec::new());
+        assert!(keys.verify_admin(&credential, unix_now()).is_ok());
+        assert!(keys.verify_client(&credential, unix_now()).is_err());
+        let Command::Token(t) = parse_args(&args("token --secret s --admin --doc x --ttl 10m")).unwrap()
+        else {
+            panic!("expected token")
+        };
+        assert!(token(t).is_err());
+    }
+
+    #[test]
+    fn a_token_for_a_kid_is_checked_by_that_key() {
+        let Command::Token(t) =
+            parse_args(&args("token --secret rotated-secret-0001 --kid hs-2 --doc d --ttl 1h")).unwrap()
+        else {
+            panic!("expected token")
+        };
+        let token = token(t).unwrap();
+        let key = auth::VerifyKey::hs256("hs-2", b"rotated-secret-0001").unwrap();
+        let keys = auth::Keyring::new(b"s", vec![key]);
+        assert_eq!(keys.verify_client(&token, unix_now()).unwrap().pattern, "d");
+        assert!(auth::verify(b"s", &token, unix_now()).is_err());
     }
 
     #[test]

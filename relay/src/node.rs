@@ -30,7 +30,7 @@ use concord_core::{CausalContext, Delta, DocConfig, Document, ReplicaId, Span, V
 
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::auth::{self, Access, Claims};
+use crate::auth::{Access, AuthError, Claims, Keyring, VerifyKey};
 use crate::cluster::ClusterView;
 use crate::handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendError};
 use crate::metrics::Metrics;
@@ -41,7 +41,8 @@ const SNAPSHOT_EVERY: u64 = 512;
 /// Frames of one connection whose writes may be waiting for their commit at once; the
 /// connection's next frame is read only when one of them is durable.
 pub const MAX_UNCOMMITTED_FRAMES: usize = 32;
-/// Prefix of the `Hello` token of a relay peer link.
+/// Prefix of the `Hello` token of a relay peer link: `peer:<credential>` with a secret
+/// (see [`crate::auth::Keyring::peer_credential`]), `peer:<node id>` without.
 pub const PEER_TOKEN_PREFIX: &str = "peer:";
 
 /// Settings of a node's sync handler.
@@ -49,6 +50,9 @@ pub const PEER_TOKEN_PREFIX: &str = "peer:";
 pub struct NodeOptions {
     /// With a secret, every connection must present a valid token in its `Hello`.
     pub auth_secret: Option<Vec<u8>>,
+    /// Further keys for client tokens, selected by the `kid` of a token's header (used
+    /// only with a secret, which also keys the peer and admin credentials).
+    pub auth_keys: Vec<VerifyKey>,
     /// Documents kept in memory (documents with subscribers are never unloaded).
     pub doc_cache_capacity: usize,
     /// Frame limit, passed to sessions so they chunk below it.
@@ -66,6 +70,7 @@ impl Default for NodeOptions {
     fn default() -> Self {
         Self {
             auth_secret: None,
+            auth_keys: Vec::new(),
             doc_cache_capacity: 1024,
             max_frame: 256 * 1024,
             doc_config: DocConfig::default(),
@@ -147,6 +152,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) options: NodeOptions,
     pub(crate) cluster: Option<ClusterView>,
+    /// Every key, when a secret is set; `None` runs open.
+    auth: Option<Keyring>,
     state: Mutex<State>,
     /// Where the storage writer reports commits (see [`Node::on_durable`]).
     durable: Arc<Mutex<Vec<Durable>>>,
@@ -238,11 +245,13 @@ impl Node {
             state.stored.insert(doc);
         }
         let completed = storage.completed();
+        let auth = options.auth_secret.as_deref().map(|s| Keyring::new(s, options.auth_keys.clone()));
         let node = Node {
             inner: Arc::new(Inner {
                 replica,
                 storage,
                 metrics,
+                auth,
                 options,
                 cluster,
                 state: Mutex::new(state),
@@ -294,7 +303,7 @@ impl Node {
                 _ = every.tick() => {
                     n += 1;
                     self.expire_writes();
-                    if n % 4 == 0 {
+                    if n.is_multiple_of(4) {
                         let mut st = self.lock();
                         let State { docs, conns, .. } = &mut *st;
                         for c in conns.values_mut() {
@@ -434,56 +443,69 @@ impl Node {
         }
     }
 
-    /// The token a peer link presents.
+    /// The token a peer link presents: a fresh, short-lived peer credential.
     pub(crate) fn peer_token(&self, me: &str) -> String {
-        match &self.inner.options.auth_secret {
+        match &self.inner.auth {
             None => format!("{PEER_TOKEN_PREFIX}{me}"),
-            Some(secret) => {
-                let claims =
-                    Claims::new("*", Access::ReadWrite, u64::MAX / 2).unwrap_or_else(|_| unreachable!());
-                format!("{PEER_TOKEN_PREFIX}{me}:{}", auth::sign(secret, &claims))
-            }
+            Some(keys) => match keys.peer_credential(me, unix_now()) {
+                Ok(credential) => format!("{PEER_TOKEN_PREFIX}{credential}"),
+                Err(e) => {
+                    // Cannot happen with a derived 32-byte key; the peer refuses the link.
+                    tracing::error!(error = %e, "cannot sign a peer credential");
+                    PEER_TOKEN_PREFIX.to_owned()
+                }
+            },
         }
     }
 
-    /// Checks a `Hello`: peers identify themselves, clients need a token when a secret is
-    /// set. Returns the peer node id for peer links.
-    fn authenticate(&self, c: &mut ConnEntry, token: Option<&str>) -> Result<(), CloseReason> {
-        if let Some(rest) = token.and_then(|t| t.strip_prefix(PEER_TOKEN_PREFIX)) {
-            let (node, signed) = match rest.split_once(':') {
-                Some((n, s)) => (n, Some(s)),
-                None => (rest, None),
-            };
-            if let Some(secret) = &self.inner.options.auth_secret {
-                let ok = signed.map(|s| auth::verify(secret, s, unix_now())).is_some_and(|r| r.is_ok());
-                if !ok {
-                    self.error(&c.out, ErrorCode::UNAUTHORIZED, None, "peer token rejected".into());
-                    return Err(CloseReason::policy("unauthorized"));
-                }
-                c.claims = Claims::new("*", Access::ReadWrite, u64::MAX / 2).ok();
-            }
-            c.peer = Some(node.to_owned());
-            return Ok(());
+    /// `node` when it is another member of this node's cluster.
+    fn cluster_member(&self, node: String) -> Result<String, AuthError> {
+        match &self.inner.cluster {
+            Some(cluster) if cluster.peers.contains_key(&node) => Ok(node),
+            _ => Err(AuthError::UnknownPeer { node }),
         }
-        let Some(secret) = &self.inner.options.auth_secret else { return Ok(()) };
-        match token.map(|t| auth::verify(secret, t, unix_now())) {
+    }
+
+    /// Answers UNAUTHORIZED and closes with 1008.
+    fn refuse(&self, c: &ConnEntry, message: String) -> Result<(), CloseReason> {
+        self.error(&c.out, ErrorCode::UNAUTHORIZED, None, message);
+        Err(CloseReason::policy("unauthorized"))
+    }
+
+    /// Checks a `Hello`. A `peer:` token must carry a peer credential (derived peer key,
+    /// `kind: "peer"`, naming another cluster member) when a secret is set, and name a
+    /// member without; no client token can pass for one. Anything else is a client, who
+    /// needs a valid client token when a secret is set.
+    fn authenticate(&self, c: &mut ConnEntry, token: Option<&str>) -> Result<(), CloseReason> {
+        let now = unix_now();
+        if let Some(rest) = token.and_then(|t| t.strip_prefix(PEER_TOKEN_PREFIX)) {
+            let node = match &self.inner.auth {
+                None => Ok(rest.to_owned()),
+                Some(keys) => keys.verify_peer(rest, now).map(|p| p.node),
+            }
+            .and_then(|node| self.cluster_member(node));
+            return match node {
+                Ok(node) => {
+                    if self.inner.auth.is_some() {
+                        c.claims = Claims::new("*", Access::ReadWrite, u64::MAX / 2).ok();
+                    }
+                    c.peer = Some(node);
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "refused a peer link");
+                    self.refuse(c, format!("peer credential rejected: {e}"))
+                }
+            };
+        }
+        let Some(keys) = &self.inner.auth else { return Ok(()) };
+        match token.map(|t| keys.verify_client(t, now)) {
             Some(Ok(claims)) => {
                 c.claims = Some(claims);
                 Ok(())
             }
-            Some(Err(e)) => {
-                self.error(&c.out, ErrorCode::UNAUTHORIZED, None, format!("{e}"));
-                Err(CloseReason::policy("unauthorized"))
-            }
-            None => {
-                self.error(
-                    &c.out,
-                    ErrorCode::UNAUTHORIZED,
-                    None,
-                    "this relay requires a token in Hello; ask your server for one".into(),
-                );
-                Err(CloseReason::policy("unauthorized"))
-            }
+            Some(Err(e)) => self.refuse(c, e.to_string()),
+            None => self.refuse(c, "this relay requires a token in Hello; ask your server for one".into()),
         }
     }
 
@@ -502,7 +524,7 @@ impl Node {
     ) -> Result<(), CloseReason> {
         if let Msg::Hello(h) = &msg {
             self.authenticate(c, h.token.as_deref())?;
-        } else if self.inner.options.auth_secret.is_some() {
+        } else if self.inner.auth.is_some() {
             if let Some(doc) = msg.doc() {
                 let allowed = match &c.claims {
                     Some(claims) => claims.check(doc, Self::needs(&msg)).map_err(|e| e.to_string()),
@@ -1089,6 +1111,12 @@ impl Handler for Node {
 
     fn http_get(&self, path: &str, query: Option<&str>) -> Option<(u16, &'static str, Vec<u8>)> {
         crate::cluster::http_get_route(self, path, query)
+    }
+
+    /// An admin credential: `kind: "admin"`, signed with the admin key derived from the
+    /// secret, not expired. Without a secret there is none.
+    fn admin_allowed(&self, credential: &str) -> bool {
+        self.inner.auth.as_ref().is_some_and(|keys| keys.verify_admin(credential, unix_now()).is_ok())
     }
 
     async fn flush(&self) {

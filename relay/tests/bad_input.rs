@@ -22,7 +22,7 @@ fn now() -> u64 {
 }
 
 fn token(pattern: &str, access: Access, expires_at: u64) -> String {
-    auth::sign(SECRET.as_bytes(), &Claims::new(pattern, access, expires_at).unwrap())
+    auth::sign(SECRET.as_bytes(), &Claims::new(pattern, access, expires_at).unwrap()).unwrap()
 }
 
 fn write_config(dir: &Path, extra: &str) -> String {
@@ -154,7 +154,8 @@ async fn forged_expired_and_missing_tokens_are_unauthorized_and_closed() {
     let cfg = write_config(&dir, &format!("auth_secret = \"{SECRET}\""));
     let relay = Relay::start(&dir, &["--config", &cfg]);
     let mut other = bystander(&relay, Some(token("other", Access::ReadWrite, now() + 3600))).await;
-    let forged = auth::sign(b"not-the-secret", &Claims::new("doc", Access::ReadWrite, now() + 3600).unwrap());
+    let forged =
+        auth::sign(b"not-the-secret", &Claims::new("doc", Access::ReadWrite, now() + 3600).unwrap()).unwrap();
     let expired = token("doc", Access::ReadWrite, now() - 10);
     for tok in [Some(forged), Some(expired), None, Some("garbage".to_string())] {
         let mut c = Client::new(1);
