@@ -69,10 +69,22 @@ impl Handler for Echo {
     async fn flush(&self) {
         self.flushed.store(true, Ordering::SeqCst);
     }
+
+    fn http_get(&self, path: &str, _query: Option<&str>) -> Option<(u16, &'static str, Vec<u8>)> {
+        (path == "/cluster").then(|| (200, "application/json", b"{\"node\":\"test-node\"}".to_vec()))
+    }
+
+    fn admin_allowed(&self, credential: &str) -> bool {
+        credential == ADMIN_CREDENTIAL
+    }
 }
+
+/// The one credential the test handler accepts for admin routes.
+const ADMIN_CREDENTIAL: &str = "let-me-in";
 
 struct TestServer {
     addr: SocketAddr,
+    admin: SocketAddr,
     handler: Arc<Echo>,
     metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
@@ -83,6 +95,7 @@ impl TestServer {
     async fn start(limits: Limits, web_root: Option<PathBuf>) -> TestServer {
         let mut config = Config::from_overrides(&Overrides {
             listen: Some("127.0.0.1:0".into()),
+            admin_listen: None,
             data_dir: Some(std::env::temp_dir().join("concord-unused")),
             node_id: Some("test-node".into()),
         })
@@ -91,6 +104,8 @@ impl TestServer {
         config.web_root = web_root;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = admin_listener.local_addr().unwrap();
         let handler = Arc::new(Echo::default());
         let metrics = Arc::new(Metrics::new());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -98,13 +113,25 @@ impl TestServer {
             let handler = handler.clone();
             let metrics = metrics.clone();
             async move {
+                let (admin_stop, admin_stopped) = oneshot::channel::<()>();
+                let admin_task = tokio::spawn({
+                    let (config, handler, metrics) = (config.clone(), handler.clone(), metrics.clone());
+                    async move {
+                        concord_relay::server::run_admin(admin_listener, &config, handler, metrics, async {
+                            let _ = admin_stopped.await;
+                        })
+                        .await;
+                    }
+                });
                 concord_relay::server::run(listener, &config, handler, metrics, async {
                     let _ = stopped.await;
                 })
                 .await;
+                let _ = admin_stop.send(());
+                admin_task.await.expect("admin listener task");
             }
         });
-        TestServer { addr, handler, metrics, stop: Some(stop), task }
+        TestServer { addr, admin, handler, metrics, stop: Some(stop), task }
     }
 
     async fn ws(&self) -> Client {
@@ -189,7 +216,7 @@ async fn metrics_are_prometheus_text() {
     let mut ws = server.ws().await;
     ws.send(Message::binary(b"hi".to_vec())).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(b"hi".to_vec()));
-    let (status, head, body) = server.get("/metrics").await;
+    let (status, head, body) = http(server.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status, 200);
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     let text = String::from_utf8(body).unwrap();
