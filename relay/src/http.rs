@@ -552,6 +552,12 @@ mod tests {
         }
 
         proptest! {
+            // Cheap cases: thousands of them, whatever smaller count the environment asks.
+            #![proptest_config(ProptestConfig {
+                cases: ProptestConfig::default().cases.max(4096),
+                ..ProptestConfig::default()
+            })]
+
             #[test]
             fn the_head_parser_never_panics_and_types_every_rejection(bytes in head_bytes()) {
                 match parse_head(&bytes) {
