@@ -592,7 +592,7 @@ mod tests {
                 let s = String::from_utf8_lossy(&bytes);
                 match percent_decode(&s) {
                     Ok(d) => prop_assert!(d.len() <= s.len()),
-                    Err(_) => {}
+                    Err(e) => prop_assert!(matches!(e, DecodeError::BadEscape | DecodeError::NotUtf8)),
                 }
             }
         }
