@@ -7,6 +7,8 @@
 //                            [--relay PATH] [--no-build]
 //
 // Relays listen on base-port .. base-port+nodes-1, the admin endpoint on base-port-1.
+// Each relay's own admin listener (/cluster*, /metrics, /healthz; loopback only, not
+// reachable from the page) is on its port + 100; the endpoint below proxies it.
 // Everything lives under DIR (default <repo>/data, gitignored): DIR/<id>/ the relay's
 // storage, DIR/<id>.toml its config, DIR/logs/<id>.log its log, DIR/www/ the served page.
 // A second start reuses DIR, so documents survive restarts.
@@ -36,6 +38,8 @@ const HOST = "127.0.0.1";
 const READY_TIMEOUT_MS = 20_000;
 const STOP_GRACE_MS = 15_000;
 const PROBE_TIMEOUT_MS = 800;
+/** A relay's admin listener is on its port + this. */
+const RELAY_ADMIN_OFFSET = 100;
 
 const USAGE = `usage: node scripts/cluster.mjs [options]
   --base-port P   first relay port (default 7701); the admin endpoint takes P-1
@@ -74,7 +78,7 @@ function parseArgs(argv) {
   }
   o.replicas ??= Math.min(3, o.nodes);
   if (o.replicas > o.nodes) fail(`--replicas ${o.replicas} exceeds --nodes ${o.nodes}`);
-  if (o.basePort + o.nodes - 1 > 65_535) fail(`--base-port ${o.basePort} leaves no room for ${o.nodes} relays`);
+  if (o.basePort + o.nodes - 1 + RELAY_ADMIN_OFFSET > 65_535) fail(`--base-port ${o.basePort} leaves no room for ${o.nodes} relays`);
   return o;
 }
 
@@ -176,6 +180,7 @@ function relayConfig(node, nodes, opts, www) {
     "# Written by scripts/cluster.mjs at every start; edits are overwritten.",
     `node_id = ${tomlString(node.id)}`,
     `listen = ${tomlString(node.addr)}`,
+    `admin_listen = ${tomlString(node.adminAddr)}`,
     `data_dir = ${tomlString(node.dataDir)}`,
     `web_root = ${tomlString(www)}`,
     "",
@@ -318,7 +323,7 @@ function probe(addr, path) {
 async function fromAnyRunning(relays, path) {
   for (const r of relays) {
     if (!r.listening) continue;
-    const body = await probe(r.addr, path);
+    const body = await probe(r.adminAddr, path);
     if (body) return body;
   }
   return null;
@@ -334,7 +339,7 @@ function adminServer(relays, opts) {
       const nodes = await Promise.all(
         relays.map(async (r) => {
           const [health, cluster] = r.listening
-            ? await Promise.all([probe(r.addr, "/healthz"), probe(r.addr, "/cluster")])
+            ? await Promise.all([probe(r.adminAddr, "/healthz"), probe(r.adminAddr, "/cluster")])
             : [null, null];
           return { ...r.info(), health, cluster };
         }),
@@ -415,11 +420,13 @@ async function main() {
     id,
     port: opts.basePort + i,
     addr: `${HOST}:${opts.basePort + i}`,
+    adminPort: opts.basePort + i + RELAY_ADMIN_OFFSET,
+    adminAddr: `${HOST}:${opts.basePort + i + RELAY_ADMIN_OFFSET}`,
     dataDir: join(opts.data, id),
     configPath: join(opts.data, `${id}.toml`),
   }));
   try {
-    await Promise.all([adminPort, ...nodes.map((n) => n.port)].map(checkPortFree));
+    await Promise.all([adminPort, ...nodes.flatMap((n) => [n.port, n.adminPort])].map(checkPortFree));
   } catch (e) {
     fail(e.message);
   }

@@ -40,6 +40,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::handler::{Outbox, Overflow};
+use crate::http::{query_param, query_value};
 use crate::node::{Docs, Node, State};
 
 /// Documents handed off per tick.
@@ -453,47 +454,6 @@ async fn run_link(node: Node, peer: String, addr: String, mut shutdown: tokio::s
     }
 }
 
-/// Escapes a string for JSON.
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Cluster introspection routes: `/cluster` (this node's view: peers, health, hints),
 /// `/cluster/owners?doc=ID` (preference list and position), `/cluster/ring` (tokens),
 /// and `/cluster/docset?peer=ID&q=HEX` (anti-entropy: answers a document-set query).
@@ -503,6 +463,7 @@ pub(crate) fn http_get_route(
     query: Option<&str>,
 ) -> Option<(u16, &'static str, Vec<u8>)> {
     const JSON: &str = "application/json";
+    const TEXT: &str = "text/plain; charset=utf-8";
     if !path.starts_with("/cluster") {
         return None;
     }
@@ -515,7 +476,7 @@ pub(crate) fn http_get_route(
                 let st = node.lock();
                 (st.links.clone(), st.hints.values().map(BTreeMap::len).sum::<usize>(), st.stored.len())
             };
-            let peers: Vec<String> = cluster
+            let peers: Vec<serde_json::Value> = cluster
                 .peers
                 .iter()
                 .map(|(id, addr)| {
@@ -524,41 +485,39 @@ pub(crate) fn http_get_route(
                         Health::Up | Health::Suspect => "suspect",
                         Health::Down => "down",
                     };
-                    format!("{{\"id\":{},\"addr\":{},\"state\":\"{health}\"}}", json_str(id), json_str(addr))
+                    serde_json::json!({ "id": id, "addr": addr, "state": health })
                 })
                 .collect();
-            let nodes: Vec<String> = cluster.ring.nodes().map(json_str).collect();
-            let body = format!(
-                "{{\"node\":{},\"replicas\":{},\"write_quorum\":{},\"read_quorum\":{},\"nodes\":[{}],\"peers\":[{}],\"pending_hints\":{},\"documents_stored\":{}}}",
-                json_str(&cluster.me),
-                cluster.n,
-                cluster.w,
-                cluster.r,
-                nodes.join(","),
-                peers.join(","),
-                hints,
-                stored
-            );
-            Some((200, JSON, body.into_bytes()))
+            let nodes: Vec<&str> = cluster.ring.nodes().collect();
+            let body = serde_json::json!({
+                "node": cluster.me,
+                "replicas": cluster.n,
+                "write_quorum": cluster.w,
+                "read_quorum": cluster.r,
+                "nodes": nodes,
+                "peers": peers,
+                "pending_hints": hints,
+                "documents_stored": stored,
+            });
+            Some((200, JSON, body.to_string().into_bytes()))
         }
         "/cluster/owners" => {
-            let doc = query_param(query, "doc")?;
-            let owners: Vec<String> = cluster.owners(&doc).iter().map(|o| json_str(o)).collect();
-            let pos = Ring::position(&doc) as f64 / u64::MAX as f64;
-            let body = format!(
-                "{{\"doc\":{},\"position\":{pos:.6},\"owners\":[{}]}}",
-                json_str(&doc),
-                owners.join(",")
-            );
-            Some((200, JSON, body.into_bytes()))
+            let doc = match query_value(query, "doc") {
+                Ok(Some(doc)) => doc,
+                Ok(None) => return Some((400, TEXT, b"missing doc parameter\n".to_vec())),
+                Err(e) => return Some((400, TEXT, format!("doc: {e}\n").into_bytes())),
+            };
+            let body = serde_json::json!({
+                "doc": doc,
+                "position": Ring::position(&doc) as f64 / u64::MAX as f64,
+                "owners": cluster.owners(&doc),
+            });
+            Some((200, JSON, body.to_string().into_bytes()))
         }
         "/cluster/ring" => {
-            let tokens: Vec<String> = cluster
-                .ring
-                .tokens()
-                .map(|(t, id)| format!("[{:.6},{}]", t as f64 / u64::MAX as f64, json_str(id)))
-                .collect();
-            Some((200, JSON, format!("{{\"tokens\":[{}]}}", tokens.join(",")).into_bytes()))
+            let tokens: Vec<(f64, &str)> =
+                cluster.ring.tokens().map(|(t, id)| (t as f64 / u64::MAX as f64, id)).collect();
+            Some((200, JSON, serde_json::json!({ "tokens": tokens }).to_string().into_bytes()))
         }
         "/cluster/docset" => {
             let peer = query_param(query, "peer")?;
@@ -571,6 +530,6 @@ pub(crate) fn http_get_route(
             };
             Some((200, "application/octet-stream", postcard::to_allocvec(&answer).unwrap_or_default()))
         }
-        _ => Some((404, "text/plain; charset=utf-8", b"unknown cluster route\n".to_vec())),
+        _ => Some((404, TEXT, b"unknown cluster route\n".to_vec())),
     }
 }

@@ -4,6 +4,7 @@
 //! ```toml
 //! node_id = "a"                 # unique in the cluster
 //! listen = "127.0.0.1:7701"     # WebSocket + HTTP
+//! # admin_listen = "127.0.0.1:7801" # /metrics, /cluster*, /healthz; default 127.0.0.1:0
 //! data_dir = "data/a"
 //! # auth_secret = "..."         # optional; enables token auth (HS256 client tokens)
 //! # web_root = "web-demo"       # optional; serves the demo page
@@ -93,12 +94,14 @@ impl ConfigError {
     }
 }
 
-/// Command-line overrides applied on top of the file (`--listen`, `--data-dir`,
-/// `--node-id`).
+/// Command-line overrides applied on top of the file (`--listen`, `--admin-listen`,
+/// `--data-dir`, `--node-id`).
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     /// `--listen ADDR`
     pub listen: Option<String>,
+    /// `--admin-listen ADDR`
+    pub admin_listen: Option<String>,
     /// `--data-dir DIR`
     pub data_dir: Option<PathBuf>,
     /// `--node-id ID`
@@ -112,6 +115,10 @@ pub struct Config {
     pub node_id: String,
     /// `host:port` the WebSocket + HTTP server binds to.
     pub listen: String,
+    /// `host:port` of the admin listener, which serves `/metrics`, `/cluster*` and
+    /// `/healthz` without credentials and nothing else. Default `127.0.0.1:0`: an
+    /// ephemeral loopback port, logged at start-up.
+    pub admin_listen: String,
     /// Directory of the embedded storage (created if missing).
     pub data_dir: PathBuf,
     /// HMAC secret for tokens; `None` runs the relay open (and it says so at start-up).
@@ -256,6 +263,22 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     /// Documents kept loaded in memory. Default 1024.
     pub doc_cache_capacity: usize,
+    /// Milliseconds a new TCP connection has to send its whole request head; then it is
+    /// closed without an answer. Short, because an idle socket costs a descriptor.
+    /// Default 2000.
+    pub head_timeout_ms: u64,
+    /// Milliseconds a new WebSocket has to send its first frame (the protocol's
+    /// `Hello`); then it is closed with 1008. Default 5000.
+    pub hello_timeout_ms: u64,
+    /// Open TCP connections allowed per remote IP address, WebSockets and sockets still
+    /// sending their request head alike; further connections are closed at once. Behind
+    /// a reverse proxy every client shares the proxy's address: raise it there. Default 64.
+    pub max_connections_per_ip: usize,
+    /// Connections still sending their request head (or waiting for a connection
+    /// permit), bounded apart from `max_connections` so idle sockets cannot take the
+    /// permits of WebSockets. When full, the oldest pending socket is closed to admit the
+    /// new one. Default 256.
+    pub max_pending_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -269,6 +292,10 @@ impl Default for Limits {
             ping_interval_secs: 20,
             idle_timeout_secs: 40,
             doc_cache_capacity: 1024,
+            head_timeout_ms: 2000,
+            hello_timeout_ms: 5000,
+            max_connections_per_ip: 64,
+            max_pending_handshakes: 256,
         }
     }
 }
@@ -283,6 +310,16 @@ impl Limits {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
     }
+
+    /// `head_timeout_ms` as a duration.
+    pub fn head_timeout(&self) -> Duration {
+        Duration::from_millis(self.head_timeout_ms)
+    }
+
+    /// `hello_timeout_ms` as a duration.
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_millis(self.hello_timeout_ms)
+    }
 }
 
 /// The file as written, before defaults and validation.
@@ -291,6 +328,7 @@ impl Limits {
 struct RawConfig {
     node_id: Option<String>,
     listen: Option<String>,
+    admin_listen: Option<String>,
     data_dir: Option<PathBuf>,
     auth_secret: Option<String>,
     web_root: Option<PathBuf>,
@@ -310,6 +348,8 @@ pub const MAX_FRAME_BYTES_FLOOR: usize = 1024;
 pub const DEFAULT_NODE_ID: &str = "local";
 /// Default listen address when neither the file nor `--listen` gives one.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7701";
+/// Default admin listen address: an ephemeral port on loopback.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:0";
 
 impl Config {
     /// Reads, parses and validates `path`, then applies `overrides`.
@@ -332,6 +372,11 @@ impl Config {
         let node_id =
             overrides.node_id.clone().or(raw.node_id).unwrap_or_else(|| DEFAULT_NODE_ID.to_string());
         let listen = overrides.listen.clone().or(raw.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let admin_listen = overrides
+            .admin_listen
+            .clone()
+            .or(raw.admin_listen)
+            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
         let data_dir = overrides
             .data_dir
             .clone()
@@ -348,6 +393,7 @@ impl Config {
         let config = Config {
             node_id,
             listen,
+            admin_listen,
             data_dir,
             auth_secret: raw.auth_secret,
             web_root: raw.web_root,
@@ -372,6 +418,7 @@ impl Config {
             ));
         }
         check_host_port("listen", &self.listen)?;
+        check_host_port("admin_listen", &self.admin_listen)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("data_dir", "data_dir must not be empty"));
         }
@@ -594,6 +641,10 @@ impl Config {
         at_least_one("rate_limit_burst", u64::from(l.rate_limit_burst))?;
         at_least_one("ping_interval_secs", l.ping_interval_secs)?;
         at_least_one("doc_cache_capacity", l.doc_cache_capacity as u64)?;
+        at_least_one("head_timeout_ms", l.head_timeout_ms)?;
+        at_least_one("hello_timeout_ms", l.hello_timeout_ms)?;
+        at_least_one("max_connections_per_ip", l.max_connections_per_ip as u64)?;
+        at_least_one("max_pending_handshakes", l.max_pending_handshakes as u64)?;
         if !(MAX_FRAME_BYTES_FLOOR..=MAX_FRAME_BYTES_CEILING).contains(&l.max_frame_bytes) {
             return Err(ConfigError::invalid(
                 "limits.max_frame_bytes",
@@ -629,6 +680,19 @@ impl Config {
                 out.push(format!("auth_secret is only {} bytes; use at least 32 random bytes", s.len()))
             }
             Some(_) => {}
+        }
+        let admin_host = self.admin_listen.rsplit_once(':').map_or("", |(h, _)| h);
+        let loopback = admin_host == "localhost"
+            || admin_host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            out.push(format!(
+                "admin_listen = {:?} is not a loopback address: /metrics and /cluster are served there \
+                 without credentials to anyone who can reach it",
+                self.admin_listen
+            ));
         }
         out
     }
@@ -769,12 +833,14 @@ weight = 2
     fn flags_override_the_file() {
         let o = Overrides {
             listen: Some("127.0.0.1:0".into()),
+            admin_listen: Some("127.0.0.1:9".into()),
             data_dir: Some("/tmp/x".into()),
             node_id: Some("b".into()),
         };
         let cfg = Config::from_toml_str(CLUSTER, &o).unwrap();
         assert_eq!(cfg.node_id, "b");
         assert_eq!(cfg.listen, "127.0.0.1:0");
+        assert_eq!(cfg.admin_listen, "127.0.0.1:9");
         assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
     }
 
@@ -783,6 +849,8 @@ weight = 2
         let cfg = Config::from_overrides(&Overrides::default()).unwrap();
         assert_eq!(cfg.node_id, DEFAULT_NODE_ID);
         assert_eq!(cfg.listen, DEFAULT_LISTEN);
+        assert_eq!(cfg.admin_listen, DEFAULT_ADMIN_LISTEN);
+        assert!(cfg.warnings().iter().all(|w| !w.contains("admin_listen")));
         assert_eq!(cfg.data_dir, PathBuf::from("data/local"));
     }
 
@@ -992,5 +1060,33 @@ weight = 2
             parse(&key("kid = \"k\"\nalg = \"HS256\"\nsecret = \"0123456789abcdef-hidden\"")).unwrap().auth
         )
         .contains("hidden"));
+    }
+
+    #[test]
+    fn admin_listen_is_parsed_strictly() {
+        let cfg = parse(&format!("admin_listen = \"127.0.0.1:7801\"\n{BASE}")).unwrap();
+        assert_eq!(cfg.admin_listen, "127.0.0.1:7801");
+        let (field, _) = invalid(&format!("admin_listen = \"nope\"\n{BASE}"));
+        assert_eq!(field, "admin_listen");
+        assert!(parse(&format!("admin_listen = 7801\n{BASE}")).is_err());
+        let public = parse(&format!("admin_listen = \"0.0.0.0:7801\"\n{BASE}")).unwrap();
+        assert!(public.warnings().iter().any(|w| w.contains("admin_listen")));
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_must_be_positive() {
+        let l = Limits::default();
+        assert_eq!((l.head_timeout_ms, l.hello_timeout_ms), (2000, 5000));
+        assert_eq!((l.max_connections_per_ip, l.max_pending_handshakes), (64, 256));
+        let cfg = parse(&format!("{BASE}[limits]\nmax_connections_per_ip = 100000\nhead_timeout_ms = 500\n"))
+            .unwrap();
+        assert_eq!(cfg.limits.max_connections_per_ip, 100_000);
+        assert_eq!(cfg.limits.head_timeout(), Duration::from_millis(500));
+        for field in
+            ["head_timeout_ms", "hello_timeout_ms", "max_connections_per_ip", "max_pending_handshakes"]
+        {
+            let (f, _) = invalid(&format!("{BASE}[limits]\n{field} = 0\n"));
+            assert_eq!(f, format!("limits.{field}"));
+        }
     }
 }

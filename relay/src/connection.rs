@@ -118,6 +118,9 @@ pub(crate) async fn serve<S, H>(
         TokenBucket::new(limits.rate_limit_msgs_per_sec, limits.rate_limit_burst, Instant::now());
     let idle = limits.idle_timeout();
     let mut deadline = Instant::now() + idle;
+    // Until the first binary message (the protocol's `Hello`) a connection has done
+    // nothing but hold a permit; it gets a shorter deadline than an idle client.
+    let mut hello_deadline = Some(Instant::now() + limits.hello_timeout());
 
     let closing: Option<Closing> = loop {
         tokio::select! {
@@ -158,16 +161,19 @@ pub(crate) async fn serve<S, H>(
                 deadline = now + idle;
                 metrics.messages_in.inc();
                 metrics.bytes_in.add(msg.len() as u64);
+                // Every message costs a token, control frames included: each ping makes
+                // us queue a pong, so a ping flood is as much work as a data flood.
+                if !bucket.take(now) {
+                    metrics.error("rate_limited");
+                    break Some(Closing {
+                        reason: CloseReason::policy("rate limit"),
+                        last_frame: handler.rate_limited(&mut conn),
+                        drain: true,
+                    });
+                }
                 match msg {
                     Message::Binary(frame) => {
-                        if !bucket.take(now) {
-                            metrics.error("rate_limited");
-                            break Some(Closing {
-                                reason: CloseReason::policy("rate limit"),
-                                last_frame: handler.rate_limited(&mut conn),
-                                drain: true,
-                            });
-                        }
+                        hello_deadline = None;
                         if let Err(reason) = handler.on_binary(&mut conn, Vec::from(frame)).await {
                             break Some(reason.into());
                         }
@@ -185,6 +191,10 @@ pub(crate) async fn serve<S, H>(
                 }
             }
             // Last: a message already waiting counts as traffic, even after a slow handler.
+            _ = sleep_until(hello_deadline.unwrap_or(deadline)), if hello_deadline.is_some_and(|h| h < deadline) => {
+                metrics.error("hello_timeout");
+                break Some(CloseReason::policy("no hello in time").into());
+            }
             _ = sleep_until(deadline) => {
                 metrics.error("idle_timeout");
                 break Some(CloseReason::going_away("idle timeout").into());

@@ -247,8 +247,9 @@ pub trait Handler: Send + Sync + 'static {
     /// Called once at shutdown after every connection ended: persist what must be.
     fn flush(&self) -> impl Future<Output = ()> + Send;
 
-    /// Extra `GET` routes (e.g. cluster introspection): `Some((status, content type,
-    /// body))` to answer, `None` to fall through to static files / 404.
+    /// Extra admin `GET` routes (e.g. cluster introspection): `Some((status, content
+    /// type, body))` to answer, `None` for a 404. Asked on the admin listener, and on the
+    /// public one only for requests carrying an admin credential.
     fn http_get(&self, _path: &str, _query: Option<&str>) -> Option<(u16, &'static str, Vec<u8>)> {
         None
     }

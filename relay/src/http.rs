@@ -46,7 +46,8 @@ impl Request {
     }
 }
 
-/// Why a request head could not be read.
+/// Why a request head could not be read. Every variant but [`HeadError::Eof`] and
+/// [`HeadError::Io`] is the client's fault and is answered with a 4xx.
 #[derive(Debug, thiserror::Error)]
 pub enum HeadError {
     /// The peer closed before sending a whole head.
@@ -55,7 +56,14 @@ pub enum HeadError {
     /// The head exceeds [`MAX_HEAD_BYTES`] or [`MAX_HEADERS`].
     #[error("request head too large")]
     TooLarge,
-    /// Not HTTP/1.x.
+    /// A line ends in a bare LF instead of CRLF. Proxies disagree on where such a line
+    /// ends, which is how requests are smuggled past them, so it is refused outright.
+    #[error("malformed request: bare LF line ending")]
+    BareLf,
+    /// The HTTP/1.x grammar was violated (as `httparse` reads it).
+    #[error("malformed request: {0}")]
+    Syntax(httparse::Error),
+    /// Well-formed HTTP the relay does not accept (e.g. a target not starting with `/`).
     #[error("malformed request: {0}")]
     Malformed(&'static str),
     /// I/O error.
@@ -79,6 +87,10 @@ pub async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Request,
             let rest = buf.split_off(end);
             return Ok((parse_head(&buf)?, rest));
         }
+        // Checked as bytes arrive: a bare-LF request never sends the CRLFCRLF we wait for.
+        if has_bare_lf(&buf[scan_from..], scan_from > 0 && buf.get(scan_from - 1) == Some(&b'\r')) {
+            return Err(HeadError::BareLf);
+        }
         if buf.len() > MAX_HEAD_BYTES {
             return Err(HeadError::TooLarge);
         }
@@ -89,22 +101,38 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Parses a head ending in `\r\n\r\n`.
+/// Whether `bytes` holds an LF not preceded by CR (`after_cr`: the byte before `bytes`
+/// was a CR).
+fn has_bare_lf(bytes: &[u8], after_cr: bool) -> bool {
+    let mut prev_cr = after_cr;
+    for &b in bytes {
+        if b == b'\n' && !prev_cr {
+            return true;
+        }
+        prev_cr = b == b'\r';
+    }
+    false
+}
+
+/// Parses a complete head (request line, headers, the empty line ending in CRLF).
 pub fn parse_head(head: &[u8]) -> Result<Request, HeadError> {
     if head.len() > MAX_HEAD_BYTES {
         return Err(HeadError::TooLarge);
     }
-    let text = std::str::from_utf8(head).map_err(|_| HeadError::Malformed("not UTF-8"))?;
-    let mut lines = text.split("\r\n");
-    let request_line = lines.next().ok_or(HeadError::Malformed("empty"))?;
-    let mut parts = request_line.split(' ');
-    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(t), Some(v), None) => (m, t, v),
-        _ => return Err(HeadError::Malformed("bad request line")),
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(HeadError::Malformed("not HTTP/1.x"));
+    if has_bare_lf(head, false) {
+        return Err(HeadError::BareLf);
     }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(HeadError::Malformed("incomplete request head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(e) => return Err(HeadError::Syntax(e)),
+    }
+    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
+        return Err(HeadError::Malformed("incomplete request line"));
+    };
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(HeadError::Malformed("bad method"));
     }
@@ -115,21 +143,65 @@ pub fn parse_head(head: &[u8]) -> Result<Request, HeadError> {
         Some((p, q)) => (p, Some(q.to_string())),
         None => (target, None),
     };
-    let mut headers = Vec::new();
-    for line in lines {
-        if line.is_empty() {
-            continue;
-        }
-        if headers.len() == MAX_HEADERS {
-            return Err(HeadError::TooLarge);
-        }
-        let (name, value) = line.split_once(':').ok_or(HeadError::Malformed("header without `:`"))?;
-        if name.is_empty() || name.contains(' ') {
-            return Err(HeadError::Malformed("bad header name"));
-        }
-        headers.push((name.to_string(), value.trim().to_string()));
+    let mut headers = Vec::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let value =
+            std::str::from_utf8(h.value).map_err(|_| HeadError::Malformed("header value not UTF-8"))?;
+        headers.push((h.name.to_string(), value.trim().to_string()));
     }
     Ok(Request { method: method.to_string(), path: path.to_string(), query, headers })
+}
+
+/// Why a percent-encoded string was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// A `%` not followed by two hex digits.
+    #[error("`%` must be followed by two hex digits")]
+    BadEscape,
+    /// The decoded bytes are not UTF-8.
+    #[error("not UTF-8 once percent-decoded")]
+    NotUtf8,
+}
+
+/// Percent-decodes `s` strictly: a stray `%` or bytes that are not UTF-8 once decoded
+/// are errors, not passed through, so two readers never disagree on what a path means.
+pub fn percent_decode(s: &str) -> Result<String, DecodeError> {
+    let b = s.as_bytes();
+    let well_formed = b.iter().enumerate().filter(|(_, &c)| c == b'%').all(|(i, _)| {
+        matches!((b.get(i + 1), b.get(i + 2)), (Some(h), Some(l)) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit())
+    });
+    if !well_formed {
+        return Err(DecodeError::BadEscape);
+    }
+    percent_encoding::percent_decode(b)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| DecodeError::NotUtf8)
+}
+
+/// The value of the first `name=value` pair of a query string (form encoding: `+` is a
+/// space, then percent-decoding), `Ok(None)` when there is none.
+pub fn query_value(query: Option<&str>, name: &str) -> Result<Option<String>, DecodeError> {
+    let Some(query) = query else { return Ok(None) };
+    let Some(raw) =
+        query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
+    else {
+        return Ok(None);
+    };
+    percent_decode(&raw.replace('+', " ")).map(Some)
+}
+
+/// [`query_value`] for routes that treat a missing and an undecodable parameter alike.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query_value(query, name).ok().flatten()
+}
+
+/// The credential of an `Authorization: Bearer <credential>` header, if the request has one.
+pub fn bearer(req: &Request) -> Option<&str> {
+    let value = req.header("Authorization")?;
+    let (scheme, credential) = value.split_once(' ')?;
+    let credential = credential.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !credential.is_empty()).then_some(credential)
 }
 
 /// A response: status, content type, body. Always sent with `Connection: close`.
@@ -225,7 +297,7 @@ pub fn content_type(path: &Path) -> &'static str {
 /// backslashes, NUL, drive prefixes and percent-encoded separators or dots are refused
 /// outright. `/` and paths ending in `/` map to `index.html`.
 pub fn static_path(root: &Path, url_path: &str) -> Option<PathBuf> {
-    let decoded = percent_decode(url_path)?;
+    let decoded = percent_decode(url_path).ok()?;
     if decoded.contains('\\') || decoded.contains('\0') {
         return None;
     }
@@ -277,43 +349,6 @@ pub async fn serve_static(root: &Path, url_path: &str) -> Response {
         Ok(body) => Response::new(200, content_type(&real), body).with_header("Cache-Control", "no-cache"),
         Err(_) => Response::text(404, "not found"),
     }
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// Escapes a string as a JSON string literal (with quotes).
-pub fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// A stream that first yields bytes already read (past a request head), then the
@@ -432,7 +467,134 @@ mod tests {
     }
 
     #[test]
-    fn json_strings_are_escaped() {
-        assert_eq!(json_string("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
+    fn bare_lf_line_endings_are_refused() {
+        assert!(matches!(parse_head(b"GET / HTTP/1.1\nHost: x\r\n\r\n"), Err(HeadError::BareLf)));
+        assert!(matches!(parse_head(b"GET / HTTP/1.1\r\nHost: x\n\r\n"), Err(HeadError::BareLf)));
+    }
+
+    #[tokio::test]
+    async fn a_bare_lf_request_is_refused_without_waiting_for_crlf() {
+        let mut input: &[u8] = b"GET / HTTP/1.1\nHost: x\n\n";
+        assert!(matches!(read_head(&mut input).await, Err(HeadError::BareLf)));
+        // Bytes after the head are the next protocol's, newlines included.
+        let mut input: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\n\n";
+        let (_, rest) = read_head(&mut input).await.unwrap();
+        assert_eq!(rest, b"\n\n");
+    }
+
+    #[test]
+    fn too_many_headers_is_too_large() {
+        let mut head = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..=MAX_HEADERS {
+            head.push_str(&format!("X-{i}: y\r\n"));
+        }
+        head.push_str("\r\n");
+        assert!(matches!(parse_head(head.as_bytes()), Err(HeadError::TooLarge)));
+    }
+
+    #[test]
+    fn httparse_errors_are_typed() {
+        assert!(matches!(parse_head(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), Err(HeadError::Syntax(_))));
+        assert!(matches!(parse_head(b"GET / HTTP/2.0\r\n\r\n"), Err(HeadError::Syntax(_))));
+    }
+
+    #[test]
+    fn percent_decoding_is_strict() {
+        assert_eq!(percent_decode("a%20b%C3%A9"), Ok("a bé".to_string()));
+        assert_eq!(percent_decode("%aé"), Err(DecodeError::BadEscape));
+        assert_eq!(percent_decode("%"), Err(DecodeError::BadEscape));
+        assert_eq!(percent_decode("ab%4"), Err(DecodeError::BadEscape));
+        assert_eq!(percent_decode("%ff"), Err(DecodeError::NotUtf8));
+        assert_eq!(percent_decode("%C3"), Err(DecodeError::NotUtf8));
+    }
+
+    #[test]
+    fn query_values_are_form_decoded() {
+        let q = Some("x=%zz&doc=a+b%2B%2F&doc=second");
+        assert_eq!(query_value(q, "doc"), Ok(Some("a b+/".to_string())));
+        assert_eq!(query_value(q, "x"), Err(DecodeError::BadEscape));
+        assert_eq!(query_value(q, "missing"), Ok(None));
+        assert_eq!(query_value(None, "doc"), Ok(None));
+        assert_eq!(query_value(Some("doc=%aé"), "doc"), Err(DecodeError::BadEscape));
+        assert_eq!(query_param(Some("doc=%aé"), "doc"), None);
+    }
+
+    #[test]
+    fn bearer_credentials_are_read_from_authorization() {
+        let req = |v: &str| Request {
+            method: "GET".into(),
+            path: "/".into(),
+            query: None,
+            headers: vec![("authorization".into(), v.into())],
+        };
+        assert_eq!(bearer(&req("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(&req("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(&req("Basic abc")), None);
+        assert_eq!(bearer(&req("Bearer ")), None);
+    }
+
+    mod random {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn head_bytes() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..512),
+                // Mostly-valid heads with arbitrary bytes spliced in reach deeper paths.
+                (proptest::collection::vec(any::<u8>(), 0..64), 0usize..40).prop_map(|(junk, at)| {
+                    let mut h = b"GET /sync?doc=a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n".to_vec();
+                    let at = at.min(h.len());
+                    h.splice(at..at, junk);
+                    h
+                }),
+            ]
+        }
+
+        proptest! {
+            // Cheap cases: thousands of them, whatever smaller count the environment asks.
+            #![proptest_config(ProptestConfig {
+                cases: ProptestConfig::default().cases.max(4096),
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn the_head_parser_never_panics_and_types_every_rejection(bytes in head_bytes()) {
+                match parse_head(&bytes) {
+                    Ok(req) => prop_assert!(req.path.starts_with('/')),
+                    Err(HeadError::Eof | HeadError::Io(_)) => prop_assert!(false, "not an I/O path"),
+                    Err(_) => {}
+                }
+                let rt = tokio::runtime::Builder::new_current_thread().build().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let mut input = bytes.as_slice();
+                match rt.block_on(read_head(&mut input)) {
+                    Ok((req, rest)) => {
+                        prop_assert!(req.path.starts_with('/'));
+                        prop_assert!(rest.len() <= bytes.len());
+                    }
+                    Err(HeadError::Io(e)) => prop_assert!(false, "unexpected I/O error {e}"),
+                    Err(_) => {}
+                }
+            }
+
+            #[test]
+            fn percent_and_query_decoding_never_panic(s in "(%|[0-9a-fA-F]|[a-z=&+]|\\PC){0,48}", name in "[a-z]{1,3}") {
+                match percent_decode(&s) {
+                    Ok(decoded) => prop_assert!(decoded.len() <= s.len()),
+                    Err(DecodeError::BadEscape | DecodeError::NotUtf8) => {}
+                }
+                let _ = query_value(Some(&s), &name);
+                let _ = static_path(Path::new("/srv"), &s);
+            }
+
+            #[test]
+            fn arbitrary_bytes_decode_or_are_rejected(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let s = String::from_utf8_lossy(&bytes);
+                match percent_decode(&s) {
+                    Ok(d) => prop_assert!(d.len() <= s.len()),
+                    Err(e) => prop_assert!(matches!(e, DecodeError::BadEscape | DecodeError::NotUtf8)),
+                }
+            }
+        }
     }
 }

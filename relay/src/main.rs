@@ -1,7 +1,8 @@
 //! `concord-relay`: parses flags, sets up logging and signals, runs the server.
 //!
 //! ```text
-//! concord-relay [--config FILE] [--listen ADDR] [--data-dir DIR] [--node-id ID] [--log-json]
+//! concord-relay [--config FILE] [--listen ADDR] [--admin-listen ADDR] [--data-dir DIR]
+//!               [--node-id ID] [--log-json]
 //! concord-relay token (--secret S | --config FILE) --doc PATTERN [--write] [--kid K] --ttl 1h
 //! concord-relay token (--secret S | --config FILE) --admin --ttl 1h
 //! ```
@@ -23,12 +24,16 @@ use tokio::net::TcpListener;
 
 const USAGE: &str = "\
 usage:
-  concord-relay [--config FILE] [--listen ADDR] [--data-dir DIR] [--node-id ID] [--log-json]
+  concord-relay [--config FILE] [--listen ADDR] [--admin-listen ADDR] [--data-dir DIR]
+                [--node-id ID] [--log-json]
   concord-relay token (--secret S | --config FILE) --doc PATTERN [--write] [--kid K] --ttl TTL
   concord-relay token (--secret S | --config FILE) --admin --ttl TTL
 
   --config FILE   relay config (TOML, see DESIGN.md); without it: a standalone node
   --listen ADDR   override `listen` (e.g. 127.0.0.1:0 for any free port)
+  --admin-listen ADDR
+                  override `admin_listen`: /metrics, /cluster*, /healthz without
+                  credentials (default 127.0.0.1:0, printed at start-up)
   --data-dir DIR  override `data_dir`
   --node-id ID    override `node_id`
   --log-json      log JSON lines instead of human-readable text (RUST_LOG filters)
@@ -122,6 +127,7 @@ fn parse_args(args: &[String]) -> Result<Command, String> {
             (_, "-V" | "--version") => return Ok(Command::Version),
             (false, "--config") => serve.config = Some(value(flag)?.into()),
             (false, "--listen") => serve.overrides.listen = Some(value(flag)?),
+            (false, "--admin-listen") => serve.overrides.admin_listen = Some(value(flag)?),
             (false, "--data-dir") => serve.overrides.data_dir = Some(value(flag)?.into()),
             (false, "--node-id") => serve.overrides.node_id = Some(value(flag)?),
             (false, "--log-json") => serve.log_json = true,
@@ -262,16 +268,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let admin_listener = TcpListener::bind(&config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin_listen)", config.admin_listen))?;
+    let admin_addr = admin_listener.local_addr()?;
     let shutdown = shutdown_signal();
     tracing::info!(
         node_id = %config.node_id,
         %addr,
+        %admin_addr,
         data_dir = %config.data_dir.display(),
         replicas = config.cluster.replicas,
         nodes = config.cluster.nodes.len(),
         "listening"
     );
+    // Supervisors read the first line for the public address; the admin one follows.
     println!("listening on {addr}");
+    println!("admin listening on {admin_addr}");
     std::io::stdout().flush()?;
 
     let metrics = Arc::new(Metrics::new());
@@ -302,8 +315,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = ticker_stop.changed().await;
     }));
     concord_relay::cluster::spawn_links(node.clone(), stopped);
-    concord_relay::server::run(listener, &config, Arc::new(node), metrics, shutdown).await;
+    let node = Arc::new(node);
+    // The admin listener outlives the public one's drain, so it can be watched; it stops
+    // with the ticker and the links.
+    let mut admin_stop = stop.subscribe();
+    let admin = tokio::spawn({
+        let (config, node, metrics) = (config.clone(), node.clone(), metrics.clone());
+        async move {
+            concord_relay::server::run_admin(admin_listener, &config, node, metrics, async move {
+                let _ = admin_stop.wait_for(|stopped| *stopped).await;
+            })
+            .await;
+        }
+    });
+    concord_relay::server::run(listener, &config, node, metrics, shutdown).await;
     let _ = stop.send(true);
+    if let Err(e) = admin.await {
+        tracing::warn!(error = %e, "admin listener task failed");
+    }
     Ok(())
 }
 
@@ -352,13 +381,16 @@ mod tests {
     #[test]
     fn serve_flags_parse() {
         let Command::Serve(s) =
-            parse_args(&args("--config c.toml --listen=127.0.0.1:0 --data-dir d --node-id b --log-json"))
-                .unwrap()
+            parse_args(&args(
+                "--config c.toml --listen=127.0.0.1:0 --admin-listen 127.0.0.1:9 --data-dir d --node-id b --log-json",
+            ))
+            .unwrap()
         else {
             panic!("expected serve")
         };
         assert_eq!(s.config, Some(PathBuf::from("c.toml")));
         assert_eq!(s.overrides.listen.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(s.overrides.admin_listen.as_deref(), Some("127.0.0.1:9"));
         assert_eq!(s.overrides.data_dir, Some(PathBuf::from("d")));
         assert_eq!(s.overrides.node_id.as_deref(), Some("b"));
         assert!(s.log_json);

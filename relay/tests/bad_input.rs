@@ -224,3 +224,72 @@ async fn a_flood_beyond_the_rate_limit_gets_an_error_and_a_close() {
     assert!(ok, "errors {:?} closed {:?}", c.errors, c.closed);
     bystander_still_served(&mut other).await;
 }
+
+/// Sends raw request bytes; returns the status code (0 if there was no answer).
+async fn raw_status(addr: std::net::SocketAddr, request: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(buf.get(9..12).unwrap_or_default()).parse().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn broken_percent_sequences_in_cluster_queries_get_a_400_and_the_relay_keeps_serving() {
+    let dir = tempdir("percent");
+    let relay = Relay::start(&dir, &[]);
+    let mut b = bystander(&relay, None).await;
+    for doc in ["%aé", "%a", "%", "%zz", "%ff", "%C3", "a%2", "%e9%"] {
+        let request = format!("GET /cluster/owners?doc={doc} HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(raw_status(relay.admin, request.as_bytes()).await, 400, "admin: {doc}");
+        assert_eq!(raw_status(relay.addr, request.as_bytes()).await, 404, "public: {doc}");
+    }
+    let ok = b"GET /cluster/owners?doc=caf%C3%A9+board HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert_eq!(raw_status(relay.admin, ok).await, 200);
+    let body = common::http_json(relay.admin, "/cluster/owners?doc=caf%C3%A9+board").await;
+    assert!(body.contains("\"doc\":\"café board\""), "{body}");
+    assert_eq!(raw_status(relay.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await, 200);
+    bystander_still_served(&mut b).await;
+}
+
+#[tokio::test]
+async fn a_client_syncs_while_a_thousand_idle_sockets_are_open_and_a_silent_websocket_is_closed() {
+    let dir = tempdir("idle-sockets");
+    let relay = Relay::start(&dir, &[]);
+    let mut idle = Vec::new();
+    for i in 0..1000u32 {
+        // 20 loopback addresses, 50 sockets each: under the default per-address cap.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::from(([127, 0, 0, 2 + (i % 20) as u8], 0))).unwrap();
+        if let Ok(s) = socket.connect(relay.addr).await {
+            idle.push(s);
+        }
+    }
+    assert!(idle.len() >= 990, "opened only {} idle sockets", idle.len());
+    let mut a = Client::new(1);
+    a.open("doc").await;
+    tokio::time::timeout(Duration::from_secs(2), a.connect(relay.addr, None))
+        .await
+        .expect("connected at once");
+    assert!(a.pump_until(T, |c| c.synced.contains("doc")).await);
+    a.increment("doc", "n", 1).await;
+    assert!(a.pump_until(T, |c| c.all_acked("doc")).await, "served while idle sockets are open");
+
+    // A WebSocket that never says Hello is closed with 1008 after the deadline (5 s).
+    let mut silent = raw_ws(relay.addr).await;
+    let closed = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match silent.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("closed within the hello deadline");
+    let frame = closed.expect("with a close frame");
+    assert_eq!(u16::from(frame.code), 1008, "{frame:?}");
+    drop(idle);
+}

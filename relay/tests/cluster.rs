@@ -97,7 +97,7 @@ impl Cluster {
 
     fn config(&self, i: usize, members: usize) -> PathBuf {
         let mut text = format!(
-            "node_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[limits]\nrate_limit_msgs_per_sec = 100000\nrate_limit_burst = 100000\n\n[cluster]\nreplicas = 3\nwrite_quorum = 2\nread_quorum = 2\n",
+            "node_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[limits]\nrate_limit_msgs_per_sec = 100000\nrate_limit_burst = 100000\nmax_connections_per_ip = 10000\n\n[cluster]\nreplicas = 3\nwrite_quorum = 2\nread_quorum = 2\n",
             self.ids[i],
             self.ports[i],
             self.dirs[i].display()
@@ -133,6 +133,11 @@ impl Cluster {
 
     fn addr(&self, i: usize) -> SocketAddr {
         format!("127.0.0.1:{}", self.ports[i]).parse().unwrap()
+    }
+
+    /// The admin listener of running node `i` (`/cluster*`, `/metrics`).
+    fn admin(&self, i: usize) -> SocketAddr {
+        self.relays[i].as_ref().expect("node is running").admin
     }
 
     fn kill9(&mut self, i: usize) {
@@ -209,7 +214,7 @@ async fn writes_keep_being_acked_when_an_owner_is_killed_and_hints_drain_after_r
     let mut cl = Cluster::start("kill-owner", 5).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let doc = "board";
-    let own = owners(cl.addr(0), doc).await;
+    let own = owners(cl.admin(0), doc).await;
     assert_eq!(own.len(), 3);
     // Coordinators: two nodes; victim: an owner that is neither.
     let coords: Vec<usize> = vec![0, 1];
@@ -228,7 +233,7 @@ async fn writes_keep_being_acked_when_an_owner_is_killed_and_hints_drain_after_r
     write_acked(&mut a, doc, 20).await;
     write_acked(&mut b, doc, 20).await;
     // A fallback holds the document for the dead owner, with a durable hint.
-    let live: Vec<SocketAddr> = (0..5).filter(|i| *i != victim).map(|i| cl.addr(i)).collect();
+    let live: Vec<SocketAddr> = (0..5).filter(|i| *i != victim).map(|i| cl.admin(i)).collect();
     let mut hinted = 0;
     for a in &live {
         hinted += pending_hints(*a).await;
@@ -239,7 +244,7 @@ async fn writes_keep_being_acked_when_an_owner_is_killed_and_hints_drain_after_r
     let victim_id = cl.ids[victim].clone();
     let health = http_json(coord, "/healthz").await;
     assert!(health.contains(&format!("\"peer_{victim_id}_state\":0")), "{health}");
-    let metrics = http_json(coord, "/metrics").await;
+    let metrics = http_json(cl.admin(coords[0]), "/metrics").await;
     assert!(metrics.contains(&format!("concord_peer_{victim_id}_state 0")), "{metrics}");
     // Quorum acks are reported by source (owners vs fallbacks), never lumped together.
     let mut confirmed = 0;
@@ -252,7 +257,7 @@ async fn writes_keep_being_acked_when_an_owner_is_killed_and_hints_drain_after_r
     assert!(confirmed >= 2, "no write quorum was confirmed");
     assert!(metrics.contains("concord_quorum_acks_fallback "), "{metrics}");
     cl.restart(victim);
-    let addrs: Vec<SocketAddr> = (0..5).map(|i| cl.addr(i)).collect();
+    let addrs: Vec<SocketAddr> = (0..5).map(|i| cl.admin(i)).collect();
     assert!(
         wait_for(async || {
             let mut total = 0;
@@ -372,7 +377,7 @@ async fn adding_a_fourth_node_under_load_moves_about_a_quarter_of_placements_and
     let ring_owners = {
         let mut n = 0;
         for d in &docs {
-            if owners(cl.addr(0), d).await.contains(&"n3".to_string()) {
+            if owners(cl.admin(0), d).await.contains(&"n3".to_string()) {
                 n += 1;
             }
         }
@@ -381,7 +386,7 @@ async fn adding_a_fourth_node_under_load_moves_about_a_quarter_of_placements_and
     let fraction = ring_owners as f64 / (docs.len() * 3) as f64;
     println!("new node owns {ring_owners} of {} placements ({:.2})", docs.len() * 3, fraction);
     assert!((0.12..=0.40).contains(&fraction), "moved fraction {fraction}");
-    let new = cl.addr(3);
+    let new = cl.admin(3);
     assert!(
         wait_for(async || stored(new).await >= ring_owners as u64).await,
         "new node did not receive its ranges"
@@ -390,7 +395,7 @@ async fn adding_a_fourth_node_under_load_moves_about_a_quarter_of_placements_and
         let want = if k < 6 { 5 } else { 2 };
         for i in 0..4 {
             let addr = cl.addr(i);
-            if owners(addr, d).await.contains(&cl.ids[i]) {
+            if owners(cl.admin(i), d).await.contains(&cl.ids[i]) {
                 assert!(wait_for(async || read_counter(addr, d).await == want).await, "{d} on n{i}");
             }
         }

@@ -20,7 +20,7 @@ fn start_cluster(root: &Path, nodes: usize, w: usize) -> (Vec<Relay>, Vec<Socket
     for i in 0..nodes {
         let dir = root.join(format!("n{i}"));
         let mut text = format!(
-            "node_id = \"n{i}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n[limits]\nrate_limit_msgs_per_sec = 1000000\nrate_limit_burst = 1000000\n[cluster]\nreplicas = 3\nwrite_quorum = {w}\nread_quorum = {w}\n",
+            "node_id = \"n{i}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n[limits]\nrate_limit_msgs_per_sec = 1000000\nrate_limit_burst = 1000000\nmax_connections_per_ip = 10000\n[cluster]\nreplicas = 3\nwrite_quorum = {w}\nread_quorum = {w}\n",
             ports[i],
             dir.display()
         );
@@ -96,11 +96,12 @@ async fn cluster_benchmarks() {
         c.increment(d, "n", 1).await;
         assert!(c.pump_until(Duration::from_secs(20), |c| c.all_acked(d)).await);
     }
-    let hints = total_hints(&addrs[..4]).await;
+    let admins: Vec<SocketAddr> = relays[..4].iter().map(|r| r.admin).collect();
+    let hints = total_hints(&admins).await;
     let cfg = root.join("n4.toml");
     let t = Instant::now();
     relays[4] = Relay::start_with(&root.join("n4"), &["--config", cfg.to_str().unwrap()], false);
-    while total_hints(&addrs[..4]).await > 0 {
+    while total_hints(&admins).await > 0 {
         assert!(t.elapsed() < Duration::from_secs(60), "hints did not drain");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

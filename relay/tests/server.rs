@@ -69,10 +69,22 @@ impl Handler for Echo {
     async fn flush(&self) {
         self.flushed.store(true, Ordering::SeqCst);
     }
+
+    fn http_get(&self, path: &str, _query: Option<&str>) -> Option<(u16, &'static str, Vec<u8>)> {
+        (path == "/cluster").then(|| (200, "application/json", b"{\"node\":\"test-node\"}".to_vec()))
+    }
+
+    fn admin_allowed(&self, credential: &str) -> bool {
+        credential == ADMIN_CREDENTIAL
+    }
 }
+
+/// The one credential the test handler accepts for admin routes.
+const ADMIN_CREDENTIAL: &str = "let-me-in";
 
 struct TestServer {
     addr: SocketAddr,
+    admin: SocketAddr,
     handler: Arc<Echo>,
     metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
@@ -83,6 +95,7 @@ impl TestServer {
     async fn start(limits: Limits, web_root: Option<PathBuf>) -> TestServer {
         let mut config = Config::from_overrides(&Overrides {
             listen: Some("127.0.0.1:0".into()),
+            admin_listen: None,
             data_dir: Some(std::env::temp_dir().join("concord-unused")),
             node_id: Some("test-node".into()),
         })
@@ -91,6 +104,8 @@ impl TestServer {
         config.web_root = web_root;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = admin_listener.local_addr().unwrap();
         let handler = Arc::new(Echo::default());
         let metrics = Arc::new(Metrics::new());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -98,13 +113,25 @@ impl TestServer {
             let handler = handler.clone();
             let metrics = metrics.clone();
             async move {
+                let (admin_stop, admin_stopped) = oneshot::channel::<()>();
+                let admin_task = tokio::spawn({
+                    let (config, handler, metrics) = (config.clone(), handler.clone(), metrics.clone());
+                    async move {
+                        concord_relay::server::run_admin(admin_listener, &config, handler, metrics, async {
+                            let _ = admin_stopped.await;
+                        })
+                        .await;
+                    }
+                });
                 concord_relay::server::run(listener, &config, handler, metrics, async {
                     let _ = stopped.await;
                 })
                 .await;
+                let _ = admin_stop.send(());
+                admin_task.await.expect("admin listener task");
             }
         });
-        TestServer { addr, handler, metrics, stop: Some(stop), task }
+        TestServer { addr, admin, handler, metrics, stop: Some(stop), task }
     }
 
     async fn ws(&self) -> Client {
@@ -189,7 +216,7 @@ async fn metrics_are_prometheus_text() {
     let mut ws = server.ws().await;
     ws.send(Message::binary(b"hi".to_vec())).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(b"hi".to_vec()));
-    let (status, head, body) = server.get("/metrics").await;
+    let (status, head, body) = http(server.admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(status, 200);
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
     let text = String::from_utf8(body).unwrap();
@@ -410,4 +437,176 @@ async fn shutdown_closes_connections_then_flushes() {
     assert!(handler.flushed.load(Ordering::SeqCst));
     assert_eq!(handler.closed.load(Ordering::SeqCst), 1);
     assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed");
+}
+
+/// `GET path` with an optional `Authorization` header value.
+async fn get_with(addr: SocketAddr, path: &str, authorization: Option<&str>) -> (u16, String, Vec<u8>) {
+    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    http(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n")).await
+}
+
+#[tokio::test]
+async fn admin_routes_are_404_on_the_public_listener_without_the_right_credential() {
+    let server = TestServer::start(limits(), None).await;
+    for path in ["/metrics", "/cluster"] {
+        for auth in [None, Some("Bearer wrong"), Some("Basic let-me-in"), Some("Bearer")] {
+            let (status, _, body) = get_with(server.addr, path, auth).await;
+            assert_eq!(status, 404, "{path} with {auth:?}");
+            assert_eq!(body, b"not found\n", "a 404 like any unknown path: {path} with {auth:?}");
+        }
+        let (status, _, _) = get_with(server.addr, path, Some(&format!("Bearer {ADMIN_CREDENTIAL}"))).await;
+        assert_eq!(status, 200, "{path} with the admin credential");
+    }
+    let (status, _, body) = get_with(server.addr, "/healthz", None).await;
+    assert_eq!(status, 200, "/healthz stays open");
+    assert!(String::from_utf8(body).unwrap().contains("\"node_id\":\"test-node\""));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_listener_serves_admin_routes_and_nothing_else() {
+    let root = std::env::temp_dir().join(format!("concord-web-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("index.html"), "<h1>board</h1>").unwrap();
+    let server = TestServer::start(limits(), Some(root.clone())).await;
+    let (status, _, body) = get_with(server.admin, "/cluster", None).await;
+    assert_eq!((status, body.as_slice()), (200, &b"{\"node\":\"test-node\"}"[..]));
+    assert_eq!(get_with(server.admin, "/metrics", None).await.0, 200);
+    assert_eq!(get_with(server.admin, "/healthz", None).await.0, 200);
+    assert_eq!(get_with(server.admin, "/", None).await.0, 404, "no static files");
+    assert_eq!(get_with(server.admin, "/index.html", None).await.0, 404, "no static files");
+    assert_eq!(get_with(server.admin, "/sync", None).await.0, 404, "no WebSocket");
+    let ws = connect_async(format!("ws://{}/sync", server.admin)).await;
+    assert!(ws.is_err(), "no WebSocket upgrade on the admin listener");
+    assert_eq!(server.get("/").await.0, 200, "the public listener still serves the page");
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn a_bare_lf_request_line_gets_a_400() {
+    let server = TestServer::start(limits(), None).await;
+    for request in [
+        "GET /healthz HTTP/1.1\nHost: x\r\n\r\n",
+        "GET /healthz HTTP/1.1\n\n",
+        "GET /healthz HTTP/1.1\r\nHost: x\n\r\n",
+    ] {
+        let (status, _, body) = http(server.addr, request).await;
+        assert_eq!(status, 400, "{request:?}");
+        assert!(String::from_utf8_lossy(&body).contains("bare LF"), "{request:?}");
+        assert_eq!(http(server.admin, request).await.0, 400, "admin listener: {request:?}");
+    }
+    assert_eq!(server.get("/healthz").await.0, 200, "still serving");
+    server.stop().await;
+}
+
+/// A TCP socket from `ip` (any 127.0.0.0/8 address is loopback on Linux) that sends nothing.
+async fn idle_socket(ip: [u8; 4], to: SocketAddr) -> Option<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.bind(SocketAddr::from((ip, 0))).ok()?;
+    socket.connect(to).await.ok()
+}
+
+#[tokio::test]
+async fn a_client_still_connects_and_is_served_while_a_thousand_idle_sockets_are_open() {
+    // Fewer permits than idle sockets: before, idle sockets held permits until their
+    // head deadline, and this client would have waited behind them.
+    let server = TestServer::start(Limits { max_connections: 100, ..limits() }, None).await;
+    let mut idle = Vec::new();
+    for i in 0..1000u32 {
+        // 20 addresses, 50 sockets each: under the per-address cap, so the pending pool
+        // is what bounds them.
+        let ip = [127, 0, 0, 2 + (i % 20) as u8];
+        if let Some(s) = idle_socket(ip, server.addr).await {
+            idle.push(s);
+        }
+    }
+    assert!(idle.len() >= 990, "opened only {} idle sockets", idle.len());
+    let started = tokio::time::Instant::now();
+    let mut ws = server.ws().await;
+    ws.send(Message::binary(b"hello".to_vec())).await.unwrap();
+    let echo = timeout(Duration::from_secs(2), ws.next()).await.expect("echo in time");
+    assert_eq!(echo.unwrap().unwrap(), Message::binary(b"hello".to_vec()));
+    assert!(started.elapsed() < Duration::from_secs(1), "served at once: {:?}", started.elapsed());
+    assert!(server.metrics.errors("handshake_shed") > 0, "the oldest idle sockets were shed");
+    drop(idle);
+    drop(ws);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn idle_sockets_are_closed_after_the_head_deadline() {
+    let server = TestServer::start(Limits { head_timeout_ms: 200, ..limits() }, None).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = timeout(Duration::from_secs(2), s.read(&mut buf)).await.expect("closed by the deadline");
+    assert!(matches!(n, Ok(0) | Err(_)), "closed without an answer: {n:?}");
+    assert_eq!(server.metrics.errors("head_timeout"), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_per_address_cap_are_refused() {
+    let server = TestServer::start(Limits { max_connections_per_ip: 2, ..limits() }, None).await;
+    let a = server.ws().await;
+    let b = server.ws().await;
+    let refused = timeout(Duration::from_secs(5), connect_async(format!("ws://{}/sync", server.addr)))
+        .await
+        .expect("answered at once");
+    assert!(refused.is_err(), "a third socket from 127.0.0.1 is refused");
+    assert!(server.metrics.errors("per_ip_limit") >= 1);
+    // Another address is not affected.
+    let mut other = idle_socket([127, 0, 0, 9], server.addr).await.unwrap();
+    other.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut response = Vec::new();
+    other.read_to_end(&mut response).await.unwrap();
+    assert!(response.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&response));
+    // Closing one frees a place.
+    drop(a);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if connect_async(format!("ws://{}/sync", server.addr)).await.is_ok() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the freed place was never reused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(b);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_websocket_that_never_sends_a_frame_is_closed_after_the_hello_deadline() {
+    let server = TestServer::start(Limits { hello_timeout_ms: 300, ..limits() }, None).await;
+    let silent = server.ws().await;
+    let mut talking = server.ws().await;
+    talking.send(Message::binary(b"hello".to_vec())).await.unwrap();
+    assert_eq!(talking.next().await.unwrap().unwrap(), Message::binary(b"hello".to_vec()));
+    let started = tokio::time::Instant::now();
+    let (_, close) = until_close(silent).await;
+    assert_eq!((code(&close), close.reason.as_str()), (1008, "no hello in time"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(server.metrics.errors("hello_timeout"), 1);
+    // The client that spoke first is not subject to it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    talking.send(Message::binary(b"still here".to_vec())).await.unwrap();
+    assert_eq!(talking.next().await.unwrap().unwrap(), Message::binary(b"still here".to_vec()));
+    drop(talking);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_ping_flood_is_rate_limited_like_data() {
+    let server =
+        TestServer::start(Limits { rate_limit_msgs_per_sec: 1, rate_limit_burst: 5, ..limits() }, None).await;
+    let mut ws = server.ws().await;
+    for _ in 0..50 {
+        if ws.send(Message::Ping(vec![1, 2, 3].into())).await.is_err() {
+            break;
+        }
+    }
+    let (_, close) = until_close(ws).await;
+    assert_eq!((code(&close), close.reason.as_str()), (1008, "rate limit"));
+    assert_eq!(server.metrics.errors("rate_limited"), 1);
+    server.stop().await;
 }

@@ -196,7 +196,7 @@ async fn a_thousand_offline_clicks_are_one_stored_delta_on_the_relay_and_reach_r
     }
     a.connect(relay.addr, None).await;
     assert!(a.pump_until(T, |c| c.all_acked("doc")).await, "all 1,000 dots acked");
-    let m = http_json(relay.addr, "/metrics").await;
+    let m = http_json(relay.admin, "/metrics").await;
     assert_eq!(metric(&m, "concord_deltas_persisted_total"), Some(1), "{m}");
 
     let mut b = Client::new(2);

@@ -22,12 +22,16 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// A relay process on 127.0.0.1 with its own data dir.
 pub struct Relay {
     pub child: Child,
+    /// The public listener: WebSocket, `/healthz`, static files.
     pub addr: SocketAddr,
+    /// The admin listener: `/metrics`, `/cluster*`, `/healthz`.
+    pub admin: SocketAddr,
     pub dir: PathBuf,
 }
 
 impl Relay {
-    /// Starts the binary on port 0 and waits for its `listening on` line.
+    /// Starts the binary on port 0 and waits for its `listening on` and `admin listening
+    /// on` lines.
     pub fn start(dir: &Path, extra: &[&str]) -> Relay {
         Relay::start_with(dir, extra, true)
     }
@@ -47,15 +51,19 @@ impl Relay {
             .expect("spawn concord-relay");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
+        let mut addr = None;
+        let admin = loop {
             let line = lines.next().expect("relay exited before listening").expect("read stdout");
             if let Some(rest) = line.trim().strip_prefix("listening on ") {
-                break rest.trim().parse().expect("address");
+                addr = Some(rest.trim().parse().expect("address"));
+            } else if let Some(rest) = line.trim().strip_prefix("admin listening on ") {
+                break rest.trim().parse().expect("admin address");
             }
         };
+        let addr = addr.expect("the public address is printed first");
         // Keep draining stdout so the relay never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Relay { child, addr, dir: dir.to_path_buf() }
+        Relay { child, addr, admin, dir: dir.to_path_buf() }
     }
 
     /// SIGKILL, no goodbye.
