@@ -50,7 +50,7 @@
 //! assert_eq!(ids, ["doc-42", "doc-7", "fresh"]);
 //! ```
 
-use crate::codec::{self, put_bytes, put_seq, tag, Reader, Wire, R};
+use crate::codec::{self, put_bytes, put_varint, tag, Reader, Wire, R};
 use crate::hash::{stable_hash, stable_hash_seeded};
 use crate::merkle::{KeyTree, NodeId, DEPTH, FANOUT};
 use crate::vv::VersionVector;
@@ -448,43 +448,103 @@ fn children_unwords(bytes: &[u8]) -> Option<Vec<u64>> {
     let mask = u16::from_le_bytes(*mask);
     let present = unwords(rest)?;
     // One encoding per answer: as many words as set bits, and none of them empty.
-    if present.len() != mask.count_ones() as usize || present.contains(&0) {
+    if present.len() != mask.count_ones() as usize {
         return None;
     }
-    let mut present = present.into_iter();
-    Some((0..FANOUT).map(|i| if mask & (1 << i) != 0 { present.next().unwrap_or(0) } else { 0 }).collect())
+    // Plain loops, not iterator chains: this is in the browser's decoder too.
+    let (mut out, mut next) = (vec![0; FANOUT], present.into_iter());
+    for (i, h) in out.iter_mut().enumerate() {
+        if mask & (1 << i) != 0 {
+            *h = next.next().filter(|w| *w != 0)?;
+        }
+    }
+    Some(out)
+}
+
+/// Reads a sequence by calling `each` once per item: one copy of the loop for every
+/// item type (generic sequences cost the browser's decoder code per type).
+fn read_each<'a>(r: &mut Reader<'a>, each: &mut dyn FnMut(&mut Reader<'a>) -> R<()>) -> R<()> {
+    for _ in 0..r.count()? {
+        each(r)?;
+    }
+    Ok(())
+}
+
+/// `(id, digest)` listings.
+fn read_listing(r: &mut Reader<'_>) -> R<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    read_each(r, &mut |r| {
+        out.push((r.string()?, r.varint()?));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn put_listing(out: &mut Vec<u8>, docs: &[(String, u64)]) {
+    put_varint(out, docs.len() as u64);
+    for (id, d) in docs {
+        put_bytes(out, id.as_bytes());
+        put_varint(out, *d);
+    }
 }
 
 impl Wire for DocSetAnswer {
     fn put(&self, out: &mut Vec<u8>) {
-        put_seq(out, &self.children, |(n, hs), out| {
+        put_varint(out, self.children.len() as u64);
+        for (n, hs) in &self.children {
             n.put(out);
             put_bytes(out, &children_words(hs));
-        });
-        put_seq(out, &self.buckets, |(n, ps), out| {
+        }
+        put_varint(out, self.buckets.len() as u64);
+        for (n, ps) in &self.buckets {
             n.put(out);
             put_bytes(out, &words(ps.iter().flat_map(|(h, d)| [h, d])));
-        });
-        self.lists.put(out);
-        self.names.put(out);
+        }
+        put_varint(out, self.lists.len() as u64);
+        for (n, docs) in &self.lists {
+            n.put(out);
+            put_listing(out, docs);
+        }
+        put_varint(out, self.names.len() as u64);
+        for (h, docs) in &self.names {
+            put_varint(out, *h);
+            put_listing(out, docs);
+        }
     }
     fn read(r: &mut Reader<'_>) -> R<Self> {
-        let children = r.seq(|r| {
+        let mut a = DocSetAnswer::default();
+        read_each(r, &mut |r| {
             let n = NodeId::read(r)?;
             let len = r.varint()?;
             let kids = children_unwords(r.take(len)?)
                 .ok_or("a children list is a 16-bit mask of the non-empty hashes, then those")?;
-            Ok((n, kids))
+            a.children.push((n, kids));
+            Ok(())
         })?;
-        let buckets = r.seq(|r| {
+        read_each(r, &mut |r| {
             let n = NodeId::read(r)?;
             let ws = read_words(r)?;
             if ws.len() % 2 != 0 {
                 return Err("a bucket is a whole number of (hash, digest) word pairs");
             }
-            Ok((n, ws.chunks_exact(2).map(|p| (p[0], p[1])).collect()))
+            let mut pairs = Vec::with_capacity(ws.len() / 2);
+            for p in ws.chunks_exact(2) {
+                pairs.push((p[0], p[1]));
+            }
+            a.buckets.push((n, pairs));
+            Ok(())
         })?;
-        Ok(DocSetAnswer { children, buckets, lists: Wire::read(r)?, names: Wire::read(r)? })
+        read_each(r, &mut |r| {
+            let n = NodeId::read(r)?;
+            a.lists.push((n, read_listing(r)?));
+            Ok(())
+        })?;
+        read_each(r, &mut |r| {
+            let h = r.varint()?;
+            a.names.push((h, read_listing(r)?));
+            Ok(())
+        })?;
+        Ok(a)
     }
 }
 

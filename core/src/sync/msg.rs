@@ -539,15 +539,27 @@ fn check_docset_answer(m: &DocSetAnswerMsg) -> Result<(), &'static str> {
     if a.items() > MAX_DOCSET_ITEMS {
         return Err("document-set answer too large");
     }
-    let nodes = a.children.iter().map(|(n, _)| n).chain(a.buckets.iter().map(|(n, _)| n));
-    if nodes.chain(a.lists.iter().map(|(n, _)| n)).any(|n| !n.is_valid())
-        || a.children.iter().any(|(n, _)| n.is_bucket())
-    {
-        return Err("bad document-set answer node");
+    // Plain loops, not iterator chains: this is in the browser's decoder too.
+    let mut ok = true;
+    for (n, _) in &a.children {
+        ok &= n.is_valid() && !n.is_bucket();
     }
-    let mut ids = a.lists.iter().map(|(_, d)| d).chain(a.names.iter().map(|(_, d)| d)).flatten();
-    if ids.any(|(id, _)| id.len() > MAX_DOC_ID) {
-        return Err("document id too long");
+    for (n, _) in &a.buckets {
+        ok &= n.is_valid();
+    }
+    for (n, docs) in &a.lists {
+        ok &= n.is_valid();
+        for (id, _) in docs {
+            ok &= id.len() <= MAX_DOC_ID;
+        }
+    }
+    for (_, docs) in &a.names {
+        for (id, _) in docs {
+            ok &= id.len() <= MAX_DOC_ID;
+        }
+    }
+    if !ok {
+        return Err("bad document-set answer node or document id");
     }
     Ok(())
 }
