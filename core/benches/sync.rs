@@ -12,6 +12,7 @@
 //! table at the end. Without `--bench` (as under `cargo test --benches`) the sizes shrink
 //! so the run stays a smoke test.
 
+use concord_core::codec::{Reader, Wire};
 use concord_core::docset::{DocSet, DocSetAnswer, DocSetDiff, DocSetQuery};
 use concord_core::sync::{Msg, Session, SessionConfig};
 use concord_core::{DocConfig, Document, Field, ReplicaId, Value, VersionVector};
@@ -521,15 +522,20 @@ fn docset_diff(c: &mut Criterion, rows: &mut Vec<Row>, full: bool) {
         }
     }
 
-    // Encoded both ways, as two relays would.
+    // Encoded both ways, as two relays would (the message bodies, without the frame head).
+    fn body<T: Wire>(x: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        x.put(&mut out);
+        out
+    }
     let run = |a: &DocSet, b: &DocSet| {
         let (mut diff, mut q) = DocSetDiff::start();
         let (mut bytes, mut trips) = (0usize, 0usize);
         while !diff.is_done() {
-            let qb = postcard::to_allocvec(&q).expect("encode");
-            let q2: DocSetQuery = postcard::from_bytes(&qb).expect("decode");
-            let ab = postcard::to_allocvec(&b.answer(&q2)).expect("encode");
-            let ans: DocSetAnswer = postcard::from_bytes(&ab).expect("decode");
+            let qb = body(&q);
+            let q2: DocSetQuery = Reader::new(&qb).whole().expect("decode");
+            let ab = body(&b.answer(&q2));
+            let ans: DocSetAnswer = Reader::new(&ab).whole().expect("decode");
             bytes += qb.len() + ab.len();
             trips += 1;
             q = diff.step(a, ans).expect("valid answer");
@@ -542,9 +548,9 @@ fn docset_diff(c: &mut Criterion, rows: &mut Vec<Row>, full: bool) {
     {
         let (mut d, mut q) = DocSetDiff::start();
         while !d.is_done() {
-            *parts.entry("queries").or_default() += postcard::to_allocvec(&q).expect("encode").len();
+            *parts.entry("queries").or_default() += body(&q).len();
             let ans = b.answer(&q);
-            let part = |x: DocSetAnswer| postcard::to_allocvec(&x).expect("encode").len();
+            let part = |x: DocSetAnswer| body(&x).len();
             let none = DocSetAnswer::default;
             *parts.entry("answers: children").or_default() +=
                 part(DocSetAnswer { children: ans.children.clone(), ..none() });

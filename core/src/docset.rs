@@ -50,11 +50,10 @@
 //! assert_eq!(ids, ["doc-42", "doc-7", "fresh"]);
 //! ```
 
-use crate::codec::{self, tag};
+use crate::codec::{self, put_bytes, put_varint, tag, Reader, Wire, R};
 use crate::hash::{stable_hash, stable_hash_seeded};
 use crate::merkle::{KeyTree, NodeId, DEPTH, FANOUT};
 use crate::vv::VersionVector;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cmp::Ordering;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -239,7 +238,7 @@ impl DocSet {
 }
 
 /// What one side of a comparison asks the other.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DocSetQuery {
     /// Inner nodes whose children's hashes are wanted.
     pub children: Vec<NodeId>,
@@ -262,6 +261,11 @@ impl DocSetQuery {
         self.children.len() + self.buckets.len() + self.lists.len() + self.names.len()
     }
 
+    /// Every node id asked about.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeId> {
+        self.children.iter().chain(&self.buckets).chain(&self.lists)
+    }
+
     /// Splits into queries of at most `max` things each, to bound answer sizes.
     pub fn chunks(&self, max: usize) -> Vec<DocSetQuery> {
         let max = max.max(1);
@@ -275,11 +279,29 @@ impl DocSetQuery {
     }
 }
 
+/// Id hashes are random 64-bit values: fixed 8-byte words (a varint would take 10).
+impl Wire for DocSetQuery {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.children.put(out);
+        self.buckets.put(out);
+        self.lists.put(out);
+        put_bytes(out, &words(&self.names));
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        Ok(DocSetQuery {
+            children: Wire::read(r)?,
+            buckets: Wire::read(r)?,
+            lists: Wire::read(r)?,
+            names: read_words(r)?,
+        })
+    }
+}
+
 /// The answer to a [`DocSetQuery`], from [`DocSet::answer`].
 ///
-/// Serialized compactly: hashes and digests as fixed 8-byte words (random 64-bit values
-/// take 10 bytes as varints), each children list as a mask of its non-empty entries and
-/// then those. Serializing a children list that does not hold [`FANOUT`] hashes fails.
+/// Encoded compactly: hashes as fixed 8-byte words (random 64-bit values take 10 bytes
+/// as varints), each children list as a mask of its non-empty entries and then those. A
+/// children list is always encoded as [`FANOUT`] hashes (missing ones count as empty).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DocSetAnswer {
     /// Each asked inner node with its children's hashes.
@@ -292,26 +314,107 @@ pub struct DocSetAnswer {
     pub names: Vec<(u64, Vec<(String, u64)>)>,
 }
 
-type Listing = Vec<(String, u64)>;
+/// Upper bounds of encoded sizes, for [`DocSetAnswer::split`]: an entry's key and length
+/// prefix, a children entry, and a listed document beyond its id.
+const ENTRY_BYTES: usize = 16;
+const CHILDREN_BYTES: usize = ENTRY_BYTES + 2 + 8 * FANOUT;
+const LISTED_BYTES: usize = 16;
 
-#[derive(Serialize)]
-struct AnswerWireRef<'a> {
-    children: Vec<(NodeId, Vec<u8>)>,
-    buckets: Vec<(NodeId, Vec<u8>)>,
-    lists: &'a [(NodeId, Listing)],
-    names: &'a [(u64, Listing)],
+impl DocSetAnswer {
+    /// Number of entries and listed documents (what decoders bound).
+    pub fn items(&self) -> usize {
+        fn count<K, T>(v: &[(K, Vec<T>)]) -> usize {
+            v.iter().map(|(_, xs)| 1 + xs.len()).sum()
+        }
+        self.children.len() + count(&self.buckets) + count(&self.lists) + count(&self.names)
+    }
+
+    /// Splits into parts whose encodings take at most about `max_bytes` each and hold at
+    /// most `max_items` [`DocSetAnswer::items`], cutting long bucket and document lists
+    /// between parts; [`DocSetAnswer::absorb`] of the parts in order gives the answer
+    /// back. A part is never empty of entries, but one document longer than `max_bytes`
+    /// still makes a part above it.
+    pub fn split(self, max_bytes: usize, max_items: usize) -> Vec<DocSetAnswer> {
+        let mut p = Parts { done: Vec::new(), cur: DocSetAnswer::default(), bytes: 0, items: 0 };
+        let (max_bytes, max_items) = (max_bytes.max(1), max_items.max(2));
+        for kids in self.children {
+            p.room(CHILDREN_BYTES, 1, max_bytes, max_items);
+            p.cur.children.push(kids);
+        }
+        pack(&mut p, self.buckets, |_| 16, |a| &mut a.buckets, max_bytes, max_items);
+        pack(&mut p, self.lists, |(id, _)| id.len() + LISTED_BYTES, |a| &mut a.lists, max_bytes, max_items);
+        pack(&mut p, self.names, |(id, _)| id.len() + LISTED_BYTES, |a| &mut a.names, max_bytes, max_items);
+        p.done.push(p.cur);
+        p.done
+    }
+
+    /// Appends a later part of the same answer (see [`DocSetAnswer::split`]): an entry
+    /// that continues the last one of its kind is joined to it.
+    pub fn absorb(&mut self, part: DocSetAnswer) {
+        fn join<K: PartialEq, T>(into: &mut Vec<(K, Vec<T>)>, from: Vec<(K, Vec<T>)>) {
+            for (k, mut xs) in from {
+                match into.last_mut() {
+                    Some((last, ys)) if *last == k => ys.append(&mut xs),
+                    _ => into.push((k, xs)),
+                }
+            }
+        }
+        self.children.extend(part.children);
+        join(&mut self.buckets, part.buckets);
+        join(&mut self.lists, part.lists);
+        join(&mut self.names, part.names);
+    }
 }
 
-#[derive(Deserialize)]
-struct AnswerWire {
-    children: Vec<(NodeId, Vec<u8>)>,
-    buckets: Vec<(NodeId, Vec<u8>)>,
-    lists: Vec<(NodeId, Listing)>,
-    names: Vec<(u64, Listing)>,
+/// The parts [`DocSetAnswer::split`] has made, and the one it is filling.
+struct Parts {
+    done: Vec<DocSetAnswer>,
+    cur: DocSetAnswer,
+    bytes: usize,
+    items: usize,
 }
 
-fn words<'a>(ws: impl Iterator<Item = &'a u64>) -> Vec<u8> {
-    ws.flat_map(|w| w.to_le_bytes()).collect()
+impl Parts {
+    /// Makes room for `bytes` and `items` more, starting a new part when the current one
+    /// is not empty and would overflow; returns whether it did.
+    fn room(&mut self, bytes: usize, items: usize, max_bytes: usize, max_items: usize) -> bool {
+        let fresh = self.items > 0 && (self.bytes + bytes > max_bytes || self.items + items > max_items);
+        if fresh {
+            self.done.push(std::mem::take(&mut self.cur));
+            (self.bytes, self.items) = (0, 0);
+        }
+        self.bytes += bytes;
+        self.items += items;
+        fresh
+    }
+}
+
+/// Adds `entries` to the parts, an entry continued in the next part when it overflows.
+fn pack<K: Copy, T>(
+    p: &mut Parts,
+    entries: Vec<(K, Vec<T>)>,
+    cost: impl Fn(&T) -> usize,
+    field: impl Fn(&mut DocSetAnswer) -> &mut Vec<(K, Vec<T>)>,
+    max_bytes: usize,
+    max_items: usize,
+) {
+    for (k, xs) in entries {
+        p.room(ENTRY_BYTES, 1, max_bytes, max_items);
+        field(&mut p.cur).push((k, Vec::new()));
+        for x in xs {
+            if p.room(cost(&x), 1, max_bytes, max_items) {
+                p.room(ENTRY_BYTES, 1, max_bytes, max_items);
+                field(&mut p.cur).push((k, Vec::new()));
+            }
+            if let Some((_, ys)) = field(&mut p.cur).last_mut() {
+                ys.push(x);
+            }
+        }
+    }
+}
+
+fn words<'a>(ws: impl IntoIterator<Item = &'a u64>) -> Vec<u8> {
+    ws.into_iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
 fn unwords(bytes: &[u8]) -> Option<Vec<u64>> {
@@ -322,19 +425,22 @@ fn unwords(bytes: &[u8]) -> Option<Vec<u64>> {
     Some(chunks.map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
 }
 
+/// A length-prefixed run of 8-byte words.
+fn read_words(r: &mut Reader<'_>) -> R<Vec<u64>> {
+    let n = r.varint()?;
+    unwords(r.take(n)?).ok_or("a word list is a whole number of 8-byte words")
+}
+
 const _: () = assert!(FANOUT == 16, "children lists are encoded with a 16-bit mask");
-const CHILDREN_MSG: &str = "a children list holds 16 hashes: a 16-bit mask of the non-empty ones, then those";
 
 /// A node's children as a 16-bit mask of the non-empty ones, then their hashes as words:
 /// a full node costs 130 bytes, a sparse one 2 bytes plus 8 per child.
-fn children_words(hashes: &[u64]) -> Option<Vec<u8>> {
-    if hashes.len() != FANOUT {
-        return None;
-    }
-    let mask = hashes.iter().enumerate().filter(|(_, h)| **h != 0).fold(0u16, |m, (i, _)| m | 1 << i);
+fn children_words(hashes: &[u64]) -> Vec<u8> {
+    let kids = || hashes.iter().take(FANOUT);
+    let mask = kids().enumerate().filter(|(_, h)| **h != 0).fold(0u16, |m, (i, _)| m | 1 << i);
     let mut out = mask.to_le_bytes().to_vec();
-    out.extend(words(hashes.iter().filter(|h| **h != 0)));
-    Some(out)
+    out.extend(words(kids().filter(|h| **h != 0)));
+    out
 }
 
 fn children_unwords(bytes: &[u8]) -> Option<Vec<u64>> {
@@ -342,55 +448,103 @@ fn children_unwords(bytes: &[u8]) -> Option<Vec<u64>> {
     let mask = u16::from_le_bytes(*mask);
     let present = unwords(rest)?;
     // One encoding per answer: as many words as set bits, and none of them empty.
-    if present.len() != mask.count_ones() as usize || present.contains(&0) {
+    if present.len() != mask.count_ones() as usize {
         return None;
     }
-    let mut present = present.into_iter();
-    Some((0..FANOUT).map(|i| if mask & (1 << i) != 0 { present.next().unwrap_or(0) } else { 0 }).collect())
+    // Plain loops, not iterator chains: this is in the browser's decoder too.
+    let (mut out, mut next) = (vec![0; FANOUT], present.into_iter());
+    for (i, h) in out.iter_mut().enumerate() {
+        if mask & (1 << i) != 0 {
+            *h = next.next().filter(|w| *w != 0)?;
+        }
+    }
+    Some(out)
 }
 
-impl Serialize for DocSetAnswer {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::Error;
-        let children = self
-            .children
-            .iter()
-            .map(|(n, hs)| Ok((*n, children_words(hs).ok_or_else(|| S::Error::custom(CHILDREN_MSG))?)))
-            .collect::<Result<_, S::Error>>()?;
-        AnswerWireRef {
-            children,
-            buckets: self
-                .buckets
-                .iter()
-                .map(|(n, ps)| (*n, words(ps.iter().flat_map(|(h, d)| [h, d]))))
-                .collect(),
-            lists: &self.lists,
-            names: &self.names,
-        }
-        .serialize(s)
+/// Reads a sequence by calling `each` once per item: one copy of the loop for every
+/// item type (generic sequences cost the browser's decoder code per type).
+fn read_each<'a>(r: &mut Reader<'a>, each: &mut dyn FnMut(&mut Reader<'a>) -> R<()>) -> R<()> {
+    for _ in 0..r.count()? {
+        each(r)?;
+    }
+    Ok(())
+}
+
+/// `(id, digest)` listings.
+fn read_listing(r: &mut Reader<'_>) -> R<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    read_each(r, &mut |r| {
+        out.push((r.string()?, r.varint()?));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn put_listing(out: &mut Vec<u8>, docs: &[(String, u64)]) {
+    put_varint(out, docs.len() as u64);
+    for (id, d) in docs {
+        put_bytes(out, id.as_bytes());
+        put_varint(out, *d);
     }
 }
 
-impl<'de> Deserialize<'de> for DocSetAnswer {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        let w = AnswerWire::deserialize(d)?;
-        let children = w
-            .children
-            .into_iter()
-            .map(|(n, b)| Ok((n, children_unwords(&b).ok_or_else(|| D::Error::custom(CHILDREN_MSG))?)))
-            .collect::<Result<_, _>>()?;
-        let buckets = w
-            .buckets
-            .into_iter()
-            .map(|(n, b)| {
-                let ws = unwords(&b).filter(|ws| ws.len() % 2 == 0).ok_or_else(|| {
-                    D::Error::custom("a bucket is a whole number of (hash, digest) word pairs")
-                })?;
-                Ok((n, ws.chunks_exact(2).map(|p| (p[0], p[1])).collect()))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(DocSetAnswer { children, buckets, lists: w.lists, names: w.names })
+impl Wire for DocSetAnswer {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.children.len() as u64);
+        for (n, hs) in &self.children {
+            n.put(out);
+            put_bytes(out, &children_words(hs));
+        }
+        put_varint(out, self.buckets.len() as u64);
+        for (n, ps) in &self.buckets {
+            n.put(out);
+            put_bytes(out, &words(ps.iter().flat_map(|(h, d)| [h, d])));
+        }
+        put_varint(out, self.lists.len() as u64);
+        for (n, docs) in &self.lists {
+            n.put(out);
+            put_listing(out, docs);
+        }
+        put_varint(out, self.names.len() as u64);
+        for (h, docs) in &self.names {
+            put_varint(out, *h);
+            put_listing(out, docs);
+        }
+    }
+    fn read(r: &mut Reader<'_>) -> R<Self> {
+        let mut a = DocSetAnswer::default();
+        read_each(r, &mut |r| {
+            let n = NodeId::read(r)?;
+            let len = r.varint()?;
+            let kids = children_unwords(r.take(len)?)
+                .ok_or("a children list is a 16-bit mask of the non-empty hashes, then those")?;
+            a.children.push((n, kids));
+            Ok(())
+        })?;
+        read_each(r, &mut |r| {
+            let n = NodeId::read(r)?;
+            let ws = read_words(r)?;
+            if ws.len() % 2 != 0 {
+                return Err("a bucket is a whole number of (hash, digest) word pairs");
+            }
+            let mut pairs = Vec::with_capacity(ws.len() / 2);
+            for p in ws.chunks_exact(2) {
+                pairs.push((p[0], p[1]));
+            }
+            a.buckets.push((n, pairs));
+            Ok(())
+        })?;
+        read_each(r, &mut |r| {
+            let n = NodeId::read(r)?;
+            a.lists.push((n, read_listing(r)?));
+            Ok(())
+        })?;
+        read_each(r, &mut |r| {
+            let h = r.varint()?;
+            a.names.push((h, read_listing(r)?));
+            Ok(())
+        })?;
+        Ok(a)
     }
 }
 

@@ -4,6 +4,10 @@ use concord_core::docset::{
     doc_hash, version_digest, DiffError, DocSet, DocSetAnswer, DocSetDiff, DocSetQuery,
 };
 use concord_core::merkle::NodeId;
+use concord_core::sync::msg::{
+    tag, DocSetAnswerMsg, DocSetQueryMsg, MAX_DOCSET_ITEMS, MAX_DOCSET_PARTS, MAX_DOCSET_QUERY,
+};
+use concord_core::sync::{FrameError, Msg};
 use concord_core::{ReplicaId, VersionVector};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -317,8 +321,20 @@ fn a_hash_listed_twice_is_settled_by_id() {
     assert_eq!(ids, ["doc-9"]);
 }
 
+/// `answer` as the one part of a `DocSetAnswer` frame.
+fn answer_frame(answer: &DocSetAnswer) -> Vec<u8> {
+    Msg::DocSetAnswer(DocSetAnswerMsg { exchange: 1, part: 0, parts: 1, answer: answer.clone() }).encode()
+}
+
+fn answer_of(frame: &[u8]) -> Result<DocSetAnswer, FrameError> {
+    match Msg::decode(frame)? {
+        Msg::DocSetAnswer(m) => Ok(m.answer),
+        other => panic!("not an answer: {other:?}"),
+    }
+}
+
 #[test]
-fn answers_survive_the_wire_in_compact_form() {
+fn queries_and_answers_survive_the_wire_in_compact_form() {
     let mut b = DocSet::new();
     for i in 0..500 {
         b.upsert(&format!("doc-{i}"), &vv(i + 1, 0));
@@ -329,42 +345,154 @@ fn answers_survive_the_wire_in_compact_form() {
         lists: vec![NodeId { level: 2, index: 17 }],
         names: vec![doc_hash("doc-2"), 12345],
     };
-    let bytes = postcard::to_allocvec(&q).unwrap();
-    assert_eq!(postcard::from_bytes::<DocSetQuery>(&bytes).unwrap(), q);
+    let m = Msg::DocSetQuery(DocSetQueryMsg { exchange: 9, query: q.clone() });
+    assert_eq!(Msg::decode(&m.encode()), Ok(m));
     let ans = b.answer(&q);
-    let bytes = postcard::to_allocvec(&ans).unwrap();
-    assert_eq!(postcard::from_bytes::<DocSetAnswer>(&bytes).unwrap(), ans);
-    // Hashes travel as 8-byte words: 16 children in 2 + 128 bytes plus the node and a length.
+    assert_eq!(answer_of(&answer_frame(&ans)), Ok(ans));
+    // Hashes travel as 8-byte words: 16 children in 2 + 128 bytes, plus the node, lengths
+    // and the frame's head.
     let one = DocSetAnswer { children: vec![(NodeId::ROOT, b.root_children())], ..Default::default() };
-    assert!(postcard::to_allocvec(&one).unwrap().len() <= 130 + 8);
+    assert!(answer_frame(&one).len() <= 130 + 8 + 4);
     // ... and empty children cost nothing but their bit.
     let sparse = DocSetAnswer { children: vec![(NodeId::ROOT, vec![0; 16])], ..Default::default() };
-    assert!(postcard::to_allocvec(&sparse).unwrap().len() <= 2 + 8);
-    assert_eq!(
-        postcard::from_bytes::<DocSetAnswer>(&postcard::to_allocvec(&sparse).unwrap()).unwrap(),
-        sparse
-    );
-    // A children list of another length cannot be encoded.
+    assert!(answer_frame(&sparse).len() <= 2 + 8 + 4);
+    assert_eq!(answer_of(&answer_frame(&sparse)), Ok(sparse));
+    // A children list always travels as 16 hashes.
     let short = DocSetAnswer { children: vec![(NodeId::ROOT, vec![1, 2])], ..Default::default() };
-    assert!(postcard::to_allocvec(&short).is_err());
-    // Malformed word lists are refused.
-    type Wire = (
-        Vec<(NodeId, Vec<u8>)>,
-        Vec<(NodeId, Vec<u8>)>,
-        Vec<(NodeId, Vec<(String, u64)>)>,
-        Vec<(u64, Vec<(String, u64)>)>,
-    );
-    let decodes = |w: Wire| postcard::from_bytes::<DocSetAnswer>(&postcard::to_allocvec(&w).unwrap()).is_ok();
-    let kids = |bytes: Vec<u8>| (vec![(NodeId::ROOT, bytes)], Vec::new(), Vec::new(), Vec::new());
+    let mut padded = vec![1, 2];
+    padded.resize(16, 0);
+    assert_eq!(answer_of(&answer_frame(&short)).unwrap().children, vec![(NodeId::ROOT, padded)]);
+    // Malformed word lists are refused: the frame head, then the children and buckets.
+    let frame = |children: &[Vec<u8>], buckets: &[Vec<u8>]| {
+        let mut f = vec![tag::DOCSET_ANSWER, 1, 0, 1];
+        for list in [children, buckets] {
+            f.push(list.len() as u8);
+            for bytes in list {
+                f.extend([0, 0, bytes.len() as u8]); // the root, then the byte count
+                f.extend(bytes);
+            }
+        }
+        f.extend([0, 0]); // no lists, no names
+        answer_of(&f).is_ok()
+    };
     let mut one_child = vec![0b1000_0000, 0];
     one_child.extend(7u64.to_le_bytes());
-    assert!(decodes(kids(one_child.clone())));
-    assert!(!decodes(kids(one_child[..9].to_vec())), "a word cut short");
-    assert!(!decodes(kids(vec![0b11, 0, 7, 0, 0, 0, 0, 0, 0, 0])), "two bits, one word");
-    assert!(!decodes(kids(vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0])), "a set bit with an empty hash");
-    let bucket = |bytes: Vec<u8>| (Vec::new(), vec![(NodeId::ROOT, bytes)], Vec::new(), Vec::new());
-    assert!(decodes(bucket(vec![0; 16])));
-    assert!(!decodes(bucket(vec![0; 8])), "half a pair");
+    assert!(frame(&[one_child.clone()], &[]));
+    assert!(!frame(&[one_child[..9].to_vec()], &[]), "a word cut short");
+    assert!(!frame(&[vec![0b11, 0, 7, 0, 0, 0, 0, 0, 0, 0]], &[]), "two bits, one word");
+    assert!(!frame(&[vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0]], &[]), "a set bit with an empty hash");
+    assert!(frame(&[], &[vec![0; 16]]));
+    assert!(!frame(&[], &[vec![0; 8]]), "half a pair");
+}
+
+#[test]
+fn oversized_or_inconsistent_queries_and_answers_are_typed_errors() {
+    let refused = |m: Msg| match Msg::decode(&m.encode()) {
+        Err(FrameError::Malformed { tag, .. }) => {
+            assert!(tag == tag::DOCSET_QUERY || tag == tag::DOCSET_ANSWER)
+        }
+        other => panic!("accepted: {other:?}"),
+    };
+    let names = (0..=MAX_DOCSET_QUERY as u64).collect();
+    refused(Msg::DocSetQuery(DocSetQueryMsg {
+        exchange: 1,
+        query: DocSetQuery { names, ..Default::default() },
+    }));
+    let bad_node = NodeId { level: 9, index: 0 };
+    refused(Msg::DocSetQuery(DocSetQueryMsg {
+        exchange: 1,
+        query: DocSetQuery { lists: vec![bad_node], ..Default::default() },
+    }));
+    let part = |part, parts, answer| Msg::DocSetAnswer(DocSetAnswerMsg { exchange: 1, part, parts, answer });
+    refused(part(0, 0, DocSetAnswer::default()));
+    refused(part(2, 2, DocSetAnswer::default()));
+    refused(part(0, MAX_DOCSET_PARTS + 1, DocSetAnswer::default()));
+    let big =
+        DocSetAnswer { names: vec![(1, vec![(String::new(), 0); MAX_DOCSET_ITEMS])], ..Default::default() };
+    refused(part(0, 1, big));
+    let long_id = DocSetAnswer { names: vec![(1, vec![("x".repeat(513), 0)])], ..Default::default() };
+    refused(part(0, 1, long_id));
+    let bucket_as_inner =
+        DocSetAnswer { children: vec![(NodeId::of(0, 4), vec![0; 16])], ..Default::default() };
+    refused(part(0, 1, bucket_as_inner));
+    assert!(Msg::decode(&part(1, 2, DocSetAnswer::default()).encode()).is_ok());
+}
+
+/// A set of `n` documents with long ids, and one empty set to compare it with.
+fn big_set(n: u64) -> DocSet {
+    let mut s = DocSet::new();
+    for i in 0..n {
+        s.upsert(
+            &format!("a-rather-long-document-id-{i:08}-{}", "x".repeat((i % 50) as usize)),
+            &vv(i + 1, 0),
+        );
+    }
+    s
+}
+
+#[test]
+fn an_answer_larger_than_a_frame_is_split_into_parts_that_join_back() {
+    let there = big_set(3000);
+    let mut q = DocSetQuery {
+        children: vec![NodeId::ROOT, NodeId { level: 1, index: 5 }],
+        buckets: (0..40).map(|i| NodeId { level: 4, index: i * 1000 }).collect(),
+        lists: (0..16).map(|i| NodeId { level: 1, index: i }).collect(),
+        names: there.iter().take(300).map(|(id, _)| doc_hash(id)).collect(),
+    };
+    // A hash asked twice would be answered twice, and the copies joined into one entry.
+    q.names.dedup();
+    let answer = there.answer(&q);
+    for max_frame in [600, 4096, 64 * 1024, 1 << 20] {
+        let frames = DocSetAnswerMsg::frames(7, answer.clone(), max_frame).expect("few enough parts");
+        let n = frames.len() as u32;
+        let mut joined = DocSetAnswer::default();
+        for (i, m) in frames.into_iter().enumerate() {
+            let bytes = m.encode();
+            assert!(bytes.len() <= max_frame, "part of {} bytes above {max_frame}", bytes.len());
+            let Ok(Msg::DocSetAnswer(back)) = Msg::decode(&bytes) else { panic!("a part does not decode") };
+            assert_eq!((back.exchange, back.part, back.parts), (7, i as u32, n));
+            joined.absorb(back.answer);
+        }
+        assert!(joined == answer, "parts at max_frame {max_frame} do not join back");
+        if max_frame == 600 {
+            assert!(n > 100, "{n} parts");
+        }
+    }
+    // Far too small a frame for the answer: no frames rather than too many.
+    assert_eq!(DocSetAnswerMsg::frames(7, answer, 40), None);
+}
+
+#[test]
+fn a_comparison_over_split_answers_finds_what_a_whole_one_finds() {
+    let here = big_set(2000);
+    let mut there = big_set(2000);
+    let ids: Vec<String> = there.iter().map(|(id, _)| id.to_owned()).collect();
+    for id in ids.iter().step_by(37) {
+        there.upsert(id, &vv(99_999, 1));
+    }
+    there.upsert("only-there", &vv(1, 1));
+    let (want, _) = diff(&here, &there);
+    for max_frame in [512, 8192] {
+        let (mut d, mut q) = DocSetDiff::start();
+        let mut trips = 0;
+        while !d.is_done() {
+            trips += 1;
+            assert!(trips <= 6);
+            let Some(frames) = DocSetAnswerMsg::frames(1, there.answer(&q), max_frame) else {
+                panic!("too many parts")
+            };
+            let mut joined = DocSetAnswer::default();
+            for m in frames {
+                let Ok(Msg::DocSetAnswer(part)) = Msg::decode(&m.encode()) else {
+                    panic!("a part does not decode")
+                };
+                joined.absorb(part.answer);
+            }
+            q = d.step(&here, joined).unwrap();
+        }
+        let got: BTreeSet<String> = d.differences().iter().map(|x| x.id.clone()).collect();
+        assert_eq!(got, want);
+    }
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! format fails here loudly. Regenerate deliberately with
 //! `GOLDEN_PRINT=1 cargo test -p concord-core --test golden_msgs -- --nocapture`.
 
+use concord_core::docset::{DocSetAnswer, DocSetQuery};
 use concord_core::merkle::NodeId;
 use concord_core::sync::msg::*;
 use concord_core::sync::Msg;
@@ -87,6 +88,35 @@ fn messages() -> Vec<(&'static str, Msg)> {
             }),
         ),
         (
+            "docset_query",
+            Msg::DocSetQuery(DocSetQueryMsg {
+                exchange: 9,
+                query: DocSetQuery {
+                    children: vec![NodeId::ROOT],
+                    buckets: vec![NodeId { level: 4, index: 0x3abc }],
+                    lists: vec![NodeId { level: 1, index: 3 }],
+                    names: vec![0x3abc_0000_0000_0001],
+                },
+            }),
+        ),
+        (
+            "docset_answer",
+            Msg::DocSetAnswer(DocSetAnswerMsg {
+                exchange: 9,
+                part: 1,
+                parts: 2,
+                answer: DocSetAnswer {
+                    children: vec![(
+                        NodeId::ROOT,
+                        (0..16).map(|i| if i % 5 == 0 { i + 1 } else { 0 }).collect(),
+                    )],
+                    buckets: vec![(NodeId { level: 4, index: 0x3abc }, vec![(0x3abc_0000_0000_0001, 42)])],
+                    lists: vec![(NodeId { level: 1, index: 3 }, vec![("d".into(), 7)])],
+                    names: vec![(0x3abc_0000_0000_0001, vec![("e".into(), 8)])],
+                },
+            }),
+        ),
+        (
             "error",
             Msg::Error(ErrorMsg {
                 code: ErrorCode::FORBIDDEN,
@@ -114,6 +144,8 @@ const GOLDEN: &[(&str, &str)] = &[
     ("merkle_leaves", "130164070104bc750181808080808080de3a2a"),
     ("keys_query", "140164070181808080808080de3a"),
     ("state", "1501640700010101056c696b65730001a101020101"),
+    ("docset_query", "20090100000104bc7501010308010000000000bc3a"),
+    ("docset_answer", "21090102010000222184010000000000000006000000000000000b0000000000000010000000000000000104bc7510010000000000bc3a2a00000000000000010103010164070181808080808080de3a01016508"),
     ("error", "7f0501016409726561642d6f6e6c79"),
 ];
 
@@ -121,7 +153,7 @@ const GOLDEN: &[(&str, &str)] = &[
 fn every_message_encodes_to_its_golden_bytes_and_decodes_back() {
     let print = std::env::var_os("GOLDEN_PRINT").is_some();
     let msgs = messages();
-    assert_eq!(msgs.len(), 13, "one golden vector per message type");
+    assert_eq!(msgs.len(), 15, "one golden vector per message type");
     for (name, msg) in msgs {
         let bytes = msg.encode();
         if print {

@@ -366,3 +366,25 @@ fn a_hostile_state_transfer_is_refused_and_changes_nothing() {
     .unwrap();
     other_document_still_syncs(&mut p);
 }
+
+#[test]
+fn document_set_messages_are_handed_to_the_caller_and_need_a_hello_first() {
+    use concord_core::docset::{DocSet, DocSetDiff};
+    use concord_core::sync::msg::{DocSetAnswerMsg, DocSetQueryMsg};
+    use concord_core::sync::{Event, Session};
+    let mut p = pair();
+    let (_, query) = DocSetDiff::start();
+    let q = DocSetQueryMsg { exchange: 3, query: query.clone() };
+    let a = DocSetAnswerMsg { exchange: 3, part: 0, parts: 1, answer: DocSet::new().answer(&query) };
+    let mut fresh = Session::new(ReplicaId(5), SessionConfig::default());
+    for (m, ev) in [
+        (Msg::DocSetQuery(q.clone()), Event::DocSetQuery(q)),
+        (Msg::DocSetAnswer(a.clone()), Event::DocSetAnswer(a)),
+    ] {
+        let out = p.sess[0].handle(&m.encode(), &mut p.docs[0]).expect("a valid message");
+        assert!(out.replies.is_empty(), "the session does not answer for the caller");
+        assert_eq!(out.events, vec![ev]);
+        assert_eq!(fresh.handle(&m.encode(), &mut p.docs[1]), Err(SyncError::NoHello));
+    }
+    other_document_still_syncs(&mut p);
+}

@@ -254,3 +254,86 @@ fn a_batch_of_one_replicas_consecutive_writes_costs_a_few_bytes_per_delta() {
     // an element) and the key's share of the front-coded table.
     assert!(bytes.len() < 100 * 10, "{} bytes for 100 deltas", bytes.len());
 }
+
+// ---- document-set messages (relay to relay) ----
+
+use concord_core::docset::{DocSet, DocSetDiff};
+use concord_core::sync::msg::{
+    tag, DocSetAnswerMsg, DocSetQueryMsg, FrameError, MAX_DOCSET_ITEMS, MAX_DOCSET_PARTS, MAX_DOCSET_QUERY,
+};
+
+/// Valid document-set frames: the first queries of a comparison and their answers.
+fn docset_frames(n: u64) -> Vec<Vec<u8>> {
+    let mut there = DocSet::new();
+    for i in 0..n {
+        there.upsert(&format!("doc-{i}"), &concord_core::VersionVector::from_iter([(ReplicaId(1), i + 1)]));
+    }
+    let here = DocSet::new();
+    let (mut diff, mut q) = DocSetDiff::start();
+    let mut out = Vec::new();
+    for exchange in 0..3 {
+        out.push(Msg::DocSetQuery(DocSetQueryMsg { exchange, query: q.clone() }).encode());
+        let answer = there.answer(&q);
+        out.extend(
+            DocSetAnswerMsg::frames(exchange, answer.clone(), 300)
+                .unwrap_or_default()
+                .iter()
+                .map(Msg::encode),
+        );
+        q = diff.step(&here, answer).expect("a valid answer");
+    }
+    out
+}
+
+/// A decoded document-set message is within its bounds and re-encodes stably.
+fn docset_decodes_sanely(bytes: &[u8]) -> Result<(), TestCaseError> {
+    match Msg::decode(bytes) {
+        Ok(m) => {
+            match &m {
+                Msg::DocSetQuery(q) => prop_assert!(q.query.len() <= MAX_DOCSET_QUERY),
+                Msg::DocSetAnswer(a) => {
+                    prop_assert!(a.part < a.parts && a.parts <= MAX_DOCSET_PARTS);
+                    prop_assert!(a.answer.items() <= MAX_DOCSET_ITEMS);
+                }
+                _ => {}
+            }
+            let again = Msg::decode(&m.encode());
+            prop_assert_eq!(again.as_ref(), Ok(&m));
+        }
+        Err(FrameError::Empty | FrameError::UnknownTag(_) | FrameError::Malformed { .. }) => {}
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn random_document_set_frames_decode_to_a_typed_error_or_a_bounded_message(
+        t in prop_oneof![Just(tag::DOCSET_QUERY), Just(tag::DOCSET_ANSWER)],
+        body in vec(any::<u8>(), 0..300),
+    ) {
+        let mut bytes = vec![t];
+        bytes.extend(body);
+        docset_decodes_sanely(&bytes)?;
+    }
+
+    #[test]
+    fn mutated_document_set_frames_decode_to_a_typed_error_or_a_bounded_message(
+        docs in 0u64..400,
+        which in any::<prop::sample::Index>(),
+        edits in vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let frames = docset_frames(docs);
+        let mut bytes = which.get(&frames).clone();
+        for (at, b) in &edits {
+            let i = at.index(bytes.len());
+            if i > 0 {
+                bytes[i] = *b;
+            }
+        }
+        docset_decodes_sanely(&bytes)?;
+        docset_decodes_sanely(&bytes[..cut.index(bytes.len())])?;
+    }
+}

@@ -20,11 +20,15 @@
 //!   acked everything.
 //! - **Anti-entropy**: every few seconds (with jitter) each node compares, with each peer
 //!   it shares ranges with, the document-set Merkle tree ([`concord_core::docset`]) of the
-//!   documents both own — root first, descending only into differing children over
-//!   `GET /cluster/docset` — and syncs only the documents that differ, a bounded number
-//!   per round.
+//!   documents both own — root first, descending only into differing children — and syncs
+//!   only the documents that differ, a bounded number per round. The questions travel on
+//!   the peer link as `DocSetQuery` messages of the sync protocol and come back as
+//!   `DocSetAnswer` parts, each below the frame limit; a relay answers them only on a
+//!   connection authenticated as a peer, from the set it shares with that peer. A round
+//!   whose answers do not all arrive in time is dropped, and the next round starts over.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,21 +36,37 @@ use concord_core::cluster::{write_targets, DetectorConfig, FailureDetector, Heal
 use concord_core::docset::{DocSet, DocSetAnswer, DocSetDiff, DocSetQuery};
 use concord_core::hash::stable_hash;
 use concord_core::ring::{Ring, RingNode};
-use concord_core::sync::msg::Deltas;
-use concord_core::sync::Msg;
+use concord_core::sync::msg::{Deltas, DocSetAnswerMsg, DocSetQueryMsg, ErrorMsg};
+use concord_core::sync::{ErrorCode, Msg};
 use concord_core::VersionVector;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::handler::{Outbox, Overflow};
-use crate::http::{query_param, query_value};
+use crate::http::query_value;
 use crate::node::{Docs, Node, State};
 
 /// Documents handed off per tick.
 const HANDOFF_BATCH: usize = 32;
 /// Differing documents synced per anti-entropy round and peer.
 const AE_CAP: usize = 256;
+/// Things asked per document-set query (answers stay small; see `MAX_DOCSET_QUERY`).
+const AE_QUERY: usize = 128;
+/// How long one step of a comparison waits for all its answers before giving up the
+/// round (the next round, a few seconds later, starts over).
+const AE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The first protocol version with document-set messages; older peers are not asked.
+const AE_PROTOCOL: u16 = 6;
+
+/// A document-set query sent to a peer, waiting for every part of its answer.
+struct Asked {
+    peer: String,
+    /// One slot per part, sized by the first part that arrives.
+    parts: Vec<Option<DocSetAnswer>>,
+    got: usize,
+    done: oneshot::Sender<DocSetAnswer>,
+}
 
 /// What this node knows of the cluster's shape and health.
 pub struct ClusterView {
@@ -63,6 +83,9 @@ pub struct ClusterView {
     pub peers: BTreeMap<String, String>,
     detector: Mutex<FailureDetector>,
     started: Instant,
+    /// Anti-entropy queries in flight, by exchange id.
+    asked: Mutex<HashMap<u64, Asked>>,
+    next_exchange: AtomicU64,
 }
 
 impl ClusterView {
@@ -86,7 +109,13 @@ impl ClusterView {
                 0,
             )),
             started: Instant::now(),
+            asked: Mutex::default(),
+            next_exchange: AtomicU64::new(1),
         }
+    }
+
+    fn asked_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Asked>> {
+        self.asked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn now_ms(&self) -> u64 {
@@ -265,45 +294,32 @@ pub(crate) async fn tick(node: &Node, n: u64) {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
-}
-
 /// Compares the document-set Merkle trees of the documents both nodes own (root first,
 /// descending only into differing children) and syncs the documents that differ.
 async fn anti_entropy(node: &Node, cluster: &ClusterView, peer: &str) {
-    let Some(addr) = cluster.peers.get(peer) else { return };
     let (mut diff, first) = DocSetDiff::start();
-    let mut queries = first.chunks(128);
+    let mut queries = first.chunks(AE_QUERY);
     let mut rounds = 0;
     while !diff.is_done() && rounds < 12 {
         rounds += 1;
-        let mut next = Vec::new();
-        for q in std::mem::take(&mut queries) {
-            let Ok(bytes) = postcard::to_allocvec(&q) else { return };
-            let path = format!("/cluster/docset?peer={}&q={}", cluster.me, hex(&bytes));
-            let Ok(body) = http_get(addr, &path).await else { return };
-            let Ok(answer) = postcard::from_bytes::<DocSetAnswer>(&body) else { return };
+        let Some(answers) = ask(node, cluster, peer, std::mem::take(&mut queries)).await else { return };
+        for answer in answers {
             let stepped = {
                 let st = node.lock();
                 let empty = DocSet::new();
                 diff.step(st.shared.get(peer).unwrap_or(&empty), answer)
             };
             match stepped {
-                Ok(more) => next.extend(more.chunks(128)),
+                Ok(more) => queries.extend(more.chunks(AE_QUERY)),
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "anti-entropy answer refused");
+                    node.inner.metrics.error("anti_entropy");
                     return;
                 }
             }
         }
-        queries = next;
         if queries.is_empty() {
-            queries = diff.outstanding().chunks(128);
+            queries = diff.outstanding().chunks(AE_QUERY);
         }
     }
     let differing: Vec<String> = diff.into_differences().into_iter().map(|d| d.id).collect();
@@ -325,22 +341,121 @@ async fn anti_entropy(node: &Node, cluster: &ClusterView, peer: &str) {
     }
 }
 
-/// A minimal HTTP/1.1 GET over loopback-grade links (no TLS, `Connection: close`).
-async fn http_get(addr: &str, path: &str) -> std::io::Result<Vec<u8>> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        let split = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or(std::io::ErrorKind::InvalidData)?;
-        let head = String::from_utf8_lossy(&buf[..split]).to_string();
-        if !head.starts_with("HTTP/1.1 200") {
-            return Err(std::io::ErrorKind::InvalidData.into());
+/// Sends `queries` on the link to `peer` and waits for all their answers, each joined
+/// from its parts. `None` (logged and counted) when the link is down, the peer is too
+/// old, a query could not be queued, or an answer did not arrive in time.
+async fn ask(
+    node: &Node,
+    cluster: &ClusterView,
+    peer: &str,
+    queries: Vec<DocSetQuery>,
+) -> Option<Vec<DocSetAnswer>> {
+    let mut waiting = Vec::with_capacity(queries.len());
+    {
+        let st = node.lock();
+        let c = st.links.get(peer).and_then(|l| st.conns.get(l))?;
+        if c.session.peer().is_none_or(|h| h.protocol < AE_PROTOCOL) {
+            return None;
         }
-        Ok(buf[split + 4..].to_vec())
+        for query in queries {
+            let exchange = cluster.next_exchange.fetch_add(1, Ordering::Relaxed);
+            let (done, rx) = oneshot::channel();
+            let asked = Asked { peer: peer.to_owned(), parts: Vec::new(), got: 0, done };
+            cluster.asked_map().insert(exchange, asked);
+            waiting.push((exchange, rx));
+            if let Err(e) = c.out.send(Msg::DocSetQuery(DocSetQueryMsg { exchange, query }).encode()) {
+                tracing::warn!(%peer, error = %e, "could not send an anti-entropy query; retrying next round");
+                node.inner.metrics.error("anti_entropy");
+                forget(cluster, &waiting);
+                return None;
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + AE_TIMEOUT;
+    let mut answers = Vec::with_capacity(waiting.len());
+    for (_, rx) in &mut waiting {
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(answer)) => answers.push(answer),
+            _ => {
+                tracing::warn!(%peer, "anti-entropy answers did not arrive in time; retrying next round");
+                node.inner.metrics.error("anti_entropy");
+                forget(cluster, &waiting);
+                return None;
+            }
+        }
+    }
+    Some(answers)
+}
+
+/// Drops the queries of a failed round: late answers to them are ignored.
+fn forget<T>(cluster: &ClusterView, waiting: &[(u64, T)]) {
+    let mut asked = cluster.asked_map();
+    for (exchange, _) in waiting {
+        asked.remove(exchange);
+    }
+}
+
+/// Answers a document-set query from `peer` with the set this node shares with it, in
+/// parts below the connection's frame limit. A part that cannot be queued is logged and
+/// counted: the asker's round times out and its next round asks again.
+pub(crate) fn answer_docset(
+    node: &Node,
+    out: &Outbox,
+    shared: Option<&DocSet>,
+    peer: &str,
+    m: DocSetQueryMsg,
+) {
+    let answer = shared.map(|s| s.answer(&m.query)).unwrap_or_default();
+    let Some(frames) = DocSetAnswerMsg::frames(m.exchange, answer, out.max_frame()) else {
+        node.send(
+            out,
+            &Msg::Error(ErrorMsg {
+                code: ErrorCode::TOO_LARGE,
+                doc: None,
+                message: "the document-set answer does not fit the frame limit; ask about fewer nodes".into(),
+            }),
+        );
+        return;
     };
-    tokio::time::timeout(Duration::from_secs(3), fut).await.map_err(|_| std::io::ErrorKind::TimedOut)?
+    for f in frames {
+        if let Err(e) = out.send(f.encode()) {
+            tracing::warn!(%peer, error = %e, "could not send an anti-entropy answer; the peer will ask again");
+            node.inner.metrics.error("anti_entropy");
+            return;
+        }
+    }
+}
+
+/// Takes a part of the answer to a query this node sent `peer`; once every part is in,
+/// hands the joined answer to the waiting round. Parts of unknown or forgotten
+/// exchanges, from another peer, or duplicated, are ignored.
+pub(crate) fn on_docset_answer(node: &Node, peer: &str, m: DocSetAnswerMsg) {
+    let Some(cluster) = &node.inner.cluster else { return };
+    let mut asked = cluster.asked_map();
+    let Some(a) = asked.get_mut(&m.exchange).filter(|a| a.peer == peer) else {
+        tracing::debug!(%peer, exchange = m.exchange, "ignoring a late or unexpected anti-entropy answer");
+        return;
+    };
+    // The decoder bounds `parts`.
+    if a.parts.is_empty() {
+        a.parts.resize_with(m.parts as usize, || None);
+    }
+    if a.parts.len() != m.parts as usize {
+        return;
+    }
+    let Some(slot) = a.parts.get_mut(m.part as usize).filter(|s| s.is_none()) else { return };
+    *slot = Some(m.answer);
+    a.got += 1;
+    if a.got < a.parts.len() {
+        return;
+    }
+    let Some(a) = asked.remove(&m.exchange) else { return };
+    let mut whole = DocSetAnswer::default();
+    for part in a.parts.into_iter().flatten() {
+        whole.absorb(part);
+    }
+    // The round may have given up meanwhile; then nobody needs the answer.
+    let _ = a.done.send(whole);
 }
 
 /// Keeps one outgoing link per peer until `shutdown` flips to true.
@@ -455,8 +570,7 @@ async fn run_link(node: Node, peer: String, addr: String, mut shutdown: tokio::s
 }
 
 /// Cluster introspection routes: `/cluster` (this node's view: peers, health, hints),
-/// `/cluster/owners?doc=ID` (preference list and position), `/cluster/ring` (tokens),
-/// and `/cluster/docset?peer=ID&q=HEX` (anti-entropy: answers a document-set query).
+/// `/cluster/owners?doc=ID` (preference list and position) and `/cluster/ring` (tokens).
 pub(crate) fn http_get_route(
     node: &Node,
     path: &str,
@@ -519,17 +633,7 @@ pub(crate) fn http_get_route(
                 cluster.ring.tokens().map(|(t, id)| (t as f64 / u64::MAX as f64, id)).collect();
             Some((200, JSON, serde_json::json!({ "tokens": tokens }).to_string().into_bytes()))
         }
-        "/cluster/docset" => {
-            let peer = query_param(query, "peer")?;
-            let q: DocSetQuery =
-                unhex(&query_param(query, "q")?).and_then(|b| postcard::from_bytes(&b).ok())?;
-            let answer = {
-                let st = node.lock();
-                let empty = DocSet::new();
-                st.shared.get(&peer).unwrap_or(&empty).answer(&q)
-            };
-            Some((200, "application/octet-stream", postcard::to_allocvec(&answer).unwrap_or_default()))
-        }
-        _ => Some((404, TEXT, b"unknown cluster route\n".to_vec())),
+        _ => Some((404, TEXT, b"unknown cluster route
+".to_vec())),
     }
 }

@@ -549,7 +549,7 @@ impl Node {
             )),
             _ => None,
         };
-        let State { docs, conns, links, hints, hint_deletes, .. } = st;
+        let State { docs, conns, links, hints, hint_deletes, shared, .. } = st;
         let result = c.session.handle_msg(msg, &mut Docs { docs });
         let out = match result {
             Ok(o) => o,
@@ -667,6 +667,22 @@ impl Node {
                 }
                 Event::PeerError(err) => {
                     tracing::debug!(code = err.code.name(), doc = ?err.doc, message = %err.message, "peer reported an error");
+                }
+                // Document sets are relay business: only a peer relay may see them, and
+                // only the part it shares with this node.
+                Event::DocSetQuery(q) => match &c.peer {
+                    Some(peer) => crate::cluster::answer_docset(self, &c.out, shared.get(peer), peer, q),
+                    None => self.error(
+                        &c.out,
+                        ErrorCode::FORBIDDEN,
+                        None,
+                        "document-set queries are for relay peer links".into(),
+                    ),
+                },
+                Event::DocSetAnswer(a) => {
+                    if let Some(peer) = &c.peer {
+                        crate::cluster::on_docset_answer(self, peer, a);
+                    }
                 }
                 Event::PeerHello { .. } | Event::Synced { .. } | Event::Progress { .. } => {}
             }

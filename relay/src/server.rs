@@ -49,9 +49,6 @@ const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// The path of the WebSocket endpoint.
 pub const SYNC_PATH: &str = "/sync";
-/// The anti-entropy exchange between cluster nodes, which reach each other on the public
-/// listener: it stays open there, unlike the other `/cluster*` routes.
-const PEER_DOCSET_PATH: &str = "/cluster/docset";
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,7 +386,7 @@ async fn route<H: Handler>(req: &Request, shared: &Shared<H>, listener: Listener
         Listener::Admin => true,
         Listener::Public => bearer(req).is_some_and(|c| shared.handler.admin_allowed(c)),
     };
-    if admin || (listener == Listener::Public && req.path == PEER_DOCSET_PATH) {
+    if admin {
         if req.path == "/metrics" {
             return Response::new(200, "text/plain; version=0.0.4; charset=utf-8", metrics_text(shared));
         }

@@ -18,10 +18,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 const T: Duration = Duration::from_secs(30);
 
-/// A TCP proxy that can cut (drop and refuse) its connections.
+/// A TCP proxy that can cut (drop and refuse) its connections, and notes whether any
+/// request for `/cluster/docset` went through it.
 struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
+    saw_docset_route: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -29,7 +31,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
+        let saw_docset_route = Arc::new(AtomicBool::new(false));
         let c = cut.clone();
+        let saw = saw_docset_route.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else { return };
@@ -38,6 +42,7 @@ impl Proxy {
                     continue;
                 }
                 let c2 = c.clone();
+                let saw = saw.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target_port)).await else {
                         return;
@@ -51,7 +56,15 @@ impl Proxy {
                             return;
                         }
                         tokio::select! {
-                            r = ri.read(&mut a) => match r { Ok(0) | Err(_) => return, Ok(n) => if wo.write_all(&a[..n]).await.is_err() { return } },
+                            r = ri.read(&mut a) => match r {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    if a[..n].windows(15).any(|w| w == b"/cluster/docset") {
+                                        saw.store(true, Ordering::SeqCst);
+                                    }
+                                    if wo.write_all(&a[..n]).await.is_err() { return }
+                                }
+                            },
                             r = ro.read(&mut b) => match r { Ok(0) | Err(_) => return, Ok(n) => if wi.write_all(&b[..n]).await.is_err() { return } },
                             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                         }
@@ -59,7 +72,7 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, cut }
+        Proxy { port, cut, saw_docset_route }
     }
 }
 
@@ -149,6 +162,11 @@ impl Cluster {
     fn restart(&mut self, i: usize) {
         let n = self.ids.len();
         self.relays[i] = Some(self.spawn(i, n));
+    }
+
+    /// Whether any request for `/cluster/docset` went between nodes.
+    fn docset_route_used(&self) -> bool {
+        self.proxies.values().any(|p| p.saw_docset_route.load(Ordering::SeqCst))
     }
 
     /// Cuts every link between node `i` and the others (both directions).
@@ -327,16 +345,90 @@ async fn a_node_with_a_wiped_data_dir_is_repaired_by_anti_entropy() {
         assert!(a.pump_until(T, |c| c.synced.contains(d)).await);
         write_acked(&mut a, d, 5).await;
     }
+    // No client stays subscribed: a returning link would re-follow its documents.
+    a.disconnect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     cl.kill9(2);
     std::fs::remove_dir_all(&cl.dirs[2]).unwrap();
     cl.restart(2);
     let addr = cl.addr(2);
+    // Before any client reads through the wiped node (which would fetch the documents on
+    // demand), anti-entropy alone brings them back.
+    assert!(
+        wait_for(async || stored(addr).await >= docs.len() as u64).await,
+        "anti-entropy did not restore the wiped node's documents"
+    );
     for d in docs {
         assert!(
             wait_for(async || read_counter(addr, d).await == 5).await,
             "doc {d} not repaired on the wiped node"
         );
     }
+    // The comparison ran on the peer links: no HTTP side channel, and none to be had.
+    assert!(!cl.docset_route_used(), "a node asked a peer over GET /cluster/docset");
+    assert!(http_status(cl.addr(0), "/cluster/docset?peer=n1&q=00").await.starts_with("HTTP/1.1 404"));
+}
+
+/// The status line of a `GET path`.
+async fn http_status(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf).lines().next().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_asking_for_the_document_set_is_forbidden_and_learns_no_document_ids() {
+    use concord_core::docset::DocSetQuery;
+    use concord_core::merkle::NodeId;
+    use concord_core::sync::msg::DocSetQueryMsg;
+    use concord_core::sync::Msg;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let cl = Cluster::start("docset-client", 3).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let docs = ["secret-board-1", "secret-board-2", "secret-board-3"];
+    let mut a = Client::new(51);
+    for d in docs {
+        a.open(d).await;
+    }
+    a.connect(cl.addr(0), None).await;
+    for d in docs {
+        assert!(a.pump_until(T, |c| c.synced.contains(d)).await);
+        write_acked(&mut a, d, 1).await;
+    }
+    // Wait until the node's shared sets hold the documents (stored on every owner).
+    assert!(wait_for(async || stored(cl.addr(0)).await >= docs.len() as u64).await);
+    // A plain client (no peer token) asks for every document listed, in every form.
+    let mut ws = common::raw_ws(cl.addr(0)).await;
+    let hello = concord_core::sync::Session::new(concord_core::ReplicaId(52), Default::default()).hello(None);
+    let query = DocSetQuery {
+        children: vec![NodeId::ROOT],
+        lists: (0..16).map(|i| NodeId { level: 1, index: i }).collect(),
+        names: docs.iter().map(|d| concord_core::docset::doc_hash(d)).collect(),
+        ..Default::default()
+    };
+    for m in [hello, Msg::DocSetQuery(DocSetQueryMsg { exchange: 1, query })] {
+        ws.send(Message::Binary(m.encode().into())).await.unwrap();
+    }
+    let mut forbidden = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        let Message::Binary(b) = frame else { continue };
+        for d in docs {
+            assert!(!b.windows(d.len()).any(|w| w == d.as_bytes()), "a client learned the id {d}");
+        }
+        match Msg::decode(&b) {
+            Ok(Msg::DocSetAnswer(a)) => panic!("a client got a document-set answer: {a:?}"),
+            Ok(Msg::Error(e)) if e.code == ErrorCode::FORBIDDEN => forbidden = true,
+            _ => {}
+        }
+    }
+    assert!(forbidden, "no FORBIDDEN error for a client's document-set query");
 }
 
 async fn stored(addr: SocketAddr) -> u64 {

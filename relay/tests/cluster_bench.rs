@@ -11,7 +11,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{free_port, tempdir, Client, Relay};
-use concord_core::docset::{DocSet, DocSetDiff};
+use concord_core::docset::{DocSet, DocSetAnswer, DocSetDiff};
+use concord_core::sync::msg::{DocSetAnswerMsg, DocSetQueryMsg};
+use concord_core::sync::Msg;
 use concord_core::{ReplicaId, VersionVector};
 
 fn start_cluster(root: &Path, nodes: usize, w: usize) -> (Vec<Relay>, Vec<SocketAddr>) {
@@ -113,7 +115,8 @@ async fn cluster_benchmarks() {
     drop(relays);
 
     // Anti-entropy: 100,000 documents, 1% divergent, the exchange as the relays run it
-    // (queries of 128 nodes, hex in the URL; postcard answers), beside the whole digest list.
+    // (queries of 128 nodes and their answers, as sync protocol frames of at most the
+    // default 256 KiB), beside the whole digest list.
     let vv = |n: u64| VersionVector::from_iter([(ReplicaId(1), n)]);
     let (mut here, mut there) = (DocSet::new(), DocSet::new());
     for i in 0..100_000u64 {
@@ -128,12 +131,18 @@ async fn cluster_benchmarks() {
     while !diff.is_done() {
         rounds += 1;
         let mut next = Vec::new();
-        for q in std::mem::take(&mut queries) {
-            let qb = postcard::to_allocvec(&q).unwrap();
-            let answer = there.answer(&postcard::from_bytes(&qb).unwrap());
-            let ab = postcard::to_allocvec(&answer).unwrap();
-            bytes += qb.len() * 2 + ab.len() + 200; // hex query, answer, HTTP heads
-            next.extend(diff.step(&here, postcard::from_bytes(&ab).unwrap()).unwrap().chunks(128));
+        for query in std::mem::take(&mut queries) {
+            let qb = Msg::DocSetQuery(DocSetQueryMsg { exchange: 1, query }).encode();
+            let Ok(Msg::DocSetQuery(q)) = Msg::decode(&qb) else { panic!("query does not decode") };
+            bytes += qb.len();
+            let mut answer = DocSetAnswer::default();
+            for part in DocSetAnswerMsg::frames(1, there.answer(&q.query), 256 * 1024).unwrap() {
+                let ab = part.encode();
+                bytes += ab.len();
+                let Ok(Msg::DocSetAnswer(a)) = Msg::decode(&ab) else { panic!("answer does not decode") };
+                answer.absorb(a.answer);
+            }
+            next.extend(diff.step(&here, answer).unwrap().chunks(128));
         }
         queries = next;
     }

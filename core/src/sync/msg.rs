@@ -5,8 +5,13 @@
 //! [`ErrorCode::UNKNOWN_TAG`] error and carries on (a newer peer may speak more). The
 //! protocol version is agreed in [`Hello`]. Golden byte vectors in the tests pin every
 //! message.
+//!
+//! Most messages concern one document. [`DocSetQueryMsg`] and [`DocSetAnswerMsg`] are
+//! between relays of a cluster: they compare the sets of documents two relays hold (see
+//! [`crate::docset`]), and a relay answers them only on an authenticated peer link.
 
 use crate::codec::{put_varint, Reader, Wire, R};
+use crate::docset::{DocSetAnswer, DocSetQuery};
 use crate::document::{Delta, Field};
 use crate::id::ReplicaId;
 use crate::merkle::NodeId;
@@ -15,13 +20,21 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks (3: `Deltas` items may carry `NEXT_TIME`; 4:
 /// sets in format 2, see [`crate::codec::FORMAT_VERSION`]; 5: a `Deltas` item with `RUN`
-/// is one [`Delta::run`], and may be a whole field).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// is one [`Delta::run`], and may be a whole field; 6: relays compare document sets with
+/// [`DocSetQueryMsg`] and [`DocSetAnswerMsg`], which a version 5 peer answers with
+/// [`ErrorCode::UNKNOWN_TAG`]).
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The oldest protocol version this build still speaks: frames are encoded one way, so a
 /// peer must read every flag this build writes.
 pub const MIN_PROTOCOL_VERSION: u16 = 5;
 /// Longest document id accepted.
 pub const MAX_DOC_ID: usize = 512;
+/// Most things one [`DocSetQueryMsg`] may ask about.
+pub const MAX_DOCSET_QUERY: usize = 1024;
+/// Most [`DocSetAnswer::items`] (entries and listed documents) in one [`DocSetAnswerMsg`].
+pub const MAX_DOCSET_ITEMS: usize = 1 << 16;
+/// Most parts one document-set answer may be split into.
+pub const MAX_DOCSET_PARTS: u32 = 1024;
 
 /// Message tags (the first byte of every frame).
 pub mod tag {
@@ -49,6 +62,10 @@ pub mod tag {
     pub const KEYS_QUERY: u8 = 0x14;
     /// [`super::StateChunk`]
     pub const STATE: u8 = 0x15;
+    /// [`super::DocSetQueryMsg`]
+    pub const DOCSET_QUERY: u8 = 0x20;
+    /// [`super::DocSetAnswerMsg`]
+    pub const DOCSET_ANSWER: u8 = 0x21;
     /// [`super::ErrorMsg`]
     pub const ERROR: u8 = 0x7f;
 }
@@ -244,6 +261,45 @@ pub struct StateChunk {
     pub total: u64,
 }
 
+/// Relay to relay: "answer this question about your document set" (anti-entropy).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocSetQueryMsg {
+    /// Exchange id, echoed by every part of the answer.
+    pub exchange: u64,
+    /// What is asked; at most [`MAX_DOCSET_QUERY`] things, all node ids valid.
+    pub query: DocSetQuery,
+}
+
+/// Relay to relay: part `part` of `parts` of the answer to a [`DocSetQueryMsg`]. An
+/// answer too large for one frame is cut into parts, in order (see
+/// [`DocSetAnswer::split`]); the asker joins them with [`DocSetAnswer::absorb`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocSetAnswerMsg {
+    /// The query's exchange id.
+    pub exchange: u64,
+    /// This part's number, from 0.
+    pub part: u32,
+    /// Number of parts, 1 to [`MAX_DOCSET_PARTS`].
+    pub parts: u32,
+    /// This part of the answer; at most [`MAX_DOCSET_ITEMS`] items.
+    pub answer: DocSetAnswer,
+}
+
+/// Bytes of a [`DocSetAnswerMsg`] frame besides its answer: tag, exchange, part, parts.
+const DOCSET_ANSWER_HEAD: usize = 1 + 10 + 5 + 5;
+
+impl DocSetAnswerMsg {
+    /// The frames answering query `exchange` with `answer`, each at most `max_frame`
+    /// bytes (unless one listed document alone is larger), or `None` when that would
+    /// take more than [`MAX_DOCSET_PARTS`] frames.
+    pub fn frames(exchange: u64, answer: DocSetAnswer, max_frame: usize) -> Option<Vec<Msg>> {
+        let parts = answer.split(max_frame.saturating_sub(DOCSET_ANSWER_HEAD), MAX_DOCSET_ITEMS);
+        let n = u32::try_from(parts.len()).ok().filter(|n| *n <= MAX_DOCSET_PARTS)?;
+        let msg = |(part, answer)| Msg::DocSetAnswer(DocSetAnswerMsg { exchange, part, parts: n, answer });
+        Some((0..n).zip(parts).map(msg).collect())
+    }
+}
+
 /// A typed error; `doc` names the document when only that one is affected.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorMsg {
@@ -271,6 +327,8 @@ pub enum Msg {
     MerkleLeaves(MerkleLeaves),
     KeysQuery(KeysQuery),
     State(StateChunk),
+    DocSetQuery(DocSetQueryMsg),
+    DocSetAnswer(DocSetAnswerMsg),
     Error(ErrorMsg),
 }
 
@@ -327,6 +385,8 @@ wire_struct!(MerkleNodes { doc, exchange, nodes });
 wire_struct!(MerkleLeaves { doc, exchange, buckets });
 wire_struct!(KeysQuery { doc, exchange, keys });
 wire_struct!(StateChunk { doc, exchange, chunk, answered, fields, done, total });
+wire_struct!(DocSetQueryMsg { exchange, query });
+wire_struct!(DocSetAnswerMsg { exchange, part, parts, answer });
 wire_struct!(ErrorMsg { code, doc, message });
 
 impl Msg {
@@ -345,6 +405,8 @@ impl Msg {
             Msg::MerkleLeaves(_) => tag::MERKLE_LEAVES,
             Msg::KeysQuery(_) => tag::KEYS_QUERY,
             Msg::State(_) => tag::STATE,
+            Msg::DocSetQuery(_) => tag::DOCSET_QUERY,
+            Msg::DocSetAnswer(_) => tag::DOCSET_ANSWER,
             Msg::Error(_) => tag::ERROR,
         }
     }
@@ -352,7 +414,7 @@ impl Msg {
     /// The document a message concerns, if any.
     pub fn doc(&self) -> Option<&str> {
         Some(match self {
-            Msg::Hello(_) => return None,
+            Msg::Hello(_) | Msg::DocSetQuery(_) | Msg::DocSetAnswer(_) => return None,
             Msg::Error(e) => return e.doc.as_deref(),
             Msg::Subscribe(m) => &m.doc,
             Msg::Deltas(m) => &m.doc,
@@ -386,6 +448,8 @@ impl Msg {
             Msg::MerkleLeaves(m) => m.put(o),
             Msg::KeysQuery(m) => m.put(o),
             Msg::State(m) => m.put(o),
+            Msg::DocSetQuery(m) => m.put(o),
+            Msg::DocSetAnswer(m) => m.put(o),
             Msg::Error(m) => m.put(o),
         }
         buf
@@ -425,6 +489,8 @@ impl Msg {
             tag::MERKLE_LEAVES => Msg::MerkleLeaves(Wire::read(r)?),
             tag::KEYS_QUERY => Msg::KeysQuery(Wire::read(r)?),
             tag::STATE => Msg::State(Wire::read(r)?),
+            tag::DOCSET_QUERY => Msg::DocSetQuery(Wire::read(r)?),
+            tag::DOCSET_ANSWER => Msg::DocSetAnswer(Wire::read(r)?),
             tag::ERROR => Msg::Error(Wire::read(r)?),
             _ => return Ok(None),
         }))
@@ -457,7 +523,43 @@ impl Msg {
             Msg::MerkleLeaves(m) if m.buckets.iter().any(|(n, _)| !n.is_bucket() || !n.is_valid()) => {
                 Err("bad Merkle bucket answer")
             }
+            Msg::DocSetQuery(m) if m.query.len() > MAX_DOCSET_QUERY => Err("document-set query too large"),
+            Msg::DocSetQuery(m) if m.query.nodes().any(|n| !n.is_valid()) => Err("node id out of range"),
+            Msg::DocSetAnswer(m) => check_docset_answer(m),
             _ => Ok(()),
         }
     }
+}
+
+fn check_docset_answer(m: &DocSetAnswerMsg) -> Result<(), &'static str> {
+    let a = &m.answer;
+    if m.parts == 0 || m.parts > MAX_DOCSET_PARTS || m.part >= m.parts {
+        return Err("bad document-set answer part number");
+    }
+    if a.items() > MAX_DOCSET_ITEMS {
+        return Err("document-set answer too large");
+    }
+    // Plain loops, not iterator chains: this is in the browser's decoder too.
+    let mut ok = true;
+    for (n, _) in &a.children {
+        ok &= n.is_valid() && !n.is_bucket();
+    }
+    for (n, _) in &a.buckets {
+        ok &= n.is_valid();
+    }
+    for (n, docs) in &a.lists {
+        ok &= n.is_valid();
+        for (id, _) in docs {
+            ok &= id.len() <= MAX_DOC_ID;
+        }
+    }
+    for (_, docs) in &a.names {
+        for (id, _) in docs {
+            ok &= id.len() <= MAX_DOC_ID;
+        }
+    }
+    if !ok {
+        return Err("bad document-set answer node or document id");
+    }
+    Ok(())
 }

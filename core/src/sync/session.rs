@@ -124,6 +124,11 @@ pub enum Event {
     },
     /// The peer reported an error.
     PeerError(ErrorMsg),
+    /// The peer asked about this side's document set: a relay answers it from the set it
+    /// shares with that peer, if the peer is a relay (see [`DocSetAnswerMsg::frames`]).
+    DocSetQuery(DocSetQueryMsg),
+    /// A part of the answer to a document-set query this side sent.
+    DocSetAnswer(DocSetAnswerMsg),
 }
 
 /// What handling one frame produced.
@@ -589,6 +594,9 @@ impl Session {
             Msg::MerkleLeaves(m) => self.on_merkle_leaves(m, store, &mut out)?,
             Msg::KeysQuery(m) => self.on_keys_query(m, store, &mut out),
             Msg::State(m) => self.on_state(m, store, &mut out)?,
+            // Document sets are the caller's, not the session's.
+            Msg::DocSetQuery(m) => out.events.push(Event::DocSetQuery(m)),
+            Msg::DocSetAnswer(m) => out.events.push(Event::DocSetAnswer(m)),
             Msg::Error(e) => {
                 if e.code == ErrorCode::NOT_ENOUGH_REPLICAS {
                     let next = self.ticks + 1;

@@ -1225,6 +1225,8 @@ pub fn describe(m: &Msg) -> String {
             s.answered.len(),
             s.fields.iter().map(|f| f.0.as_str()).collect::<Vec<_>>()
         ),
+        Msg::DocSetQuery(q) => format!("DocSetQuery #{} {} things", q.exchange, q.query.len()),
+        Msg::DocSetAnswer(a) => format!("DocSetAnswer #{} part {}/{}", a.exchange, a.part, a.parts),
         Msg::Error(e) => format!("Error {}", e.message),
     }
 }
