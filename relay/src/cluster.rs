@@ -633,7 +633,12 @@ pub(crate) fn http_get_route(
                 cluster.ring.tokens().map(|(t, id)| (t as f64 / u64::MAX as f64, id)).collect();
             Some((200, JSON, serde_json::json!({ "tokens": tokens }).to_string().into_bytes()))
         }
-        _ => Some((404, TEXT, b"unknown cluster route
-".to_vec())),
+        _ => Some((
+            404,
+            TEXT,
+            b"unknown cluster route
+"
+            .to_vec(),
+        )),
     }
 }

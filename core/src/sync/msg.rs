@@ -29,6 +29,12 @@ pub const PROTOCOL_VERSION: u16 = 6;
 pub const MIN_PROTOCOL_VERSION: u16 = 5;
 /// Longest document id accepted.
 pub const MAX_DOC_ID: usize = 512;
+/// Whether this build reads and writes the relay-to-relay messages ([`DocSetQueryMsg`],
+/// [`DocSetAnswerMsg`]). A browser replica never takes part in anti-entropy between
+/// relays, so the WebAssembly build leaves their codecs out (a smaller bundle) and
+/// rejects their tags as unknown.
+pub const RELAY_MESSAGES: bool = !cfg!(target_arch = "wasm32");
+
 /// Most things one [`DocSetQueryMsg`] may ask about.
 pub const MAX_DOCSET_QUERY: usize = 1024;
 /// Most [`DocSetAnswer::items`] (entries and listed documents) in one [`DocSetAnswerMsg`].
@@ -448,8 +454,10 @@ impl Msg {
             Msg::MerkleLeaves(m) => m.put(o),
             Msg::KeysQuery(m) => m.put(o),
             Msg::State(m) => m.put(o),
-            Msg::DocSetQuery(m) => m.put(o),
-            Msg::DocSetAnswer(m) => m.put(o),
+            Msg::DocSetQuery(m) if RELAY_MESSAGES => m.put(o),
+            Msg::DocSetAnswer(m) if RELAY_MESSAGES => m.put(o),
+            // A browser build never makes these (see RELAY_MESSAGES): nothing to encode.
+            Msg::DocSetQuery(_) | Msg::DocSetAnswer(_) => {}
             Msg::Error(m) => m.put(o),
         }
         buf
@@ -489,8 +497,8 @@ impl Msg {
             tag::MERKLE_LEAVES => Msg::MerkleLeaves(Wire::read(r)?),
             tag::KEYS_QUERY => Msg::KeysQuery(Wire::read(r)?),
             tag::STATE => Msg::State(Wire::read(r)?),
-            tag::DOCSET_QUERY => Msg::DocSetQuery(Wire::read(r)?),
-            tag::DOCSET_ANSWER => Msg::DocSetAnswer(Wire::read(r)?),
+            tag::DOCSET_QUERY if RELAY_MESSAGES => Msg::DocSetQuery(Wire::read(r)?),
+            tag::DOCSET_ANSWER if RELAY_MESSAGES => Msg::DocSetAnswer(Wire::read(r)?),
             tag::ERROR => Msg::Error(Wire::read(r)?),
             _ => return Ok(None),
         }))
@@ -525,7 +533,7 @@ impl Msg {
             }
             Msg::DocSetQuery(m) if m.query.len() > MAX_DOCSET_QUERY => Err("document-set query too large"),
             Msg::DocSetQuery(m) if m.query.nodes().any(|n| !n.is_valid()) => Err("node id out of range"),
-            Msg::DocSetAnswer(m) => check_docset_answer(m),
+            Msg::DocSetAnswer(m) if RELAY_MESSAGES => check_docset_answer(m),
             _ => Ok(()),
         }
     }

@@ -24,7 +24,7 @@ use crate::document::{Delta, DocError, Document, Field};
 use crate::hash::FxHashMap;
 use crate::id::ReplicaId;
 use crate::merkle::{NodeId, DEPTH};
-use crate::orset::{Dots, Entries, OrSet};
+use crate::orset::{Entries, OrSet};
 use crate::value::Value;
 use crate::vv::{CausalContext, VersionVector};
 use std::collections::{BTreeMap, HashMap};
@@ -1033,16 +1033,16 @@ fn pieces(fields: Vec<(String, Field)>, max: usize) -> Vec<(String, Field)> {
             out.push((key, field));
             continue;
         }
-        let entries: Vec<(Value, Dots)> = set.entries().iter().map(|(v, d)| (v.clone(), d.clone())).collect();
-        let parts = len.div_ceil(budget) + 1;
-        let per = entries.len().div_ceil(parts).max(1);
-        let mut rest = entries.into_iter().peekable();
-        while rest.peek().is_some() {
-            let mut part = Entries::default();
-            for (v, d) in rest.by_ref().take(per) {
-                part.insert(v, d);
+        let per = set.entries().len().div_ceil(len.div_ceil(budget) + 1).max(1);
+        let mut part = Entries::default();
+        for (v, d) in set.entries().iter() {
+            part.insert(v.clone(), d.clone());
+            if part.len() == per {
+                out.push((key.clone(), piece(std::mem::take(&mut part))));
             }
-            out.push((key.clone(), Field::Set(OrSet::from_parts(part, CausalContext::default()))));
+        }
+        if !part.is_empty() {
+            out.push((key, piece(part)));
         }
     }
     out
@@ -1050,22 +1050,21 @@ fn pieces(fields: Vec<(String, Field)>, max: usize) -> Vec<(String, Field)> {
 
 /// Joins the pieces of one key that [`pieces`] split (they hold disjoint elements under
 /// no context of their own, so the join is their union); fields arrive in any order.
-fn coalesce(fields: Vec<(String, Field)>) -> Vec<(String, Field)> {
-    let mut keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
-    crate::sort::sort(&mut keys);
-    if keys.windows(2).all(|w| w[0] != w[1]) {
-        return fields;
-    }
-    let mut by_key: std::collections::BTreeMap<String, Field> = std::collections::BTreeMap::new();
+fn coalesce(mut fields: Vec<(String, Field)>) -> Vec<(String, Field)> {
+    crate::sort::sort_by(&mut fields, |a, b| a.0.cmp(&b.0));
+    let mut out: Vec<(String, Field)> = Vec::with_capacity(fields.len());
     for (key, field) in fields {
-        match by_key.get_mut(&key) {
-            Some(have) => have.absorb_piece(field),
-            None => {
-                by_key.insert(key, field);
-            }
+        match out.last_mut() {
+            Some((k, have)) if *k == key => have.absorb_piece(field),
+            _ => out.push((key, field)),
         }
     }
-    by_key.into_iter().collect()
+    out
+}
+
+/// One piece of a split set: some of its elements, under no context of their own.
+fn piece(entries: Entries<Value>) -> Field {
+    Field::Set(OrSet::from_parts(entries, CausalContext::default()))
 }
 
 /// A counted whole-state transfer: every field of the document (large sets in pieces), in
