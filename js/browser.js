@@ -5,4 +5,4 @@ import { setLoader } from "./client.js";
 
 setLoader(() => init({ module_or_path: new URL("./concord_wasm_bg.wasm", import.meta.url) }));
 
-export { Client, Doc, Counter, PnCounter, Register, CrdtSet, UnauthorizedError } from "./client.js";
+export { Client, Doc, Counter, PnCounter, Register, CrdtSet, UnauthorizedError, WriteRefusedError } from "./client.js";

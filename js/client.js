@@ -49,6 +49,22 @@ export class UnauthorizedError extends Error {
   }
 }
 
+/** The relay refused writes to a document: too large for its limits (`code`
+ * "TOO_LARGE"), malformed ("INVALID") or not allowed by the token ("FORBIDDEN"). Nothing
+ * of the refused frame was applied there, and the writes that follow it in this replica
+ * depend on it, so `synced()` on the document rejects with this error from now on;
+ * reopen the document from the relay (e.g. in a fresh client) to continue. */
+export class WriteRefusedError extends Error {
+  constructor(doc, message) {
+    super(message);
+    this.name = "WriteRefusedError";
+    /** The document. */
+    this.doc = doc;
+    /** "TOO_LARGE", "INVALID" or "FORBIDDEN". */
+    this.code = (/^relay error \((\w+)\)/.exec(message)?.[1] ?? "invalid").toUpperCase();
+  }
+}
+
 /** How the wasm replica reports the relay's UNAUTHORIZED error (see wasm/src/replica.rs). */
 const UNAUTHORIZED_PREFIX = "relay error (unauthorized)";
 
@@ -634,6 +650,8 @@ export class Client {
   #errors = listeners();
   /** synced() waiter id -> [resolve, reject] */
   #waiters = new Map();
+  /** Document id -> the WriteRefusedError that fails its `synced()`. */
+  #refused = new Map();
   // the relay connection
   #ws = null;
   #gen = 0;
@@ -755,6 +773,10 @@ export class Client {
   async #load(id) {
     const n = new TextEncoder().encode(id).length;
     if (n < 1 || n > 512) throw new RangeError("document ids must be 1 to 512 bytes long");
+    // The relay's rule too (a refused id could never sync).
+    // eslint-disable-next-line no-control-regex
+    if (/[\u0000-\u001f\u007f-\u009f]/.test(id) || id.split("/").some((s) => s === "." || s === ".."))
+      throw new RangeError("document ids may not hold control characters or \".\"/\"..\" path segments");
     if (this.#closed) throw closedError();
     const stored = this.#store ? await this.#store.load(id) : [[], []];
     if (this.#closed) throw closedError();
@@ -771,17 +793,19 @@ export class Client {
     this.#stale.set(id, stale);
     this.#unsnapped.set(id, unsnapped);
     r.announce(id);
-    const doc = new Doc(INTERNAL, id, h, (handle) => this.#syncedPromise(handle));
+    const doc = new Doc(INTERNAL, id, h, (handle) => this.#syncedPromise(handle, id));
     this.#open.set(id, doc);
     return doc;
   }
 
-  #syncedPromise(handle) {
+  #syncedPromise(handle, doc) {
     if (!this.#opts.urls.length) throw new Error("synced() needs a relay: pass options.urls to Client.connect()");
+    const refused = this.#refused.get(doc);
+    if (refused) return Promise.reject(refused);
     const id = handle.waitSynced();
     if (id === undefined) return Promise.resolve();
     if (this.#denied) return Promise.reject(this.#denied);
-    return new Promise((ok, ko) => this.#waiters.set(id, [ok, ko]));
+    return new Promise((ok, ko) => this.#waiters.set(id, [ok, ko, doc]));
   }
 
   #error(message) {
@@ -818,6 +842,16 @@ export class Client {
         // Reported when the connection closes: then reconnecting stops.
         if (message.startsWith(UNAUTHORIZED_PREFIX)) this.#denied ??= new UnauthorizedError(message);
         else this.#error(message);
+      },
+      refused: (doc, message) => {
+        const err = new WriteRefusedError(doc, message);
+        if (!this.#refused.has(doc)) this.#errors.emit(err);
+        this.#refused.set(doc, err);
+        for (const [id, [, ko, d]] of this.#waiters) {
+          if (d !== doc) continue;
+          ko(err);
+          this.#waiters.delete(id);
+        }
       },
       reidentified: (old) => {
         this.#hex = this.#r.replicaId;

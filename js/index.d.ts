@@ -98,7 +98,8 @@ export class Client {
   readonly status: Status;
   readonly replicaId: string;
   onStatus(fn: (status: Status) => void): () => void;
-  /** Background errors. An `UnauthorizedError` means the relay refused the token: the
+  /** Background errors. A `WriteRefusedError` names a document whose writes the relay
+   * refused. An `UnauthorizedError` means the relay refused the token: the
    * client stopped reconnecting (status "offline") until `reconnect()`. */
   onError(fn: (error: Error) => void): () => void;
   /** Connects again now: after an `UnauthorizedError` (the token function, if any, is
@@ -113,4 +114,16 @@ export class Client {
 export class UnauthorizedError extends Error {
   readonly name: "UnauthorizedError";
   readonly code: "UNAUTHORIZED";
+}
+
+/** The relay refused writes to a document: over a limit (`TOO_LARGE`: document size,
+ * set elements, value size), malformed (`INVALID`: NaN, a skipped sequence number, a bad
+ * id) or not allowed by the token (`FORBIDDEN`). Nothing of the refused frame was
+ * applied. `doc.synced()` on that document rejects with it from now on (the writes after
+ * it depend on it); it is also reported to `onError` once. */
+export class WriteRefusedError extends Error {
+  readonly name: "WriteRefusedError";
+  readonly code: "TOO_LARGE" | "INVALID" | "FORBIDDEN";
+  /** The document. */
+  readonly doc: string;
 }

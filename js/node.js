@@ -6,4 +6,4 @@ import { setLoader } from "./client.js";
 
 setLoader(async () => init({ module_or_path: await readFile(new URL("./concord_wasm_bg.wasm", import.meta.url)) }));
 
-export { Client, Doc, Counter, PnCounter, Register, CrdtSet, UnauthorizedError } from "./client.js";
+export { Client, Doc, Counter, PnCounter, Register, CrdtSet, UnauthorizedError, WriteRefusedError } from "./client.js";

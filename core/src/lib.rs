@@ -22,9 +22,11 @@
 //! - [`sorted`]: sorted-vector maps and sets for the small collections (wasm code size).
 //! - [`indexed`]: the dense, insertion-ordered hash map that holds OR-Set elements.
 //! - [`ring`]: consistent hashing with virtual nodes: which relays own a document.
+//! - [`admit`]: what a relay admits from a client: document bounds, value checks, ids.
 //! - [`cluster`]: the relay cluster's decisions without I/O: failure detection, sloppy
 //!   quorum targets and ack counting, hinted handoff, anti-entropy planning.
 
+pub mod admit;
 pub mod cluster;
 pub mod codec;
 pub mod docset;

@@ -279,6 +279,18 @@ pub struct Limits {
     /// permits of WebSockets. When full, the oldest pending socket is closed to admit the
     /// new one. Default 256.
     pub max_pending_handshakes: usize,
+    /// Most bytes one document's encoded state may take; a write that would grow it
+    /// past this is refused with `TOO_LARGE`. Default 16 MiB.
+    pub max_doc_bytes: usize,
+    /// Most elements one set may hold; an add beyond it is refused with `TOO_LARGE`.
+    /// Default 1,000,000.
+    pub max_set_elements: usize,
+    /// Most encoded bytes of one value (a register's value or one set element); a
+    /// larger one is refused with `TOO_LARGE`. Default 64 KiB.
+    pub max_value_bytes: usize,
+    /// Most bytes of a document id (at most 512, the protocol's bound). Ids must also be
+    /// non-empty, free of control characters and of `.`/`..` path segments. Default 512.
+    pub max_doc_id_bytes: usize,
 }
 
 impl Default for Limits {
@@ -296,6 +308,10 @@ impl Default for Limits {
             hello_timeout_ms: 5000,
             max_connections_per_ip: 64,
             max_pending_handshakes: 256,
+            max_doc_bytes: 16 << 20,
+            max_set_elements: 1_000_000,
+            max_value_bytes: 64 << 10,
+            max_doc_id_bytes: concord_core::sync::msg::MAX_DOC_ID,
         }
     }
 }
@@ -319,6 +335,16 @@ impl Limits {
     /// `hello_timeout_ms` as a duration.
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_millis(self.hello_timeout_ms)
+    }
+
+    /// The bounds on what clients store, as the core checks them.
+    pub fn documents(&self) -> concord_core::admit::Limits {
+        concord_core::admit::Limits {
+            max_doc_bytes: self.max_doc_bytes,
+            max_set_elements: self.max_set_elements,
+            max_value_bytes: self.max_value_bytes,
+            max_doc_id_bytes: self.max_doc_id_bytes,
+        }
     }
 }
 
@@ -645,6 +671,17 @@ impl Config {
         at_least_one("hello_timeout_ms", l.hello_timeout_ms)?;
         at_least_one("max_connections_per_ip", l.max_connections_per_ip as u64)?;
         at_least_one("max_pending_handshakes", l.max_pending_handshakes as u64)?;
+        at_least_one("max_doc_bytes", l.max_doc_bytes as u64)?;
+        at_least_one("max_set_elements", l.max_set_elements as u64)?;
+        at_least_one("max_value_bytes", l.max_value_bytes as u64)?;
+        at_least_one("max_doc_id_bytes", l.max_doc_id_bytes as u64)?;
+        let max_id = concord_core::sync::msg::MAX_DOC_ID;
+        if l.max_doc_id_bytes > max_id {
+            return Err(ConfigError::invalid(
+                "limits.max_doc_id_bytes",
+                format!("limits.max_doc_id_bytes = {} exceeds the protocol's {max_id}", l.max_doc_id_bytes),
+            ));
+        }
         if !(MAX_FRAME_BYTES_FLOOR..=MAX_FRAME_BYTES_CEILING).contains(&l.max_frame_bytes) {
             return Err(ConfigError::invalid(
                 "limits.max_frame_bytes",

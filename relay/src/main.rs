@@ -73,6 +73,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Maps in the core are keyed by remote input (document keys, set elements): seed their
+    // hasher before any is built, so nobody can predict collisions.
+    concord_core::hash::set_map_seed(concord_relay::node::random_u64() | 1);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = match parse_args(&args) {
         Ok(c) => c,
@@ -294,6 +297,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         doc_cache_capacity: config.limits.doc_cache_capacity,
         max_frame: config.limits.max_frame_bytes,
         node_id: config.node_id.clone(),
+        limits: config.limits.documents(),
         ..NodeOptions::default()
     };
     let cluster = (config.cluster.nodes.len() > 1).then(|| {

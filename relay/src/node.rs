@@ -23,8 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use concord_core::admit::{admit, check_doc_id, Limits, Refusal};
 use concord_core::cluster::{quorum_version, write_targets, WriteQuorum};
-use concord_core::sync::msg::ErrorMsg;
+use concord_core::sync::msg::{Deltas, ErrorMsg};
 use concord_core::sync::{ErrorCode, Event, FrameError, Msg, Session, SessionConfig, SyncError};
 use concord_core::{CausalContext, Delta, DocConfig, Document, ReplicaId, Span, VersionVector};
 
@@ -64,6 +65,8 @@ pub struct NodeOptions {
     pub write_timeout: Duration,
     /// This node's id (for introspection when it runs standalone).
     pub node_id: String,
+    /// Bounds on what clients store (document size, set elements, value size, ids).
+    pub limits: Limits,
 }
 
 impl Default for NodeOptions {
@@ -76,6 +79,7 @@ impl Default for NodeOptions {
             doc_config: DocConfig::default(),
             write_timeout: Duration::from_secs(3),
             node_id: "local".to_owned(),
+            limits: Limits::default(),
         }
     }
 }
@@ -98,6 +102,11 @@ pub(crate) struct DocEntry {
     ack_waiters: Vec<(u64, Vec<Span>)>,
     pub(crate) members: BTreeSet<u64>,
     last_used: u64,
+    /// The document's encoded size, for `max_doc_bytes`: exact after a load or a
+    /// snapshot, then plus the encoded size of each delta applied (about what a delta
+    /// adds; an overwrite counts again, so it drifts up and is measured again near the
+    /// limit).
+    bytes: usize,
 }
 
 struct WaitingWrite {
@@ -361,8 +370,10 @@ impl Node {
             None => Document::with_config(self.inner.replica, cfg),
         };
         let mut next_seq = 1;
+        let mut size = stored.snapshot.as_ref().map_or(0, Vec::len);
         for (seq, bytes) in &stored.deltas {
             next_seq = seq + 1;
+            size = size.saturating_add(bytes.len());
             match Delta::decode(bytes) {
                 Ok(d) => {
                     let _ = doc.apply(d);
@@ -390,6 +401,7 @@ impl Node {
             ack_waiters: Vec::new(),
             members: BTreeSet::new(),
             last_used: clock,
+            bytes: size,
         });
         Ok(())
     }
@@ -523,6 +535,10 @@ impl Node {
         follow: &mut Vec<String>,
     ) -> Result<(), CloseReason> {
         if let Msg::Hello(h) = &msg {
+            if h.replica == ReplicaId(0) {
+                self.error(&c.out, ErrorCode::INVALID, None, Refusal::ReplicaZero.to_string());
+                return Err(CloseReason::protocol("replica id 0"));
+            }
             self.authenticate(c, h.token.as_deref())?;
         } else if self.inner.auth.is_some() {
             if let Some(doc) = msg.doc() {
@@ -536,6 +552,21 @@ impl Node {
                     }
                     return Ok(());
                 }
+            }
+        }
+        // A client's writes are checked whole before any of them is applied; peers only
+        // forward what a relay already admitted.
+        if let (Msg::Deltas(d), None) = (&msg, &c.peer) {
+            if let Err(refusal) = self.admit(c, d, st) {
+                let code = if refusal.too_large() { ErrorCode::TOO_LARGE } else { ErrorCode::INVALID };
+                self.inner.metrics.error(if refusal.too_large() {
+                    "write_too_large"
+                } else {
+                    "write_invalid"
+                });
+                tracing::debug!(doc = %d.doc, %refusal, "refused a write");
+                self.error(&c.out, code, Some(&d.doc), format!("write refused, nothing applied: {refusal}"));
+                return Ok(());
             }
         }
         // Kept in case nothing is new (a retry): the dots, and in a cluster the deltas
@@ -593,16 +624,20 @@ impl Node {
                     e.last_used = clock;
                     let mut ops = Vec::with_capacity(deltas.len() + 2);
                     for d in &deltas {
-                        ops.push(WriteOp::PutDelta { doc: doc.clone(), seq: e.next_seq, bytes: d.encode() });
+                        let bytes = d.encode();
+                        e.bytes = e.bytes.saturating_add(bytes.len());
+                        ops.push(WriteOp::PutDelta { doc: doc.clone(), seq: e.next_seq, bytes });
                         e.next_seq += 1;
                     }
                     e.since_snapshot += deltas.len() as u64;
                     if e.since_snapshot >= SNAPSHOT_EVERY {
                         // The snapshot holds this frame's deltas too: write it instead.
                         ops.clear();
+                        let bytes = e.doc.encode();
+                        e.bytes = bytes.len();
                         ops.push(WriteOp::PutSnapshot {
                             doc: doc.clone(),
-                            bytes: e.doc.encode(),
+                            bytes,
                             truncate_through: Some(e.next_seq - 1),
                         });
                         e.since_snapshot = 0;
@@ -638,9 +673,11 @@ impl Node {
                     let Some(e) = docs.get_mut(&doc) else { continue };
                     e.inflight += 1;
                     e.since_snapshot = 0;
+                    let bytes = e.doc.encode();
+                    e.bytes = bytes.len();
                     let mut ops = vec![WriteOp::PutSnapshot {
                         doc: doc.clone(),
-                        bytes: e.doc.encode(),
+                        bytes,
                         truncate_through: Some(e.next_seq - 1),
                     }];
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
@@ -718,6 +755,25 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// Checks a client's frame of writes against the document and the limits. The size
+    /// estimate is an overestimate: when it says no, the document is measured exactly
+    /// before refusing.
+    fn admit(&self, c: &ConnEntry, d: &Deltas, st: &mut State) -> Result<(), Refusal> {
+        let limits = &self.inner.options.limits;
+        let writer = c.session.peer().map(|h| h.replica);
+        let catching_up = c.session.catching_up(&d.doc);
+        let Some(e) = st.docs.get_mut(&d.doc) else {
+            return admit(None, 0, &d.deltas, writer, catching_up, limits).map(drop);
+        };
+        match admit(Some(&e.doc), e.bytes, &d.deltas, writer, catching_up, limits) {
+            Err(Refusal::DocTooLarge { .. }) => {
+                e.bytes = e.doc.encode().len();
+                admit(Some(&e.doc), e.bytes, &d.deltas, writer, catching_up, limits).map(drop)
+            }
+            r => r.map(drop),
+        }
     }
 
     /// Hint records for a document this node stores on behalf of down owners.
@@ -842,6 +898,10 @@ impl Node {
         drop(frame);
         if let Some(doc) = msg.doc() {
             if !matches!(msg, Msg::Error(_)) {
+                if let Err(e) = check_doc_id(doc, self.inner.options.limits.max_doc_id_bytes) {
+                    self.error(&conn.out, ErrorCode::INVALID, None, format!("{e}; frame ignored"));
+                    return Ok(());
+                }
                 if let Err(e) = self.ensure_loaded(doc).await {
                     self.error(
                         &conn.out,

@@ -44,6 +44,9 @@ extern "C" {
     /// A background error.
     #[wasm_bindgen(method)]
     fn error(this: &Host, message: &str);
+    /// The relay refused writes to `doc`; `synced()` on it fails from now on.
+    #[wasm_bindgen(method)]
+    fn refused(this: &Host, doc: &str, message: &str);
     /// The replica took a new id after amnesia: snapshots under `old` are stale; restart
     /// the relay connection.
     #[wasm_bindgen(method)]
@@ -141,6 +144,7 @@ impl Shared {
                 Out::Online => h.online(),
                 Out::Settled(id) => h.settled(id),
                 Out::Error(m) => h.error(&m),
+                Out::Refused { doc, message } => h.refused(&doc, &message),
                 Out::Reidentified { old } => h.reidentified(&hex_id(old)),
             }
         }

@@ -47,6 +47,9 @@ pub enum Out {
     Settled(u32),
     /// Something went wrong in the background.
     Error(String),
+    /// The relay refused writes to `doc` (too large, malformed or forbidden): they will
+    /// never be acknowledged, so `synced()` on it fails from now on.
+    Refused { doc: String, message: String },
     /// A peer has seen events of our id that we lack (we lost state): the replica took a
     /// new id; snapshots stored under `old` are stale, and the relay connection must be
     /// restarted.
@@ -380,7 +383,12 @@ impl Replica {
                     msg.push_str(m.code.name());
                     msg.push_str("): ");
                     msg.push_str(&m.message);
-                    self.out.push(Out::Error(msg));
+                    let write =
+                        [ErrorCode::TOO_LARGE, ErrorCode::INVALID, ErrorCode::FORBIDDEN].contains(&m.code);
+                    self.out.push(match m.doc {
+                        Some(doc) if write => Out::Refused { doc, message: msg },
+                        _ => Out::Error(msg),
+                    });
                 }
                 _ => {}
             }

@@ -401,6 +401,13 @@ impl Session {
         self.docs.get(doc).is_some_and(|s| s.synced.is_some())
     }
 
+    /// Whether a catch-up from the peer (a Merkle descent or a counted state transfer
+    /// it answers) is running for `doc`: until it ends, the peer's newer deltas may
+    /// arrive before the older state the catch-up carries.
+    pub fn catching_up(&self, doc: &str) -> bool {
+        self.docs.get(doc).is_some_and(|s| s.catchup.is_some())
+    }
+
     /// Whether the peer subscribed to `doc`.
     pub fn peer_subscribed(&self, doc: &str) -> bool {
         self.docs.get(doc).is_some_and(|s| s.they_subscribed)
