@@ -351,11 +351,11 @@ async fn a_node_with_a_wiped_data_dir_is_repaired_by_anti_entropy() {
     cl.kill9(2);
     std::fs::remove_dir_all(&cl.dirs[2]).unwrap();
     cl.restart(2);
-    let addr = cl.addr(2);
+    let (addr, admin) = (cl.addr(2), cl.admin(2));
     // Before any client reads through the wiped node (which would fetch the documents on
     // demand), anti-entropy alone brings them back.
     assert!(
-        wait_for(async || stored(addr).await >= docs.len() as u64).await,
+        wait_for(async || stored(admin).await >= docs.len() as u64).await,
         "anti-entropy did not restore the wiped node's documents"
     );
     for d in docs {
@@ -402,7 +402,7 @@ async fn a_client_asking_for_the_document_set_is_forbidden_and_learns_no_documen
         write_acked(&mut a, d, 1).await;
     }
     // Wait until the node's shared sets hold the documents (stored on every owner).
-    assert!(wait_for(async || stored(cl.addr(0)).await >= docs.len() as u64).await);
+    assert!(wait_for(async || stored(cl.admin(0)).await >= docs.len() as u64).await);
     // A plain client (no peer token) asks for every document listed, in every form.
     let mut ws = common::raw_ws(cl.addr(0)).await;
     let hello = concord_core::sync::Session::new(concord_core::ReplicaId(52), Default::default()).hello(None);
