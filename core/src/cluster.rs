@@ -284,7 +284,8 @@ enum Answer {
     Failed,
 }
 
-/// Counts the durable acks of one write until W of them arrived.
+/// Counts the durable acks of one write until W of them arrived. A read quorum counts
+/// the same way: R answers from the read's targets.
 ///
 /// Acks from nodes that are not targets, and repeated acks, are ignored; an ack that
 /// arrives after its node was reported [`WriteQuorum::failed`] still counts (it did
@@ -402,6 +403,11 @@ impl WriteQuorum {
         let open = self.count(Answer::Waiting, None);
         let open_owners = self.count(Answer::Waiting, Some(false));
         self.acks() + open >= self.w && self.owner_acks() + open_owners >= self.pw
+    }
+
+    /// Whether `node` acked.
+    pub fn has_acked(&self, node: &str) -> bool {
+        self.index(node).is_some_and(|i| self.answers[i] == Answer::Acked)
     }
 
     /// Whether W acks arrived.

@@ -94,6 +94,8 @@ pub(crate) struct DocEntry {
     peer_acks: HashMap<String, VersionVector>,
     /// Client writes waiting for their quorum.
     waiting: Vec<WaitingWrite>,
+    /// Client subscriptions waiting for their read quorum (R > 1).
+    reads: Vec<WaitingRead>,
     next_seq: u64,
     since_snapshot: u64,
     inflight: u64,
@@ -109,6 +111,15 @@ pub(crate) struct DocEntry {
     bytes: usize,
 }
 
+/// A client's first subscription to a document, held back until R replicas of its
+/// preference list answered: this node's copy counts if it is one of them, a peer's
+/// when this node's fresh subscription to it reported `Synced` (its state merged here).
+struct WaitingRead {
+    conn: u64,
+    quorum: WriteQuorum,
+    deadline: Instant,
+}
+
 struct WaitingWrite {
     dots: Vec<Span>,
     conn: u64,
@@ -122,6 +133,9 @@ pub(crate) struct ConnEntry {
     pub(crate) out: Outbox,
     claims: Option<Claims>,
     docs: BTreeSet<String>,
+    /// Documents a read quorum vouched for on this connection: later subscriptions to
+    /// them (the client's liveness refreshes) are answered at once.
+    vouched: BTreeSet<String>,
     /// The relay node at the other end, for peer links (either direction).
     pub(crate) peer: Option<String>,
 }
@@ -312,6 +326,7 @@ impl Node {
                 _ = every.tick() => {
                     n += 1;
                     self.expire_writes();
+                    self.expire_reads();
                     if n.is_multiple_of(4) {
                         let mut st = self.lock();
                         let State { docs, conns, .. } = &mut *st;
@@ -326,6 +341,42 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Reads past their deadline: the client hears NOT_ENOUGH_REPLICAS (it keeps its
+    /// local copy) and the read goes on, asking the targets again, until a quorum answers
+    /// or the client goes away.
+    fn expire_reads(&self) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let State { docs, conns, links, .. } = &mut *st;
+        let mut late: Vec<(String, WriteQuorum)> = Vec::new();
+        for (doc_id, e) in docs.iter_mut() {
+            e.reads.retain(|w| conns.contains_key(&w.conn));
+            for w in e.reads.iter_mut().filter(|w| w.deadline <= now) {
+                w.deadline = now + self.inner.options.write_timeout;
+                // Health may have changed: ask the targets of now.
+                if let Some(q) = self.read_quorum(doc_id, links, Some(&w.quorum)) {
+                    w.quorum = q;
+                }
+                if let Some(c) = conns.get(&w.conn) {
+                    let msg = Msg::Error(ErrorMsg {
+                        code: ErrorCode::NOT_ENOUGH_REPLICAS,
+                        doc: Some(doc_id.clone()),
+                        message: format!(
+                            "read: {} of {} replicas answered; showing local state until more do",
+                            w.quorum.acks(),
+                            w.quorum.w()
+                        ),
+                    });
+                    self.send(&c.out, &msg);
+                }
+                late.push((doc_id.clone(), w.quorum.clone()));
+            }
+        }
+        for (doc, quorum) in late {
+            self.probe(&doc, &quorum, docs, conns, links);
         }
     }
 
@@ -395,6 +446,7 @@ impl Node {
             durable,
             peer_acks: HashMap::new(),
             waiting: Vec::new(),
+            reads: Vec::new(),
             next_seq,
             since_snapshot: stored.deltas.len() as u64,
             inflight: 0,
@@ -580,9 +632,19 @@ impl Node {
             )),
             _ => None,
         };
+        // A client's first subscription in a cluster with R > 1 is answered only once a
+        // read quorum vouched for this node's copy.
+        let read = match (&msg, &self.inner.cluster) {
+            (Msg::Subscribe(m), Some(cluster))
+                if coordinator && cluster.r > 1 && !c.vouched.contains(&m.doc) =>
+            {
+                Some(m.doc.clone())
+            }
+            _ => None,
+        };
         let State { docs, conns, links, hints, hint_deletes, shared, .. } = st;
         let result = c.session.handle_msg(msg, &mut Docs { docs });
-        let out = match result {
+        let mut out = match result {
             Ok(o) => o,
             Err(e) => {
                 self.send(&c.out, &e.to_msg());
@@ -592,6 +654,15 @@ impl Node {
                 };
             }
         };
+        if let Some(doc) = read {
+            if self.start_read(&doc, id, docs, conns, links) {
+                c.vouched.insert(doc);
+            } else {
+                // Keep only the subscription back (so the client's writes flow): the
+                // catch-up and `Synced` come with `Session::answer_again`.
+                out.replies.retain(|m| matches!(m, Msg::Subscribe(_)));
+            }
+        }
         for m in &out.replies {
             self.send(&c.out, m);
         }
@@ -721,7 +792,12 @@ impl Node {
                         crate::cluster::on_docset_answer(self, peer, a);
                     }
                 }
-                Event::PeerHello { .. } | Event::Synced { .. } | Event::Progress { .. } => {}
+                Event::Synced { doc, .. } => {
+                    if let Some(peer) = &c.peer {
+                        self.on_read_answer(&doc, peer, docs, conns);
+                    }
+                }
+                Event::PeerHello { .. } | Event::Progress { .. } => {}
             }
         }
         // A retried write (nothing new): ack what is durable, and in a cluster make sure
@@ -836,6 +912,102 @@ impl Node {
             deadline: now + self.inner.options.write_timeout,
             received: now,
         });
+    }
+
+    /// Starts the read quorum of connection `conn`'s subscription to `doc`: asks every
+    /// other target afresh (a new subscription on its link, answered after anything it
+    /// sent before). True if it is complete at once.
+    fn start_read(
+        &self,
+        doc: &str,
+        conn: u64,
+        docs: &mut HashMap<String, DocEntry>,
+        conns: &mut HashMap<u64, ConnEntry>,
+        links: &HashMap<String, u64>,
+    ) -> bool {
+        let Some(quorum) = self.read_quorum(doc, links, None) else { return true };
+        if quorum.is_reached() {
+            return true;
+        }
+        self.probe(doc, &quorum, docs, conns, links);
+        if let Some(e) = docs.get_mut(doc) {
+            e.reads.push(WaitingRead {
+                conn,
+                quorum,
+                deadline: Instant::now() + self.inner.options.write_timeout,
+            });
+        }
+        false
+    }
+
+    /// A read quorum over `doc`'s targets as health stands now (this node's own answer
+    /// counted), keeping the answers `before` had from nodes still among them.
+    fn read_quorum(
+        &self,
+        doc: &str,
+        links: &HashMap<String, u64>,
+        before: Option<&WriteQuorum>,
+    ) -> Option<WriteQuorum> {
+        let cluster = self.inner.cluster.as_ref()?;
+        let walk = cluster.walk(doc);
+        let walk_refs: Vec<&str> = walk.iter().map(String::as_str).collect();
+        let targets =
+            write_targets(&walk_refs, cluster.n, |node| node == cluster.me || cluster.is_up(node, links));
+        let mut quorum = WriteQuorum::new(cluster.r, targets);
+        quorum.ack(&cluster.me);
+        if let Some(before) = before {
+            for t in before.targets().iter().filter(|t| before.has_acked(&t.node)) {
+                quorum.ack(&t.node);
+            }
+        }
+        Some(quorum)
+    }
+
+    /// Subscribes afresh to `doc` on the link of every target that has not answered.
+    fn probe(
+        &self,
+        doc: &str,
+        quorum: &WriteQuorum,
+        docs: &mut HashMap<String, DocEntry>,
+        conns: &mut HashMap<u64, ConnEntry>,
+        links: &HashMap<String, u64>,
+    ) {
+        for t in quorum.targets() {
+            if quorum.has_acked(&t.node) {
+                continue;
+            }
+            let Some(link) = links.get(&t.node).and_then(|l| conns.get_mut(l)) else { continue };
+            for m in link.session.subscribe(doc, &mut Docs { docs }) {
+                self.send(&link.out, &m);
+            }
+        }
+    }
+
+    /// Peer `peer` answered this node's subscription to `doc`: count it for every read
+    /// waiting on it, and answer the clients whose quorum is now complete.
+    fn on_read_answer(
+        &self,
+        doc: &str,
+        peer: &str,
+        docs: &mut HashMap<String, DocEntry>,
+        conns: &mut HashMap<u64, ConnEntry>,
+    ) {
+        let Some(e) = docs.get_mut(doc) else { return };
+        let mut done = Vec::new();
+        e.reads.retain_mut(|w| {
+            let complete = w.quorum.ack(peer) || w.quorum.is_reached();
+            if complete {
+                done.push(w.conn);
+            }
+            !complete
+        });
+        for conn in done {
+            let Some(o) = conns.get_mut(&conn) else { continue };
+            o.vouched.insert(doc.to_owned());
+            for m in o.session.answer_again(doc, &mut Docs { docs }) {
+                self.send(&o.out, &m);
+            }
+        }
     }
 
     /// Acks every waiting write of `doc` whose quorum is now complete.
@@ -1090,8 +1262,17 @@ impl Node {
         st.next_conn += 1;
         let id = st.next_conn;
         let session = Session::new(self.inner.replica, self.session_config());
-        st.conns
-            .insert(id, ConnEntry { session, out: out.clone(), claims: None, docs: BTreeSet::new(), peer });
+        st.conns.insert(
+            id,
+            ConnEntry {
+                session,
+                out: out.clone(),
+                claims: None,
+                docs: BTreeSet::new(),
+                vouched: BTreeSet::new(),
+                peer,
+            },
+        );
         NodeConn { id, out, uncommitted: Arc::new(Semaphore::new(MAX_UNCOMMITTED_FRAMES)) }
     }
 

@@ -493,3 +493,38 @@ async fn adding_a_fourth_node_under_load_moves_about_a_quarter_of_placements_and
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_acked_writes_does_not_report_synced_until_a_read_quorum_answers() {
+    let cl = Cluster::start("read-quorum", 3).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let doc = "ledger";
+    // Node 2 is cut off while 10 increments are acked by nodes 0 and 1 (W = 2).
+    cl.isolate(2, true);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let mut w = Client::new(61);
+    w.open(doc).await;
+    w.connect(cl.addr(0), None).await;
+    assert!(w.pump_until(T, |c| c.synced.contains(doc)).await);
+    write_acked(&mut w, doc, 10).await;
+
+    // A reader that can reach only node 2 (which has none of them) is never told it is
+    // synced on that stale copy: it hears NOT_ENOUGH_REPLICAS and keeps waiting.
+    let mut r = Client::new(62);
+    r.open(doc).await;
+    r.connect(cl.addr(2), None).await;
+    assert!(
+        r.pump_until(T, |c| c.errors.iter().any(|e| e.code == ErrorCode::NOT_ENOUGH_REPLICAS)).await,
+        "no NOT_ENOUGH_REPLICAS for a read no quorum could answer"
+    );
+    assert!(!r.synced.contains(doc), "Synced on a copy no read quorum vouched for");
+    assert_eq!(r.docs[doc].counter("n"), 0);
+
+    // Once a second replica is reachable the read completes, with every acked write.
+    cl.isolate(2, false);
+    assert!(
+        r.pump_until(Duration::from_secs(30), |c| c.synced.contains(doc)).await,
+        "the read never completed"
+    );
+    assert_eq!(r.docs[doc].counter("n"), 10, "the read missed acked writes");
+}

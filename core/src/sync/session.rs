@@ -401,6 +401,24 @@ impl Session {
         self.docs.get(doc).is_some_and(|s| s.synced.is_some())
     }
 
+    /// Answers the peer's subscription to `doc` again, from what we believe it has: the
+    /// deltas it lacks (or a state transfer) and a fresh `Synced`. A relay that holds back
+    /// its first answer until a read quorum has vouched for its copy sends this then.
+    /// Nothing if the peer has not subscribed.
+    pub fn answer_again(&mut self, doc_id: &str, store: &mut impl DocStore) -> Vec<Msg> {
+        let Some(st) = self.docs.get(doc_id).filter(|s| s.they_subscribed) else { return Vec::new() };
+        let Some(doc) = store.doc(doc_id) else { return Vec::new() };
+        let vv = st.peer_has.vv.clone();
+        let exchange = self.next_exchange;
+        self.next_exchange += 1;
+        let answer = answer_subscribe(doc, doc_id, &vv, exchange, &self.config);
+        if matches!(answer.first(), Some(Msg::MerkleStart(_))) {
+            let my_vv = doc.version().clone();
+            state_of(&mut self.docs, doc_id).serving = Some((exchange, my_vv));
+        }
+        answer
+    }
+
     /// Whether a catch-up from the peer (a Merkle descent or a counted state transfer
     /// it answers) is running for `doc`: until it ends, the peer's newer deltas may
     /// arrive before the older state the catch-up carries.
