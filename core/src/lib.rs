@@ -23,12 +23,15 @@
 //! - [`indexed`]: the dense, insertion-ordered hash map that holds OR-Set elements.
 //! - [`ring`]: consistent hashing with virtual nodes: which relays own a document.
 //! - [`admit`]: what a relay admits from a client: document bounds, value checks, ids.
+//! - [`coordinator`]: one relay node's write and read quorums as a state machine fed
+//!   events, returning actions; the relay executes them, the cluster simulator drives it.
 //! - [`cluster`]: the relay cluster's decisions without I/O: failure detection, sloppy
 //!   quorum targets and ack counting, hinted handoff, anti-entropy planning.
 
 pub mod admit;
 pub mod cluster;
 pub mod codec;
+pub mod coordinator;
 pub mod docset;
 pub mod document;
 pub mod gcounter;

@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use concord_core::admit::{admit, check_doc_id, Limits, Refusal};
-use concord_core::cluster::{quorum_version, write_targets, WriteQuorum};
+use concord_core::cluster::{write_targets, Target};
+use concord_core::coordinator::{Action, Coordinator};
 use concord_core::sync::msg::{Deltas, ErrorMsg};
 use concord_core::sync::{ErrorCode, Event, FrameError, Msg, Session, SessionConfig, SyncError};
 use concord_core::{CausalContext, Delta, DocConfig, Document, ReplicaId, Span, VersionVector};
@@ -88,14 +89,6 @@ pub(crate) struct DocEntry {
     pub(crate) doc: Document,
     /// Dots durable on this node.
     durable: CausalContext,
-    /// Dots durable on W replicas (cluster mode): what clients are acked for.
-    quorum: CausalContext,
-    /// Per peer node: the version it acknowledged as durable.
-    peer_acks: HashMap<String, VersionVector>,
-    /// Client writes waiting for their quorum.
-    waiting: Vec<WaitingWrite>,
-    /// Client subscriptions waiting for their read quorum (R > 1).
-    reads: Vec<WaitingRead>,
     next_seq: u64,
     since_snapshot: u64,
     inflight: u64,
@@ -109,23 +102,6 @@ pub(crate) struct DocEntry {
     /// adds; an overwrite counts again, so it drifts up and is measured again near the
     /// limit).
     bytes: usize,
-}
-
-/// A client's first subscription to a document, held back until R replicas of its
-/// preference list answered: this node's copy counts if it is one of them, a peer's
-/// when this node's fresh subscription to it reported `Synced` (its state merged here).
-struct WaitingRead {
-    conn: u64,
-    quorum: WriteQuorum,
-    deadline: Instant,
-}
-
-struct WaitingWrite {
-    dots: Vec<Span>,
-    conn: u64,
-    quorum: WriteQuorum,
-    deadline: Instant,
-    received: Instant,
 }
 
 pub(crate) struct ConnEntry {
@@ -155,6 +131,8 @@ pub(crate) struct State {
     /// Per peer, the document-set tree of the stored documents that peer also owns, kept
     /// current on every commit so anti-entropy never rebuilds it.
     pub(crate) shared: BTreeMap<String, concord_core::docset::DocSet>,
+    /// Write and read quorums (cluster mode).
+    pub(crate) coordinator: Option<Coordinator>,
     next_conn: u64,
     clock: u64,
 }
@@ -184,6 +162,8 @@ pub(crate) struct Inner {
     /// (Riak's node_confirms: durability is never overstated).
     owner_acks: AtomicU64,
     fallback_acks: AtomicU64,
+    /// The zero of the coordinator's millisecond clock.
+    started: Instant,
 }
 
 /// The relay's [`Handler`]: shared state of one node. Cheap to clone.
@@ -258,7 +238,12 @@ impl Node {
                 id
             }
         };
-        let mut state = State::default();
+        let mut state = State {
+            coordinator: cluster
+                .as_ref()
+                .map(|c| Coordinator::new(&c.me, c.w, c.r, options.write_timeout.as_millis() as u64)),
+            ..State::default()
+        };
         for target in storage.hint_targets().await? {
             for h in storage.hints_for(target.clone()).await? {
                 state.hints.entry(h.doc).or_default().insert(target.clone(), h.id);
@@ -282,6 +267,7 @@ impl Node {
                 durable: Arc::default(),
                 owner_acks: AtomicU64::new(0),
                 fallback_acks: AtomicU64::new(0),
+                started: Instant::now(),
             }),
         };
         tokio::spawn(run_completions(Arc::downgrade(&node.inner), completed));
@@ -325,8 +311,7 @@ impl Node {
                 _ = &mut shutdown => return,
                 _ = every.tick() => {
                     n += 1;
-                    self.expire_writes();
-                    self.expire_reads();
+                    self.expire();
                     if n.is_multiple_of(4) {
                         let mut st = self.lock();
                         let State { docs, conns, .. } = &mut *st;
@@ -344,62 +329,91 @@ impl Node {
         }
     }
 
-    /// Reads past their deadline: the client hears NOT_ENOUGH_REPLICAS (it keeps its
-    /// local copy) and the read goes on, asking the targets again, until a quorum answers
-    /// or the client goes away.
-    fn expire_reads(&self) {
-        let now = Instant::now();
-        let mut st = self.lock();
-        let State { docs, conns, links, .. } = &mut *st;
-        let mut late: Vec<(String, WriteQuorum)> = Vec::new();
-        for (doc_id, e) in docs.iter_mut() {
-            e.reads.retain(|w| conns.contains_key(&w.conn));
-            for w in e.reads.iter_mut().filter(|w| w.deadline <= now) {
-                w.deadline = now + self.inner.options.write_timeout;
-                // Health may have changed: ask the targets of now.
-                if let Some(q) = self.read_quorum(doc_id, links, Some(&w.quorum)) {
-                    w.quorum = q;
-                }
-                if let Some(c) = conns.get(&w.conn) {
-                    let msg = Msg::Error(ErrorMsg {
-                        code: ErrorCode::NOT_ENOUGH_REPLICAS,
-                        doc: Some(doc_id.clone()),
-                        message: format!(
-                            "read: {} of {} replicas answered; showing local state until more do",
-                            w.quorum.acks(),
-                            w.quorum.w()
-                        ),
-                    });
-                    self.send(&c.out, &msg);
-                }
-                late.push((doc_id.clone(), w.quorum.clone()));
-            }
-        }
-        for (doc, quorum) in late {
-            self.probe(&doc, &quorum, docs, conns, links);
-        }
+    /// Milliseconds on the coordinator's clock.
+    fn now_ms(&self) -> u64 {
+        self.inner.started.elapsed().as_millis() as u64
     }
 
-    fn expire_writes(&self) {
-        let now = Instant::now();
+    /// The targets of `doc` as health stands now: the first N healthy nodes of its
+    /// preference list (this node always counts itself healthy).
+    fn targets(&self, doc: &str, links: &HashMap<String, u64>) -> Vec<Target> {
+        let Some(cluster) = &self.inner.cluster else { return Vec::new() };
+        let walk = cluster.walk(doc);
+        let walk_refs: Vec<&str> = walk.iter().map(String::as_str).collect();
+        write_targets(&walk_refs, cluster.n, |node| node == cluster.me || cluster.is_up(node, links))
+    }
+
+    /// Writes and reads past their deadline (see [`Coordinator::tick`]).
+    fn expire(&self) {
+        let now = self.now_ms();
         let mut st = self.lock();
-        let State { docs, conns, .. } = &mut *st;
-        for (doc_id, e) in docs.iter_mut() {
-            let (late, keep): (Vec<WaitingWrite>, Vec<WaitingWrite>) =
-                std::mem::take(&mut e.waiting).into_iter().partition(|w| w.deadline <= now);
-            e.waiting = keep;
-            for w in late {
-                if let Some(c) = conns.get(&w.conn) {
-                    let msg = Msg::Error(ErrorMsg {
-                        code: ErrorCode::NOT_ENOUGH_REPLICAS,
-                        doc: Some(doc_id.clone()),
-                        message: format!(
-                            "only {} of {} replicas confirmed the write in time; it is kept on your side, retry",
-                            w.quorum.acks(),
-                            w.quorum.w()
-                        ),
-                    });
-                    self.send(&c.out, &msg);
+        let State { docs, conns, links, coordinator, .. } = &mut *st;
+        let Some(co) = coordinator else { return };
+        let acts = co.tick(now, |doc| self.targets(doc, links));
+        self.execute(acts, docs, conns, links, None);
+    }
+
+    /// Carries out the coordinator's actions. `current` is the connection being served,
+    /// which is out of `conns` meanwhile.
+    fn execute(
+        &self,
+        acts: Vec<Action>,
+        docs: &mut HashMap<String, DocEntry>,
+        conns: &mut HashMap<u64, ConnEntry>,
+        links: &HashMap<String, u64>,
+        mut current: Option<(u64, &mut ConnEntry)>,
+    ) {
+        for act in acts {
+            let conn_id = match &act {
+                Action::Ack { conn, .. }
+                | Action::Answer { conn, .. }
+                | Action::NotEnoughReplicas { conn, .. } => Some(*conn),
+                Action::Acked { .. } | Action::Probe { .. } => None,
+            };
+            let conn = match (conn_id, current.as_mut()) {
+                (Some(id), Some((cur, c))) if *cur == id => Some(&mut **c),
+                (Some(id), _) => conns.get_mut(&id),
+                (None, _) => None,
+            };
+            match act {
+                Action::Ack { doc, vv, latency_ms, owner_acks, fallback_acks, .. } => {
+                    self.inner.owner_acks.fetch_add(owner_acks as u64, Ordering::Relaxed);
+                    self.inner.fallback_acks.fetch_add(fallback_acks as u64, Ordering::Relaxed);
+                    self.inner.metrics.observe_ack_latency(Duration::from_millis(latency_ms));
+                    if let Some(c) = conn {
+                        self.send(&c.out, &c.session.ack(&doc, &vv));
+                    }
+                }
+                Action::Acked { doc, vv } => {
+                    let Some(e) = docs.get(&doc) else { continue };
+                    for m in &e.members {
+                        let c = match current.as_mut() {
+                            Some((cur, c)) if cur == m => Some(&**c),
+                            _ => conns.get(m),
+                        };
+                        if let Some(c) = c.filter(|c| c.peer.is_none()) {
+                            self.send(&c.out, &c.session.ack(&doc, &vv));
+                        }
+                    }
+                }
+                Action::Answer { doc, .. } => {
+                    if let Some(c) = conn {
+                        c.vouched.insert(doc.clone());
+                        for m in c.session.answer_again(&doc, &mut Docs { docs }) {
+                            self.send(&c.out, &m);
+                        }
+                    }
+                }
+                Action::Probe { peer, doc } => {
+                    let Some(link) = links.get(&peer).and_then(|l| conns.get_mut(l)) else { continue };
+                    for m in link.session.subscribe(&doc, &mut Docs { docs }) {
+                        self.send(&link.out, &m);
+                    }
+                }
+                Action::NotEnoughReplicas { doc, message, .. } => {
+                    if let Some(c) = conn {
+                        self.error(&c.out, ErrorCode::NOT_ENOUGH_REPLICAS, Some(&doc), message);
+                    }
                 }
             }
         }
@@ -440,13 +454,7 @@ impl Node {
         let clock = st.clock;
         st.docs.entry(doc_id.to_owned()).or_insert(DocEntry {
             doc,
-            // Standalone, what is on disk is acknowledged; in a cluster, W replicas must
-            // say so first (never overstate durability).
-            quorum: if self.inner.cluster.is_some() { CausalContext::default() } else { durable.clone() },
             durable,
-            peer_acks: HashMap::new(),
-            waiting: Vec::new(),
-            reads: Vec::new(),
             next_seq,
             since_snapshot: stored.deltas.len() as u64,
             inflight: 0,
@@ -466,13 +474,20 @@ impl Node {
         let mut idle: Vec<(u64, String)> = st
             .docs
             .iter()
-            .filter(|(_, e)| e.members.is_empty() && e.inflight == 0 && e.waiting.is_empty())
+            .filter(|(k, e)| {
+                e.members.is_empty()
+                    && e.inflight == 0
+                    && st.coordinator.as_ref().is_none_or(|c| c.is_idle(k))
+            })
             .map(|(k, e)| (e.last_used, k.clone()))
             .collect();
         idle.sort();
         let excess = st.docs.len() - capacity;
         for (_, k) in idle.into_iter().take(excess) {
             st.docs.remove(&k);
+            if let Some(c) = &mut st.coordinator {
+                c.forget(&k);
+            }
         }
     }
 
@@ -642,7 +657,10 @@ impl Node {
             }
             _ => None,
         };
-        let State { docs, conns, links, hints, hint_deletes, shared, .. } = st;
+        let State { docs, conns, links, hints, hint_deletes, shared, coordinator: co, .. } = st;
+        let now = self.now_ms();
+        // The coordinator's actions, carried out at the end.
+        let mut acts: Vec<Action> = Vec::new();
         let result = c.session.handle_msg(msg, &mut Docs { docs });
         let mut out = match result {
             Ok(o) => o,
@@ -654,13 +672,15 @@ impl Node {
                 };
             }
         };
-        if let Some(doc) = read {
-            if self.start_read(&doc, id, docs, conns, links) {
+        if let (Some(doc), Some(co)) = (read, co.as_mut()) {
+            let read = co.read(id, &doc, self.targets(&doc, links), now);
+            if read.iter().any(|a| matches!(a, Action::Answer { conn, .. } if *conn == id)) {
                 c.vouched.insert(doc);
             } else {
                 // Keep only the subscription back (so the client's writes flow): the
                 // catch-up and `Synced` come with `Session::answer_again`.
                 out.replies.retain(|m| matches!(m, Msg::Subscribe(_)));
+                acts.extend(read);
             }
         }
         for m in &out.replies {
@@ -675,7 +695,11 @@ impl Node {
                         e.last_used = clock;
                         // Tell the subscriber what is already durable, so a writer that
                         // reconnects learns which of its writes need no resend.
-                        let vv = if c.peer.is_some() { e.durable.vv.clone() } else { self.quorum_vv(e) };
+                        let vv = if c.peer.is_some() {
+                            e.durable.vv.clone()
+                        } else {
+                            self.acked_vv(co.as_ref(), &doc, e)
+                        };
                         self.send(&c.out, &c.session.ack(&doc, &vv));
                     }
                     if c.peer.is_none() {
@@ -716,8 +740,8 @@ impl Node {
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     e.inflight += 1;
                     let dots: Vec<Span> = deltas.iter().map(Delta::span).collect();
-                    if coordinator {
-                        self.start_quorum(&doc, e, id, dots.clone(), links);
+                    if let (true, Some(co)) = (coordinator, co.as_mut()) {
+                        acts.extend(co.write(id, &doc, dots.clone(), self.targets(&doc, links), now));
                         // The targets may have changed since the client subscribed (a node
                         // went down: a fallback takes its place).
                         follow.push(doc.clone());
@@ -757,18 +781,8 @@ impl Node {
                 }
                 Event::Acked { doc, vv } => {
                     if let (Some(peer), Some(e)) = (&c.peer, docs.get_mut(&doc)) {
-                        e.peer_acks.entry(peer.clone()).or_default().merge(&vv);
-                        self.check_quorum(&doc, e, conns, Some(peer));
-                        // Writes acknowledged by W replicas through any path (e.g. after a
-                        // restart) are acknowledged to this document's clients.
-                        let qv = self.quorum_vv(e);
-                        if !qv.le(&e.quorum.vv) {
-                            e.quorum.absorb(&qv);
-                            for m in &e.members {
-                                if let Some(o) = conns.get(m).filter(|o| o.peer.is_none()) {
-                                    self.send(&o.out, &o.session.ack(&doc, &e.quorum.vv));
-                                }
-                            }
+                        if let Some(co) = co.as_mut() {
+                            acts.extend(co.peer_ack(peer, &doc, &vv, &e.durable.vv, now));
                         }
                         crate::cluster::on_peer_ack(hints, hint_deletes, &doc, peer, &vv, e.doc.version());
                     }
@@ -793,8 +807,8 @@ impl Node {
                     }
                 }
                 Event::Synced { doc, .. } => {
-                    if let Some(peer) = &c.peer {
-                        self.on_read_answer(&doc, peer, docs, conns);
+                    if let (Some(peer), Some(co)) = (&c.peer, co.as_mut()) {
+                        acts.extend(co.peer_answered(peer, &doc));
                     }
                 }
                 Event::PeerHello { .. } | Event::Progress { .. } => {}
@@ -804,11 +818,11 @@ impl Node {
         // the write reaches its quorum again.
         if let (false, Some((doc, dots, deltas))) = (applied_any, retry) {
             if let Some(e) = docs.get_mut(&doc) {
-                if coordinator {
-                    let missing: Vec<Span> =
-                        dots.into_iter().filter(|d| !e.quorum.contains_span(*d)).collect();
+                if let (true, Some(co)) = (coordinator, co.as_mut()) {
+                    let targets = self.targets(&doc, links);
+                    let (missing, retried) = co.retry(id, &doc, dots, targets, &e.durable, now);
+                    acts.extend(retried);
                     if !missing.is_empty() {
-                        self.start_quorum(&doc, e, id, missing.clone(), links);
                         let resend: Vec<Delta> =
                             deltas.iter().filter(|d| missing.contains(&d.span())).cloned().collect();
                         for link in links.values() {
@@ -818,10 +832,6 @@ impl Node {
                                 }
                             }
                         }
-                        self.check_quorum(&doc, e, conns, None);
-                    }
-                    if missing.is_empty() {
-                        self.send(&c.out, &c.session.ack(&doc, &e.quorum.vv));
                     }
                 } else if e.inflight == 0 || dots.iter().all(|d| e.durable.contains_span(*d)) {
                     self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
@@ -830,6 +840,7 @@ impl Node {
                 }
             }
         }
+        self.execute(acts, docs, conns, links, Some((id, c)));
         Ok(())
     }
 
@@ -874,183 +885,12 @@ impl Node {
         hints.insert(doc.to_owned(), mine);
     }
 
-    /// The version durable on at least W nodes: per replica, the W-th highest of this
-    /// node's durable version and the versions peers acknowledged.
-    fn quorum_vv(&self, e: &DocEntry) -> VersionVector {
-        let Some(cluster) = &self.inner.cluster else { return e.durable.vv.clone() };
-        let all: Vec<&VersionVector> = std::iter::once(&e.durable.vv).chain(e.peer_acks.values()).collect();
-        let mut out = e.quorum.vv.clone();
-        out.merge(&quorum_version(cluster.w, &all));
-        out
-    }
-
-    /// Registers a client write that needs W durable acks.
-    fn start_quorum(
-        &self,
-        doc: &str,
-        e: &mut DocEntry,
-        conn: u64,
-        dots: Vec<Span>,
-        links: &HashMap<String, u64>,
-    ) {
-        let Some(cluster) = &self.inner.cluster else { return };
-        let walk = cluster.walk(doc);
-        let walk_refs: Vec<&str> = walk.iter().map(String::as_str).collect();
-        let targets =
-            write_targets(&walk_refs, cluster.n, |node| node == cluster.me || cluster.is_up(node, links));
-        let mut quorum = WriteQuorum::new(cluster.w, targets);
-        for (peer, vv) in &e.peer_acks {
-            if dots.iter().all(|d| vv.contains(d.last_dot())) {
-                quorum.ack(peer);
-            }
-        }
-        let now = Instant::now();
-        e.waiting.push(WaitingWrite {
-            dots,
-            conn,
-            quorum,
-            deadline: now + self.inner.options.write_timeout,
-            received: now,
-        });
-    }
-
-    /// Starts the read quorum of connection `conn`'s subscription to `doc`: asks every
-    /// other target afresh (a new subscription on its link, answered after anything it
-    /// sent before). True if it is complete at once.
-    fn start_read(
-        &self,
-        doc: &str,
-        conn: u64,
-        docs: &mut HashMap<String, DocEntry>,
-        conns: &mut HashMap<u64, ConnEntry>,
-        links: &HashMap<String, u64>,
-    ) -> bool {
-        let Some(quorum) = self.read_quorum(doc, links, None) else { return true };
-        if quorum.is_reached() {
-            return true;
-        }
-        self.probe(doc, &quorum, docs, conns, links);
-        if let Some(e) = docs.get_mut(doc) {
-            e.reads.push(WaitingRead {
-                conn,
-                quorum,
-                deadline: Instant::now() + self.inner.options.write_timeout,
-            });
-        }
-        false
-    }
-
-    /// A read quorum over `doc`'s targets as health stands now (this node's own answer
-    /// counted), keeping the answers `before` had from nodes still among them.
-    fn read_quorum(
-        &self,
-        doc: &str,
-        links: &HashMap<String, u64>,
-        before: Option<&WriteQuorum>,
-    ) -> Option<WriteQuorum> {
-        let cluster = self.inner.cluster.as_ref()?;
-        let walk = cluster.walk(doc);
-        let walk_refs: Vec<&str> = walk.iter().map(String::as_str).collect();
-        let targets =
-            write_targets(&walk_refs, cluster.n, |node| node == cluster.me || cluster.is_up(node, links));
-        let mut quorum = WriteQuorum::new(cluster.r, targets);
-        quorum.ack(&cluster.me);
-        if let Some(before) = before {
-            for t in before.targets().iter().filter(|t| before.has_acked(&t.node)) {
-                quorum.ack(&t.node);
-            }
-        }
-        Some(quorum)
-    }
-
-    /// Subscribes afresh to `doc` on the link of every target that has not answered.
-    fn probe(
-        &self,
-        doc: &str,
-        quorum: &WriteQuorum,
-        docs: &mut HashMap<String, DocEntry>,
-        conns: &mut HashMap<u64, ConnEntry>,
-        links: &HashMap<String, u64>,
-    ) {
-        for t in quorum.targets() {
-            if quorum.has_acked(&t.node) {
-                continue;
-            }
-            let Some(link) = links.get(&t.node).and_then(|l| conns.get_mut(l)) else { continue };
-            for m in link.session.subscribe(doc, &mut Docs { docs }) {
-                self.send(&link.out, &m);
-            }
-        }
-    }
-
-    /// Peer `peer` answered this node's subscription to `doc`: count it for every read
-    /// waiting on it, and answer the clients whose quorum is now complete.
-    fn on_read_answer(
-        &self,
-        doc: &str,
-        peer: &str,
-        docs: &mut HashMap<String, DocEntry>,
-        conns: &mut HashMap<u64, ConnEntry>,
-    ) {
-        let Some(e) = docs.get_mut(doc) else { return };
-        let mut done = Vec::new();
-        e.reads.retain_mut(|w| {
-            let complete = w.quorum.ack(peer) || w.quorum.is_reached();
-            if complete {
-                done.push(w.conn);
-            }
-            !complete
-        });
-        for conn in done {
-            let Some(o) = conns.get_mut(&conn) else { continue };
-            o.vouched.insert(doc.to_owned());
-            for m in o.session.answer_again(doc, &mut Docs { docs }) {
-                self.send(&o.out, &m);
-            }
-        }
-    }
-
-    /// Acks every waiting write of `doc` whose quorum is now complete.
-    fn check_quorum(
-        &self,
-        doc: &str,
-        e: &mut DocEntry,
-        conns: &HashMap<u64, ConnEntry>,
-        acker: Option<&str>,
-    ) {
-        let Some(cluster) = &self.inner.cluster else { return };
-        let mut done = Vec::new();
-        for (i, w) in e.waiting.iter_mut().enumerate() {
-            match acker {
-                Some(peer) => {
-                    if e.peer_acks
-                        .get(peer)
-                        .is_some_and(|vv| w.dots.iter().all(|d| vv.contains(d.last_dot())))
-                    {
-                        w.quorum.ack(peer);
-                    }
-                }
-                None => {
-                    if w.dots.iter().all(|d| e.durable.contains_span(*d)) {
-                        w.quorum.ack(&cluster.me);
-                    }
-                }
-            }
-            if w.quorum.is_reached() {
-                done.push(i);
-            }
-        }
-        for i in done.into_iter().rev() {
-            let w = e.waiting.remove(i);
-            self.inner.owner_acks.fetch_add(w.quorum.owner_acks() as u64, Ordering::Relaxed);
-            self.inner.fallback_acks.fetch_add(w.quorum.fallback_acks() as u64, Ordering::Relaxed);
-            for d in &w.dots {
-                e.quorum.insert_span(*d);
-            }
-            if let Some(c) = conns.get(&w.conn) {
-                self.send(&c.out, &c.session.ack(doc, &e.quorum.vv));
-            }
-            self.inner.metrics.observe_ack_latency(w.received.elapsed());
+    /// What clients of `doc` are acknowledged for: standalone, what is durable here; in
+    /// a cluster, what W replicas hold.
+    fn acked_vv(&self, co: Option<&Coordinator>, doc: &str, e: &DocEntry) -> VersionVector {
+        match co {
+            Some(co) => co.acked(doc, &e.durable.vv),
+            None => e.durable.vv.clone(),
         }
     }
 
@@ -1143,6 +983,8 @@ impl Node {
     /// Commit reports, in commit order: marks the writes durable, completes quorums, and
     /// acks each writer once per document for the whole batch.
     fn on_durable(&self, batch: &mut Vec<Durable>) {
+        let now = self.now_ms();
+        let mut acts: Vec<Action> = Vec::new();
         let mut barriers = Vec::new();
         let mut acks: Vec<(u64, String)> = Vec::new();
         let mut guard = self.lock();
@@ -1159,7 +1001,7 @@ impl Node {
                 }
             };
             for p in commit.pending {
-                let State { docs, conns, .. } = &mut *st;
+                let State { docs, conns, coordinator, .. } = &mut *st;
                 let Some(e) = docs.get_mut(&p.doc) else { continue };
                 e.inflight = e.inflight.saturating_sub(1);
                 match &res {
@@ -1182,14 +1024,8 @@ impl Node {
                             });
                         }
                         self.inner.metrics.deltas_persisted.add(p.dots.len() as u64);
-                        if p.ack_local {
-                            if self.inner.cluster.is_none() {
-                                for d in &p.dots {
-                                    e.quorum.insert_span(*d);
-                                }
-                            }
-                        } else {
-                            self.check_quorum(&p.doc, e, conns, None);
+                        if let (false, Some(co)) = (p.ack_local, coordinator.as_mut()) {
+                            acts.extend(co.durable(&p.doc, &e.durable, now));
                         }
                         let vv = self.inner.cluster.is_some().then(|| e.doc.version().clone());
                         self.record_stored(st, &p.doc, vv.as_ref());
@@ -1217,6 +1053,8 @@ impl Node {
                 }
             }
         }
+        let State { docs, conns, links, .. } = &mut *st;
+        self.execute(acts, docs, conns, links, None);
         // One ack per connection and document, with everything durable by now.
         acks.sort_unstable();
         acks.dedup();
@@ -1325,6 +1163,9 @@ impl Handler for Node {
 
     fn on_close(&self, conn: NodeConn) {
         let mut st = self.lock();
+        if let Some(co) = &mut st.coordinator {
+            co.closed(conn.id);
+        }
         if let Some(c) = st.conns.remove(&conn.id) {
             for d in c.docs {
                 if let Some(e) = st.docs.get_mut(&d) {
