@@ -15,10 +15,12 @@
 //! storage     storage.rs     redb, group commit: durable before acknowledged
 //! ```
 //!
-//! Around them: [`config`] (the TOML contract of `DESIGN.md`), [`auth`] (HMAC tokens),
-//! [`metrics`] (Prometheus text), [`server`] (accept loop, permits, graceful shutdown).
-//! The binary (`main.rs`) only parses flags, sets up logging and signals, and calls
-//! [`server::run`]. [`load`] is the `concord-load` benchmark (`src/bin/concord-load.rs`).
+//! Around them: [`config`] (the TOML configuration), [`auth`] (JSON Web Tokens of three
+//! kinds), [`metrics`] (Prometheus text), [`server`] (accept loop, permits, graceful
+//! shutdown), [`cluster`] (peer links, hints and anti-entropy; the quorum decisions are
+//! `concord_core::coordinator`). [`Relay`] is the entry: a node from its config. The
+//! binary (`main.rs`) only parses flags, sets up logging and signals, and calls
+//! [`Relay::run`]. [`load`] is the `concord-load` benchmark (`src/bin/concord-load.rs`).
 
 pub mod auth;
 pub mod cluster;
@@ -29,6 +31,7 @@ pub mod http;
 pub mod load;
 pub mod metrics;
 pub mod node;
+mod relay;
 pub mod server;
 mod shutdown;
 pub mod storage;
@@ -36,5 +39,6 @@ pub mod storage;
 pub use config::{Config, Limits, Overrides};
 pub use handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendError};
 pub use metrics::Metrics;
+pub use relay::Relay;
 pub use server::run;
 pub use storage::{Storage, StorageError, WriteOp};

@@ -10,16 +10,12 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use concord_relay::auth::{self, Access, Claims};
-use concord_relay::cluster::ClusterView;
 use concord_relay::config::{Config, Overrides};
-use concord_relay::metrics::Metrics;
-use concord_relay::node::{Node, NodeOptions};
-use concord_relay::storage::Storage;
+use concord_relay::Relay;
 use tokio::net::TcpListener;
 
 const USAGE: &str = "\
@@ -266,7 +262,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if config.auth_secret.is_none() {
         eprintln!("WARNING: concord-relay is running WITHOUT AUTH (no auth_secret in the config)");
     }
-    let storage = Storage::open(&config.data_dir)?;
+    // The store first: a data dir another process holds fails before any address is
+    // printed.
+    let relay = Relay::open(config.clone()).await?;
     let listener = TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -289,54 +287,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     println!("listening on {addr}");
     println!("admin listening on {admin_addr}");
     std::io::stdout().flush()?;
-
-    let metrics = Arc::new(Metrics::new());
-    let options = NodeOptions {
-        auth_secret: config.auth_secret.as_ref().map(|s| s.as_bytes().to_vec()),
-        auth_keys: config.verify_keys().map_err(|e| anyhow::anyhow!("config error: {e}"))?,
-        doc_cache_capacity: config.limits.doc_cache_capacity,
-        max_frame: config.limits.max_frame_bytes,
-        node_id: config.node_id.clone(),
-        limits: config.limits.documents(),
-        ..NodeOptions::default()
-    };
-    let cluster = (config.cluster.nodes.len() > 1).then(|| {
-        let nodes: Vec<(String, String, u32)> =
-            config.cluster.nodes.iter().map(|n| (n.id.clone(), n.addr.clone(), n.weight)).collect();
-        ClusterView::new(
-            &config.node_id,
-            &nodes,
-            config.cluster.replicas,
-            config.cluster.r(),
-            config.cluster.w(),
-            config.cluster.vnodes,
-        )
-    });
-    let node = Node::open(storage, metrics.clone(), options, cluster).await?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut ticker_stop = stopped.clone();
-    tokio::spawn(node.clone().run_ticker(async move {
-        let _ = ticker_stop.changed().await;
-    }));
-    concord_relay::cluster::spawn_links(node.clone(), stopped);
-    let node = Arc::new(node);
-    // The admin listener outlives the public one's drain, so it can be watched; it stops
-    // with the ticker and the links.
-    let mut admin_stop = stop.subscribe();
-    let admin = tokio::spawn({
-        let (config, node, metrics) = (config.clone(), node.clone(), metrics.clone());
-        async move {
-            concord_relay::server::run_admin(admin_listener, &config, node, metrics, async move {
-                let _ = admin_stop.wait_for(|stopped| *stopped).await;
-            })
-            .await;
-        }
-    });
-    concord_relay::server::run(listener, &config, node, metrics, shutdown).await;
-    let _ = stop.send(true);
-    if let Err(e) = admin.await {
-        tracing::warn!(error = %e, "admin listener task failed");
-    }
+    relay.run(listener, admin_listener, shutdown).await;
     Ok(())
 }
 
