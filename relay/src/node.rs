@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use concord_core::admit::{admit, check_doc_id, Limits, Refusal};
 use concord_core::cluster::{write_targets, Target};
+use concord_core::codec::Wire;
 use concord_core::coordinator::{Action, Coordinator};
 use concord_core::sync::msg::{Deltas, ErrorMsg};
 use concord_core::sync::{ErrorCode, Event, FrameError, Msg, Session, SessionConfig, SyncError};
@@ -249,8 +250,28 @@ impl Node {
                 state.hints.entry(h.doc).or_default().insert(target.clone(), h.id);
             }
         }
-        for doc in storage.list_docs().await? {
-            state.stored.insert(doc);
+        // Each document's version is recorded beside it: start-up reads those records,
+        // never the documents (a store written before they existed is read once, below).
+        let complete = storage.get_meta(VERSIONS_COMPLETE).await?.is_some();
+        let mut versions = Vec::new();
+        if complete {
+            for (doc, bytes) in storage.versions().await? {
+                match concord_core::codec::whole::<VersionVector>(&bytes)
+                    .ok()
+                    .filter(|v| v.validate().is_ok())
+                {
+                    Some(vv) => versions.push((doc.clone(), vv)),
+                    None => tracing::error!(
+                        doc,
+                        "unreadable version record; anti-entropy will compare this document as empty"
+                    ),
+                }
+                state.stored.insert(doc);
+            }
+        } else {
+            for doc in storage.list_docs().await? {
+                state.stored.insert(doc);
+            }
         }
         let completed = storage.completed();
         let auth = options.auth_secret.as_deref().map(|s| Keyring::new(s, options.auth_keys.clone()));
@@ -272,15 +293,27 @@ impl Node {
         };
         tokio::spawn(run_completions(Arc::downgrade(&node.inner), completed));
         // Version digests of stored documents, for anti-entropy.
-        if node.inner.cluster.is_some() {
+        if complete {
+            let mut st = node.lock();
+            for (doc, vv) in &versions {
+                node.record_stored(&mut st, doc, Some(vv));
+            }
+        } else {
+            // A store from before version records: read each document once to write them.
             let ids: Vec<String> = node.lock().stored.iter().cloned().collect();
+            let mut ops = Vec::with_capacity(ids.len() + 1);
             for id in ids {
                 node.ensure_loaded(&id).await?;
                 let mut st = node.lock();
-                let vv = st.docs.get(&id).map(|e| e.doc.version().clone()).unwrap_or_default();
-                node.record_stored(&mut st, &id, Some(&vv));
+                if let Some(e) = st.docs.get(&id) {
+                    ops.push(version_op(&id, &e.doc));
+                    let vv = e.doc.version().clone();
+                    node.record_stored(&mut st, &id, Some(&vv));
+                }
                 Self::evict(&mut st, node.inner.options.doc_cache_capacity);
             }
+            ops.push(WriteOp::PutMeta { key: VERSIONS_COMPLETE.into(), bytes: vec![1] });
+            node.inner.storage.write(ops).await?;
         }
         Ok(node)
     }
@@ -738,6 +771,7 @@ impl Node {
                         e.since_snapshot = 0;
                     }
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
+                    ops.push(version_op(&doc, &e.doc));
                     e.inflight += 1;
                     let dots: Vec<Span> = deltas.iter().map(Delta::span).collect();
                     if let (true, Some(co)) = (coordinator, co.as_mut()) {
@@ -776,6 +810,7 @@ impl Node {
                         truncate_through: Some(e.next_seq - 1),
                     }];
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
+                    ops.push(version_op(&doc, &e.doc));
                     let vv = e.doc.version().clone();
                     pending.push(Pending { doc, ops, dots: Vec::new(), absorb: Some(vv), ack_local: true });
                 }
@@ -1239,6 +1274,16 @@ impl Handler for Node {
         self.inner.storage.close().await;
     }
 }
+
+/// The record of `doc`'s version that start-up reads instead of the document.
+fn version_op(doc: &str, d: &Document) -> WriteOp {
+    let mut bytes = Vec::new();
+    d.version().put(&mut bytes);
+    WriteOp::PutVersion { doc: doc.to_owned(), bytes }
+}
+
+/// Meta key set once every stored document has a version record.
+const VERSIONS_COMPLETE: &str = "versions_complete";
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)

@@ -60,6 +60,9 @@ const DELTAS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("deltas
 const DELTA_RUNS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("delta_runs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const HINTS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("hints");
+/// Each document's version vector, written with every change to it: start-up reads this
+/// small table instead of the documents.
+const VERSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("versions");
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "concord.redb";
@@ -126,6 +129,14 @@ pub enum WriteOp {
     DeleteDoc {
         /// Document id.
         doc: String,
+    },
+    /// Record the version of `doc` (written beside every change to it, so start-up never
+    /// reads document bodies).
+    PutVersion {
+        /// Document id.
+        doc: String,
+        /// Encoded version vector.
+        bytes: Vec<u8>,
     },
     /// Set a metadata key.
     PutMeta {
@@ -260,6 +271,8 @@ enum Command {
 struct Stats {
     commits: AtomicU64,
     writes: AtomicU64,
+    /// Documents read ([`Storage::load_doc`]).
+    loads: AtomicU64,
     /// Batches completed: bumped after the callbacks of each batch ran.
     batches: watch::Sender<u64>,
 }
@@ -324,6 +337,7 @@ impl Storage {
         let stats = Arc::new(Stats {
             commits: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
             batches: watch::channel(0).0,
         });
         let (tx, rx) = mpsc::channel(options.queue.max(1));
@@ -463,6 +477,11 @@ impl Storage {
         self.inner.stats.writes.load(Ordering::Relaxed)
     }
 
+    /// Documents read so far ([`Storage::load_doc`] calls).
+    pub fn loads(&self) -> u64 {
+        self.inner.stats.loads.load(Ordering::Relaxed)
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, StorageError> + Send + 'static,
@@ -474,6 +493,7 @@ impl Storage {
     /// The snapshot and the deltas of `doc` (both empty for an unknown doc).
     pub async fn load_doc(&self, doc: impl Into<String>) -> Result<StoredDoc, StorageError> {
         let doc = doc.into();
+        self.inner.stats.loads.fetch_add(1, Ordering::Relaxed);
         self.read(move |db| {
             let txn = db.begin_read().map_err(engine)?;
             let docs = txn.open_table(DOCUMENTS).map_err(engine)?;
@@ -538,6 +558,25 @@ impl Storage {
                 }
             }
             Ok(out.into_iter().collect())
+        })
+        .await
+    }
+
+    /// Every recorded document version ([`WriteOp::PutVersion`]), by document id.
+    pub async fn versions(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(engine)?;
+            let table = match txn.open_table(VERSIONS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(engine(e)),
+            };
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(engine)? {
+                let (k, v) = entry.map_err(engine)?;
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+            Ok(out)
         })
         .await
     }
@@ -702,6 +741,7 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Result<()
         let mut runs_t = txn.open_table(DELTA_RUNS).map_err(engine)?;
         let mut meta = txn.open_table(META).map_err(engine)?;
         let mut hints = txn.open_table(HINTS).map_err(engine)?;
+        let mut versions = txn.open_table(VERSIONS).map_err(engine)?;
         // Open runs by document, written when broken (a gap, a snapshot) or at the end.
         let mut runs: HashMap<&'a str, Run> = HashMap::new();
         let put = |t: &mut redb::Table<(&str, u64), &[u8]>, doc: &str, run: Run| {
@@ -742,9 +782,13 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Result<()
                 WriteOp::DeleteDoc { doc } => {
                     runs.remove(doc.as_str());
                     docs.remove(doc.as_str()).map_err(engine)?;
+                    versions.remove(doc.as_str()).map_err(engine)?;
                     let range = (doc.as_str(), 0u64)..=(doc.as_str(), u64::MAX);
                     deltas.retain_in(range.clone(), |_, _| false).map_err(engine)?;
                     runs_t.retain_in(range, |_, _| false).map_err(engine)?;
+                }
+                WriteOp::PutVersion { doc, bytes } => {
+                    versions.insert(doc.as_str(), bytes.as_slice()).map_err(engine)?;
                 }
                 WriteOp::PutMeta { key, bytes } => {
                     meta.insert(key.as_str(), bytes.as_slice()).map_err(engine)?;
