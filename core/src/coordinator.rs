@@ -243,11 +243,14 @@ impl Coordinator {
         (missing, acts)
     }
 
-    /// This node's durable context of `doc` grew.
+    /// This node's durable context of `doc` grew. It counts for a write once its
+    /// contiguous version holds the write, as a peer's acknowledged version does (see
+    /// `complete_writes`); a document applies deltas in sequence, so it always does
+    /// unless an earlier commit failed.
     pub fn durable(&mut self, doc: &str, durable: &CausalContext, now: u64) -> Vec<Action> {
         let Some(d) = self.docs.get_mut(doc) else { return Vec::new() };
         for w in &mut d.writes {
-            if w.spans.iter().all(|s| durable.contains_span(*s)) {
+            if w.spans.iter().all(|s| durable.vv.contains(s.last_dot())) {
                 w.quorum.ack(&self.me);
             }
         }
@@ -294,8 +297,14 @@ impl Coordinator {
                 continue;
             }
             let w = d.writes.remove(i);
+            // Every ack that reached the quorum was a contiguous durable version (a
+            // peer's, or this node's), so W targets hold each writer's dots from the
+            // first: recorded so, the acknowledged version covers this write even when
+            // the writer's earlier dots were acknowledged through another coordinator.
+            // Recording the spans alone would leave them outside the version, and the
+            // client, told only a version, would retry them forever.
             for s in &w.spans {
-                d.quorum.insert_span(*s);
+                d.quorum.insert_span(Span { first: 1, ..*s });
             }
             acts.push(Action::Ack {
                 conn: w.conn,
