@@ -175,6 +175,36 @@ impl Coordinator {
         self.docs.get(doc).is_some_and(|d| d.quorum.contains_span(span))
     }
 
+    /// The owners this node stands in for, as a fallback target, in writes of `doc` still
+    /// waiting for their quorum, sorted. Its own durability counts for them as a
+    /// fallback's: before reporting it ([`Coordinator::durable`], [`Coordinator::retry`]),
+    /// make sure a hint for each of them is stored with the document — the one stored when
+    /// the write came may have been delivered and deleted while the write was held back.
+    ///
+    /// ```
+    /// use concord_core::coordinator::Coordinator;
+    /// use concord_core::cluster::write_targets;
+    /// use concord_core::{ReplicaId, Span};
+    /// let mut c = Coordinator::new("d", 2, 2, 3_000);
+    /// let targets = write_targets(&["a", "b", "c", "d"], 3, |n| n != "b"); // d stands in for b
+    /// let span = Span { replica: ReplicaId(9), first: 1, last: 1 };
+    /// c.write(1, "doc", vec![span], targets, 0);
+    /// assert_eq!(c.standing_in_for("doc"), ["b"]);
+    /// ```
+    pub fn standing_in_for(&self, doc: &str) -> Vec<String> {
+        let Some(d) = self.docs.get(doc) else { return Vec::new() };
+        let mut owners: Vec<String> = d
+            .writes
+            .iter()
+            .flat_map(|w| w.quorum.targets())
+            .filter(|t| t.node == self.me)
+            .filter_map(|t| t.hint_for.clone())
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        owners
+    }
+
     /// Whether nothing waits on `doc` (it may be unloaded).
     pub fn is_idle(&self, doc: &str) -> bool {
         self.docs.get(doc).is_none_or(|d| d.writes.is_empty() && d.reads.is_empty())
