@@ -387,8 +387,9 @@ impl Coordinator {
     }
 
     /// Time passed: writes past their deadline are reported and dropped (the client
-    /// retries); reads past theirs are reported and go on, against the targets of now
-    /// (`targets(doc)`), keeping the answers of nodes still among them.
+    /// retries); reads past theirs go on against the targets of now (`targets(doc)`),
+    /// keeping the answers of nodes still among them, and are reported unless those
+    /// answers complete them (then they are answered instead).
     pub fn tick(&mut self, now: u64, targets: impl Fn(&str) -> Vec<Target>) -> Vec<Action> {
         let mut acts = Vec::new();
         for (doc, d) in &mut self.docs {
@@ -409,15 +410,7 @@ impl Coordinator {
             });
             for r in d.reads.iter_mut().filter(|r| r.deadline <= now) {
                 r.deadline = now + self.timeout_ms;
-                acts.push(Action::NotEnoughReplicas {
-                    conn: r.conn,
-                    doc: doc.clone(),
-                    message: format!(
-                        "read: {} of {} replicas answered; showing local state until more do",
-                        r.quorum.acks(),
-                        r.quorum.w()
-                    ),
-                });
+                let (answered, wanted) = (r.quorum.acks(), r.quorum.w());
                 let now_targets = targets(doc);
                 learn_owners(&mut d.owners, &now_targets);
                 let mut quorum = WriteQuorum::new(self.r, now_targets);
@@ -426,6 +419,17 @@ impl Coordinator {
                     quorum.ack(&t.node);
                 }
                 r.quorum = quorum;
+                if r.quorum.is_reached() {
+                    // E.g. this node became a target itself: answered below, no error.
+                    continue;
+                }
+                acts.push(Action::NotEnoughReplicas {
+                    conn: r.conn,
+                    doc: doc.clone(),
+                    message: format!(
+                        "read: {answered} of {wanted} replicas answered; showing local state until more do"
+                    ),
+                });
                 acts.extend(probes(doc, &r.quorum));
             }
             d.reads.retain(|r| {
