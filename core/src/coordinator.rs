@@ -27,7 +27,7 @@
 //! assert!(matches!(&acts[0], Action::Ack { conn: 1, .. }));
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::cluster::{quorum_version, Target, WriteQuorum};
 use crate::id::Span;
@@ -108,6 +108,9 @@ struct Doc {
     quorum: CausalContext,
     /// Per peer: the version it acknowledged as durable.
     peer_acks: HashMap<String, VersionVector>,
+    /// Nodes seen among the targets as owners (not standing in for one): the replicas
+    /// whose durable versions [`Coordinator::acked`] may count.
+    owners: HashSet<String>,
     writes: Vec<Write>,
     reads: Vec<Read>,
 }
@@ -134,10 +137,34 @@ impl Coordinator {
     }
 
     /// Everything of `doc` durable on W replicas, given this node's durable version:
-    /// per replica, the W-th highest of this node's and the versions peers acknowledged.
+    /// what write quorums completed here, and per replica id the W-th highest of the
+    /// durable versions of the document's owners — this node's and the ones peers
+    /// acknowledged — counting only nodes seen among the targets as owners.
+    ///
+    /// A node that is not an owner may hold a copy, but it is nobody's replica: this
+    /// node's copy when it coordinates a document it does not own is never handed over,
+    /// and a fallback's copy stops standing in for its owner once its hint is delivered
+    /// (the owner then holds it: counting both would count one copy twice). A fallback's
+    /// ack counts only in the quorum of the write it was sent for.
+    ///
+    /// ```
+    /// use concord_core::coordinator::Coordinator;
+    /// use concord_core::cluster::write_targets;
+    /// use concord_core::{ReplicaId, VersionVector};
+    /// let v = VersionVector::from_iter([(ReplicaId(9), 1)]);
+    /// // "d" coordinates for owners a, b, c; it holds a copy, and a acked.
+    /// let mut c = Coordinator::new("d", 2, 2, 3_000);
+    /// c.read(1, "doc", write_targets(&["a", "b", "c", "d"], 3, |_| true), 0);
+    /// c.peer_ack("a", "doc", &v, &v, 1);
+    /// assert!(c.acked("doc", &v).is_empty()); // one replica: d's copy does not count
+    /// c.peer_ack("b", "doc", &v, &v, 2);
+    /// assert_eq!(c.acked("doc", &v), v);
+    /// ```
     pub fn acked(&self, doc: &str, durable: &VersionVector) -> VersionVector {
-        let Some(d) = self.docs.get(doc) else { return quorum_version(self.w, &[durable]) };
-        let all: Vec<&VersionVector> = std::iter::once(durable).chain(d.peer_acks.values()).collect();
+        let Some(d) = self.docs.get(doc) else { return VersionVector::new() };
+        let mine = d.owners.contains(&self.me).then_some(durable);
+        let peers = d.peer_acks.iter().filter(|(p, _)| d.owners.contains(*p)).map(|(_, vv)| vv);
+        let all: Vec<&VersionVector> = mine.into_iter().chain(peers).collect();
         let mut out = d.quorum.vv.clone();
         out.merge(&quorum_version(self.w, &all));
         out
@@ -146,6 +173,36 @@ impl Coordinator {
     /// Whether the quorum context holds `span`.
     pub fn is_acked(&self, doc: &str, span: Span) -> bool {
         self.docs.get(doc).is_some_and(|d| d.quorum.contains_span(span))
+    }
+
+    /// The owners this node stands in for, as a fallback target, in writes of `doc` still
+    /// waiting for their quorum, sorted. Its own durability counts for them as a
+    /// fallback's: before reporting it ([`Coordinator::durable`], [`Coordinator::retry`]),
+    /// make sure a hint for each of them is stored with the document — the one stored when
+    /// the write came may have been delivered and deleted while the write was held back.
+    ///
+    /// ```
+    /// use concord_core::coordinator::Coordinator;
+    /// use concord_core::cluster::write_targets;
+    /// use concord_core::{ReplicaId, Span};
+    /// let mut c = Coordinator::new("d", 2, 2, 3_000);
+    /// let targets = write_targets(&["a", "b", "c", "d"], 3, |n| n != "b"); // d stands in for b
+    /// let span = Span { replica: ReplicaId(9), first: 1, last: 1 };
+    /// c.write(1, "doc", vec![span], targets, 0);
+    /// assert_eq!(c.standing_in_for("doc"), ["b"]);
+    /// ```
+    pub fn standing_in_for(&self, doc: &str) -> Vec<String> {
+        let Some(d) = self.docs.get(doc) else { return Vec::new() };
+        let mut owners: Vec<String> = d
+            .writes
+            .iter()
+            .flat_map(|w| w.quorum.targets())
+            .filter(|t| t.node == self.me)
+            .filter_map(|t| t.hint_for.clone())
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        owners
     }
 
     /// Whether nothing waits on `doc` (it may be unloaded).
@@ -161,7 +218,9 @@ impl Coordinator {
     }
 
     /// Client `conn` wrote `spans` of `doc`, applied here and sent to `targets`: it is
-    /// acknowledged once W of them made it durable.
+    /// acknowledged once W of them made it durable. Owners that already acknowledged a
+    /// version holding the spans count at once; a fallback must acknowledge afresh, as
+    /// its earlier version may have been handed over and its hint deleted since.
     pub fn write(
         &mut self,
         conn: ConnId,
@@ -171,9 +230,10 @@ impl Coordinator {
         now: u64,
     ) -> Vec<Action> {
         let d = self.docs.entry(doc.to_owned()).or_default();
+        learn_owners(&mut d.owners, &targets);
         let mut quorum = WriteQuorum::new(self.w, targets);
         for (peer, vv) in &d.peer_acks {
-            if spans.iter().all(|s| vv.contains(s.last_dot())) {
+            if d.owners.contains(peer) && spans.iter().all(|s| vv.contains(s.last_dot())) {
                 quorum.ack(peer);
             }
         }
@@ -213,11 +273,14 @@ impl Coordinator {
         (missing, acts)
     }
 
-    /// This node's durable context of `doc` grew.
+    /// This node's durable context of `doc` grew. It counts for a write once its
+    /// contiguous version holds the write, as a peer's acknowledged version does (see
+    /// `complete_writes`); a document applies deltas in sequence, so it always does
+    /// unless an earlier commit failed.
     pub fn durable(&mut self, doc: &str, durable: &CausalContext, now: u64) -> Vec<Action> {
         let Some(d) = self.docs.get_mut(doc) else { return Vec::new() };
         for w in &mut d.writes {
-            if w.spans.iter().all(|s| durable.contains_span(*s)) {
+            if w.spans.iter().all(|s| durable.vv.contains(s.last_dot())) {
                 w.quorum.ack(&self.me);
             }
         }
@@ -264,8 +327,14 @@ impl Coordinator {
                 continue;
             }
             let w = d.writes.remove(i);
+            // Every ack that reached the quorum was a contiguous durable version (a
+            // peer's, or this node's), so W targets hold each writer's dots from the
+            // first: recorded so, the acknowledged version covers this write even when
+            // the writer's earlier dots were acknowledged through another coordinator.
+            // Recording the spans alone would leave them outside the version, and the
+            // client, told only a version, would retry them forever.
             for s in &w.spans {
-                d.quorum.insert_span(*s);
+                d.quorum.insert_span(Span { first: 1, ..*s });
             }
             acts.push(Action::Ack {
                 conn: w.conn,
@@ -283,6 +352,7 @@ impl Coordinator {
     /// answered at once; else the answer waits until R of `targets` answered a fresh
     /// subscription ([`Coordinator::peer_answered`]): the returned probes ask them.
     pub fn read(&mut self, conn: ConnId, doc: &str, targets: Vec<Target>, now: u64) -> Vec<Action> {
+        learn_owners(&mut self.docs.entry(doc.to_owned()).or_default().owners, &targets);
         let mut quorum = WriteQuorum::new(self.r, targets);
         if self.r <= 1 || quorum.ack(&self.me) {
             return vec![Action::Answer { conn, doc: doc.to_owned() }];
@@ -317,8 +387,9 @@ impl Coordinator {
     }
 
     /// Time passed: writes past their deadline are reported and dropped (the client
-    /// retries); reads past theirs are reported and go on, against the targets of now
-    /// (`targets(doc)`), keeping the answers of nodes still among them.
+    /// retries); reads past theirs go on against the targets of now (`targets(doc)`),
+    /// keeping the answers of nodes still among them, and are reported unless those
+    /// answers complete them (then they are answered instead).
     pub fn tick(&mut self, now: u64, targets: impl Fn(&str) -> Vec<Target>) -> Vec<Action> {
         let mut acts = Vec::new();
         for (doc, d) in &mut self.docs {
@@ -339,21 +410,26 @@ impl Coordinator {
             });
             for r in d.reads.iter_mut().filter(|r| r.deadline <= now) {
                 r.deadline = now + self.timeout_ms;
-                acts.push(Action::NotEnoughReplicas {
-                    conn: r.conn,
-                    doc: doc.clone(),
-                    message: format!(
-                        "read: {} of {} replicas answered; showing local state until more do",
-                        r.quorum.acks(),
-                        r.quorum.w()
-                    ),
-                });
-                let mut quorum = WriteQuorum::new(self.r, targets(doc));
+                let (answered, wanted) = (r.quorum.acks(), r.quorum.w());
+                let now_targets = targets(doc);
+                learn_owners(&mut d.owners, &now_targets);
+                let mut quorum = WriteQuorum::new(self.r, now_targets);
                 quorum.ack(&self.me);
                 for t in r.quorum.targets().iter().filter(|t| r.quorum.has_acked(&t.node)) {
                     quorum.ack(&t.node);
                 }
                 r.quorum = quorum;
+                if r.quorum.is_reached() {
+                    // E.g. this node became a target itself: answered below, no error.
+                    continue;
+                }
+                acts.push(Action::NotEnoughReplicas {
+                    conn: r.conn,
+                    doc: doc.clone(),
+                    message: format!(
+                        "read: {answered} of {wanted} replicas answered; showing local state until more do"
+                    ),
+                });
                 acts.extend(probes(doc, &r.quorum));
             }
             d.reads.retain(|r| {
@@ -365,6 +441,15 @@ impl Coordinator {
             });
         }
         acts
+    }
+}
+
+/// Remembers which of `targets` are owners (not standing in for one).
+fn learn_owners(owners: &mut HashSet<String>, targets: &[Target]) {
+    for t in targets.iter().filter(|t| !t.is_fallback()) {
+        if !owners.contains(&t.node) {
+            owners.insert(t.node.clone());
+        }
     }
 }
 
