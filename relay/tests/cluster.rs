@@ -78,6 +78,8 @@ impl Proxy {
 
 /// A cluster of real nodes; node i reaches node j through proxy (i, j).
 struct Cluster {
+    /// R of every node.
+    read_quorum: usize,
     ids: Vec<String>,
     ports: Vec<u16>,
     dirs: Vec<PathBuf>,
@@ -88,6 +90,11 @@ struct Cluster {
 
 impl Cluster {
     async fn start(name: &str, n: usize) -> Cluster {
+        Cluster::start_with(name, n, 2).await
+    }
+
+    /// `n` nodes with N = 3, W = 2 and R = `read_quorum`.
+    async fn start_with(name: &str, n: usize, read_quorum: usize) -> Cluster {
         let root = tempdir(name);
         let ids: Vec<String> = (0..n).map(|i| format!("n{i}")).collect();
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -100,7 +107,7 @@ impl Cluster {
             }
         }
         let dirs = ids.iter().map(|id| root.join(id)).collect();
-        let mut c = Cluster { ids, ports, dirs, proxies, relays: Vec::new(), root };
+        let mut c = Cluster { read_quorum, ids, ports, dirs, proxies, relays: Vec::new(), root };
         for i in 0..n {
             let r = c.spawn(i, n);
             c.relays.push(Some(r));
@@ -110,10 +117,11 @@ impl Cluster {
 
     fn config(&self, i: usize, members: usize) -> PathBuf {
         let mut text = format!(
-            "node_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[limits]\nrate_limit_msgs_per_sec = 100000\nrate_limit_burst = 100000\nmax_connections_per_ip = 10000\n\n[cluster]\nreplicas = 3\nwrite_quorum = 2\nread_quorum = 2\n",
+            "node_id = \"{}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\n\n[limits]\nrate_limit_msgs_per_sec = 100000\nrate_limit_burst = 100000\nmax_connections_per_ip = 10000\n\n[cluster]\nreplicas = 3\nwrite_quorum = 2\nread_quorum = {}\n",
             self.ids[i],
             self.ports[i],
-            self.dirs[i].display()
+            self.dirs[i].display(),
+            self.read_quorum
         );
         for j in 0..members {
             let port = if i == j { self.ports[j] } else { self.proxies[&(i, j)].port };
@@ -527,4 +535,25 @@ async fn a_replica_that_missed_acked_writes_does_not_report_synced_until_a_read_
         "the read never completed"
     );
     assert_eq!(r.docs[doc].counter("n"), 10, "the read missed acked writes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_r_1_a_replica_answers_from_its_own_copy_at_once() {
+    // The documented fast path: R = 1 trades the guarantee for latency.
+    let cl = Cluster::start_with("read-one", 3, 1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let doc = "fast";
+    cl.isolate(2, true);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let mut w = Client::new(71);
+    w.open(doc).await;
+    w.connect(cl.addr(0), None).await;
+    assert!(w.pump_until(T, |c| c.synced.contains(doc)).await);
+    write_acked(&mut w, doc, 3).await;
+    let mut r = Client::new(72);
+    r.open(doc).await;
+    r.connect(cl.addr(2), None).await;
+    assert!(r.pump_until(T, |c| c.synced.contains(doc)).await, "R = 1 waited for other replicas");
+    assert_eq!(r.docs[doc].counter("n"), 0, "the isolated replica cannot know the writes");
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
 }
