@@ -30,6 +30,15 @@
 //! If a combined transaction fails, the batch is retried one request per transaction, so
 //! one bad request cannot fail its neighbours.
 //!
+//! **A disk that refuses writes** (full, failing, remounted read-only). redb refuses
+//! every later operation on a database whose commit failed on I/O — reads of pages it has
+//! not cached included — until it is opened again. So when a commit fails that way, the
+//! writer fails the batch, and readers move to a *read view*: the same file opened with
+//! every write redb makes (its header, the repair of the failed commit) kept in memory,
+//! so they keep reading the last committed state while nothing is written. Later writes
+//! fail at once while a small probe file cannot be written; once it can, the writer
+//! opens the database again and writes are accepted — no restart.
+//!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use concord_relay::storage::Storage;
@@ -46,13 +55,17 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write as _};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::backends::FileBackend;
+use redb::{Database, DatabaseError, Durability, ReadableTable, StorageBackend, TableDefinition};
 use tokio::sync::{mpsc, oneshot, watch};
 
 const DOCUMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("documents");
@@ -63,6 +76,10 @@ const HINTS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("h
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "concord.redb";
+/// Scratch file written (and removed) to learn whether the disk takes writes again.
+const PROBE_FILE: &str = "concord.redb.probe";
+/// Bytes of that probe.
+const PROBE_BYTES: usize = 64 * 1024;
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +109,10 @@ pub enum StorageError {
     /// The writer thread could not be started.
     #[error("cannot start the storage writer thread: {0}")]
     Thread(std::io::Error),
+    /// The disk refused a commit (full, failing, read-only): writes fail until it takes
+    /// writes again, then are accepted without a restart. Reads continue meanwhile.
+    #[error("storage is refusing writes: {0}")]
+    Unavailable(String),
 }
 
 fn engine(e: impl Into<redb::Error>) -> StorageError {
@@ -264,13 +285,19 @@ struct Stats {
     batches: watch::Sender<u64>,
 }
 
+/// The database readers use: the writable one, or a read view while the disk refuses
+/// writes; `None` once closed.
+type Shared = Arc<RwLock<Option<Arc<Database>>>>;
+
 struct Inner {
     path: PathBuf,
-    db: RwLock<Option<Arc<Database>>>,
+    db: Shared,
     tx: mpsc::Sender<Command>,
     thread: Mutex<Option<JoinHandle<()>>>,
     stats: Arc<Stats>,
     next_hint: AtomicU64,
+    /// Makes the disk refuse writes ([`Storage::fail_writes`]).
+    full: Arc<AtomicBool>,
 }
 
 /// Handle to the node's storage. Cheap to clone; all clones share one writer thread.
@@ -297,10 +324,19 @@ impl Storage {
         std::fs::create_dir_all(dir)
             .map_err(|source| StorageError::CreateDir { path: dir.to_path_buf(), source })?;
         let path = dir.join(DB_FILE);
-        let db = Database::builder()
-            .set_cache_size(options.cache_bytes)
-            .create(&path)
-            .map_err(|source| StorageError::Open { path: path.clone(), source: Box::new(source) })?;
+        let open_error =
+            |source: DatabaseError| StorageError::Open { path: path.clone(), source: Box::new(source) };
+        // The file is opened (and locked) once; every database over it — reopened after a
+        // failed commit, or a read view — uses a clone of this handle, so holds the lock.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| open_error(e.into()))?;
+        let full = Arc::new(AtomicBool::new(false));
+        let db = open_writable(&file, &full, options.cache_bytes).map_err(open_error)?;
 
         // Create the tables so readers never meet a missing one, and find the next hint id.
         let mut txn = db.begin_write().map_err(engine)?;
@@ -321,6 +357,7 @@ impl Storage {
         txn.commit().map_err(engine)?;
 
         let db = Arc::new(db);
+        let shared: Shared = Arc::new(RwLock::new(Some(db.clone())));
         let stats = Arc::new(Stats {
             commits: AtomicU64::new(0),
             writes: AtomicU64::new(0),
@@ -328,24 +365,41 @@ impl Storage {
         });
         let (tx, rx) = mpsc::channel(options.queue.max(1));
         let thread = {
-            let db = db.clone();
+            let writer = Writer {
+                dir: dir.to_path_buf(),
+                file,
+                cache_bytes: options.cache_bytes,
+                full: full.clone(),
+                shared: shared.clone(),
+                db: Some(db),
+                down: None,
+            };
             let stats = stats.clone();
             let max_batch = options.max_batch.max(1);
             std::thread::Builder::new()
                 .name("concord-storage-writer".into())
-                .spawn(move || writer_loop(db, rx, max_batch, stats))
+                .spawn(move || writer_loop(writer, rx, max_batch, stats))
                 .map_err(StorageError::Thread)?
         };
         Ok(Storage {
             inner: Arc::new(Inner {
                 path,
-                db: RwLock::new(Some(db)),
+                db: shared,
                 tx,
                 thread: Mutex::new(Some(thread)),
                 stats,
                 next_hint: AtomicU64::new(next_hint),
+                full,
             }),
         })
+    }
+
+    /// While `on`, the disk refuses every write, sync and resize with an "out of space"
+    /// error, as a full disk does; reads are unaffected. For tests of how the relay
+    /// copes with a failing disk.
+    #[doc(hidden)]
+    pub fn fail_writes(&self, on: bool) {
+        self.inner.full.store(on, Ordering::SeqCst);
     }
 
     /// The database file.
@@ -588,7 +642,270 @@ impl Storage {
     }
 }
 
-fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Command>, max_batch: usize, stats: Arc<Stats>) {
+/// Fails `io` like a full disk.
+fn no_space() -> io::Error {
+    io::Error::new(io::ErrorKind::StorageFull, "no space left on device (simulated)")
+}
+
+/// The database file as the writable database sees it; while `full` is set, it refuses
+/// writes like a full disk ([`Storage::fail_writes`]).
+#[derive(Debug)]
+struct Disk {
+    file: FileBackend,
+    full: Arc<AtomicBool>,
+}
+
+impl Disk {
+    fn check(&self) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(no_space());
+        }
+        Ok(())
+    }
+}
+
+impl StorageBackend for Disk {
+    fn len(&self) -> io::Result<u64> {
+        self.file.len()
+    }
+
+    fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.file.read(offset, len)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check()?;
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self, eventual: bool) -> io::Result<()> {
+        self.check()?;
+        self.file.sync_data(eventual)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.check()?;
+        self.file.write(offset, data)
+    }
+}
+
+/// Granularity of a [`ReadView`]'s copy-on-write.
+const VIEW_BLOCK: u64 = 4096;
+
+/// The database file, read-only: what redb writes (its header when opening, the repair
+/// of a failed commit, an allocator table when closing) stays in memory here and never
+/// reaches the file. Readers use it while the disk refuses writes; they see the last
+/// committed state, and the file stays exactly as the last commit left it.
+#[derive(Debug)]
+struct ReadView {
+    file: FileBackend,
+    overlay: Mutex<Overlay>,
+}
+
+#[derive(Debug)]
+struct Overlay {
+    /// The length redb set.
+    len: u64,
+    /// Bytes of the file below this offset are visible (it shrinks with `set_len`).
+    visible: u64,
+    /// Blocks written, by index: [`VIEW_BLOCK`] bytes each.
+    blocks: HashMap<u64, Box<[u8]>>,
+}
+
+impl ReadView {
+    fn new(file: FileBackend) -> io::Result<ReadView> {
+        let len = file.len()?;
+        Ok(ReadView { file, overlay: Mutex::new(Overlay { len, visible: len, blocks: HashMap::new() }) })
+    }
+
+    fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
+        self.overlay.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fills `dst` from the file at `pos`; zeros where the file is not visible.
+    fn read_file(&self, visible: u64, pos: u64, dst: &mut [u8]) -> io::Result<()> {
+        let n = visible.saturating_sub(pos).min(dst.len() as u64) as usize;
+        if n > 0 {
+            dst[..n].copy_from_slice(&self.file.read(pos, n)?);
+        }
+        dst[n..].fill(0);
+        Ok(())
+    }
+}
+
+/// `offset + len`, or an error instead of an overflow.
+fn range_end(offset: u64, len: usize) -> io::Result<u64> {
+    offset
+        .checked_add(len as u64)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range overflows"))
+}
+
+impl StorageBackend for ReadView {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.overlay().len)
+    }
+
+    fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let end = range_end(offset, len)?;
+        let o = self.overlay();
+        let mut out = vec![0; len];
+        let at = |pos: u64| (pos - offset) as usize;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / VIEW_BLOCK;
+            let start = block * VIEW_BLOCK;
+            let upto = (start + VIEW_BLOCK).min(end);
+            if let Some(b) = o.blocks.get(&block) {
+                out[at(pos)..at(upto)].copy_from_slice(&b[(pos - start) as usize..(upto - start) as usize]);
+                pos = upto;
+                continue;
+            }
+            // One file read for a stretch of blocks the overlay does not hold.
+            let mut stop = upto;
+            while stop < end && !o.blocks.contains_key(&(stop / VIEW_BLOCK)) {
+                stop = (stop + VIEW_BLOCK).min(end);
+            }
+            self.read_file(o.visible, pos, &mut out[at(pos)..at(stop)])?;
+            pos = stop;
+        }
+        Ok(out)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut o = self.overlay();
+        o.len = len;
+        o.visible = o.visible.min(len);
+        o.blocks.retain(|b, _| b * VIEW_BLOCK < len);
+        if let Some(b) = o.blocks.get_mut(&(len / VIEW_BLOCK)) {
+            b[(len % VIEW_BLOCK) as usize..].fill(0);
+        }
+        Ok(())
+    }
+
+    fn sync_data(&self, _eventual: bool) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = range_end(offset, data.len())?;
+        let mut o = self.overlay();
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / VIEW_BLOCK;
+            let start = block * VIEW_BLOCK;
+            let upto = (start + VIEW_BLOCK).min(end);
+            let visible = o.visible;
+            let b = match o.blocks.entry(block) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let mut fresh = vec![0; VIEW_BLOCK as usize];
+                    self.read_file(visible, start, &mut fresh)?;
+                    e.insert(fresh.into_boxed_slice())
+                }
+            };
+            b[(pos - start) as usize..(upto - start) as usize]
+                .copy_from_slice(&data[(pos - offset) as usize..(upto - offset) as usize]);
+            pos = upto;
+        }
+        o.len = o.len.max(end);
+        Ok(())
+    }
+}
+
+/// The writable database over `file`.
+fn open_writable(file: &File, full: &Arc<AtomicBool>, cache_bytes: usize) -> Result<Database, DatabaseError> {
+    let disk = Disk { file: FileBackend::new(file.try_clone()?)?, full: full.clone() };
+    Database::builder().set_cache_size(cache_bytes).create_with_backend(disk)
+}
+
+/// A read view of `file` (see [`ReadView`]).
+fn open_read_view(file: &File, cache_bytes: usize) -> Result<Database, DatabaseError> {
+    let view = ReadView::new(FileBackend::new(file.try_clone()?)?)?;
+    Database::builder().set_cache_size(cache_bytes).create_with_backend(view)
+}
+
+/// The writer thread's side of the database.
+struct Writer {
+    dir: PathBuf,
+    /// The locked database file; databases are opened over clones of it.
+    file: File,
+    cache_bytes: usize,
+    full: Arc<AtomicBool>,
+    /// What readers use.
+    shared: Shared,
+    /// The writable database; `None` while the disk refuses writes.
+    db: Option<Arc<Database>>,
+    /// Why writes are refused, while they are.
+    down: Option<String>,
+}
+
+impl Writer {
+    /// The writable database, opened again first if a commit failed (and the disk takes
+    /// writes again); or why writes are refused.
+    fn writable(&mut self) -> Result<Arc<Database>, String> {
+        if let Some(db) = &self.db {
+            return Ok(db.clone());
+        }
+        let why = self.down.clone().unwrap_or_default();
+        // Opening after a failed commit repairs the file, which reads all of it: first
+        // learn cheaply whether the disk takes writes again.
+        self.probe().map_err(|e| format!("{why}; the disk still refuses writes: {e}"))?;
+        let db = open_writable(&self.file, &self.full, self.cache_bytes)
+            .map_err(|e| format!("{why}; reopening the database failed: {e}"))?;
+        let db = Arc::new(db);
+        let view = self.shared.write().unwrap_or_else(|p| p.into_inner()).replace(db.clone());
+        // The read view reads the file this database is about to write: wait until the
+        // reads still using it are done (new ones use the new database).
+        if let Some(mut view) = view {
+            loop {
+                match Arc::try_unwrap(view) {
+                    Ok(view) => break drop(view),
+                    Err(still) => view = still,
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        tracing::info!("the disk takes writes again; storage accepts writes");
+        self.down = None;
+        self.db = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Whether the disk takes a small write and sync.
+    fn probe(&self) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(no_space());
+        }
+        let path = self.dir.join(PROBE_FILE);
+        let written = File::create(&path).and_then(|mut f| {
+            f.write_all(&[0; PROBE_BYTES])?;
+            f.sync_data()
+        });
+        let removed = std::fs::remove_file(&path);
+        written.and(removed)
+    }
+
+    /// A commit failed and left the database unusable: refuse writes, and move readers
+    /// to a read view of the last committed state.
+    fn break_down(&mut self, why: String) {
+        tracing::error!(error = %why, "a commit failed; writes are refused until the disk takes them again, reads continue");
+        self.db = None;
+        self.down = Some(why);
+        match open_read_view(&self.file, self.cache_bytes) {
+            // The failed database is dropped once its last reader is done (it does no
+            // more I/O: redb refuses all of it after a failed commit).
+            Ok(view) => drop(self.shared.write().unwrap_or_else(|p| p.into_inner()).replace(Arc::new(view))),
+            Err(e) => tracing::error!(error = %e, "cannot open the database for reading either"),
+        }
+    }
+}
+
+/// Whether `db` still takes transactions (redb refuses all of them after an I/O error).
+fn usable(db: &Database) -> bool {
+    db.begin_write().is_ok()
+}
+
+fn writer_loop(mut writer: Writer, mut rx: mpsc::Receiver<Command>, max_batch: usize, stats: Arc<Stats>) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = Vec::new();
         let mut close = None;
@@ -606,7 +923,7 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Command>, max_batch: us
                 next = rx.try_recv().ok();
             }
         }
-        commit_batch(&db, batch, &stats);
+        commit_batch(&mut writer, batch, &stats);
         stats.batches.send_modify(|n| *n += 1);
         if let Some(done) = close {
             let _ = done.send(());
@@ -615,7 +932,7 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Command>, max_batch: us
     }
 }
 
-fn commit_batch(db: &Database, batch: Vec<WriteRequest>, stats: &Stats) {
+fn commit_batch(writer: &mut Writer, batch: Vec<WriteRequest>, stats: &Stats) {
     if batch.iter().all(|r| r.ops.is_empty()) {
         // Only flush barriers: everything before them is already committed.
         for req in batch {
@@ -623,8 +940,17 @@ fn commit_batch(db: &Database, batch: Vec<WriteRequest>, stats: &Stats) {
         }
         return;
     }
+    let db = match writer.writable() {
+        Ok(db) => db,
+        Err(why) => {
+            for req in batch {
+                req.complete(Err(StorageError::Unavailable(why.clone())));
+            }
+            return;
+        }
+    };
     let n = batch.len() as u64;
-    match apply(db, batch.iter().flat_map(|r| r.ops.iter())) {
+    match apply(&db, batch.iter().flat_map(|r| r.ops.iter())) {
         Ok(()) => {
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats.writes.fetch_add(n, Ordering::Relaxed);
@@ -632,19 +958,38 @@ fn commit_batch(db: &Database, batch: Vec<WriteRequest>, stats: &Stats) {
                 req.complete(Ok(()));
             }
         }
-        Err(e) if batch.len() == 1 => {
-            if let Some(req) = batch.into_iter().next() {
-                req.complete(Err(e));
+        Err(failed) if failed.commit || !usable(&db) => {
+            let why = failed.error.to_string();
+            writer.break_down(why.clone());
+            for req in batch {
+                req.complete(Err(StorageError::Unavailable(why.clone())));
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, requests = n, "group commit failed; retrying one by one");
+        Err(failed) if batch.len() == 1 => {
+            if let Some(req) = batch.into_iter().next() {
+                req.complete(Err(failed.error));
+            }
+        }
+        Err(failed) => {
+            tracing::warn!(error = %failed.error, requests = n, "group commit failed; retrying one by one");
             for req in batch {
-                let result = apply(db, req.ops.iter());
-                if result.is_ok() {
-                    stats.commits.fetch_add(1, Ordering::Relaxed);
-                    stats.writes.fetch_add(1, Ordering::Relaxed);
+                if let Some(why) = &writer.down {
+                    req.complete(Err(StorageError::Unavailable(why.clone())));
+                    continue;
                 }
+                let result = match apply(&db, req.ops.iter()) {
+                    Ok(()) => {
+                        stats.commits.fetch_add(1, Ordering::Relaxed);
+                        stats.writes.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Err(failed) if failed.commit || !usable(&db) => {
+                        let why = failed.error.to_string();
+                        writer.break_down(why.clone());
+                        Err(StorageError::Unavailable(why))
+                    }
+                    Err(failed) => Err(failed.error),
+                };
                 req.complete(result);
             }
         }
@@ -692,8 +1037,21 @@ fn split_run(mut bytes: &[u8]) -> Option<Vec<&[u8]>> {
     Some(out)
 }
 
+/// Why [`apply`] failed.
+struct ApplyError {
+    error: StorageError,
+    /// The commit itself failed: redb refuses the database until it is opened again.
+    commit: bool,
+}
+
+impl From<StorageError> for ApplyError {
+    fn from(error: StorageError) -> Self {
+        ApplyError { error, commit: false }
+    }
+}
+
 /// One durable transaction with all of `ops`; dropped (aborted) on any error.
-fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Result<(), StorageError> {
+fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Result<(), ApplyError> {
     let mut txn = db.begin_write().map_err(engine)?;
     txn.set_durability(Durability::Immediate);
     {
@@ -761,7 +1119,7 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Result<()
             put(&mut runs_t, doc, run)?;
         }
     }
-    txn.commit().map_err(engine)
+    txn.commit().map_err(|e| ApplyError { error: engine(e), commit: true })
 }
 
 #[cfg(test)]
@@ -998,6 +1356,52 @@ mod tests {
         assert!(matches!(s.put_meta("k", vec![]).await, Err(StorageError::Closed)));
         assert!(matches!(s.get_meta("k").await, Err(StorageError::Closed)));
         s.close().await; // idempotent
+    }
+
+    #[tokio::test]
+    async fn a_disk_that_refuses_writes_fails_them_keeps_reads_and_recovers_without_reopen() {
+        let dir = TempDir::new("full");
+        let s = Storage::open(&dir.0).unwrap();
+        // A snapshot on pages of its own, which the writes below never touch.
+        let snapshot: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        s.put_snapshot("cold", snapshot.clone(), None).await.unwrap();
+        s.write(vec![delta("cold", 1), delta("cold", 2)]).await.unwrap();
+        s.close().await;
+        drop(s);
+
+        // A fresh handle: nothing of "cold" is cached, reads go to the file. (redb
+        // refuses reads of uncached pages after a failed commit: the read view serves
+        // them.)
+        let s = Storage::open(&dir.0).unwrap();
+        s.write(vec![delta("hot", 1)]).await.unwrap();
+        s.fail_writes(true);
+        let err = s.write(vec![delta("hot", 2)]).await.unwrap_err();
+        assert!(matches!(err, StorageError::Unavailable(_)), "{err}");
+        let cold = s.load_doc("cold").await.unwrap();
+        assert_eq!((cold.snapshot.as_ref(), cold.deltas), (Some(&snapshot), expected("cold", [1, 2])));
+        assert_eq!(s.load_doc("hot").await.unwrap().deltas, expected("hot", [1]));
+        assert_eq!(s.list_docs().await.unwrap(), vec!["cold", "hot"]);
+        // Several writers in one batch: all refused, none half-written.
+        let (a, b) = tokio::join!(s.write(vec![delta("hot", 3)]), s.write(vec![delta("other", 1)]));
+        assert!(
+            matches!(a, Err(StorageError::Unavailable(_))) && matches!(b, Err(StorageError::Unavailable(_)))
+        );
+        let commits = s.commits();
+
+        s.fail_writes(false);
+        s.write(vec![delta("hot", 4)]).await.unwrap();
+        assert_eq!(s.commits(), commits + 1);
+        assert_eq!(s.load_doc("hot").await.unwrap().deltas, expected("hot", [1, 4]));
+        assert_eq!(s.load_doc("cold").await.unwrap().deltas, expected("cold", [1, 2]));
+        assert!(!dir.0.join(PROBE_FILE).exists(), "the probe file is removed");
+        s.close().await;
+        drop(s);
+
+        let s = Storage::open(&dir.0).unwrap();
+        assert_eq!(s.load_doc("hot").await.unwrap().deltas, expected("hot", [1, 4]));
+        assert_eq!(s.load_doc("cold").await.unwrap().snapshot, Some(snapshot));
+        assert_eq!(s.list_docs().await.unwrap(), vec!["cold", "hot"]);
+        s.close().await;
     }
 
     #[tokio::test]
