@@ -34,7 +34,7 @@ use crate::auth::{Access, AuthError, Claims, Keyring, VerifyKey};
 use crate::cluster::ClusterView;
 use crate::handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendError};
 use crate::metrics::Metrics;
-use crate::storage::{Storage, StorageError, WriteOp};
+use crate::storage::{Storage, StorageError, WriteOp, WriteSlot};
 
 /// Deltas written per document before a snapshot replaces them.
 const SNAPSHOT_EVERY: u64 = 512;
@@ -93,6 +93,10 @@ pub(crate) struct DocEntry {
     next_seq: u64,
     since_snapshot: u64,
     inflight: u64,
+    /// A write of this document failed: memory holds dots the disk may lack, and that
+    /// were never acknowledged. Its next write is a snapshot of the whole document (see
+    /// [`Node::snapshot_write`]), which makes them durable; until then it stays loaded.
+    unsaved: bool,
     /// Connections that resent deltas already applied but not yet durable, with their
     /// dots: acked once those are durable (or, failing that, when no write is in flight).
     ack_waiters: Vec<(u64, Vec<Span>)>,
@@ -189,11 +193,13 @@ struct Pending {
 
 /// One frame's writes, queued for storage as one atomic request.
 struct Commit {
-    conn: u64,
+    /// The writer; `None` for the node's own retry of a failed write (see
+    /// [`Node::persist_unsaved`]), acked to the document's subscribers instead.
+    conn: Option<u64>,
     /// Their `ops` already went to storage.
     pending: Vec<Pending>,
     /// The connection's place for an uncommitted frame, given back once processed.
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// What the storage writer reports to the completion task, in commit order.
@@ -290,9 +296,9 @@ impl Node {
         SessionConfig { max_frame: self.inner.options.max_frame, ..SessionConfig::default() }
     }
 
-    /// Runs `tick` on every session once a second, expires writes that missed their
-    /// quorum, and (in a cluster) hands off hints and runs anti-entropy, until
-    /// `shutdown` resolves.
+    /// Runs `tick` on every session and writes again documents whose writes failed once
+    /// a second, expires writes that missed their quorum, and (in a cluster) hands off
+    /// hints and runs anti-entropy, until `shutdown` resolves.
     pub async fn run_ticker(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut every = tokio::time::interval(Duration::from_millis(250));
@@ -304,13 +310,16 @@ impl Node {
                     n += 1;
                     self.expire_writes();
                     if n.is_multiple_of(4) {
-                        let mut st = self.lock();
-                        let State { docs, conns, .. } = &mut *st;
-                        for c in conns.values_mut() {
-                            for m in c.session.tick(&mut Docs { docs }) {
-                                self.send(&c.out, &m);
+                        {
+                            let mut st = self.lock();
+                            let State { docs, conns, .. } = &mut *st;
+                            for c in conns.values_mut() {
+                                for m in c.session.tick(&mut Docs { docs }) {
+                                    self.send(&c.out, &m);
+                                }
                             }
                         }
+                        self.persist_unsaved().await;
                     }
                     if self.inner.cluster.is_some() {
                         crate::cluster::tick(&self, n).await;
@@ -387,6 +396,7 @@ impl Node {
             next_seq,
             since_snapshot: stored.deltas.len() as u64,
             inflight: 0,
+            unsaved: false,
             ack_waiters: Vec::new(),
             members: BTreeSet::new(),
             last_used: clock,
@@ -402,7 +412,8 @@ impl Node {
         let mut idle: Vec<(u64, String)> = st
             .docs
             .iter()
-            .filter(|(_, e)| e.members.is_empty() && e.inflight == 0 && e.waiting.is_empty())
+            // An unsaved document holds the only copy of writes that failed on disk.
+            .filter(|(_, e)| e.members.is_empty() && e.inflight == 0 && e.waiting.is_empty() && !e.unsaved)
             .map(|(k, e)| (e.last_used, k.clone()))
             .collect();
         idle.sort();
@@ -597,15 +608,16 @@ impl Node {
                         e.next_seq += 1;
                     }
                     e.since_snapshot += deltas.len() as u64;
-                    if e.since_snapshot >= SNAPSHOT_EVERY {
-                        // The snapshot holds this frame's deltas too: write it instead.
+                    let mut absorb = None;
+                    if e.since_snapshot >= SNAPSHOT_EVERY || e.unsaved {
+                        // The snapshot holds this frame's deltas too — and after a failed
+                        // write, the deltas the disk lacks: write it instead. Were they
+                        // written as deltas, the failed ones would leave a gap that keeps
+                        // every later dot of their writer from counting as durable.
+                        let (op, vv) = Self::snapshot_write(&doc, e);
                         ops.clear();
-                        ops.push(WriteOp::PutSnapshot {
-                            doc: doc.clone(),
-                            bytes: e.doc.encode(),
-                            truncate_through: Some(e.next_seq - 1),
-                        });
-                        e.since_snapshot = 0;
+                        ops.push(op);
+                        absorb = Some(vv);
                     }
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     e.inflight += 1;
@@ -616,13 +628,7 @@ impl Node {
                         // went down: a fallback takes its place).
                         follow.push(doc.clone());
                     }
-                    pending.push(Pending {
-                        doc: doc.clone(),
-                        ops,
-                        dots,
-                        absorb: None,
-                        ack_local: !coordinator,
-                    });
+                    pending.push(Pending { doc: doc.clone(), ops, dots, absorb, ack_local: !coordinator });
                     // Fan out at once; the ack waits for durability.
                     let members: Vec<u64> = e.members.iter().copied().filter(|m| *m != id).collect();
                     for m in members {
@@ -637,14 +643,9 @@ impl Node {
                     applied_any = true;
                     let Some(e) = docs.get_mut(&doc) else { continue };
                     e.inflight += 1;
-                    e.since_snapshot = 0;
-                    let mut ops = vec![WriteOp::PutSnapshot {
-                        doc: doc.clone(),
-                        bytes: e.doc.encode(),
-                        truncate_through: Some(e.next_seq - 1),
-                    }];
+                    let (op, vv) = Self::snapshot_write(&doc, e);
+                    let mut ops = vec![op];
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
-                    let vv = e.doc.version().clone();
                     pending.push(Pending { doc, ops, dots: Vec::new(), absorb: Some(vv), ack_local: true });
                 }
                 Event::Acked { doc, vv } => {
@@ -710,10 +711,20 @@ impl Node {
                     if missing.is_empty() {
                         self.send(&c.out, &c.session.ack(&doc, &e.quorum.vv));
                     }
-                } else if e.inflight == 0 || dots.iter().all(|d| e.durable.contains_span(*d)) {
+                } else if dots.iter().all(|d| e.durable.contains_span(*d)) {
                     self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
-                } else {
+                } else if e.inflight > 0 {
                     e.ack_waiters.push((id, dots));
+                } else if e.unsaved {
+                    // Their write failed on disk (memory has them, so nothing is new):
+                    // write the whole document again; the ack or the error follows.
+                    e.inflight += 1;
+                    let (op, vv) = Self::snapshot_write(&doc, e);
+                    let mut ops = vec![op];
+                    self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
+                    pending.push(Pending { doc, ops, dots: Vec::new(), absorb: Some(vv), ack_local: true });
+                } else {
+                    self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
                 }
             }
         }
@@ -878,15 +889,7 @@ impl Node {
         let r = self.process(conn.id, &mut c, msg, &mut st, clock, &mut pending, &mut follow);
         st.conns.insert(conn.id, c);
         if !pending.is_empty() {
-            let mut ops = std::mem::take(&mut pending[0].ops);
-            for p in &mut pending[1..] {
-                ops.append(&mut p.ops);
-            }
-            let report = self.inner.durable.clone();
-            let commit = Commit { conn: conn.id, pending, _permit: permit };
-            slot.submit(ops, move |ops, result| {
-                report.lock().unwrap_or_else(|p| p.into_inner()).push(Durable::Commit(commit, ops, result));
-            });
+            self.submit(slot, Commit { conn: Some(conn.id), pending, _permit: Some(permit) });
         }
         r?;
         for doc in follow {
@@ -894,6 +897,56 @@ impl Node {
         }
         Self::evict(&mut st, self.inner.options.doc_cache_capacity);
         Ok(())
+    }
+
+    /// Queues the writes of `commit` in `slot`, as one atomic request reported to
+    /// [`Node::on_durable`].
+    fn submit(&self, slot: WriteSlot, mut commit: Commit) {
+        let mut ops = Vec::new();
+        for p in &mut commit.pending {
+            ops.append(&mut p.ops);
+        }
+        let report = self.inner.durable.clone();
+        slot.submit(ops, move |ops, result| {
+            report.lock().unwrap_or_else(|p| p.into_inner()).push(Durable::Commit(commit, ops, result));
+        });
+    }
+
+    /// A write of all of `doc`, superseding its delta log, and the version it makes
+    /// durable: everything in memory (deltas whose write failed included).
+    fn snapshot_write(doc: &str, e: &mut DocEntry) -> (WriteOp, VersionVector) {
+        e.since_snapshot = 0;
+        e.unsaved = false;
+        let op = WriteOp::PutSnapshot {
+            doc: doc.to_owned(),
+            bytes: e.doc.encode(),
+            truncate_through: Some(e.next_seq - 1),
+        };
+        (op, e.doc.version().clone())
+    }
+
+    /// Writes again, as snapshots, the documents whose writes failed and that nothing
+    /// else is writing, so that once the disk takes writes again they are durable and
+    /// acknowledged to the documents' subscribers without waiting for a resend (a
+    /// browser does not resend what the relay already has in memory).
+    async fn persist_unsaved(&self) {
+        let ids: Vec<String> = {
+            let st = self.lock();
+            st.docs.iter().filter(|(_, e)| e.unsaved && e.inflight == 0).map(|(k, _)| k.clone()).collect()
+        };
+        for id in ids {
+            let Ok(slot) = self.inner.storage.reserve().await else { return };
+            let mut st = self.lock();
+            let Some(e) = st.docs.get_mut(&id).filter(|e| e.unsaved && e.inflight == 0) else { continue };
+            e.inflight += 1;
+            let (op, vv) = Self::snapshot_write(&id, e);
+            // Standalone, the subscribers are acked; in a cluster, waiting writes count
+            // this node's durability toward their quorum.
+            let ack_local = self.inner.cluster.is_none();
+            let pending =
+                vec![Pending { doc: id, ops: vec![op], dots: Vec::new(), absorb: Some(vv), ack_local }];
+            self.submit(slot, Commit { conn: None, pending, _permit: None });
+        }
     }
 
     /// Resolves once every write queued before the call is durable and its acks are
@@ -959,27 +1012,49 @@ impl Node {
                         } else {
                             self.check_quorum(&p.doc, e, conns, None);
                         }
+                        if p.ack_local {
+                            match commit.conn {
+                                Some(conn) => acks.push((conn, p.doc.clone())),
+                                // The node's own retry: its writers may be any subscriber.
+                                None => acks.extend(
+                                    e.members
+                                        .iter()
+                                        .filter(|m| conns.get(m).is_some_and(|c| c.peer.is_none()))
+                                        .map(|m| (*m, p.doc.clone())),
+                                ),
+                            }
+                        }
                         let vv = self.inner.cluster.is_some().then(|| e.doc.version().clone());
                         self.record_stored(st, &p.doc, vv.as_ref());
-                        if p.ack_local {
-                            acks.push((commit.conn, p.doc));
-                        }
                     }
                     Err(err) => {
-                        tracing::error!(doc = %p.doc, error = %err, "persisting failed");
+                        // Memory has these dots, the disk may not: they are not marked
+                        // durable, and the document's next write (or the node's retry)
+                        // is a snapshot, which makes them so.
+                        e.unsaved = true;
                         if e.inflight == 0 {
                             // Nothing else will make them durable: tell them what is.
                             for (w, _) in std::mem::take(&mut e.ack_waiters) {
                                 acks.push((w, p.doc.clone()));
                             }
                         }
-                        if let Some(c) = conns.get(&commit.conn) {
-                            self.error(
-                                &c.out,
-                                ErrorCode::INTERNAL,
-                                Some(&p.doc),
-                                format!("storage failed: {err}; the write was not acknowledged, retry"),
-                            );
+                        match commit.conn {
+                            Some(conn) => {
+                                tracing::error!(doc = %p.doc, error = %err, "persisting failed");
+                                if let Some(c) = conns.get(&conn) {
+                                    self.error(
+                                        &c.out,
+                                        ErrorCode::INTERNAL,
+                                        Some(&p.doc),
+                                        format!(
+                                            "storage failed: {err}; the write was not acknowledged, retry"
+                                        ),
+                                    );
+                                }
+                            }
+                            // The node's own retry fails each second while the disk is
+                            // full; the storage logged the failure once.
+                            None => tracing::debug!(doc = %p.doc, error = %err, "persisting failed again"),
                         }
                     }
                 }
@@ -1141,7 +1216,7 @@ impl Handler for Node {
             let st = self.lock();
             st.docs
                 .iter()
-                .filter(|(_, e)| e.since_snapshot > 0)
+                .filter(|(_, e)| e.since_snapshot > 0 || e.unsaved)
                 .map(|(k, e)| WriteOp::PutSnapshot {
                     doc: k.clone(),
                     bytes: e.doc.encode(),
