@@ -32,6 +32,8 @@ pub mod node;
 pub mod server;
 mod shutdown;
 pub mod storage;
+#[cfg(test)]
+mod testutil;
 
 pub use config::{Config, Limits, Overrides};
 pub use handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendError};

@@ -113,6 +113,44 @@ pub enum StorageError {
     /// writes again, then are accepted without a restart. Reads continue meanwhile.
     #[error("storage is refusing writes: {0}")]
     Unavailable(String),
+    /// A stored record could not be decoded. What it belongs to is not served; the
+    /// record is left in place for an operator.
+    #[error("stored {record} is unreadable: {reason}")]
+    Corrupt {
+        /// Which record, e.g. `snapshot of "doc-1"`.
+        record: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+/// Why a `delta_runs` value could not be split into its deltas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum RunError {
+    /// A length prefix ends with the value.
+    #[error("the length prefix at byte {0} is cut off")]
+    CutLength(usize),
+    /// A length prefix does not fit in 64 bits.
+    #[error("the length prefix at byte {0} overflows")]
+    LongLength(usize),
+    /// A delta is longer than what follows its length prefix.
+    #[error("the delta at byte {at} claims {len} bytes, {left} follow")]
+    CutDelta {
+        /// Offset of its first byte.
+        at: usize,
+        /// Claimed length.
+        len: u64,
+        /// Bytes left in the value.
+        left: usize,
+    },
+    /// The run holds more deltas than there are sequence numbers up to its key.
+    #[error("{count} deltas cannot end at sequence number {last}")]
+    TooMany {
+        /// Deltas in the run.
+        count: usize,
+        /// Sequence number of its last delta (the key).
+        last: u64,
+    },
 }
 
 fn engine(e: impl Into<redb::Error>) -> StorageError {
@@ -352,7 +390,8 @@ impl Storage {
                 let (k, _) = entry.map_err(engine)?;
                 max = max.max(k.value().2);
             }
-            max + 1
+            // Saturating: a damaged id of u64::MAX must not overflow (ids wrap after it).
+            max.saturating_add(1)
         };
         txn.commit().map_err(engine)?;
 
@@ -541,12 +580,13 @@ impl Storage {
             for entry in txn.open_table(DELTA_RUNS).map_err(engine)?.range(range).map_err(engine)? {
                 let (k, v) = entry.map_err(engine)?;
                 let last = k.value().1;
-                let Some(run) = split_run(v.value()) else {
-                    tracing::error!(doc = %doc, last, "skipping an unreadable run of stored deltas");
-                    continue;
-                };
-                let first = (last + 1).saturating_sub(run.len() as u64);
-                deltas.extend((first..).zip(run.into_iter().map(<[u8]>::to_vec)));
+                // A damaged run is an error, not skipped: the document would be served
+                // without acknowledged writes, and its next snapshot would drop them.
+                let run = run_deltas(last, v.value()).map_err(|e| StorageError::Corrupt {
+                    record: format!("run of deltas ending at {last} of {doc:?}"),
+                    reason: e.to_string(),
+                })?;
+                deltas.extend(run.into_iter().map(|(seq, d)| (seq, d.to_vec())));
             }
             // Rows of both tables, in log order; a seq stored twice counts once.
             deltas.sort_by_key(|(seq, _)| *seq);
@@ -1011,17 +1051,20 @@ fn push_varint(buf: &mut Vec<u8>, mut n: u64) {
     buf.push(n as u8);
 }
 
-/// The deltas of a `delta_runs` value, or `None` if it is malformed.
-fn split_run(mut bytes: &[u8]) -> Option<Vec<&[u8]>> {
+/// The deltas of a `delta_runs` value.
+fn split_run(value: &[u8]) -> Result<Vec<&[u8]>, RunError> {
     let mut out = Vec::new();
+    let mut bytes = value;
     while !bytes.is_empty() {
+        let start = value.len() - bytes.len();
         let mut len: u64 = 0;
         let mut shift = 0;
         loop {
-            let (&b, rest) = bytes.split_first()?;
+            let (&b, rest) = bytes.split_first().ok_or(RunError::CutLength(start))?;
             bytes = rest;
-            if shift > 63 {
-                return None;
+            // Ten bytes carry 64 bits; of the tenth, only the lowest bit fits.
+            if shift > 63 || (shift == 63 && b & 0x7e != 0) {
+                return Err(RunError::LongLength(start));
             }
             len |= u64::from(b & 0x7f) << shift;
             shift += 7;
@@ -1029,12 +1072,29 @@ fn split_run(mut bytes: &[u8]) -> Option<Vec<&[u8]>> {
                 break;
             }
         }
-        let len = usize::try_from(len).ok().filter(|l| *l <= bytes.len())?;
-        let (delta, rest) = bytes.split_at(len);
+        let at = value.len() - bytes.len();
+        let n = usize::try_from(len).ok().filter(|l| *l <= bytes.len()).ok_or(RunError::CutDelta {
+            at,
+            len,
+            left: bytes.len(),
+        })?;
+        let (delta, rest) = bytes.split_at(n);
         out.push(delta);
         bytes = rest;
     }
-    Some(out)
+    Ok(out)
+}
+
+/// The deltas of the `delta_runs` row keyed `last`, with their sequence numbers: a run of
+/// `n` deltas covers `last - n + 1 ..= last`.
+fn run_deltas(last: u64, value: &[u8]) -> Result<Vec<(u64, &[u8])>, RunError> {
+    let run = split_run(value)?;
+    let Some(before) = run.len().checked_sub(1) else { return Ok(Vec::new()) };
+    let first = u64::try_from(before)
+        .ok()
+        .and_then(|b| last.checked_sub(b))
+        .ok_or(RunError::TooMany { count: run.len(), last })?;
+    Ok((first..=last).zip(run).collect())
 }
 
 /// Why [`apply`] failed.
@@ -1125,26 +1185,10 @@ fn apply<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A fresh directory under the system temp dir, removed on drop.
-    pub(crate) struct TempDir(PathBuf);
-    impl TempDir {
-        pub(crate) fn new(tag: &str) -> TempDir {
-            static N: AtomicU64 = AtomicU64::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "concord-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&dir);
-            TempDir(dir)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testutil::{config, disk_config, mutate, mutation, TempDir};
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writers_share_commits_and_survive_reopen() {
@@ -1305,11 +1349,19 @@ mod tests {
             buf.extend_from_slice(d);
         }
         assert_eq!(buf[3..5], [0xac, 0x02], "300 as a varint");
-        assert_eq!(split_run(&buf), Some(vec![&b""[..], b"x", &[7u8; 300]]));
-        assert_eq!(split_run(&[]), Some(vec![]));
-        assert_eq!(split_run(&buf[..buf.len() - 1]), None, "truncated delta");
-        assert_eq!(split_run(&[0x80]), None, "truncated length");
-        assert_eq!(split_run(&[0xff; 11]), None, "overlong length");
+        assert_eq!(split_run(&buf), Ok(vec![&b""[..], b"x", &[7u8; 300]]));
+        assert_eq!(split_run(&[]), Ok(vec![]));
+        let cut = buf.len() - 1;
+        assert_eq!(split_run(&buf[..cut]), Err(RunError::CutDelta { at: 5, len: 300, left: 299 }));
+        assert_eq!(split_run(&[0x80]), Err(RunError::CutLength(0)));
+        assert_eq!(split_run(&[0xff; 11]), Err(RunError::LongLength(0)));
+        assert_eq!(
+            split_run(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x02]),
+            Err(RunError::LongLength(0))
+        );
+        assert_eq!(run_deltas(9, &buf), Ok(vec![(7, &b""[..]), (8, &b"x"[..]), (9, &[7u8; 300][..])]));
+        assert_eq!(run_deltas(1, &buf), Err(RunError::TooMany { count: 3, last: 1 }));
+        assert_eq!(run_deltas(u64::MAX, &[]), Ok(vec![]));
     }
 
     #[tokio::test]
@@ -1402,6 +1454,218 @@ mod tests {
         assert_eq!(s.load_doc("cold").await.unwrap().snapshot, Some(snapshot));
         assert_eq!(s.list_docs().await.unwrap(), vec!["cold", "hot"]);
         s.close().await;
+    }
+
+    // ---- randomized: every stored record decodes or is refused with a typed error ----
+
+    /// Encodes `deltas` as one `delta_runs` value.
+    fn encode_run(deltas: &[Vec<u8>]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for d in deltas {
+            push_varint(&mut buf, d.len() as u64);
+            buf.extend_from_slice(d);
+        }
+        buf
+    }
+
+    /// What [`run_deltas`] must make of any `value`: deltas that tile it (each after a
+    /// length prefix of one to ten bytes, the last ending with it) numbered up to `last`,
+    /// or an error that says truly where and why.
+    fn check_run(last: u64, value: &[u8]) -> Result<(), TestCaseError> {
+        match run_deltas(last, value) {
+            Ok(run) => {
+                prop_assert_eq!(split_run(value).map(|r| r.len()), Ok(run.len()));
+                let mut end = 0;
+                for (i, (seq, d)) in run.iter().enumerate() {
+                    prop_assert_eq!(*seq, last - (run.len() - 1 - i) as u64);
+                    let start = d.as_ptr() as usize - value.as_ptr() as usize;
+                    prop_assert!((end + 1..=end + 10).contains(&start), "prefix of {} bytes", start - end);
+                    end = start + d.len();
+                }
+                prop_assert_eq!(end, value.len());
+            }
+            Err(RunError::CutLength(at)) => {
+                prop_assert!(value.len() - at <= 9 && value[at..].iter().all(|b| b & 0x80 != 0));
+            }
+            Err(RunError::LongLength(at)) => prop_assert!(value.len() - at >= 10),
+            Err(RunError::CutDelta { at, len, left }) => {
+                prop_assert!(at + left == value.len() && len > left as u64);
+            }
+            Err(RunError::TooMany { count, last: l }) => prop_assert!(l == last && (count - 1) as u64 > last),
+        }
+        Ok(())
+    }
+
+    fn any_seq() -> impl Strategy<Value = u64> {
+        prop_oneof![0u64..8, Just(u64::MAX), Just(u64::MAX - 1), any::<u64>()]
+    }
+
+    /// Bytes rich in varint continuation bits and small lengths.
+    fn run_bytes() -> impl Strategy<Value = Vec<u8>> {
+        vec(prop_oneof![any::<u8>(), 0x80u8..=0xff, 0u8..4], 0..64)
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_bytes_split_into_deltas_or_a_typed_error(last in any_seq(), value in run_bytes()) {
+            check_run(last, &value)?;
+        }
+
+        #[test]
+        fn damaged_runs_split_into_deltas_or_a_typed_error(
+            deltas in vec(vec(any::<u8>(), 0..300), 0..5),
+            extra in 0u64..4,
+            mutations in vec(mutation(), 1..4),
+        ) {
+            let mut value = encode_run(&deltas);
+            let last = deltas.len() as u64 + extra;
+            let whole = run_deltas(last, &value).map(|r| r.into_iter().map(|(_, d)| d.to_vec()).collect::<Vec<_>>());
+            prop_assert_eq!(whole, Ok(deltas));
+            for m in &mutations {
+                mutate(&mut value, m);
+            }
+            check_run(last, &value)?;
+            check_run(0, &value)?;
+        }
+    }
+
+    /// Rows of one document as a damaged disk may hold them.
+    #[derive(Debug, Clone)]
+    struct Rows {
+        snapshot: Option<Vec<u8>>,
+        /// Rows of the one-delta-per-row table.
+        single: Vec<(u64, Vec<u8>)>,
+        /// `delta_runs` rows: key, value.
+        runs: Vec<(u64, Vec<u8>)>,
+    }
+
+    fn rows_strategy() -> impl Strategy<Value = Rows> {
+        let run = (0u64..40, vec(vec(any::<u8>(), 0..20), 0..4), vec(mutation(), 0..2)).prop_map(
+            |(last, deltas, mutations)| {
+                let mut value = encode_run(&deltas);
+                for m in &mutations {
+                    mutate(&mut value, m);
+                }
+                (last, value)
+            },
+        );
+        let seq = prop_oneof![0u64..40, any_seq()];
+        (
+            prop::option::of(vec(any::<u8>(), 0..64)),
+            vec((seq.clone(), vec(any::<u8>(), 0..8)), 0..4),
+            vec(prop_oneof![run, (seq, run_bytes())], 0..4),
+        )
+            .prop_map(|(snapshot, single, runs)| Rows { snapshot, single, runs })
+    }
+
+    /// What `load_doc` must return for `rows`, by the format's definition.
+    fn model(doc: &str, rows: &Rows) -> Result<StoredDoc, String> {
+        let single: BTreeMap<u64, Vec<u8>> = rows.single.iter().cloned().collect();
+        let runs: BTreeMap<u64, Vec<u8>> = rows.runs.iter().cloned().collect();
+        let mut deltas: Vec<(u64, Vec<u8>)> = single.into_iter().collect();
+        for (last, value) in &runs {
+            match run_deltas(*last, value) {
+                Ok(run) => deltas.extend(run.into_iter().map(|(q, d)| (q, d.to_vec()))),
+                Err(e) => {
+                    return Err(format!(
+                        "stored run of deltas ending at {last} of {doc:?} is unreadable: {e}"
+                    ))
+                }
+            }
+        }
+        // A seq in both tables: the one-delta row wins (it sorts first, stably).
+        deltas.sort_by_key(|(q, _)| *q);
+        deltas.dedup_by_key(|(q, _)| *q);
+        Ok(StoredDoc { snapshot: rows.snapshot.clone(), deltas })
+    }
+
+    /// Damaged rows written straight into a real database: `load_doc` returns exactly
+    /// what they hold, or `Corrupt` naming the damaged run — never panics, never skips.
+    #[test]
+    fn stored_rows_load_as_written_or_fail_as_corrupt() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let dir = TempDir::new("rows");
+        let s = Storage::open(&dir.0).unwrap();
+        let db = s.inner.db.read().unwrap().clone().unwrap();
+        let n = AtomicU64::new(0);
+        let mut runner = proptest::test_runner::TestRunner::new(config());
+        runner
+            .run(&rows_strategy(), |rows| {
+                let doc = format!("doc-{}", n.fetch_add(1, Ordering::Relaxed));
+                let mut txn = db.begin_write().unwrap();
+                // Visible to readers at once; syncing thousands of cases is not the point.
+                txn.set_durability(Durability::None);
+                {
+                    if let Some(b) = &rows.snapshot {
+                        txn.open_table(DOCUMENTS).unwrap().insert(doc.as_str(), b.as_slice()).unwrap();
+                    }
+                    let mut t = txn.open_table(DELTAS).unwrap();
+                    for (seq, b) in &rows.single {
+                        t.insert((doc.as_str(), *seq), b.as_slice()).unwrap();
+                    }
+                    let mut t = txn.open_table(DELTA_RUNS).unwrap();
+                    for (last, b) in &rows.runs {
+                        t.insert((doc.as_str(), *last), b.as_slice()).unwrap();
+                    }
+                }
+                txn.commit().unwrap();
+                match (rt.block_on(s.load_doc(doc.as_str())), model(&doc, &rows)) {
+                    (Ok(got), Ok(want)) => prop_assert_eq!(got, want),
+                    (Err(e @ StorageError::Corrupt { .. }), Err(want)) => {
+                        prop_assert_eq!(e.to_string(), want)
+                    }
+                    (got, want) => prop_assert!(false, "got {:?}, want {:?}", got, want),
+                }
+                Ok(())
+            })
+            .unwrap();
+        drop(db);
+        rt.block_on(s.close());
+    }
+
+    proptest! {
+        #![proptest_config(disk_config())]
+
+        /// Hint records of any keys survive a reopen: each target gets exactly its own
+        /// hints, and hint ids never repeat — not even after a damaged id of `u64::MAX`
+        /// (it once overflowed on open).
+        #[test]
+        fn hint_records_of_any_keys_round_trip_and_ids_do_not_overflow(
+            hints in vec((prop_oneof!["", "[ab]{1,3}", any::<String>()], any::<String>(), any_seq(), vec(any::<u8>(), 0..8)), 0..8),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let dir = TempDir::new("hint-keys");
+            let want: BTreeMap<(String, String, u64), Vec<u8>> =
+                hints.iter().map(|(t, d, id, b)| ((t.clone(), d.clone(), *id), b.clone())).collect();
+            let (targets, got, next) = rt.block_on(async {
+                let s = Storage::open(&dir.0).unwrap();
+                let ops = hints
+                    .iter()
+                    .map(|(t, d, id, b)| WriteOp::PutHint { target: t.clone(), doc: d.clone(), id: *id, bytes: b.clone() })
+                    .collect();
+                s.write(ops).await.unwrap();
+                s.close().await;
+                drop(s);
+                let s = Storage::open(&dir.0).unwrap();
+                let targets = s.hint_targets().await.unwrap();
+                let mut got = BTreeMap::new();
+                for t in &targets {
+                    for h in s.hints_for(t.as_str()).await.unwrap() {
+                        got.insert((t.clone(), h.doc, h.id), h.bytes);
+                    }
+                }
+                let next = s.next_hint_id();
+                s.close().await;
+                (targets, got, next)
+            });
+            let want_targets: BTreeSet<String> = want.keys().map(|(t, _, _)| t.clone()).collect();
+            prop_assert_eq!(targets, want_targets.into_iter().collect::<Vec<_>>());
+            let max = want.keys().map(|(_, _, id)| *id).max().unwrap_or(0);
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(next, max.saturating_add(1));
+        }
     }
 
     #[tokio::test]
