@@ -34,7 +34,7 @@ use crate::auth::{Access, AuthError, Claims, Keyring, VerifyKey};
 use crate::cluster::ClusterView;
 use crate::handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendError};
 use crate::metrics::Metrics;
-use crate::storage::{Storage, StorageError, WriteOp, WriteSlot};
+use crate::storage::{Storage, StorageError, StoredDoc, WriteOp, WriteSlot};
 
 /// Deltas written per document before a snapshot replaces them.
 const SNAPSHOT_EVERY: u64 = 512;
@@ -233,11 +233,17 @@ impl Node {
         options: NodeOptions,
         cluster: Option<ClusterView>,
     ) -> Result<Node, StorageError> {
-        let replica = match storage.get_meta("replica_id").await? {
-            Some(b) if b.len() == 8 => ReplicaId(u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))),
-            _ => {
+        let stored = storage.get_meta(REPLICA_ID_KEY).await?;
+        let replica = match stored.as_deref().map(decode_replica_id) {
+            Some(Ok(id)) => id,
+            found => {
+                if let Some(Err(e)) = found {
+                    // A fresh id is always safe (no dot of it exists anywhere); the
+                    // damaged one cannot be reused anyway.
+                    tracing::error!(error = %e, "taking a new replica id");
+                }
                 let id = ReplicaId(random_u64());
-                storage.put_meta("replica_id", id.0.to_le_bytes().to_vec()).await?;
+                storage.put_meta(REPLICA_ID_KEY, id.0.to_le_bytes().to_vec()).await?;
                 id
             }
         };
@@ -272,7 +278,12 @@ impl Node {
         if node.inner.cluster.is_some() {
             let ids: Vec<String> = node.lock().stored.iter().cloned().collect();
             for id in ids {
-                node.ensure_loaded(&id).await?;
+                match node.ensure_loaded(&id).await {
+                    // Logged; the document is refused to whoever asks for it, the others
+                    // are served.
+                    Err(StorageError::Corrupt { .. }) => continue,
+                    r => r?,
+                }
                 let mut st = node.lock();
                 let vv = st.docs.get(&id).map(|e| e.doc.version().clone()).unwrap_or_default();
                 node.record_stored(&mut st, &id, Some(&vv));
@@ -359,28 +370,19 @@ impl Node {
         if self.lock().docs.contains_key(doc_id) {
             return Ok(());
         }
-        let stored = self.inner.storage.load_doc(doc_id).await?;
-        let cfg = self.inner.options.doc_config;
-        let mut doc = match stored.snapshot.as_deref().map(|b| Document::decode(b, cfg)) {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                tracing::error!(doc = doc_id, error = %e, "stored snapshot is unreadable; starting from its deltas");
-                Document::with_config(self.inner.replica, cfg)
-            }
-            None => Document::with_config(self.inner.replica, cfg),
+        let decoded = match self.inner.storage.load_doc(doc_id).await {
+            Ok(stored) => decode_stored(doc_id, &stored, self.inner.replica, self.inner.options.doc_config),
+            Err(e) => Err(e),
         };
-        let mut next_seq = 1;
-        for (seq, bytes) in &stored.deltas {
-            next_seq = seq + 1;
-            match Delta::decode(bytes) {
-                Ok(d) => {
-                    let _ = doc.apply(d);
+        let (doc, next_seq, since_snapshot) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                if matches!(e, StorageError::Corrupt { .. }) {
+                    tracing::error!(doc = doc_id, error = %e, "a stored document is unreadable; it is not served");
                 }
-                Err(e) => {
-                    tracing::error!(doc = doc_id, seq, error = %e, "skipping an unreadable stored delta")
-                }
+                return Err(e);
             }
-        }
+        };
         let durable = CausalContext { vv: doc.version().clone(), cloud: Default::default() };
         let mut st = self.lock();
         st.clock += 1;
@@ -394,7 +396,7 @@ impl Node {
             peer_acks: HashMap::new(),
             waiting: Vec::new(),
             next_seq,
-            since_snapshot: stored.deltas.len() as u64,
+            since_snapshot,
             inflight: 0,
             unsaved: false,
             ack_waiters: Vec::new(),
@@ -854,12 +856,13 @@ impl Node {
         if let Some(doc) = msg.doc() {
             if !matches!(msg, Msg::Error(_)) {
                 if let Err(e) = self.ensure_loaded(doc).await {
-                    self.error(
-                        &conn.out,
-                        ErrorCode::INTERNAL,
-                        Some(doc),
-                        format!("storage failed: {e}; retry later"),
-                    );
+                    let message = match e {
+                        StorageError::Corrupt { .. } => {
+                            format!("{e}; this relay does not serve the document until it is repaired")
+                        }
+                        _ => format!("storage failed: {e}; retry later"),
+                    };
+                    self.error(&conn.out, ErrorCode::INTERNAL, Some(doc), message);
                     return Ok(());
                 }
             }
@@ -1233,6 +1236,56 @@ impl Handler for Node {
     }
 }
 
+/// Meta key of this node's replica id (8 bytes, little-endian).
+const REPLICA_ID_KEY: &str = "replica_id";
+/// Highest sequence number a stored delta may have: logs count up from 1, one per delta,
+/// so anything near `u64::MAX` is damage (and would overflow the next write's number).
+const MAX_STORED_SEQ: u64 = u64::MAX / 2;
+
+/// The replica id stored under [`REPLICA_ID_KEY`].
+pub(crate) fn decode_replica_id(bytes: &[u8]) -> Result<ReplicaId, StorageError> {
+    let bytes: [u8; 8] = bytes.try_into().map_err(|_| StorageError::Corrupt {
+        record: format!("meta {REPLICA_ID_KEY}"),
+        reason: format!("{} bytes, not 8", bytes.len()),
+    })?;
+    Ok(ReplicaId(u64::from_le_bytes(bytes)))
+}
+
+/// Rebuilds document `doc_id` from what storage holds for it: the document, the sequence
+/// number of its next delta, and the deltas stored since its snapshot.
+///
+/// An unreadable record is an error, not skipped: serving the rest would present a state
+/// without writes that were acknowledged, and the next snapshot would overwrite the
+/// damaged record for good (as it would a snapshot written by a newer version).
+pub(crate) fn decode_stored(
+    doc_id: &str,
+    stored: &StoredDoc,
+    replica: ReplicaId,
+    cfg: DocConfig,
+) -> Result<(Document, u64, u64), StorageError> {
+    let corrupt = |record: String, reason: String| StorageError::Corrupt { record, reason };
+    let mut doc = match &stored.snapshot {
+        Some(b) => {
+            Document::decode(b, cfg).map_err(|e| corrupt(format!("snapshot of {doc_id:?}"), e.to_string()))?
+        }
+        None => Document::with_config(replica, cfg),
+    };
+    let mut next_seq = 1;
+    for (seq, bytes) in &stored.deltas {
+        let record = || format!("delta {seq} of {doc_id:?}");
+        if *seq > MAX_STORED_SEQ {
+            return Err(corrupt(record(), "sequence number out of range".into()));
+        }
+        let delta = Delta::decode(bytes).map_err(|e| corrupt(record(), e.to_string()))?;
+        // A delta the snapshot already holds (runs are kept whole across a snapshot) is a
+        // duplicate, one ahead of its causal past is buffered: both `Ok`. It applied when
+        // it arrived, so a refusal now means damage.
+        doc.apply(delta).map_err(|e| corrupt(record(), e.to_string()))?;
+        next_seq = seq + 1;
+    }
+    Ok((doc, next_seq, stored.deltas.len() as u64))
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -1247,4 +1300,269 @@ pub fn random_u64() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{config, disk_config, mutate, mutation, TempDir};
+    use concord_core::Value;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    const RELAY: ReplicaId = ReplicaId(0x5E1A);
+    const CFG: DocConfig = DocConfig { log_capacity: 8, pending_capacity: 8 };
+
+    /// Deltas of a small random history of two writers.
+    fn history(ops: &[(bool, u8, u8)]) -> Vec<Delta> {
+        let mut a = Document::new(ReplicaId(0xA));
+        let mut b = Document::new(ReplicaId(0xB));
+        let mut out = Vec::new();
+        for &(at_a, op, v) in ops {
+            let doc = if at_a { &mut a } else { &mut b };
+            let value =
+                if v % 3 == 0 { Value::Array(vec![Value::Int(v.into())]) } else { Value::Int(v.into()) };
+            let d = match op % 5 {
+                0 => doc.increment("likes", v.into()).ok(),
+                1 => doc.pn_add("votes", i64::from(v) - 128).ok(),
+                2 => doc.set_register("title", value, u64::from(v) * 7).ok(),
+                3 => doc.set_add("tags", value).ok(),
+                _ => doc.set_remove("tags", &value).ok().flatten(),
+            };
+            out.extend(d);
+        }
+        out
+    }
+
+    /// What a relay stores after `deltas`: a snapshot of the first `cut` (if any), and
+    /// the rest as its log from `first_seq` on; and the document it must load back.
+    fn stored(deltas: &[Delta], cut: Option<usize>, first_seq: u64) -> (StoredDoc, Document) {
+        let mut doc = Document::with_config(RELAY, CFG);
+        let mut snapshot = None;
+        let from = cut.map_or(0, |c| c.min(deltas.len()));
+        for (i, d) in deltas.iter().enumerate() {
+            if cut.is_some() && i == from {
+                snapshot = Some(doc.encode());
+            }
+            let _ = doc.apply(d.clone());
+        }
+        if cut.is_some() && from == deltas.len() {
+            snapshot = Some(doc.encode());
+        }
+        let log = deltas[from..].iter().zip(first_seq..).map(|(d, q)| (q, d.encode())).collect();
+        (StoredDoc { snapshot, deltas: log }, doc)
+    }
+
+    /// A loaded document must be usable the way the relay uses one.
+    fn use_loaded(mut doc: Document) -> Result<(), TestCaseError> {
+        let _ = doc.to_value();
+        let _ = doc.merkle().root();
+        let _ = doc.deltas_since(&VersionVector::new());
+        let again = Document::decode(&doc.encode(), CFG);
+        prop_assert!(again.is_ok(), "a loaded document re-encodes to valid bytes");
+        Ok(())
+    }
+
+    /// `decode_stored` of `stored` is a usable document or `Corrupt` naming a record of
+    /// `doc` — never a panic.
+    fn check_decode(doc: &str, stored: &StoredDoc) -> Result<(), TestCaseError> {
+        match decode_stored(doc, stored, RELAY, CFG) {
+            Ok((loaded, next_seq, since)) => {
+                prop_assert_eq!(since, stored.deltas.len() as u64);
+                prop_assert_eq!(next_seq, stored.deltas.last().map_or(1, |(q, _)| q + 1));
+                use_loaded(loaded)?;
+            }
+            Err(StorageError::Corrupt { record, .. }) => {
+                let of = format!(" of {doc:?}");
+                prop_assert!(
+                    record == format!("snapshot{of}")
+                        || stored.deltas.iter().any(|(q, _)| record == format!("delta {q}{of}")),
+                    "{}",
+                    record
+                );
+            }
+            Err(e) => prop_assert!(false, "not a typed rejection: {}", e),
+        }
+        Ok(())
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<(bool, u8, u8)>> {
+        vec((any::<bool>(), any::<u8>(), any::<u8>()), 0..10)
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn stored_records_load_back_into_the_document_they_were_written_from(
+            ops in ops(),
+            cut in prop::option::of(0usize..12),
+            first_seq in prop_oneof![Just(1u64), 1u64..1000],
+        ) {
+            let deltas = history(&ops);
+            let (stored, want) = stored(&deltas, cut, first_seq);
+            let (doc, next_seq, _) = decode_stored("d", &stored, RELAY, CFG).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(doc.to_value(), want.to_value());
+            prop_assert_eq!(doc.version(), want.version());
+            prop_assert_eq!(next_seq, stored.deltas.last().map_or(1, |(q, _)| q + 1));
+        }
+
+        #[test]
+        fn damaged_stored_records_load_or_are_refused_as_corrupt(
+            ops in ops(),
+            cut in prop::option::of(0usize..12),
+            which in any::<prop::sample::Index>(),
+            mutations in vec(mutation(), 1..4),
+            seq in prop::option::of(prop_oneof![Just(u64::MAX), Just(MAX_STORED_SEQ), Just(MAX_STORED_SEQ + 1), any::<u64>()]),
+        ) {
+            let deltas = history(&ops);
+            let (mut stored, _) = stored(&deltas, cut, 1);
+            // Damage the snapshot or one delta, and perhaps a sequence number.
+            let mut records: Vec<&mut Vec<u8>> = stored.snapshot.iter_mut().collect();
+            records.extend(stored.deltas.iter_mut().map(|(_, b)| b));
+            if !records.is_empty() {
+                let i = which.index(records.len());
+                for m in &mutations {
+                    mutate(records[i], m);
+                }
+            }
+            if let (Some(q), Some(last)) = (seq, stored.deltas.last_mut()) {
+                last.0 = q.max(last.0);
+            }
+            check_decode("d", &stored)?;
+        }
+
+        #[test]
+        fn random_stored_bytes_load_or_are_refused_as_corrupt(
+            snapshot in prop::option::of(vec(any::<u8>(), 0..128)),
+            deltas in vec((1u64..100, vec(any::<u8>(), 0..64)), 0..4),
+        ) {
+            let mut deltas = deltas;
+            deltas.sort_by_key(|(q, _)| *q);
+            deltas.dedup_by_key(|(q, _)| *q);
+            check_decode("d", &StoredDoc { snapshot, deltas })?;
+        }
+
+        #[test]
+        fn a_replica_id_record_is_eight_bytes_or_refused(bytes in vec(any::<u8>(), 0..16)) {
+            match decode_replica_id(&bytes) {
+                Ok(id) => prop_assert_eq!(Ok(id.0.to_le_bytes().to_vec()), Ok::<_, ()>(bytes)),
+                Err(StorageError::Corrupt { record, .. }) => {
+                    prop_assert_eq!(record, "meta replica_id");
+                    prop_assert_ne!(bytes.len(), 8);
+                }
+                Err(e) => prop_assert!(false, "{}", e),
+            }
+        }
+    }
+
+    async fn open_node(storage: Storage, cluster: Option<ClusterView>) -> Result<Node, StorageError> {
+        let options = NodeOptions { doc_config: CFG, ..NodeOptions::default() };
+        Node::open(storage, Arc::new(Metrics::new()), options, cluster).await
+    }
+
+    /// Damaged records written through the real storage: the node loads the document
+    /// as it was, or refuses it as corrupt — and keeps loading the others.
+    #[test]
+    fn the_node_loads_damaged_stored_documents_or_refuses_them_and_serves_the_rest() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = TempDir::new("node-load");
+        let storage = Storage::open(&dir.0).unwrap();
+        let (good, good_doc) = stored(&history(&[(true, 0, 5), (false, 3, 1)]), Some(1), 1);
+        let write = |doc: &str, stored: &StoredDoc| {
+            let mut ops = Vec::new();
+            if let Some(b) = &stored.snapshot {
+                ops.push(WriteOp::PutSnapshot { doc: doc.into(), bytes: b.clone(), truncate_through: None });
+            }
+            for (seq, b) in &stored.deltas {
+                ops.push(WriteOp::PutDelta { doc: doc.into(), seq: *seq, bytes: b.clone() });
+            }
+            ops
+        };
+        rt.block_on(storage.write(write("good", &good))).unwrap();
+        let node = rt.block_on(open_node(storage.clone(), None)).unwrap();
+        let n = AtomicU64::new(0);
+        let strategy =
+            (ops(), prop::option::of(0usize..12), vec(mutation(), 0..3), any::<prop::sample::Index>());
+        let mut runner = proptest::test_runner::TestRunner::new(disk_config());
+        runner
+            .run(&strategy, |(ops, cut, mutations, which)| {
+                let id = format!("doc-{}", n.fetch_add(1, Ordering::Relaxed));
+                let (mut stored, want) = stored(&history(&ops), cut, 1);
+                let mut records: Vec<&mut Vec<u8>> = stored.snapshot.iter_mut().collect();
+                records.extend(stored.deltas.iter_mut().map(|(_, b)| b));
+                if !records.is_empty() {
+                    let i = which.index(records.len());
+                    for m in &mutations {
+                        mutate(records[i], m);
+                    }
+                }
+                rt.block_on(storage.write(write(&id, &stored))).unwrap();
+                match rt.block_on(node.ensure_loaded(&id)) {
+                    Ok(()) => {
+                        let mut st = node.lock();
+                        let e = st.docs.get_mut(&id).expect("loaded");
+                        if mutations.is_empty() {
+                            prop_assert_eq!(e.doc.to_value(), want.to_value());
+                        }
+                        // Loaded from disk: durable as loaded, nothing more.
+                        prop_assert_eq!(&e.durable.vv, e.doc.version());
+                        let doc = e.doc.clone();
+                        drop(st);
+                        use_loaded(doc)?;
+                    }
+                    Err(StorageError::Corrupt { record, .. }) => {
+                        prop_assert!(!mutations.is_empty(), "undamaged records refused: {}", record);
+                        prop_assert!(record.contains(&format!("{id:?}")), "{}", record);
+                        prop_assert!(!node.lock().docs.contains_key(&id), "a refused document is not served");
+                    }
+                    Err(e) => prop_assert!(false, "not a typed rejection: {}", e),
+                }
+                // The other documents are unaffected.
+                node.lock().docs.remove("good");
+                prop_assert!(rt.block_on(node.ensure_loaded("good")).is_ok());
+                prop_assert_eq!(node.lock().docs["good"].doc.to_value(), good_doc.to_value());
+                Ok(())
+            })
+            .unwrap();
+        rt.block_on(storage.close());
+    }
+
+    /// A node in a cluster loads every stored document when it opens: a damaged one is
+    /// logged and skipped, the node opens and serves the rest.
+    #[test]
+    fn a_cluster_node_opens_with_a_damaged_document_and_serves_the_others() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = TempDir::new("node-open");
+        let storage = Storage::open(&dir.0).unwrap();
+        let (good, good_doc) = stored(&history(&[(true, 0, 5), (false, 3, 1)]), Some(1), 1);
+        let mut bad_snapshot = good.snapshot.clone().unwrap();
+        bad_snapshot.truncate(bad_snapshot.len() / 2);
+        rt.block_on(storage.write(vec![
+            WriteOp::PutSnapshot {
+                doc: "good".into(),
+                bytes: good.snapshot.clone().unwrap(),
+                truncate_through: None,
+            },
+            WriteOp::PutDelta { doc: "good".into(), seq: 1, bytes: good.deltas[0].1.clone() },
+            WriteOp::PutSnapshot { doc: "bad-snapshot".into(), bytes: bad_snapshot, truncate_through: None },
+            WriteOp::PutDelta { doc: "bad-delta".into(), seq: 1, bytes: vec![0xde, 0xad] },
+            // An unreadable replica id: a new one is taken.
+            WriteOp::PutMeta { key: REPLICA_ID_KEY.into(), bytes: vec![1, 2, 3] },
+        ]))
+        .unwrap();
+        let nodes: Vec<(String, String, u32)> =
+            ["a", "b"].iter().map(|n| (n.to_string(), "127.0.0.1:1".to_string(), 1)).collect();
+        let cluster = ClusterView::new("a", &nodes, 2, 1, 1, 16);
+        let node = rt.block_on(open_node(storage.clone(), Some(cluster))).unwrap();
+        assert_eq!(node.lock().docs["good"].doc.to_value(), good_doc.to_value());
+        for bad in ["bad-snapshot", "bad-delta"] {
+            assert!(!node.lock().docs.contains_key(bad));
+            let err = rt.block_on(node.ensure_loaded(bad)).unwrap_err();
+            assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+        }
+        let replica = rt.block_on(storage.get_meta(REPLICA_ID_KEY)).unwrap().unwrap();
+        assert_eq!(decode_replica_id(&replica).unwrap(), node.replica(), "the new id is stored");
+        rt.block_on(storage.close());
+    }
 }
