@@ -35,6 +35,8 @@ mod relay;
 pub mod server;
 mod shutdown;
 pub mod storage;
+#[cfg(test)]
+mod testutil;
 
 pub use config::{Config, Limits, Overrides};
 pub use handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendError};

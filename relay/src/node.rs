@@ -37,7 +37,7 @@ use crate::auth::{Access, AuthError, Claims, Keyring, VerifyKey};
 use crate::cluster::ClusterView;
 use crate::handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendError};
 use crate::metrics::Metrics;
-use crate::storage::{Storage, StorageError, WriteOp};
+use crate::storage::{Storage, StorageError, StoredDoc, WriteOp, WriteSlot};
 
 /// Deltas written per document before a snapshot replaces them.
 const SNAPSHOT_EVERY: u64 = 512;
@@ -93,6 +93,10 @@ pub(crate) struct DocEntry {
     next_seq: u64,
     since_snapshot: u64,
     inflight: u64,
+    /// A write of this document failed: memory holds dots the disk may lack, and that
+    /// were never acknowledged. Its next write is a snapshot of the whole document (see
+    /// [`Node::snapshot_write`]), which makes them durable; until then it stays loaded.
+    unsaved: bool,
     /// Connections that resent deltas already applied but not yet durable, with their
     /// dots: acked once those are durable (or, failing that, when no write is in flight).
     ack_waiters: Vec<(u64, Vec<Span>)>,
@@ -193,11 +197,13 @@ struct Pending {
 
 /// One frame's writes, queued for storage as one atomic request.
 struct Commit {
-    conn: u64,
+    /// The writer; `None` for the node's own retry of a failed write (see
+    /// [`Node::persist_unsaved`]), acked to the document's subscribers instead.
+    conn: Option<u64>,
     /// Their `ops` already went to storage.
     pending: Vec<Pending>,
     /// The connection's place for an uncommitted frame, given back once processed.
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 /// What the storage writer reports to the completion task, in commit order.
@@ -231,11 +237,17 @@ impl Node {
         options: NodeOptions,
         cluster: Option<ClusterView>,
     ) -> Result<Node, StorageError> {
-        let replica = match storage.get_meta("replica_id").await? {
-            Some(b) if b.len() == 8 => ReplicaId(u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))),
-            _ => {
+        let stored = storage.get_meta(REPLICA_ID_KEY).await?;
+        let replica = match stored.as_deref().map(decode_replica_id) {
+            Some(Ok(id)) => id,
+            found => {
+                if let Some(Err(e)) = found {
+                    // A fresh id is always safe (no dot of it exists anywhere); the
+                    // damaged one cannot be reused anyway.
+                    tracing::error!(error = %e, "taking a new replica id");
+                }
                 let id = ReplicaId(random_u64());
-                storage.put_meta("replica_id", id.0.to_le_bytes().to_vec()).await?;
+                storage.put_meta(REPLICA_ID_KEY, id.0.to_le_bytes().to_vec()).await?;
                 id
             }
         };
@@ -303,7 +315,12 @@ impl Node {
             let ids: Vec<String> = node.lock().stored.iter().cloned().collect();
             let mut ops = Vec::with_capacity(ids.len() + 1);
             for id in ids {
-                node.ensure_loaded(&id).await?;
+                match node.ensure_loaded(&id).await {
+                    // Logged; the document is refused to whoever asks for it, the others
+                    // are served.
+                    Err(StorageError::Corrupt { .. }) => continue,
+                    r => r?,
+                }
                 let mut st = node.lock();
                 if let Some(e) = st.docs.get(&id) {
                     ops.push(version_op(&id, &e.doc));
@@ -332,9 +349,9 @@ impl Node {
         SessionConfig { max_frame: self.inner.options.max_frame, ..SessionConfig::default() }
     }
 
-    /// Runs `tick` on every session once a second, expires writes that missed their
-    /// quorum, and (in a cluster) hands off hints and runs anti-entropy, until
-    /// `shutdown` resolves.
+    /// Runs `tick` on every session and writes again documents whose writes failed once
+    /// a second, expires writes that missed their quorum, and (in a cluster) hands off
+    /// hints and runs anti-entropy, until `shutdown` resolves.
     pub async fn run_ticker(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut every = tokio::time::interval(Duration::from_millis(250));
@@ -346,13 +363,16 @@ impl Node {
                     n += 1;
                     self.expire();
                     if n.is_multiple_of(4) {
-                        let mut st = self.lock();
-                        let State { docs, conns, .. } = &mut *st;
-                        for c in conns.values_mut() {
-                            for m in c.session.tick(&mut Docs { docs }) {
-                                self.send(&c.out, &m);
+                        {
+                            let mut st = self.lock();
+                            let State { docs, conns, .. } = &mut *st;
+                            for c in conns.values_mut() {
+                                for m in c.session.tick(&mut Docs { docs }) {
+                                    self.send(&c.out, &m);
+                                }
                             }
                         }
+                        self.persist_unsaved().await;
                     }
                     if self.inner.cluster.is_some() {
                         crate::cluster::tick(&self, n).await;
@@ -457,30 +477,20 @@ impl Node {
         if self.lock().docs.contains_key(doc_id) {
             return Ok(());
         }
-        let stored = self.inner.storage.load_doc(doc_id).await?;
-        let cfg = self.inner.options.doc_config;
-        let mut doc = match stored.snapshot.as_deref().map(|b| Document::decode(b, cfg)) {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                tracing::error!(doc = doc_id, error = %e, "stored snapshot is unreadable; starting from its deltas");
-                Document::with_config(self.inner.replica, cfg)
-            }
-            None => Document::with_config(self.inner.replica, cfg),
+        let decoded = match self.inner.storage.load_doc(doc_id).await {
+            Ok(stored) => decode_stored(doc_id, &stored, self.inner.replica, self.inner.options.doc_config),
+            Err(e) => Err(e),
         };
-        let mut next_seq = 1;
-        let mut size = stored.snapshot.as_ref().map_or(0, Vec::len);
-        for (seq, bytes) in &stored.deltas {
-            next_seq = seq + 1;
-            size = size.saturating_add(bytes.len());
-            match Delta::decode(bytes) {
-                Ok(d) => {
-                    let _ = doc.apply(d);
+        let (doc, next_seq, since_snapshot) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                if matches!(e, StorageError::Corrupt { .. }) {
+                    tracing::error!(doc = doc_id, error = %e, "a stored document is unreadable; it is not served");
                 }
-                Err(e) => {
-                    tracing::error!(doc = doc_id, seq, error = %e, "skipping an unreadable stored delta")
-                }
+                return Err(e);
             }
-        }
+        };
+        let size = doc.encode().len();
         let durable = CausalContext { vv: doc.version().clone(), cloud: Default::default() };
         let mut st = self.lock();
         st.clock += 1;
@@ -489,8 +499,9 @@ impl Node {
             doc,
             durable,
             next_seq,
-            since_snapshot: stored.deltas.len() as u64,
+            since_snapshot,
             inflight: 0,
+            unsaved: false,
             ack_waiters: Vec::new(),
             members: BTreeSet::new(),
             last_used: clock,
@@ -507,9 +518,11 @@ impl Node {
         let mut idle: Vec<(u64, String)> = st
             .docs
             .iter()
+            // An unsaved document holds the only copy of writes that failed on disk.
             .filter(|(k, e)| {
                 e.members.is_empty()
                     && e.inflight == 0
+                    && !e.unsaved
                     && st.coordinator.as_ref().is_none_or(|c| c.is_idle(k))
             })
             .map(|(k, e)| (e.last_used, k.clone()))
@@ -758,17 +771,19 @@ impl Node {
                         e.next_seq += 1;
                     }
                     e.since_snapshot += deltas.len() as u64;
-                    if e.since_snapshot >= SNAPSHOT_EVERY {
-                        // The snapshot holds this frame's deltas too: write it instead.
+                    let mut absorb = None;
+                    if e.since_snapshot >= SNAPSHOT_EVERY || e.unsaved {
+                        // The snapshot holds this frame's deltas too — and after a failed
+                        // write, the deltas the disk lacks: write it instead. Were they
+                        // written as deltas, the failed ones would leave a gap that keeps
+                        // every later dot of their writer from counting as durable.
+                        let (op, vv) = Self::snapshot_write(&doc, e);
                         ops.clear();
-                        let bytes = e.doc.encode();
-                        e.bytes = bytes.len();
-                        ops.push(WriteOp::PutSnapshot {
-                            doc: doc.clone(),
-                            bytes,
-                            truncate_through: Some(e.next_seq - 1),
-                        });
-                        e.since_snapshot = 0;
+                        if let WriteOp::PutSnapshot { bytes, .. } = &op {
+                            e.bytes = bytes.len();
+                        }
+                        ops.push(op);
+                        absorb = Some(vv);
                     }
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     ops.push(version_op(&doc, &e.doc));
@@ -780,13 +795,7 @@ impl Node {
                         // went down: a fallback takes its place).
                         follow.push(doc.clone());
                     }
-                    pending.push(Pending {
-                        doc: doc.clone(),
-                        ops,
-                        dots,
-                        absorb: None,
-                        ack_local: !coordinator,
-                    });
+                    pending.push(Pending { doc: doc.clone(), ops, dots, absorb, ack_local: !coordinator });
                     // Fan out at once; the ack waits for durability.
                     let members: Vec<u64> = e.members.iter().copied().filter(|m| *m != id).collect();
                     for m in members {
@@ -801,17 +810,13 @@ impl Node {
                     applied_any = true;
                     let Some(e) = docs.get_mut(&doc) else { continue };
                     e.inflight += 1;
-                    e.since_snapshot = 0;
-                    let bytes = e.doc.encode();
-                    e.bytes = bytes.len();
-                    let mut ops = vec![WriteOp::PutSnapshot {
-                        doc: doc.clone(),
-                        bytes,
-                        truncate_through: Some(e.next_seq - 1),
-                    }];
+                    let (op, vv) = Self::snapshot_write(&doc, e);
+                    if let WriteOp::PutSnapshot { bytes, .. } = &op {
+                        e.bytes = bytes.len();
+                    }
+                    let mut ops = vec![op];
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     ops.push(version_op(&doc, &e.doc));
-                    let vv = e.doc.version().clone();
                     pending.push(Pending { doc, ops, dots: Vec::new(), absorb: Some(vv), ack_local: true });
                 }
                 Event::Acked { doc, vv } => {
@@ -868,10 +873,20 @@ impl Node {
                             }
                         }
                     }
-                } else if e.inflight == 0 || dots.iter().all(|d| e.durable.contains_span(*d)) {
+                } else if dots.iter().all(|d| e.durable.contains_span(*d)) {
                     self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
-                } else {
+                } else if e.inflight > 0 {
                     e.ack_waiters.push((id, dots));
+                } else if e.unsaved {
+                    // Their write failed on disk (memory has them, so nothing is new):
+                    // write the whole document again; the ack or the error follows.
+                    e.inflight += 1;
+                    let (op, vv) = Self::snapshot_write(&doc, e);
+                    let mut ops = vec![op];
+                    self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
+                    pending.push(Pending { doc, ops, dots: Vec::new(), absorb: Some(vv), ack_local: true });
+                } else {
+                    self.send(&c.out, &c.session.ack(&doc, &e.durable.vv));
                 }
             }
         }
@@ -950,12 +965,13 @@ impl Node {
                     return Ok(());
                 }
                 if let Err(e) = self.ensure_loaded(doc).await {
-                    self.error(
-                        &conn.out,
-                        ErrorCode::INTERNAL,
-                        Some(doc),
-                        format!("storage failed: {e}; retry later"),
-                    );
+                    let message = match e {
+                        StorageError::Corrupt { .. } => {
+                            format!("{e}; this relay does not serve the document until it is repaired")
+                        }
+                        _ => format!("storage failed: {e}; retry later"),
+                    };
+                    self.error(&conn.out, ErrorCode::INTERNAL, Some(doc), message);
                     return Ok(());
                 }
             }
@@ -985,15 +1001,7 @@ impl Node {
         let r = self.process(conn.id, &mut c, msg, &mut st, clock, &mut pending, &mut follow);
         st.conns.insert(conn.id, c);
         if !pending.is_empty() {
-            let mut ops = std::mem::take(&mut pending[0].ops);
-            for p in &mut pending[1..] {
-                ops.append(&mut p.ops);
-            }
-            let report = self.inner.durable.clone();
-            let commit = Commit { conn: conn.id, pending, _permit: permit };
-            slot.submit(ops, move |ops, result| {
-                report.lock().unwrap_or_else(|p| p.into_inner()).push(Durable::Commit(commit, ops, result));
-            });
+            self.submit(slot, Commit { conn: Some(conn.id), pending, _permit: Some(permit) });
         }
         r?;
         for doc in follow {
@@ -1001,6 +1009,56 @@ impl Node {
         }
         Self::evict(&mut st, self.inner.options.doc_cache_capacity);
         Ok(())
+    }
+
+    /// Queues the writes of `commit` in `slot`, as one atomic request reported to
+    /// [`Node::on_durable`].
+    fn submit(&self, slot: WriteSlot, mut commit: Commit) {
+        let mut ops = Vec::new();
+        for p in &mut commit.pending {
+            ops.append(&mut p.ops);
+        }
+        let report = self.inner.durable.clone();
+        slot.submit(ops, move |ops, result| {
+            report.lock().unwrap_or_else(|p| p.into_inner()).push(Durable::Commit(commit, ops, result));
+        });
+    }
+
+    /// A write of all of `doc`, superseding its delta log, and the version it makes
+    /// durable: everything in memory (deltas whose write failed included).
+    fn snapshot_write(doc: &str, e: &mut DocEntry) -> (WriteOp, VersionVector) {
+        e.since_snapshot = 0;
+        e.unsaved = false;
+        let op = WriteOp::PutSnapshot {
+            doc: doc.to_owned(),
+            bytes: e.doc.encode(),
+            truncate_through: Some(e.next_seq - 1),
+        };
+        (op, e.doc.version().clone())
+    }
+
+    /// Writes again, as snapshots, the documents whose writes failed and that nothing
+    /// else is writing, so that once the disk takes writes again they are durable and
+    /// acknowledged to the documents' subscribers without waiting for a resend (a
+    /// browser does not resend what the relay already has in memory).
+    async fn persist_unsaved(&self) {
+        let ids: Vec<String> = {
+            let st = self.lock();
+            st.docs.iter().filter(|(_, e)| e.unsaved && e.inflight == 0).map(|(k, _)| k.clone()).collect()
+        };
+        for id in ids {
+            let Ok(slot) = self.inner.storage.reserve().await else { return };
+            let mut st = self.lock();
+            let Some(e) = st.docs.get_mut(&id).filter(|e| e.unsaved && e.inflight == 0) else { continue };
+            e.inflight += 1;
+            let (op, vv) = Self::snapshot_write(&id, e);
+            // Standalone, the subscribers are acked; in a cluster, waiting writes count
+            // this node's durability toward their quorum.
+            let ack_local = self.inner.cluster.is_none();
+            let pending =
+                vec![Pending { doc: id, ops: vec![op], dots: Vec::new(), absorb: Some(vv), ack_local }];
+            self.submit(slot, Commit { conn: None, pending, _permit: None });
+        }
     }
 
     /// Resolves once every write queued before the call is durable and its acks are
@@ -1062,27 +1120,49 @@ impl Node {
                         if let (false, Some(co)) = (p.ack_local, coordinator.as_mut()) {
                             acts.extend(co.durable(&p.doc, &e.durable, now));
                         }
+                        if p.ack_local {
+                            match commit.conn {
+                                Some(conn) => acks.push((conn, p.doc.clone())),
+                                // The node's own retry: its writers may be any subscriber.
+                                None => acks.extend(
+                                    e.members
+                                        .iter()
+                                        .filter(|m| conns.get(m).is_some_and(|c| c.peer.is_none()))
+                                        .map(|m| (*m, p.doc.clone())),
+                                ),
+                            }
+                        }
                         let vv = self.inner.cluster.is_some().then(|| e.doc.version().clone());
                         self.record_stored(st, &p.doc, vv.as_ref());
-                        if p.ack_local {
-                            acks.push((commit.conn, p.doc));
-                        }
                     }
                     Err(err) => {
-                        tracing::error!(doc = %p.doc, error = %err, "persisting failed");
+                        // Memory has these dots, the disk may not: they are not marked
+                        // durable, and the document's next write (or the node's retry)
+                        // is a snapshot, which makes them so.
+                        e.unsaved = true;
                         if e.inflight == 0 {
                             // Nothing else will make them durable: tell them what is.
                             for (w, _) in std::mem::take(&mut e.ack_waiters) {
                                 acks.push((w, p.doc.clone()));
                             }
                         }
-                        if let Some(c) = conns.get(&commit.conn) {
-                            self.error(
-                                &c.out,
-                                ErrorCode::INTERNAL,
-                                Some(&p.doc),
-                                format!("storage failed: {err}; the write was not acknowledged, retry"),
-                            );
+                        match commit.conn {
+                            Some(conn) => {
+                                tracing::error!(doc = %p.doc, error = %err, "persisting failed");
+                                if let Some(c) = conns.get(&conn) {
+                                    self.error(
+                                        &c.out,
+                                        ErrorCode::INTERNAL,
+                                        Some(&p.doc),
+                                        format!(
+                                            "storage failed: {err}; the write was not acknowledged, retry"
+                                        ),
+                                    );
+                                }
+                            }
+                            // The node's own retry fails each second while the disk is
+                            // full; the storage logged the failure once.
+                            None => tracing::debug!(doc = %p.doc, error = %err, "persisting failed again"),
                         }
                     }
                 }
@@ -1258,7 +1338,7 @@ impl Handler for Node {
             let st = self.lock();
             st.docs
                 .iter()
-                .filter(|(_, e)| e.since_snapshot > 0)
+                .filter(|(_, e)| e.since_snapshot > 0 || e.unsaved)
                 .map(|(k, e)| WriteOp::PutSnapshot {
                     doc: k.clone(),
                     bytes: e.doc.encode(),
@@ -1285,6 +1365,56 @@ fn version_op(doc: &str, d: &Document) -> WriteOp {
 /// Meta key set once every stored document has a version record.
 const VERSIONS_COMPLETE: &str = "versions_complete";
 
+/// Meta key of this node's replica id (8 bytes, little-endian).
+const REPLICA_ID_KEY: &str = "replica_id";
+/// Highest sequence number a stored delta may have: logs count up from 1, one per delta,
+/// so anything near `u64::MAX` is damage (and would overflow the next write's number).
+const MAX_STORED_SEQ: u64 = u64::MAX / 2;
+
+/// The replica id stored under [`REPLICA_ID_KEY`].
+pub(crate) fn decode_replica_id(bytes: &[u8]) -> Result<ReplicaId, StorageError> {
+    let bytes: [u8; 8] = bytes.try_into().map_err(|_| StorageError::Corrupt {
+        record: format!("meta {REPLICA_ID_KEY}"),
+        reason: format!("{} bytes, not 8", bytes.len()),
+    })?;
+    Ok(ReplicaId(u64::from_le_bytes(bytes)))
+}
+
+/// Rebuilds document `doc_id` from what storage holds for it: the document, the sequence
+/// number of its next delta, and the deltas stored since its snapshot.
+///
+/// An unreadable record is an error, not skipped: serving the rest would present a state
+/// without writes that were acknowledged, and the next snapshot would overwrite the
+/// damaged record for good (as it would a snapshot written by a newer version).
+pub(crate) fn decode_stored(
+    doc_id: &str,
+    stored: &StoredDoc,
+    replica: ReplicaId,
+    cfg: DocConfig,
+) -> Result<(Document, u64, u64), StorageError> {
+    let corrupt = |record: String, reason: String| StorageError::Corrupt { record, reason };
+    let mut doc = match &stored.snapshot {
+        Some(b) => {
+            Document::decode(b, cfg).map_err(|e| corrupt(format!("snapshot of {doc_id:?}"), e.to_string()))?
+        }
+        None => Document::with_config(replica, cfg),
+    };
+    let mut next_seq = 1;
+    for (seq, bytes) in &stored.deltas {
+        let record = || format!("delta {seq} of {doc_id:?}");
+        if *seq > MAX_STORED_SEQ {
+            return Err(corrupt(record(), "sequence number out of range".into()));
+        }
+        let delta = Delta::decode(bytes).map_err(|e| corrupt(record(), e.to_string()))?;
+        // A delta the snapshot already holds (runs are kept whole across a snapshot) is a
+        // duplicate, one ahead of its causal past is buffered: both `Ok`. It applied when
+        // it arrived, so a refusal now means damage.
+        doc.apply(delta).map_err(|e| corrupt(record(), e.to_string()))?;
+        next_seq = seq + 1;
+    }
+    Ok((doc, next_seq, stored.deltas.len() as u64))
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -1299,4 +1429,269 @@ pub fn random_u64() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{config, disk_config, mutate, mutation, TempDir};
+    use concord_core::Value;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    const RELAY: ReplicaId = ReplicaId(0x5E1A);
+    const CFG: DocConfig = DocConfig { log_capacity: 8, pending_capacity: 8 };
+
+    /// Deltas of a small random history of two writers.
+    fn history(ops: &[(bool, u8, u8)]) -> Vec<Delta> {
+        let mut a = Document::new(ReplicaId(0xA));
+        let mut b = Document::new(ReplicaId(0xB));
+        let mut out = Vec::new();
+        for &(at_a, op, v) in ops {
+            let doc = if at_a { &mut a } else { &mut b };
+            let value =
+                if v % 3 == 0 { Value::Array(vec![Value::Int(v.into())]) } else { Value::Int(v.into()) };
+            let d = match op % 5 {
+                0 => doc.increment("likes", v.into()).ok(),
+                1 => doc.pn_add("votes", i64::from(v) - 128).ok(),
+                2 => doc.set_register("title", value, u64::from(v) * 7).ok(),
+                3 => doc.set_add("tags", value).ok(),
+                _ => doc.set_remove("tags", &value).ok().flatten(),
+            };
+            out.extend(d);
+        }
+        out
+    }
+
+    /// What a relay stores after `deltas`: a snapshot of the first `cut` (if any), and
+    /// the rest as its log from `first_seq` on; and the document it must load back.
+    fn stored(deltas: &[Delta], cut: Option<usize>, first_seq: u64) -> (StoredDoc, Document) {
+        let mut doc = Document::with_config(RELAY, CFG);
+        let mut snapshot = None;
+        let from = cut.map_or(0, |c| c.min(deltas.len()));
+        for (i, d) in deltas.iter().enumerate() {
+            if cut.is_some() && i == from {
+                snapshot = Some(doc.encode());
+            }
+            let _ = doc.apply(d.clone());
+        }
+        if cut.is_some() && from == deltas.len() {
+            snapshot = Some(doc.encode());
+        }
+        let log = deltas[from..].iter().zip(first_seq..).map(|(d, q)| (q, d.encode())).collect();
+        (StoredDoc { snapshot, deltas: log }, doc)
+    }
+
+    /// A loaded document must be usable the way the relay uses one.
+    fn use_loaded(mut doc: Document) -> Result<(), TestCaseError> {
+        let _ = doc.to_value();
+        let _ = doc.merkle().root();
+        let _ = doc.deltas_since(&VersionVector::new());
+        let again = Document::decode(&doc.encode(), CFG);
+        prop_assert!(again.is_ok(), "a loaded document re-encodes to valid bytes");
+        Ok(())
+    }
+
+    /// `decode_stored` of `stored` is a usable document or `Corrupt` naming a record of
+    /// `doc` — never a panic.
+    fn check_decode(doc: &str, stored: &StoredDoc) -> Result<(), TestCaseError> {
+        match decode_stored(doc, stored, RELAY, CFG) {
+            Ok((loaded, next_seq, since)) => {
+                prop_assert_eq!(since, stored.deltas.len() as u64);
+                prop_assert_eq!(next_seq, stored.deltas.last().map_or(1, |(q, _)| q + 1));
+                use_loaded(loaded)?;
+            }
+            Err(StorageError::Corrupt { record, .. }) => {
+                let of = format!(" of {doc:?}");
+                prop_assert!(
+                    record == format!("snapshot{of}")
+                        || stored.deltas.iter().any(|(q, _)| record == format!("delta {q}{of}")),
+                    "{}",
+                    record
+                );
+            }
+            Err(e) => prop_assert!(false, "not a typed rejection: {}", e),
+        }
+        Ok(())
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<(bool, u8, u8)>> {
+        vec((any::<bool>(), any::<u8>(), any::<u8>()), 0..10)
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn stored_records_load_back_into_the_document_they_were_written_from(
+            ops in ops(),
+            cut in prop::option::of(0usize..12),
+            first_seq in prop_oneof![Just(1u64), 1u64..1000],
+        ) {
+            let deltas = history(&ops);
+            let (stored, want) = stored(&deltas, cut, first_seq);
+            let (doc, next_seq, _) = decode_stored("d", &stored, RELAY, CFG).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(doc.to_value(), want.to_value());
+            prop_assert_eq!(doc.version(), want.version());
+            prop_assert_eq!(next_seq, stored.deltas.last().map_or(1, |(q, _)| q + 1));
+        }
+
+        #[test]
+        fn damaged_stored_records_load_or_are_refused_as_corrupt(
+            ops in ops(),
+            cut in prop::option::of(0usize..12),
+            which in any::<prop::sample::Index>(),
+            mutations in vec(mutation(), 1..4),
+            seq in prop::option::of(prop_oneof![Just(u64::MAX), Just(MAX_STORED_SEQ), Just(MAX_STORED_SEQ + 1), any::<u64>()]),
+        ) {
+            let deltas = history(&ops);
+            let (mut stored, _) = stored(&deltas, cut, 1);
+            // Damage the snapshot or one delta, and perhaps a sequence number.
+            let mut records: Vec<&mut Vec<u8>> = stored.snapshot.iter_mut().collect();
+            records.extend(stored.deltas.iter_mut().map(|(_, b)| b));
+            if !records.is_empty() {
+                let i = which.index(records.len());
+                for m in &mutations {
+                    mutate(records[i], m);
+                }
+            }
+            if let (Some(q), Some(last)) = (seq, stored.deltas.last_mut()) {
+                last.0 = q.max(last.0);
+            }
+            check_decode("d", &stored)?;
+        }
+
+        #[test]
+        fn random_stored_bytes_load_or_are_refused_as_corrupt(
+            snapshot in prop::option::of(vec(any::<u8>(), 0..128)),
+            deltas in vec((1u64..100, vec(any::<u8>(), 0..64)), 0..4),
+        ) {
+            let mut deltas = deltas;
+            deltas.sort_by_key(|(q, _)| *q);
+            deltas.dedup_by_key(|(q, _)| *q);
+            check_decode("d", &StoredDoc { snapshot, deltas })?;
+        }
+
+        #[test]
+        fn a_replica_id_record_is_eight_bytes_or_refused(bytes in vec(any::<u8>(), 0..16)) {
+            match decode_replica_id(&bytes) {
+                Ok(id) => prop_assert_eq!(Ok(id.0.to_le_bytes().to_vec()), Ok::<_, ()>(bytes)),
+                Err(StorageError::Corrupt { record, .. }) => {
+                    prop_assert_eq!(record, "meta replica_id");
+                    prop_assert_ne!(bytes.len(), 8);
+                }
+                Err(e) => prop_assert!(false, "{}", e),
+            }
+        }
+    }
+
+    async fn open_node(storage: Storage, cluster: Option<ClusterView>) -> Result<Node, StorageError> {
+        let options = NodeOptions { doc_config: CFG, ..NodeOptions::default() };
+        Node::open(storage, Arc::new(Metrics::new()), options, cluster).await
+    }
+
+    /// Damaged records written through the real storage: the node loads the document
+    /// as it was, or refuses it as corrupt — and keeps loading the others.
+    #[test]
+    fn the_node_loads_damaged_stored_documents_or_refuses_them_and_serves_the_rest() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = TempDir::new("node-load");
+        let storage = Storage::open(&dir.0).unwrap();
+        let (good, good_doc) = stored(&history(&[(true, 0, 5), (false, 3, 1)]), Some(1), 1);
+        let write = |doc: &str, stored: &StoredDoc| {
+            let mut ops = Vec::new();
+            if let Some(b) = &stored.snapshot {
+                ops.push(WriteOp::PutSnapshot { doc: doc.into(), bytes: b.clone(), truncate_through: None });
+            }
+            for (seq, b) in &stored.deltas {
+                ops.push(WriteOp::PutDelta { doc: doc.into(), seq: *seq, bytes: b.clone() });
+            }
+            ops
+        };
+        rt.block_on(storage.write(write("good", &good))).unwrap();
+        let node = rt.block_on(open_node(storage.clone(), None)).unwrap();
+        let n = AtomicU64::new(0);
+        let strategy =
+            (ops(), prop::option::of(0usize..12), vec(mutation(), 0..3), any::<prop::sample::Index>());
+        let mut runner = proptest::test_runner::TestRunner::new(disk_config());
+        runner
+            .run(&strategy, |(ops, cut, mutations, which)| {
+                let id = format!("doc-{}", n.fetch_add(1, Ordering::Relaxed));
+                let (mut stored, want) = stored(&history(&ops), cut, 1);
+                let mut records: Vec<&mut Vec<u8>> = stored.snapshot.iter_mut().collect();
+                records.extend(stored.deltas.iter_mut().map(|(_, b)| b));
+                if !records.is_empty() {
+                    let i = which.index(records.len());
+                    for m in &mutations {
+                        mutate(records[i], m);
+                    }
+                }
+                rt.block_on(storage.write(write(&id, &stored))).unwrap();
+                match rt.block_on(node.ensure_loaded(&id)) {
+                    Ok(()) => {
+                        let mut st = node.lock();
+                        let e = st.docs.get_mut(&id).expect("loaded");
+                        if mutations.is_empty() {
+                            prop_assert_eq!(e.doc.to_value(), want.to_value());
+                        }
+                        // Loaded from disk: durable as loaded, nothing more.
+                        prop_assert_eq!(&e.durable.vv, e.doc.version());
+                        let doc = e.doc.clone();
+                        drop(st);
+                        use_loaded(doc)?;
+                    }
+                    Err(StorageError::Corrupt { record, .. }) => {
+                        prop_assert!(!mutations.is_empty(), "undamaged records refused: {}", record);
+                        prop_assert!(record.contains(&format!("{id:?}")), "{}", record);
+                        prop_assert!(!node.lock().docs.contains_key(&id), "a refused document is not served");
+                    }
+                    Err(e) => prop_assert!(false, "not a typed rejection: {}", e),
+                }
+                // The other documents are unaffected.
+                node.lock().docs.remove("good");
+                prop_assert!(rt.block_on(node.ensure_loaded("good")).is_ok());
+                prop_assert_eq!(node.lock().docs["good"].doc.to_value(), good_doc.to_value());
+                Ok(())
+            })
+            .unwrap();
+        rt.block_on(storage.close());
+    }
+
+    /// A node in a cluster loads every stored document when it opens: a damaged one is
+    /// logged and skipped, the node opens and serves the rest.
+    #[test]
+    fn a_cluster_node_opens_with_a_damaged_document_and_serves_the_others() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = TempDir::new("node-open");
+        let storage = Storage::open(&dir.0).unwrap();
+        let (good, good_doc) = stored(&history(&[(true, 0, 5), (false, 3, 1)]), Some(1), 1);
+        let mut bad_snapshot = good.snapshot.clone().unwrap();
+        bad_snapshot.truncate(bad_snapshot.len() / 2);
+        rt.block_on(storage.write(vec![
+            WriteOp::PutSnapshot {
+                doc: "good".into(),
+                bytes: good.snapshot.clone().unwrap(),
+                truncate_through: None,
+            },
+            WriteOp::PutDelta { doc: "good".into(), seq: 1, bytes: good.deltas[0].1.clone() },
+            WriteOp::PutSnapshot { doc: "bad-snapshot".into(), bytes: bad_snapshot, truncate_through: None },
+            WriteOp::PutDelta { doc: "bad-delta".into(), seq: 1, bytes: vec![0xde, 0xad] },
+            // An unreadable replica id: a new one is taken.
+            WriteOp::PutMeta { key: REPLICA_ID_KEY.into(), bytes: vec![1, 2, 3] },
+        ]))
+        .unwrap();
+        let nodes: Vec<(String, String, u32)> =
+            ["a", "b"].iter().map(|n| (n.to_string(), "127.0.0.1:1".to_string(), 1)).collect();
+        let cluster = ClusterView::new("a", &nodes, 2, 1, 1, 16);
+        let node = rt.block_on(open_node(storage.clone(), Some(cluster))).unwrap();
+        assert_eq!(node.lock().docs["good"].doc.to_value(), good_doc.to_value());
+        for bad in ["bad-snapshot", "bad-delta"] {
+            assert!(!node.lock().docs.contains_key(bad));
+            let err = rt.block_on(node.ensure_loaded(bad)).unwrap_err();
+            assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+        }
+        let replica = rt.block_on(storage.get_meta(REPLICA_ID_KEY)).unwrap().unwrap();
+        assert_eq!(decode_replica_id(&replica).unwrap(), node.replica(), "the new id is stored");
+        rt.block_on(storage.close());
+    }
 }

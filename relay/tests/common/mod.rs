@@ -39,16 +39,22 @@ impl Relay {
     /// Starts the binary; with `port0`, on a free port and `dir` as data dir (else the
     /// config given in `extra` decides).
     pub fn start_with(dir: &Path, extra: &[&str], port0: bool) -> Relay {
+        Relay::spawn(dir, extra, port0, Stdio::null())
+    }
+
+    /// [`Relay::start`], with its log (stderr) written to `log`.
+    pub fn start_logged(dir: &Path, extra: &[&str], log: &Path) -> Relay {
+        let file = std::fs::File::create(log).expect("create log file");
+        Relay::spawn(dir, extra, true, Stdio::from(file))
+    }
+
+    fn spawn(dir: &Path, extra: &[&str], port0: bool, stderr: Stdio) -> Relay {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_concord-relay"));
         if port0 {
             cmd.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(dir);
         }
-        let mut child = cmd
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn concord-relay");
+        let mut child =
+            cmd.args(extra).stdout(Stdio::piped()).stderr(stderr).spawn().expect("spawn concord-relay");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut addr = None;
