@@ -1117,31 +1117,23 @@ fn whole_state(doc: &mut Document, doc_id: &str, exchange: u64, cfg: &SessionCon
 }
 
 /// [`split`] for deltas, without cloning them to measure: a batch whose size bound fits
-/// (the usual case) goes as one message without being encoded here; only a batch over
-/// the bound is encoded to measure.
+/// (the usual case) goes as one message without being encoded here; only a larger batch
+/// is cut, by [`split`].
 fn chunk_deltas(doc_id: &str, deltas: Vec<Delta>, max: usize) -> Vec<Msg> {
     if deltas.is_empty() {
         return Vec::new();
     }
-    // The tag byte, then the body.
-    let bound = 1 + super::batch::size_bound(doc_id, &deltas);
-    let msg = Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas });
-    if bound <= max || msg.encode().len() <= max {
-        return vec![msg];
-    }
-    let Msg::Deltas(Deltas { deltas, .. }) = msg else { unreachable!("built as Deltas above") };
-    if deltas.len() == 1 {
+    // The tag byte, then the body: `1 + bound <= max`.
+    if super::batch::size_bound(doc_id, &deltas) < max {
         return vec![Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas })];
     }
-    let mut left = deltas;
-    let right = left.split_off(left.len() / 2);
-    let mut out = chunk_deltas(doc_id, left, max);
-    out.extend(chunk_deltas(doc_id, right, max));
-    out
+    split(0..deltas.len(), max, &|r| {
+        Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas: deltas[r].to_vec() })
+    })
 }
 
 /// Builds messages from the items at `range` (`make` builds one from a sub-range),
-/// halving groups until each frame fits in `max` bytes (a single item that alone exceeds
+/// cutting groups until each frame fits in `max` bytes (a single item that alone exceeds
 /// `max` is sent as it is). Ranges, not item vectors: one copy of this in wasm, not one
 /// per item type.
 fn split(
@@ -1153,11 +1145,21 @@ fn split(
         return Vec::new();
     }
     let msg = make(range.clone());
-    if range.len() == 1 || msg.encode().len() <= max {
+    let len = msg.encode().len();
+    if range.len() == 1 || len <= max {
         return vec![msg];
     }
-    let mid = range.start + range.len() / 2;
-    let mut out = split(range.start..mid, max, make);
-    out.extend(split(mid..range.end, max, make));
+    // Cut in one more part than the size asks for (so that parts of unevenly sized items
+    // mostly fit too), each encoded again only if it is still too large: every item is
+    // encoded about twice in all. Halving re-encoded every item once per level,
+    // O(n log n): a 4 MB catch-up encoded its state six times over.
+    let per = range.len().div_ceil(len.div_ceil(max.max(1)) + 1);
+    let mut out = Vec::new();
+    let mut start = range.start;
+    while start < range.end {
+        let end = range.end.min(start + per);
+        out.extend(split(start..end, max, make));
+        start = end;
+    }
     out
 }
