@@ -467,6 +467,20 @@ impl Session {
         chunk_deltas(doc_id, send, self.config.max_frame)
     }
 
+    /// This side's copy of `doc` took in state that came by a transfer from another peer
+    /// ([`Event::StateMerged`]), not as deltas that [`Session::on_local_deltas`] could push
+    /// on. If this peer subscribed and may lack some of it, tell it this side's version (a
+    /// `Synced`): a subscriber that settled already and does not cover it subscribes again
+    /// and catches up at once, instead of at its next refresh (`resync_ticks`).
+    pub fn on_state_merged(&mut self, doc_id: &str, store: &mut impl DocStore) -> Vec<Msg> {
+        let Some(st) = self.docs.get(doc_id).filter(|s| s.they_subscribed) else { return Vec::new() };
+        let Some(doc) = store.doc(doc_id) else { return Vec::new() };
+        if doc.version().le(&st.peer_has.vv) {
+            return Vec::new();
+        }
+        vec![Msg::Synced(Synced { doc: doc_id.to_owned(), vv: doc.version().clone() })]
+    }
+
     /// Sends `deltas` to the peer even if we believe it has them (a retry whose
     /// acknowledgement was lost). Nothing is sent unless the peer subscribed.
     pub fn resend(&mut self, doc_id: &str, deltas: &[Delta]) -> Vec<Msg> {
@@ -560,19 +574,31 @@ impl Session {
             Msg::Deltas(m) => self.on_deltas(m, store, &mut out)?,
             Msg::Synced(m) => {
                 let covered = store.doc(&m.doc).is_some_and(|d| m.vv.le(d.version()));
-                if let Some(st) = self.docs.get_mut(&m.doc) {
-                    if st.we_subscribed && st.catchup.is_none() {
+                let mut again = false;
+                if let Some(st) = self.docs.get_mut(&m.doc).filter(|s| s.we_subscribed) {
+                    if st.catchup.is_some() {
+                        // Sent during a transfer into this side, which may predate it: checked
+                        // when the transfer ends (`try_finish`).
+                        st.awaiting = Some(m.vv);
+                    } else if covered {
                         st.progress_tick = self.ticks;
-                        if covered {
-                            st.awaiting = None;
-                            st.synced = Some(m.vv.clone());
-                            out.events.push(Event::Synced { doc: m.doc, vv: m.vv });
-                        } else if st.synced.is_none() {
-                            // Its deltas were overtaken or lost: settle when they are in
-                            // (a stalled subscription is sent again by `tick`).
-                            st.awaiting = Some(m.vv);
-                        }
+                        st.awaiting = None;
+                        st.synced = Some(m.vv.clone());
+                        out.events.push(Event::Synced { doc: m.doc.clone(), vv: m.vv });
+                    } else if st.synced.is_none() {
+                        // Its deltas were overtaken or lost: settle when they are in
+                        // (a stalled subscription is sent again by `tick`).
+                        st.progress_tick = self.ticks;
+                        st.awaiting = Some(m.vv);
+                    } else {
+                        // Settled, and the peer holds writes no live delta will bring: it
+                        // took them in by a state transfer ([`Session::on_state_merged`]).
+                        // Catch up now rather than at the next refresh.
+                        again = true;
                     }
+                }
+                if again {
+                    out.replies.extend(self.subscribe(&m.doc, store));
                 }
             }
             Msg::Ack(m) => {
@@ -963,10 +989,14 @@ impl Session {
             doc.merge_keys(fields, &c.ctx, &c.vv, &|h| c.seen_when_equal(h))
         };
         merged.map_err(|error| SyncError::Doc { doc: doc_id.to_owned(), error })?;
+        // The peer said during the transfer that it holds more than the transfer brought.
+        let behind = st.awaiting.take().is_some_and(|vv| !vv.le(doc.version()));
         st.synced = Some(c.vv.clone());
-        st.awaiting = None;
         out.events.push(Event::StateMerged { doc: doc_id.to_owned() });
         out.events.push(Event::Synced { doc: doc_id.to_owned(), vv: c.vv });
+        if behind {
+            out.replies.extend(self.subscribe(doc_id, store));
+        }
         Ok(())
     }
 }
