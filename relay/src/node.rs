@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use concord_core::cluster::{quorum_version, write_targets, WriteQuorum};
 use concord_core::sync::msg::ErrorMsg;
 use concord_core::sync::{ErrorCode, Event, FrameError, Msg, Session, SessionConfig, SyncError};
-use concord_core::{CausalContext, Delta, DocConfig, Document, ReplicaId, Span, VersionVector};
+use concord_core::{CausalContext, Delta, DocConfig, Document, Field, ReplicaId, Span, VersionVector};
 
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -36,7 +36,8 @@ use crate::handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendErr
 use crate::metrics::Metrics;
 use crate::storage::{Storage, StorageError, WriteOp};
 
-/// Deltas written per document before a snapshot replaces them.
+/// Deltas written per document before a snapshot replaces them (see
+/// [`DocEntry::snapshot_due`] for the other condition).
 const SNAPSHOT_EVERY: u64 = 512;
 /// Frames of one connection whose writes may be waiting for their commit at once; the
 /// connection's next frame is read only when one of them is durable.
@@ -91,13 +92,46 @@ pub(crate) struct DocEntry {
     /// Client writes waiting for their quorum.
     waiting: Vec<WaitingWrite>,
     next_seq: u64,
+    /// Deltas stored since the last snapshot.
     since_snapshot: u64,
+    /// Entries (keys, and elements of sets) in the document at the last snapshot.
+    snapshot_entries: u64,
     inflight: u64,
     /// Connections that resent deltas already applied but not yet durable, with their
     /// dots: acked once those are durable (or, failing that, when no write is in flight).
     ack_waiters: Vec<(u64, Vec<Span>)>,
     pub(crate) members: BTreeSet<u64>,
     last_used: u64,
+}
+
+impl DocEntry {
+    /// Whether the deltas stored since the last snapshot should be replaced by a new one:
+    /// after [`SNAPSHOT_EVERY`] deltas, or after as many as the document had entries at
+    /// the last snapshot if that is more. A snapshot encodes every entry; on the count
+    /// alone, a large document arriving as a stream of full frames (thousands of deltas
+    /// each) was encoded and stored again for every frame, so uploading n entries cost
+    /// O(n^2) (a 4 MB document took the relay 9 s instead of 4). Paid for by as many new
+    /// deltas, the snapshots of a growing document cost at most about twice its final
+    /// size, and loading replays at most as many deltas as the snapshot has entries.
+    fn snapshot_due(&self) -> bool {
+        self.since_snapshot >= SNAPSHOT_EVERY.max(self.snapshot_entries)
+    }
+
+    /// The snapshot write replacing every delta stored so far.
+    fn snapshot(&mut self, doc: &str) -> WriteOp {
+        self.since_snapshot = 0;
+        self.snapshot_entries = entries(&self.doc);
+        WriteOp::PutSnapshot {
+            doc: doc.to_owned(),
+            bytes: self.doc.encode(),
+            truncate_through: Some(self.next_seq - 1),
+        }
+    }
+}
+
+/// The number of keys and set elements of `doc`: what encoding it costs, roughly.
+fn entries(doc: &Document) -> u64 {
+    doc.keys().map(|k| if let Some(Field::Set(s)) = doc.get(k) { s.entries().len() as u64 } else { 1 }).sum()
 }
 
 struct WaitingWrite {
@@ -373,6 +407,7 @@ impl Node {
             }
         }
         let durable = CausalContext { vv: doc.version().clone(), cloud: Default::default() };
+        let snapshot_entries = entries(&doc);
         let mut st = self.lock();
         st.clock += 1;
         let clock = st.clock;
@@ -386,6 +421,7 @@ impl Node {
             waiting: Vec::new(),
             next_seq,
             since_snapshot: stored.deltas.len() as u64,
+            snapshot_entries,
             inflight: 0,
             ack_waiters: Vec::new(),
             members: BTreeSet::new(),
@@ -597,15 +633,10 @@ impl Node {
                         e.next_seq += 1;
                     }
                     e.since_snapshot += deltas.len() as u64;
-                    if e.since_snapshot >= SNAPSHOT_EVERY {
+                    if e.snapshot_due() {
                         // The snapshot holds this frame's deltas too: write it instead.
                         ops.clear();
-                        ops.push(WriteOp::PutSnapshot {
-                            doc: doc.clone(),
-                            bytes: e.doc.encode(),
-                            truncate_through: Some(e.next_seq - 1),
-                        });
-                        e.since_snapshot = 0;
+                        ops.push(e.snapshot(&doc));
                     }
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     e.inflight += 1;
@@ -637,12 +668,7 @@ impl Node {
                     applied_any = true;
                     let Some(e) = docs.get_mut(&doc) else { continue };
                     e.inflight += 1;
-                    e.since_snapshot = 0;
-                    let mut ops = vec![WriteOp::PutSnapshot {
-                        doc: doc.clone(),
-                        bytes: e.doc.encode(),
-                        truncate_through: Some(e.next_seq - 1),
-                    }];
+                    let mut ops = vec![e.snapshot(&doc)];
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     let vv = e.doc.version().clone();
                     pending.push(Pending { doc, ops, dots: Vec::new(), absorb: Some(vv), ack_local: true });
