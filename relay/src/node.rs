@@ -671,6 +671,18 @@ impl Node {
                     let mut ops = vec![e.snapshot(&doc)];
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     let vv = e.doc.version().clone();
+                    // No deltas carry merged state to the document's other subscribers:
+                    // tell them our version, so they catch up now (a writer that came
+                    // online with more writes than the delta log holds would otherwise
+                    // reach them only at their next refresh, half a minute later).
+                    let members: Vec<u64> = e.members.iter().copied().filter(|m| *m != id).collect();
+                    for m in members {
+                        if let Some(o) = conns.get_mut(&m) {
+                            for msg in o.session.on_state_merged(&doc, &mut Docs { docs }) {
+                                self.send(&o.out, &msg);
+                            }
+                        }
+                    }
                     pending.push(Pending { doc, ops, dots: Vec::new(), absorb: Some(vv), ack_local: true });
                 }
                 Event::Acked { doc, vv } => {
