@@ -264,3 +264,102 @@ fn a_merkle_start_announcing_four_billion_chunks_costs_nothing() {
     assert!(t.elapsed() < std::time::Duration::from_secs(1), "took {:?}", t.elapsed());
     assert!(!p.sess[0].is_synced(D));
 }
+
+/// A state that `r` (the relay's copy of `D`) took in from elsewhere, other than by deltas:
+/// the writes of replica 9, made beyond its delta log, merged by state.
+fn merge_foreign_state(r: &mut Document, elements: i64) {
+    let mut w = Document::with_config(ReplicaId(9), tiny_log());
+    for i in 0..elements {
+        w.set_add("s", Value::Int(i)).unwrap();
+    }
+    r.merge_state(w.all_fields(), w.context(), w.version()).unwrap();
+}
+
+/// Found by the package's large-document test: a client that came online with more
+/// writes than its delta log holds hands them to the relay by a state transfer, and no
+/// delta carries them on to the relay's other subscribers, which saw them only at their
+/// next refresh (30 s later). The relay now tells them its version; a subscriber that
+/// settled already and lacks it subscribes again at once.
+#[test]
+fn a_state_taken_in_from_one_peer_reaches_the_other_subscribers_without_a_refresh() {
+    // Link `a`: the relay (0) and a writer (1). Link `b`: the relay (0) and a reader (1),
+    // with a replica id of its own. Both links see one copy of the relay's document.
+    let mut a = Pair::new(cfg(), tiny_log(), &[D]);
+    let mut b = Pair::new(cfg(), tiny_log(), &[D]);
+    b.docs[1].insert(D.into(), Document::with_config(ReplicaId(3), tiny_log()));
+    b.subscribe(1, D);
+    b.settle().unwrap();
+    assert!(b.sess[1].is_synced(D));
+
+    for i in 0..10 {
+        a.doc(1, D).set_add("s", Value::Int(i)).unwrap();
+    }
+    a.subscribe(1, D);
+    a.settle().unwrap();
+    assert!(a.events[0].iter().any(|e| matches!(e, Event::StateMerged { .. })), "{:?}", a.events[0]);
+    let relay = a.doc(0, D).clone();
+    assert_eq!(relay.set_values("s").len(), 10);
+    b.docs[0].insert(D.into(), relay);
+
+    let tell = b.sess[0].on_state_merged(D, &mut b.docs[0]);
+    assert!(matches!(&tell[..], [Msg::Synced(_)]), "{tell:?}");
+    b.send(0, tell);
+    b.settle().unwrap();
+    assert_eq!(b.doc(1, D).set_values("s").len(), 10, "the reader caught up without a tick");
+    assert!(b.sess[1].is_synced(D));
+    assert!(a.sess[0].on_state_merged(D, &mut a.docs[0]).is_empty(), "the writer has it all");
+}
+
+/// The relay's version arrives while a transfer into the subscriber is under way, ahead of
+/// the transfer's chunks (a reordering link): the subscriber checks it once the transfer
+/// ends, and subscribes again for what the transfer did not bring.
+#[test]
+fn a_version_announced_during_a_transfer_is_caught_up_after_it() {
+    let mut p = Pair::new(cfg(), tiny_log(), &[D]);
+    for i in 0..5 {
+        p.doc(1, D).increment(&format!("k{i}"), 1).unwrap();
+    }
+    p.subscribe(0, D);
+    p.deliver_all(1).unwrap();
+    // Replica 1 answered [Subscribe back, MerkleStart, State...]; then it takes in a
+    // state and announces its version.
+    let mut frames = p.take(0);
+    merge_foreign_state(p.doc(1, D), 20);
+    let tell = p.sess[1].on_state_merged(D, &mut p.docs[1]);
+    assert!(matches!(&tell[..], [Msg::Synced(_)]), "{tell:?}");
+    let at = frames.iter().position(|f| matches!(Msg::decode(f), Ok(Msg::State(_)))).unwrap();
+    frames.splice(at..at, tell.iter().map(Msg::encode));
+    for f in frames {
+        p.handle(0, &f).unwrap();
+    }
+    assert_eq!(p.doc(0, D).counter("k4"), 1, "the transfer completed");
+    assert!(
+        p.peek(1).iter().any(|m| matches!(m, Msg::Subscribe(_))),
+        "and subscribed again for the rest: {:?}",
+        p.peek(1)
+    );
+    p.settle().unwrap();
+    assert_eq!(p.doc(0, D).set_values("s").len(), 20);
+    assert_eq!(p.docs[0][D].version(), p.docs[1][D].version());
+}
+
+/// A `Synced` that a settled subscriber already covers (a late or duplicated answer, or
+/// a version told of state it got already) changes nothing and sends nothing.
+#[test]
+fn a_covered_synced_after_settling_sends_nothing() {
+    let mut p = Pair::new(cfg(), tiny_log(), &[D]);
+    for i in 0..5 {
+        p.doc(1, D).set_add("s", Value::Int(i)).unwrap();
+    }
+    p.subscribe(0, D);
+    p.settle().unwrap();
+    assert!(p.sess[0].is_synced(D));
+    let tell = p.sess[1].on_state_merged(D, &mut p.docs[1]);
+    let vv = p.doc(1, D).version().clone();
+    let dup = Msg::Synced(concord_core::sync::msg::Synced { doc: D.into(), vv });
+    for m in tell.into_iter().chain([dup]) {
+        p.handle(0, &m.encode()).unwrap();
+    }
+    assert!(p.queue[1].is_empty(), "{:?}", p.peek(1));
+    assert!(p.sess[0].is_synced(D));
+}

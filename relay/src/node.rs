@@ -29,7 +29,7 @@ use concord_core::codec::Wire;
 use concord_core::coordinator::{Action, Coordinator};
 use concord_core::sync::msg::{Deltas, ErrorMsg};
 use concord_core::sync::{ErrorCode, Event, FrameError, Msg, Session, SessionConfig, SyncError};
-use concord_core::{CausalContext, Delta, DocConfig, Document, ReplicaId, Span, VersionVector};
+use concord_core::{CausalContext, Delta, DocConfig, Document, Field, ReplicaId, Span, VersionVector};
 
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -39,7 +39,8 @@ use crate::handler::{CloseReason, ConnInfo, Handler, HealthInfo, Outbox, SendErr
 use crate::metrics::Metrics;
 use crate::storage::{Storage, StorageError, StoredDoc, WriteOp, WriteSlot};
 
-/// Deltas written per document before a snapshot replaces them.
+/// Deltas written per document before a snapshot replaces them (see
+/// [`DocEntry::snapshot_due`] for the other condition).
 const SNAPSHOT_EVERY: u64 = 512;
 /// Frames of one connection whose writes may be waiting for their commit at once; the
 /// connection's next frame is read only when one of them is durable.
@@ -91,7 +92,10 @@ pub(crate) struct DocEntry {
     /// Dots durable on this node.
     durable: CausalContext,
     next_seq: u64,
+    /// Deltas stored since the last snapshot.
     since_snapshot: u64,
+    /// Entries (keys, and elements of sets) in the document at the last snapshot.
+    snapshot_entries: u64,
     inflight: u64,
     /// A write of this document failed: memory holds dots the disk may lack, and that
     /// were never acknowledged. Its next write is a snapshot of the whole document (see
@@ -107,6 +111,25 @@ pub(crate) struct DocEntry {
     /// adds; an overwrite counts again, so it drifts up and is measured again near the
     /// limit).
     bytes: usize,
+}
+
+impl DocEntry {
+    /// Whether the deltas stored since the last snapshot should be replaced by a new one:
+    /// after [`SNAPSHOT_EVERY`] deltas, or after as many as the document had entries at
+    /// the last snapshot if that is more. A snapshot encodes every entry; on the count
+    /// alone, a large document arriving as a stream of full frames (thousands of deltas
+    /// each) was encoded and stored again for every frame, so uploading n entries cost
+    /// O(n^2) (a 4 MB document took the relay 9 s instead of 4). Paid for by as many new
+    /// deltas, the snapshots of a growing document cost at most about twice its final
+    /// size, and loading replays at most as many deltas as the snapshot has entries.
+    fn snapshot_due(&self) -> bool {
+        self.since_snapshot >= SNAPSHOT_EVERY.max(self.snapshot_entries)
+    }
+}
+
+/// The number of keys and set elements of `doc`: what encoding it costs, roughly.
+fn entries(doc: &Document) -> u64 {
+    doc.keys().map(|k| if let Some(Field::Set(s)) = doc.get(k) { s.entries().len() as u64 } else { 1 }).sum()
 }
 
 pub(crate) struct ConnEntry {
@@ -492,6 +515,7 @@ impl Node {
         };
         let size = doc.encode().len();
         let durable = CausalContext { vv: doc.version().clone(), cloud: Default::default() };
+        let snapshot_entries = entries(&doc);
         let mut st = self.lock();
         st.clock += 1;
         let clock = st.clock;
@@ -500,6 +524,7 @@ impl Node {
             durable,
             next_seq,
             since_snapshot,
+            snapshot_entries,
             inflight: 0,
             unsaved: false,
             ack_waiters: Vec::new(),
@@ -772,7 +797,7 @@ impl Node {
                     }
                     e.since_snapshot += deltas.len() as u64;
                     let mut absorb = None;
-                    if e.since_snapshot >= SNAPSHOT_EVERY || e.unsaved {
+                    if e.snapshot_due() || e.unsaved {
                         // The snapshot holds this frame's deltas too — and after a failed
                         // write, the deltas the disk lacks: write it instead. Were they
                         // written as deltas, the failed ones would leave a gap that keeps
@@ -817,6 +842,18 @@ impl Node {
                     let mut ops = vec![op];
                     self.hint_ops(&doc, hints, &mut ops, c.peer.is_some());
                     ops.push(version_op(&doc, &e.doc));
+                    // No deltas carry merged state to the document's other subscribers:
+                    // tell them our version, so they catch up now (a writer that came
+                    // online with more writes than the delta log holds would otherwise
+                    // reach them only at their next refresh, half a minute later).
+                    let members: Vec<u64> = e.members.iter().copied().filter(|m| *m != id).collect();
+                    for m in members {
+                        if let Some(o) = conns.get_mut(&m) {
+                            for msg in o.session.on_state_merged(&doc, &mut Docs { docs }) {
+                                self.send(&o.out, &msg);
+                            }
+                        }
+                    }
                     pending.push(Pending { doc, ops, dots: Vec::new(), absorb: Some(vv), ack_local: true });
                 }
                 Event::Acked { doc, vv } => {
@@ -1028,6 +1065,7 @@ impl Node {
     /// durable: everything in memory (deltas whose write failed included).
     fn snapshot_write(doc: &str, e: &mut DocEntry) -> (WriteOp, VersionVector) {
         e.since_snapshot = 0;
+        e.snapshot_entries = entries(&e.doc);
         e.unsaved = false;
         let op = WriteOp::PutSnapshot {
             doc: doc.to_owned(),

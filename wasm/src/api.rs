@@ -232,6 +232,12 @@ impl Replica {
         self.0.run(|r| r.tab(frame))
     }
 
+    /// Sends the local writes made since the last call, one batch per document: call it
+    /// once the task that wrote is done (a microtask), not after every write.
+    pub fn flush(&self) -> Result<(), JsValue> {
+        self.0.run(|r| r.flush())
+    }
+
     /// Call every second while connected.
     pub fn tick(&self) -> Result<(), JsValue> {
         self.0.run(|r| r.tick())

@@ -68,6 +68,8 @@ struct Entry {
     /// Someone listens for remote changes: without, no [`Out::Change`] is built (its keys
     /// are sorted and crossed to JS as a string).
     listened: bool,
+    /// Local writes not yet sent to the relay and the other tabs ([`Replica::flush`]).
+    unsent: Vec<Delta>,
 }
 
 impl Entry {
@@ -78,6 +80,7 @@ impl Entry {
             caught_up: false,
             waiters: Vec::new(),
             listened: false,
+            unsent: Vec::new(),
         }
     }
 
@@ -264,15 +267,36 @@ impl Replica {
     ) -> Result<bool, Refused> {
         let e = self.docs.get_mut(doc).ok_or(Refused::NotOpen)?;
         let Some(delta) = op(&mut e.doc).map_err(Refused::Doc)? else { return Ok(false) };
-        if self.tabs {
-            let frame = Msg::Deltas(Deltas { doc: doc.to_owned(), deltas: vec![delta.clone()] }).encode();
-            self.out.push(Out::Tab(frame));
-        }
-        self.forward(doc, std::slice::from_ref(&delta));
         if self.persist {
+            self.out.push(Out::Dirty(doc.to_owned()));
             self.out.push(Out::Persist { doc: doc.to_owned(), seq: delta.dot.seq, bytes: delta.encode() });
         }
+        if self.tabs || self.session.is_some() {
+            e.unsent.push(delta);
+        }
         Ok(true)
+    }
+
+    /// Sends the local writes made since the last call to the relay and the other tabs,
+    /// as one batch per document. The caller calls it once its current task has made its
+    /// writes (a microtask): a loop of 100,000 `add`s is then a few frames below the
+    /// frame limit instead of 100,000 frames, which the relay's rate limit (1000 messages
+    /// a second, bursts of 2000) would answer by closing the connection, and every other
+    /// tab would forward to its own relay connection again.
+    pub fn flush(&mut self) {
+        let Replica { docs, session, out, tabs, .. } = self;
+        for (doc, e) in docs.iter_mut() {
+            if e.unsent.is_empty() {
+                continue;
+            }
+            let deltas = std::mem::take(&mut e.unsent);
+            if let Some(s) = session {
+                out.extend(s.on_local_deltas(doc, &deltas).iter().map(|m| Out::Relay(m.encode())));
+            }
+            if *tabs {
+                out.push(Out::Tab(Msg::Deltas(Deltas { doc: doc.clone(), deltas }).encode()));
+            }
+        }
     }
 
     /// Deltas applied here (local, or from another tab): to the relay; snapshot later.
@@ -562,8 +586,10 @@ mod tests {
         ReplicaId(NEXT.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Delivers every tab frame `from` produced to `to`; returns the other outputs.
+    /// Delivers every tab frame `from` produced to `to` (its writes too: the host flushes
+    /// them once its task is done); returns the other outputs.
     fn tabs(from: &mut Replica, to: &mut Replica) -> Vec<Out> {
+        from.flush();
         let mut rest = Vec::new();
         for o in from.take() {
             match o {
@@ -582,13 +608,73 @@ mod tests {
         assert!(matches!(&r.take()[..], [Out::Tab(_)]), "a subscribe to the other tabs");
         assert!(r.write("d", &mut |d| d.increment("likes", 2).map(Some)).unwrap());
         let out = r.take();
-        assert!(matches!(&out[0], Out::Tab(_)));
-        assert!(matches!(&out[1], Out::Dirty(d) if d == "d"));
-        assert!(matches!(&out[2], Out::Persist { seq: 1, .. }));
-        assert_eq!(out.len(), 3, "the caller, not an output, tells the listeners");
+        assert!(matches!(&out[0], Out::Dirty(d) if d == "d"));
+        assert!(matches!(&out[1], Out::Persist { seq: 1, .. }));
+        assert_eq!(out.len(), 2, "the caller, not an output, tells the listeners");
+        r.flush();
+        assert!(matches!(&r.take()[..], [Out::Tab(_)]), "the write, to the other tabs");
         assert!(!r.write("d", &mut |d| d.set_remove("tags", &Value::from("absent"))).unwrap());
+        r.flush();
         assert!(r.take().is_empty(), "a no-op write sends nothing");
         assert!(matches!(r.write("nope", &mut |d| d.increment("x", 1).map(Some)), Err(Refused::NotOpen)));
+    }
+
+    /// Moves frames between `r` and a relay's session over `docs` (starting with
+    /// `to_replica`) until both are quiet; returns how many frames reached the relay.
+    fn pump(
+        r: &mut Replica,
+        relay: &mut Session,
+        docs: &mut std::collections::HashMap<String, Document>,
+        mut to_replica: Vec<Vec<u8>>,
+    ) -> usize {
+        let mut frames = 0;
+        loop {
+            for f in std::mem::take(&mut to_replica) {
+                r.relay(&f);
+            }
+            let to_relay: Vec<Vec<u8>> = r
+                .take()
+                .into_iter()
+                .filter_map(|o| if let Out::Relay(f) = o { Some(f) } else { None })
+                .collect();
+            if to_relay.is_empty() {
+                return frames;
+            }
+            for f in to_relay {
+                assert!(f.len() <= SessionConfig::default().max_frame, "a frame of {} B", f.len());
+                frames += 1;
+                let out = relay.handle(&f, docs).unwrap();
+                to_replica.extend(out.replies.iter().map(Msg::encode));
+            }
+        }
+    }
+
+    #[test]
+    fn writes_made_together_go_out_as_a_few_frames_below_the_limit() {
+        let mut r = Replica::new(fresh);
+        r.persist = false;
+        r.open("d");
+        r.announce("d");
+        r.connected(None);
+        let rid = ReplicaId(u64::MAX);
+        let mut relay = Session::new(rid, SessionConfig::default());
+        let mut docs = std::collections::HashMap::from([("d".to_owned(), Document::new(rid))]);
+        let hello = relay.hello(None).encode();
+        pump(&mut r, &mut relay, &mut docs, vec![hello]);
+        assert!(r.session.as_ref().is_some_and(|s| s.peer_subscribed("d")), "the relay subscribed");
+
+        let n = 20_000;
+        for i in 0..n {
+            r.write("d", &mut |d| d.set_add("s", Value::from(format!("element-{i}"))).map(Some)).unwrap();
+        }
+        assert!(r.out.is_empty(), "nothing is sent before the flush");
+        r.flush();
+        assert_eq!(r.out.iter().filter(|o| matches!(o, Out::Tab(_))).count(), 1, "one frame for the tabs");
+        let frames = pump(&mut r, &mut relay, &mut docs, Vec::new());
+        assert!((2..=8).contains(&frames), "{n} writes went out as {frames} frames");
+        assert_eq!(docs["d"].set_values("s").len(), n);
+        r.flush();
+        assert!(r.take().is_empty(), "each write is sent once");
     }
 
     #[test]

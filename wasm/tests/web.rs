@@ -96,12 +96,17 @@ fn every_crdt_works_through_the_api() {
         ("votes", (-1).into()),
     ]);
     assert_eq!(json(&d), expected);
-    // Every effective write says so (the caller tells the listeners) and makes a frame for
-    // the other tabs, a dirty mark and an outbox entry; the no-op remove makes nothing.
+    // Every effective write says so (the caller tells the listeners) and makes a dirty
+    // mark and an outbox entry; the no-op remove makes nothing. (The frame for the other
+    // tabs goes at the next `flush`, with the writes made alongside.)
     assert_eq!(changed, 9);
     let kinds: Vec<String> = log.iter().filter_map(|k| k.as_string()).collect();
     assert_eq!(kinds.iter().filter(|k| *k == "persist").count(), 9);
     assert_eq!(kinds.iter().filter(|k| *k == "change").count(), 0, "local writes cross back no strings");
+    assert_eq!(kinds.iter().filter(|k| *k == "tab").count(), 1, "the subscribe to the other tabs");
+    r.flush().unwrap();
+    let kinds: Vec<String> = log.iter().filter_map(|k| k.as_string()).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "tab").count(), 2, "and one frame with all nine writes");
     r.close();
 }
 

@@ -492,6 +492,20 @@ impl Session {
         chunk_deltas(doc_id, send, self.config.max_frame)
     }
 
+    /// This side's copy of `doc` took in state that came by a transfer from another peer
+    /// ([`Event::StateMerged`]), not as deltas that [`Session::on_local_deltas`] could push
+    /// on. If this peer subscribed and may lack some of it, tell it this side's version (a
+    /// `Synced`): a subscriber that settled already and does not cover it subscribes again
+    /// and catches up at once, instead of at its next refresh (`resync_ticks`).
+    pub fn on_state_merged(&mut self, doc_id: &str, store: &mut impl DocStore) -> Vec<Msg> {
+        let Some(st) = self.docs.get(doc_id).filter(|s| s.they_subscribed) else { return Vec::new() };
+        let Some(doc) = store.doc(doc_id) else { return Vec::new() };
+        if doc.version().le(&st.peer_has.vv) {
+            return Vec::new();
+        }
+        vec![Msg::Synced(Synced { doc: doc_id.to_owned(), vv: doc.version().clone() })]
+    }
+
     /// Sends `deltas` to the peer even if we believe it has them (a retry whose
     /// acknowledgement was lost). Nothing is sent unless the peer subscribed.
     pub fn resend(&mut self, doc_id: &str, deltas: &[Delta]) -> Vec<Msg> {
@@ -585,19 +599,31 @@ impl Session {
             Msg::Deltas(m) => self.on_deltas(m, store, &mut out)?,
             Msg::Synced(m) => {
                 let covered = store.doc(&m.doc).is_some_and(|d| m.vv.le(d.version()));
-                if let Some(st) = self.docs.get_mut(&m.doc) {
-                    if st.we_subscribed && st.catchup.is_none() {
+                let mut again = false;
+                if let Some(st) = self.docs.get_mut(&m.doc).filter(|s| s.we_subscribed) {
+                    if st.catchup.is_some() {
+                        // Sent during a transfer into this side, which may predate it: checked
+                        // when the transfer ends (`try_finish`).
+                        st.awaiting = Some(m.vv);
+                    } else if covered {
                         st.progress_tick = self.ticks;
-                        if covered {
-                            st.awaiting = None;
-                            st.synced = Some(m.vv.clone());
-                            out.events.push(Event::Synced { doc: m.doc, vv: m.vv });
-                        } else if st.synced.is_none() {
-                            // Its deltas were overtaken or lost: settle when they are in
-                            // (a stalled subscription is sent again by `tick`).
-                            st.awaiting = Some(m.vv);
-                        }
+                        st.awaiting = None;
+                        st.synced = Some(m.vv.clone());
+                        out.events.push(Event::Synced { doc: m.doc.clone(), vv: m.vv });
+                    } else if st.synced.is_none() {
+                        // Its deltas were overtaken or lost: settle when they are in
+                        // (a stalled subscription is sent again by `tick`).
+                        st.progress_tick = self.ticks;
+                        st.awaiting = Some(m.vv);
+                    } else {
+                        // Settled, and the peer holds writes no live delta will bring: it
+                        // took them in by a state transfer ([`Session::on_state_merged`]).
+                        // Catch up now rather than at the next refresh.
+                        again = true;
                     }
+                }
+                if again {
+                    out.replies.extend(self.subscribe(&m.doc, store));
                 }
             }
             Msg::Ack(m) => {
@@ -988,10 +1014,14 @@ impl Session {
             doc.merge_keys(fields, &c.ctx, &c.vv, &|h| c.seen_when_equal(h))
         };
         merged.map_err(|error| SyncError::Doc { doc: doc_id.to_owned(), error })?;
+        // The peer said during the transfer that it holds more than the transfer brought.
+        let behind = st.awaiting.take().is_some_and(|vv| !vv.le(doc.version()));
         st.synced = Some(c.vv.clone());
-        st.awaiting = None;
         out.events.push(Event::StateMerged { doc: doc_id.to_owned() });
         out.events.push(Event::Synced { doc: doc_id.to_owned(), vv: c.vv });
+        if behind {
+            out.replies.extend(self.subscribe(doc_id, store));
+        }
         Ok(())
     }
 }
@@ -1142,31 +1172,23 @@ fn whole_state(doc: &mut Document, doc_id: &str, exchange: u64, cfg: &SessionCon
 }
 
 /// [`split`] for deltas, without cloning them to measure: a batch whose size bound fits
-/// (the usual case) goes as one message without being encoded here; only a batch over
-/// the bound is encoded to measure.
+/// (the usual case) goes as one message without being encoded here; only a larger batch
+/// is cut, by [`split`].
 fn chunk_deltas(doc_id: &str, deltas: Vec<Delta>, max: usize) -> Vec<Msg> {
     if deltas.is_empty() {
         return Vec::new();
     }
-    // The tag byte, then the body.
-    let bound = 1 + super::batch::size_bound(doc_id, &deltas);
-    let msg = Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas });
-    if bound <= max || msg.encode().len() <= max {
-        return vec![msg];
-    }
-    let Msg::Deltas(Deltas { deltas, .. }) = msg else { unreachable!("built as Deltas above") };
-    if deltas.len() == 1 {
+    // The tag byte, then the body: `1 + bound <= max`.
+    if super::batch::size_bound(doc_id, &deltas) < max {
         return vec![Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas })];
     }
-    let mut left = deltas;
-    let right = left.split_off(left.len() / 2);
-    let mut out = chunk_deltas(doc_id, left, max);
-    out.extend(chunk_deltas(doc_id, right, max));
-    out
+    split(0..deltas.len(), max, &|r| {
+        Msg::Deltas(Deltas { doc: doc_id.to_owned(), deltas: deltas[r].to_vec() })
+    })
 }
 
 /// Builds messages from the items at `range` (`make` builds one from a sub-range),
-/// halving groups until each frame fits in `max` bytes (a single item that alone exceeds
+/// cutting groups until each frame fits in `max` bytes (a single item that alone exceeds
 /// `max` is sent as it is). Ranges, not item vectors: one copy of this in wasm, not one
 /// per item type.
 fn split(
@@ -1178,11 +1200,21 @@ fn split(
         return Vec::new();
     }
     let msg = make(range.clone());
-    if range.len() == 1 || msg.encode().len() <= max {
+    let len = msg.encode().len();
+    if range.len() == 1 || len <= max {
         return vec![msg];
     }
-    let mid = range.start + range.len() / 2;
-    let mut out = split(range.start..mid, max, make);
-    out.extend(split(mid..range.end, max, make));
+    // Cut in one more part than the size asks for (so that parts of unevenly sized items
+    // mostly fit too), each encoded again only if it is still too large: every item is
+    // encoded about twice in all. Halving re-encoded every item once per level,
+    // O(n log n): a 4 MB catch-up encoded its state six times over.
+    let per = range.len().div_ceil(len.div_ceil(max.max(1)) + 1);
+    let mut out = Vec::new();
+    let mut start = range.start;
+    while start < range.end {
+        let end = range.end.min(start + per);
+        out.extend(split(start..end, max, make));
+        start = end;
+    }
     out
 }

@@ -781,6 +781,14 @@ impl World {
             Event::StateMerged { doc } => {
                 self.stats.state_merged += 1;
                 self.note(|| format!("{r} merged state from {peer} on {doc}"));
+                // As the relay does: tell the other subscribers, which no delta will reach.
+                for (l2, i2) in self.live_links(r) {
+                    if l2 != l {
+                        let (s, docs) = self.session_and_docs(l2, i2, r);
+                        let msgs = s.on_state_merged(&doc, docs);
+                        self.send_all(l2, i2, msgs);
+                    }
+                }
             }
             Event::PeerError(e) => {
                 self.note(|| format!("{r} got error from {peer}: {}", e.message));
