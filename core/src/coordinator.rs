@@ -8,7 +8,7 @@
 //! answer a client's read, ask a peer afresh, report an error. It decides nothing else;
 //! the seeded cluster simulator drives the same type.
 //!
-//! Targets (the first N healthy nodes of a document's preference list, [`write_targets`])
+//! Targets (the first N healthy nodes of a document's preference list, [`crate::cluster::write_targets`])
 //! are passed in: health and the ring belong to the caller. Time is milliseconds on any
 //! monotonic clock the caller chooses.
 //!
