@@ -455,7 +455,9 @@ pub(crate) fn on_docset_answer(node: &Node, peer: &str, m: DocSetAnswerMsg) {
         whole.absorb(part);
     }
     // The round may have given up meanwhile; then nobody needs the answer.
-    let _ = a.done.send(whole);
+    if a.done.send(whole).is_err() {
+        tracing::debug!(peer, "an anti-entropy answer arrived after its round gave up");
+    }
 }
 
 /// Keeps one outgoing link per peer until `shutdown` flips to true.

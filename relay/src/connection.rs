@@ -206,7 +206,10 @@ pub(crate) async fn serve<S, H>(
     match closing {
         Some(closing) => {
             tracing::debug!(%peer, code = closing.reason.code, reason = %closing.reason.reason, "closing");
-            let _ = close_tx.send(closing);
+            // The writer task may have ended already (its socket failed): nothing to close.
+            if close_tx.send(closing).is_err() {
+                tracing::debug!(%peer, "the writer had ended before the close");
+            }
             let sink = if writer_done {
                 None
             } else {

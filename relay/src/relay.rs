@@ -85,7 +85,10 @@ impl Relay {
             }
         });
         crate::server::run(public, &config, node, metrics, shutdown).await;
-        let _ = stop.send(true);
+        // Without receivers the ticker and the links have stopped already.
+        if stop.send(true).is_err() {
+            tracing::debug!("ticker and links had stopped before shutdown");
+        }
         if let Err(e) = admin_task.await {
             tracing::warn!(error = %e, "admin listener task failed");
         }

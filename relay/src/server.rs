@@ -137,7 +137,10 @@ pub async fn run<H: Handler>(
 
     drop(listener);
     tracing::info!("shutting down: closing connections");
-    let _ = notify_shutdown.send(true);
+    // Without receivers no connection is open: nothing to tell.
+    if notify_shutdown.send(true).is_err() {
+        tracing::debug!("no connection to notify of shutdown");
+    }
     drop(done_tx);
     if timeout(SHUTDOWN_GRACE, done_rx.recv()).await.is_err() {
         tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; flushing anyway");

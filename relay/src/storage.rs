@@ -284,7 +284,10 @@ impl WriteRequest {
     fn complete(self, result: Result<(), StorageError>) {
         match self.done {
             Done::Channel(tx) => {
-                let _ = tx.send(result);
+                // A writer that stopped waiting (its task was cancelled) needs no result.
+                if tx.send(result).is_err() {
+                    tracing::debug!("a storage write finished after its caller left");
+                }
             }
             Done::Call(f) => f(self.ops, result),
         }
@@ -1005,7 +1008,9 @@ fn writer_loop(mut writer: Writer, mut rx: mpsc::Receiver<Command>, max_batch: u
         commit_batch(&mut writer, batch, &stats);
         stats.batches.send_modify(|n| *n += 1);
         if let Some(done) = close {
-            let _ = done.send(());
+            if done.send(()).is_err() {
+                tracing::debug!("storage closed after its closer left");
+            }
             return;
         }
     }

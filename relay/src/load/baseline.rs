@@ -111,7 +111,10 @@ async fn connection(stream: TcpStream, server: Arc<Server>, flush_each: bool, bu
                 biased;
                 _ = writer_slow.writer.notified() => {
                     let close = CloseFrame { code: CloseCode::from(1013), reason: "slow consumer, resync".into() };
-                    let _ = sink.send(Message::Close(Some(close))).await;
+                    // The socket may be gone already; either way this connection ends.
+                    if sink.send(Message::Close(Some(close))).await.is_err() {
+                        return;
+                    }
                     return;
                 }
                 m = rx.recv() => m,
@@ -158,7 +161,10 @@ async fn connection(stream: TcpStream, server: Arc<Server>, flush_each: bool, bu
         };
         match frame.first().copied() {
             Some(tag::HELLO) => {
-                let _ = tx.try_send(Message::Binary(Bytes::from(hello.clone())));
+                // The first frame of an empty queue: it fails only if the writer is gone.
+                if tx.try_send(Message::Binary(Bytes::from(hello.clone()))).is_err() {
+                    break;
+                }
             }
             Some(tag::SUBSCRIBE) => {
                 let Ok(Msg::Subscribe(s)) = Msg::decode(&frame) else { continue };
@@ -175,7 +181,11 @@ async fn connection(stream: TcpStream, server: Arc<Server>, flush_each: bool, bu
                     rooms.push(room);
                 }
                 let synced = Msg::Synced(Synced { doc: s.doc, vv: VersionVector::default() }).encode();
-                let _ = tx.try_send(Message::Binary(Bytes::from(synced)));
+                if tx.try_send(Message::Binary(Bytes::from(synced))).is_err() {
+                    // Full or gone: the same slow-consumer close as for deltas.
+                    slow.trip();
+                    break;
+                }
             }
             Some(tag::DELTAS) => {
                 for room in &rooms {

@@ -290,8 +290,9 @@ async fn conn_memory_async(conns: usize, docs: usize) -> Result<ConnMemory, Stri
     let mut queues = Vec::with_capacity(conns);
     for _ in 0..conns {
         let (out, mut rx) = Outbox::for_test(crate::config::Limits::default().send_queue, 256 * 1024);
-        let _ = out.send(vec![0; 16]);
-        let _ = rx.try_recv();
+        // One frame through each queue, so its buffers are allocated as in use.
+        out.send(vec![0; 16]).expect("an empty queue takes a frame");
+        rx.try_recv().expect("the frame just sent");
         queues.push((out, rx));
     }
     let r1 = rss_bytes();

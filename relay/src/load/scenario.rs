@@ -266,7 +266,10 @@ pub async fn run_phase(target: &Target, params: &Params, timing: &Timing, tag: &
     let measure_from = start + warmup.as_nanos() as u64;
     let measure_until = measure_from + duration.as_nanos() as u64;
     let plan = Plan { start, measure_from, measure_until, stop: measure_until + 300_000_000 };
-    let _ = go_tx.send(Some(plan));
+    if go_tx.send(Some(plan)).is_err() {
+        // Every client failed to connect: the report counts them as failed.
+        eprintln!("warning: every client task ended before the start signal");
+    }
 
     tokio::time::sleep_until(client::instant_at(measure_from)).await;
     let t0 = now_ns();

@@ -175,12 +175,13 @@ impl Target {
                 match (&public, line.strip_prefix("listening on "), line.strip_prefix("admin listening on "))
                 {
                     (None, Some(addr), _) if !with_admin => {
-                        let _ = tx.send((addr.trim().to_string(), None));
+                        // The spawner waits on the other end; if it gave up, nobody needs it.
+                        tx.send((addr.trim().to_string(), None)).ok();
                         break;
                     }
                     (None, Some(addr), _) => public = Some(addr.trim().to_string()),
                     (Some(addr), _, Some(admin)) => {
-                        let _ = tx.send((addr.clone(), Some(admin.trim().to_string())));
+                        tx.send((addr.clone(), Some(admin.trim().to_string()))).ok();
                         break;
                     }
                     _ => {}
