@@ -295,6 +295,8 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        // The document bounds are the core's, defaults included.
+        let documents = concord_core::admit::Limits::default();
         Limits {
             max_connections: 1024,
             max_frame_bytes: 256 * 1024,
@@ -308,10 +310,10 @@ impl Default for Limits {
             hello_timeout_ms: 5000,
             max_connections_per_ip: 64,
             max_pending_handshakes: 256,
-            max_doc_bytes: 16 << 20,
-            max_set_elements: 1_000_000,
-            max_value_bytes: 64 << 10,
-            max_doc_id_bytes: concord_core::sync::msg::MAX_DOC_ID,
+            max_doc_bytes: documents.max_doc_bytes,
+            max_set_elements: documents.max_set_elements,
+            max_value_bytes: documents.max_value_bytes,
+            max_doc_id_bytes: documents.max_doc_id_bytes,
         }
     }
 }

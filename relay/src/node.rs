@@ -500,8 +500,15 @@ impl Node {
         if self.lock().docs.contains_key(doc_id) {
             return Ok(());
         }
+        // What is stored is the size estimate to start from (no encode of what was just
+        // decoded).
+        let mut size = 0;
         let decoded = match self.inner.storage.load_doc(doc_id).await {
-            Ok(stored) => decode_stored(doc_id, &stored, self.inner.replica, self.inner.options.doc_config),
+            Ok(stored) => {
+                size = stored.snapshot.as_ref().map_or(0, Vec::len)
+                    + stored.deltas.iter().map(|(_, b)| b.len()).sum::<usize>();
+                decode_stored(doc_id, &stored, self.inner.replica, self.inner.options.doc_config)
+            }
             Err(e) => Err(e),
         };
         let (doc, next_seq, since_snapshot) = match decoded {
@@ -513,7 +520,6 @@ impl Node {
                 return Err(e);
             }
         };
-        let size = doc.encode().len();
         let durable = CausalContext { vv: doc.version().clone(), cloud: Default::default() };
         let snapshot_entries = entries(&doc);
         let mut st = self.lock();
@@ -1475,7 +1481,7 @@ pub fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{config, disk_config, mutate, mutation, TempDir};
+    use crate::testutil::{config, disk_config, mutate, mutation, Mutation, TempDir};
     use concord_core::Value;
     use proptest::collection::vec;
     use proptest::prelude::*;
@@ -1502,6 +1508,18 @@ mod tests {
             out.extend(d);
         }
         out
+    }
+
+    /// Applies `mutations` to one record of `stored` (its snapshot or a delta).
+    fn damage(stored: &mut StoredDoc, which: prop::sample::Index, mutations: &[Mutation]) {
+        let mut records: Vec<&mut Vec<u8>> = stored.snapshot.iter_mut().collect();
+        records.extend(stored.deltas.iter_mut().map(|(_, b)| b));
+        if !records.is_empty() {
+            let i = which.index(records.len());
+            for m in mutations {
+                mutate(records[i], m);
+            }
+        }
     }
 
     /// What a relay stores after `deltas`: a snapshot of the first `cut` (if any), and
@@ -1588,14 +1606,7 @@ mod tests {
             let deltas = history(&ops);
             let (mut stored, _) = stored(&deltas, cut, 1);
             // Damage the snapshot or one delta, and perhaps a sequence number.
-            let mut records: Vec<&mut Vec<u8>> = stored.snapshot.iter_mut().collect();
-            records.extend(stored.deltas.iter_mut().map(|(_, b)| b));
-            if !records.is_empty() {
-                let i = which.index(records.len());
-                for m in &mutations {
-                    mutate(records[i], m);
-                }
-            }
+            damage(&mut stored, which, &mutations);
             if let (Some(q), Some(last)) = (seq, stored.deltas.last_mut()) {
                 last.0 = q.max(last.0);
             }
@@ -1659,14 +1670,7 @@ mod tests {
             .run(&strategy, |(ops, cut, mutations, which)| {
                 let id = format!("doc-{}", n.fetch_add(1, Ordering::Relaxed));
                 let (mut stored, want) = stored(&history(&ops), cut, 1);
-                let mut records: Vec<&mut Vec<u8>> = stored.snapshot.iter_mut().collect();
-                records.extend(stored.deltas.iter_mut().map(|(_, b)| b));
-                if !records.is_empty() {
-                    let i = which.index(records.len());
-                    for m in &mutations {
-                        mutate(records[i], m);
-                    }
-                }
+                damage(&mut stored, which, &mutations);
                 rt.block_on(storage.write(write(&id, &stored))).unwrap();
                 match rt.block_on(node.ensure_loaded(&id)) {
                     Ok(()) => {

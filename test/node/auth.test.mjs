@@ -2,61 +2,17 @@
 // function is called on every connect, and a refused token stops reconnecting, is
 // reported as an UnauthorizedError, and rejects pending synced().
 import assert from "node:assert/strict";
-import { execFileSync, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { after, test } from "node:test";
-import { fileURLToPath } from "node:url";
+import { execFileSync } from "node:child_process";
+import { test } from "node:test";
 import WebSocket from "ws";
-import { Client, UnauthorizedError } from "concord-sync";
+import { UnauthorizedError } from "concord-sync";
+import { BIN, connect as connectTo, missingBinary, startRelay as start, within } from "./harness.mjs";
 
-const root = fileURLToPath(new URL("../..", import.meta.url));
-const BIN = process.env.CONCORD_RELAY_BIN ?? join(root, "target", "debug", "concord-relay");
 const SECRET = "node-auth-test-secret-0123456789";
-const relays = new Set();
-const dirs = [];
-const clients = new Set();
-
-after(() => {
-  for (const c of clients) c.close();
-  for (const r of relays) r.kill("SIGKILL");
-  for (const d of dirs) rmSync(d, { recursive: true, force: true });
-});
-
-function ensureBinary() {
-  if (existsSync(BIN)) return null;
-  try {
-    execFileSync("cargo", ["build", "-q", "-p", "concord-relay", "--bin", "concord-relay"], { cwd: root, stdio: "inherit" });
-  } catch (e) {
-    return `no relay binary at ${BIN} (${e.message})`;
-  }
-  return existsSync(BIN) ? null : `no relay binary at ${BIN}`;
-}
 
 /** A relay with SECRET; resolves with its URL once listening. */
-function startRelay() {
-  const dir = mkdtempSync(join(tmpdir(), "concord-auth-test-"));
-  dirs.push(dir);
-  const cfg = join(dir, "relay.toml");
-  writeFileSync(cfg, `listen = "127.0.0.1:0"\ndata_dir = "${join(dir, "data")}"\nauth_secret = "${SECRET}"\n`);
-  return new Promise((resolve, reject) => {
-    const proc = spawn(BIN, ["--config", cfg], { stdio: ["ignore", "pipe", "pipe"] });
-    relays.add(proc);
-    let out = "";
-    let err = "";
-    const timer = setTimeout(() => reject(new Error(`relay did not start in 10 s: ${err}`)), 10_000);
-    proc.stderr.on("data", (b) => (err += b));
-    proc.stdout.on("data", (b) => {
-      out += b;
-      const m = /listening on (\S+)/.exec(out);
-      if (m) {
-        clearTimeout(timer);
-        resolve(`ws://${m[1]}/sync`);
-      }
-    });
-    proc.on("exit", (code) => reject(new Error(`relay exited with ${code}: ${err}`)));
-  });
+async function startRelay() {
+  return (await start(`auth_secret = "${SECRET}"`)).url;
 }
 
 /** A token from the CLI: its last word of stdout (the contract outside tools rely on). */
@@ -78,20 +34,11 @@ function countingWebSocket() {
 }
 
 async function connect(options) {
-  const c = await Client.connect({ persist: false, broadcast: false, ...options });
-  clients.add(c);
-  return c;
+  const { urls, ...rest } = options;
+  return connectTo(urls[0], rest);
 }
 
-function within(ms, promise, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-const skip = ensureBinary();
+const skip = missingBinary();
 if (skip) console.log(`# skipping auth tests: ${skip}`);
 const opts = { skip: skip ?? false, timeout: 60_000 };
 

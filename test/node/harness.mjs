@@ -33,7 +33,8 @@ export function missingBinary() {
 }
 
 /** A relay whose config is `toml` (plus listen and data_dir); resolves with
- * `{ url, proc }` once it listens. */
+ * `{ url, admin, proc }` (the WebSocket URL, the admin listener's base URL) once it
+ * printed both addresses. */
 export function startRelay(toml = "") {
   const dir = mkdtempSync(join(tmpdir(), "concord-node-test-"));
   dirs.push(dir);
@@ -44,17 +45,34 @@ export function startRelay(toml = "") {
     procs.add(proc);
     let out = "";
     let err = "";
+    let started = false;
     const timer = setTimeout(() => reject(new Error(`relay did not start in 10 s: ${err}`)), 10_000);
     proc.stderr.on("data", (b) => (err += b));
     proc.stdout.on("data", (b) => {
       out += b;
-      const m = /listening on (\S+)/.exec(out);
-      if (m) {
+      const pub = /^listening on (\S+)/m.exec(out);
+      const admin = /^admin listening on (\S+)/m.exec(out);
+      if (pub && admin && !started) {
+        started = true;
         clearTimeout(timer);
-        resolve({ url: `ws://${m[1]}/sync`, proc });
+        resolve({ url: `ws://${pub[1]}/sync`, admin: `http://${admin[1]}`, proc });
       }
     });
-    proc.on("exit", (code) => reject(new Error(`relay exited with ${code}: ${err}`)));
+    proc.on("exit", (code) => {
+      procs.delete(proc);
+      if (!started) {
+        clearTimeout(timer);
+        reject(new Error(`relay exited with ${code}: ${err}`));
+      }
+    });
+  });
+}
+
+/** Kills a relay; resolves once it exited. */
+export function stop(relay) {
+  return new Promise((resolve) => {
+    relay.proc.once("exit", resolve);
+    relay.proc.kill("SIGKILL");
   });
 }
 
@@ -63,6 +81,12 @@ export async function connect(url, options = {}) {
   const c = await Client.connect({ urls: [url], webSocket: WebSocket, broadcast: false, persist: false, ...options });
   clients.add(c);
   return c;
+}
+
+/** Closes a client made by `connect`. */
+export function close(c) {
+  c.close();
+  clients.delete(c);
 }
 
 /** `promise`, or a rejection naming `what` after `ms`. */

@@ -8,67 +8,9 @@
 //   linearly with the size (the ratio of 4 MB to 1 MB is measured in the same run).
 // Skipped, with the reason, when the relay binary is missing and cannot be built.
 import assert from "node:assert/strict";
-import { execFileSync, spawn } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { after, test } from "node:test";
-import { fileURLToPath } from "node:url";
-import WebSocket from "ws";
-import { Client } from "concord-sync";
-
-const root = fileURLToPath(new URL("../..", import.meta.url));
-const BIN = process.env.CONCORD_RELAY_BIN ?? join(root, "target", "debug", "concord-relay");
-const relays = new Set();
-const dirs = [];
-const clients = new Set();
-
-after(() => {
-  for (const c of clients) c.close();
-  for (const r of relays) r.proc.kill("SIGKILL");
-  for (const d of dirs) rmSync(d, { recursive: true, force: true });
-});
-
-/** Starts a relay with the default configuration; resolves once it printed both its
- * public and its admin address. */
-function startRelay() {
-  const dataDir = mkdtempSync(join(tmpdir(), "concord-large-test-"));
-  dirs.push(dataDir);
-  return new Promise((resolve, reject) => {
-    const proc = spawn(BIN, ["--listen", "127.0.0.1:0", "--data-dir", dataDir], { stdio: ["ignore", "pipe", "pipe"] });
-    const relay = { proc };
-    relays.add(relay);
-    let out = "";
-    let err = "";
-    const timer = setTimeout(() => reject(new Error(`relay did not start in 10 s: ${err}`)), 10_000);
-    proc.stderr.on("data", (b) => (err += b));
-    proc.stdout.on("data", (b) => {
-      out += b;
-      const pub = /^listening on (\S+)/m.exec(out);
-      const admin = /^admin listening on (\S+)/m.exec(out);
-      if (pub && admin && !relay.url) {
-        clearTimeout(timer);
-        relay.url = `ws://${pub[1]}/sync`;
-        relay.admin = `http://${admin[1]}`;
-        resolve(relay);
-      }
-    });
-    proc.on("exit", (code) => {
-      relays.delete(relay);
-      if (!relay.url) {
-        clearTimeout(timer);
-        reject(new Error(`relay exited with ${code}: ${err}`));
-      }
-    });
-  });
-}
-
-function stop(relay) {
-  return new Promise((resolve) => {
-    relay.proc.once("exit", resolve);
-    relay.proc.kill("SIGKILL");
-  });
-}
+import { readFileSync } from "node:fs";
+import { test } from "node:test";
+import { close, connect as connectTo, missingBinary, startRelay, stop, within } from "./harness.mjs";
 
 /** The relay's counters: connections accepted so far, and errors by code. */
 async function counters(relay) {
@@ -79,29 +21,15 @@ async function counters(relay) {
   return { connections, errors };
 }
 
-/** A client of `relay` alone (no BroadcastChannel, no IndexedDB), with every status it
- * went through and every background error. */
+/** A client of `relay` alone, with every status it went through and every background
+ * error. */
 async function connect(relay) {
-  const c = await Client.connect({ urls: [relay.url], webSocket: WebSocket, broadcast: false, persist: false });
-  clients.add(c);
+  const c = await connectTo(relay.url);
   c.statuses = [];
   c.errors = [];
   c.onStatus((s) => c.statuses.push(s));
   c.onError((e) => c.errors.push(e.message));
   return c;
-}
-
-function close(c) {
-  c.close();
-  clients.delete(c);
-}
-
-function within(ms, promise, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
 /** Asserts that `c` connected once and stayed online, with no background error. */
@@ -117,20 +45,7 @@ async function noTrouble(relay, n) {
   assert.equal(connections, n, "connections the relay accepted (more: someone was disconnected and came back)");
 }
 
-/** Why the tests cannot run, or null. */
-function unavailable() {
-  if (process.env.CONCORD_RELAY_BIN) return existsSync(BIN) ? null : `no relay binary at ${BIN}`;
-  if (!existsSync(BIN)) {
-    try {
-      execFileSync("cargo", ["build", "-q", "-p", "concord-relay", "--bin", "concord-relay"], { cwd: root, stdio: "inherit" });
-    } catch (e) {
-      return `no relay binary at ${BIN} and \`cargo build -p concord-relay\` failed (${e.message})`;
-    }
-  }
-  return existsSync(BIN) ? null : `no relay binary at ${BIN} (run \`cargo build -p concord-relay\`)`;
-}
-
-const skip = unavailable();
+const skip = missingBinary();
 if (skip) console.log(`# skipping large-document tests: ${skip}`);
 const opts = { skip: skip ?? false, timeout: 120_000 };
 
