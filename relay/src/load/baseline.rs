@@ -162,7 +162,8 @@ async fn connection(stream: TcpStream, server: Arc<Server>, flush_each: bool, bu
         match frame.first().copied() {
             Some(tag::HELLO) => {
                 // The first frame of an empty queue: it fails only if the writer is gone.
-                if tx.try_send(Message::Binary(Bytes::from(hello.clone()))).is_err() {
+                let sent = tx.try_send(Message::Binary(Bytes::from(hello.clone())));
+                if sent.is_err() {
                     break;
                 }
             }
